@@ -1,0 +1,165 @@
+"""ISTConfig: the hyperparameters of Importance-aware Sparse Tuning.
+
+Defaults are the paper's (Table 8 and the method section). Values that can be checked
+without a model are checked at construction; values that depend on the model (N_u > N_L,
+a fixed layer index out of range) are checked by :meth:`ISTConfig.resolve` when training
+starts, before any step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+STRATEGIES = ("ist", "random", "fixed", "all")
+
+
+@dataclass
+class ISTConfig:
+    """Configuration of the sparse-tuning controller.
+
+    Example:
+        >>> ISTConfig()                        # the paper: 25% of layers per step, IST policy
+        >>> ISTConfig(strategy="random")       # random sparse tuning baseline (LISA-style)
+        >>> ISTConfig(strategy="fixed", layers=[0, 5, 11])
+    """
+
+    strategy: str = field(
+        default="ist",
+        metadata={"help": "How to choose the layers trained each step: 'ist' (importance-aware, the paper), "
+                  "'random' (uniform N_u layers each step), 'fixed' (always `layers`), 'all' (plain PEFT)."},
+    )
+    update_fraction: Optional[float] = field(
+        default=None,
+        metadata={"help": "N_u as a fraction of N_L: layers whose adapters train each step. "
+                  "Default 0.25 (8 of 32 in the paper). Give this or `update_layers`, not both."},
+    )
+    update_layers: Optional[int] = field(
+        default=None, metadata={"help": "N_u as a number of layers. Give this or `update_fraction`, not both."}
+    )
+    probe_fraction: Optional[float] = field(
+        default=None,
+        metadata={"help": "N_v as a fraction of N_L: layers kept at full response in each probe candidate. "
+                  "Default 0.5. Give this or `probe_layers`, not both."},
+    )
+    probe_layers: Optional[int] = field(
+        default=None, metadata={"help": "N_v as a number of layers. Give this or `probe_fraction`, not both."}
+    )
+    num_probes: int = field(
+        default=3, metadata={"help": "N_c: probe candidates per importance update (default 3)."}
+    )
+    probe_interval: int = field(
+        default=10, metadata={"help": "T_c: run the importance-updating loop every T_c optimizer steps (default 10)."}
+    )
+    beta: float = field(
+        default=0.25,
+        metadata={"help": "β: response suppression factor in [0, 1] for adapters outside a probe candidate (default 0.25)."},
+    )
+    mu: float = field(
+        default=10.0,
+        metadata={"help": "μ: importance learning rate (10 for commonsense, 100 for math in the paper)."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of istune's own RNG (selections, candidates, probe batches)."})
+    layers: Optional[list[int]] = field(
+        default=None, metadata={"help": "Layer positions (0-based) to train with strategy 'fixed'."}
+    )
+    layers_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Dotted path of the decoder-layer list (e.g. 'base_model.model.model.layers'); "
+                  "found by structure when not given."},
+    )
+    probe_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Examples in the probe batch; default: the training batch size per device."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            _fail("strategy", self.strategy, f"use one of {', '.join(repr(s) for s in STRATEGIES)}")
+        _check_pair(self, "update_fraction", "update_layers")
+        _check_pair(self, "probe_fraction", "probe_layers")
+        for name in ("num_probes", "probe_interval"):
+            _check_count(self, name)
+        if self.probe_batch_size is not None:
+            _check_count(self, "probe_batch_size")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta <= 1.0:
+            _fail("beta", self.beta, "β must be a number in [0, 1]; the paper uses 0.25")
+        if isinstance(self.mu, bool) or not isinstance(self.mu, (int, float)) or not (math.isfinite(self.mu) and self.mu > 0):
+            _fail("mu", self.mu, "μ must be a finite number > 0; the paper uses 10 (commonsense) or 100 (math)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            _fail("seed", self.seed, "use an integer")
+        if self.strategy == "fixed":
+            if not self.layers:
+                _fail("layers", self.layers, "strategy 'fixed' needs a non-empty list of layer positions, e.g. [0, 5]")
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers):
+                _fail("layers", self.layers, "layer positions are integers >= 0")
+            if len(set(self.layers)) != len(self.layers):
+                _fail("layers", self.layers, "remove the repeated positions")
+            if self.update_fraction is not None or self.update_layers is not None:
+                _fail("update_layers", self.update_layers or self.update_fraction,
+                      "strategy 'fixed' trains exactly `layers`; leave update_layers/update_fraction unset")
+        elif self.layers is not None:
+            _fail("layers", self.layers, f"`layers` only applies to strategy 'fixed', not {self.strategy!r}; remove it")
+
+    def resolve(self, num_layers: int) -> "ResolvedCounts":
+        """Turn fractions into layer counts for a model with ``num_layers`` adapter layers (N_L).
+
+        Raises:
+            ValueError: when a count exceeds N_L or a fixed layer is out of range.
+        """
+        if self.strategy == "fixed":
+            out_of_range = [i for i in self.layers if i >= num_layers]
+            if out_of_range:
+                _fail("layers", self.layers,
+                      f"positions {out_of_range} are out of range: the model has N_L={num_layers} adapter layers (0..{num_layers - 1})")
+            update = len(self.layers)
+        elif self.strategy == "all":
+            update = num_layers
+        else:
+            update = _layer_count(self, "update_fraction", "update_layers", 0.25, num_layers)
+        probe = _layer_count(self, "probe_fraction", "probe_layers", 0.5, num_layers)
+        return ResolvedCounts(num_layers=num_layers, update_layers=update, probe_layers=probe)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class ResolvedCounts:
+    """Layer counts for one model: N_L, N_u and N_v."""
+
+    num_layers: int
+    update_layers: int
+    probe_layers: int
+
+
+def _fail(name: str, value, fix: str):
+    raise ValueError(f"ISTConfig.{name}={value!r} is invalid: {fix}.")
+
+
+def _check_count(config: ISTConfig, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(name, value, "use an integer >= 1")
+
+
+def _check_pair(config: ISTConfig, fraction_name: str, count_name: str) -> None:
+    fraction, count = getattr(config, fraction_name), getattr(config, count_name)
+    if fraction is not None and count is not None:
+        _fail(count_name, count, f"give either {fraction_name} or {count_name}, not both ({fraction_name}={fraction!r})")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1):
+        _fail(fraction_name, fraction, "a fraction of the layers must be in (0, 1]")
+    if count is not None:
+        _check_count(config, count_name)
+
+
+def _layer_count(config: ISTConfig, fraction_name: str, count_name: str, default: float, num_layers: int) -> int:
+    count = getattr(config, count_name)
+    if count is not None:
+        if count > num_layers:
+            _fail(count_name, count, f"the model has only N_L={num_layers} adapter layers; use at most {num_layers}")
+        return count
+    fraction = getattr(config, fraction_name)
+    fraction = default if fraction is None else fraction
+    # Round half up (0.25 * 30 = 7.5 -> 8), then keep within [1, N_L].
+    return min(num_layers, max(1, math.floor(fraction * num_layers + 0.5)))

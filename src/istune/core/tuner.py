@@ -1,0 +1,223 @@
+"""SparseTuner: the IST controller, usable from any training loop.
+
+Per optimizer step::
+
+    tuner.begin_step()        # fine-tuning loop: pick S (eq. 6-7), freeze every other layer's adapters
+    loss.backward(); optimizer.step(); optimizer.zero_grad()
+    tuner.end_step()          # every T_c steps: importance-updating loop (eq. 8-10)
+
+Freezing happens before the forward pass, so autograd saves nothing for frozen
+adapters and they get no gradient (``grad is None``): the optimizer never moves them,
+no momentum, no weight decay. The optimizer itself must hold every adapter parameter
+(build it before the first ``begin_step``), so a layer chosen later can train.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from istune.config import ISTConfig
+from istune.core import policy
+from istune.core.layers import AdapterLayer, find_adapter_layers
+from istune.core.probe import LossFn, default_loss, move_to_device, probe_mode
+from istune.core.suppress import suppress_adapters
+
+logger = logging.getLogger(__name__)
+
+
+class SparseTuner:
+    """Chooses, every optimizer step, which layers' adapters train, and learns layer importance.
+
+    Args:
+        model: the PEFT model (unwrapped: not the DDP wrapper).
+        config: the IST hyperparameters.
+        probe_batches: called for a probe batch when an importance update is due and
+            :meth:`end_step` got none.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for probes; default ``model(**batch).loss``.
+        optimizer: if given, checked to hold every adapter parameter.
+
+    Attributes:
+        importance: ``(N_L,)`` float64 importance vector I (zeros at the start).
+        selected: layer positions trained in the current step.
+        step: optimizer steps completed.
+        layers: the adapter layers found in the model (position j = ``layers[j]``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Optional[ISTConfig] = None,
+        *,
+        probe_batches: Optional[Callable[[], Any]] = None,
+        loss_fn: Optional[LossFn] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+    ):
+        self.model = model
+        self.config = config or ISTConfig()
+        self.layers: list[AdapterLayer] = find_adapter_layers(model, self.config.layers_path)
+        self.counts = self.config.resolve(len(self.layers))
+        if self.config.strategy == "ist" and not any(layer.adapters for layer in self.layers):
+            raise ValueError(
+                "Strategy 'ist' suppresses adapter outputs, but the layers hold trainable parameters and no adapter "
+                "modules (peft tuner layers or istune adapters). Use strategy 'random' or 'fixed' for full-layer tuning."
+            )
+        if optimizer is not None:
+            check_optimizer_holds(optimizer, self.layers)
+        self.probe_batches = probe_batches
+        self.loss_fn = loss_fn or default_loss
+        self.importance = torch.zeros(len(self.layers), dtype=torch.float64)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.selected: list[int] = list(range(len(self.layers)))
+        self.step = 0
+        self.history: list[dict] = []  # events since the integration last drained them
+        self._mask_hook = None
+        if self.config.strategy != "all":
+            # peft's set_adapter / enable_adapter_layers turn requires_grad back on: re-apply before each forward.
+            self._mask_hook = model.register_forward_pre_hook(lambda *_: self._apply_mask())
+        logger.info("IST: %d adapter layers (N_L), training %d per step (N_u), strategy %r",
+                    self.num_layers, self.counts.update_layers, self.config.strategy)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    # ---- fine-tuning loop -------------------------------------------------------------------
+
+    def begin_step(self) -> list[int]:
+        """Choose this step's layers S and freeze the adapters of every other layer."""
+        strategy, count = self.config.strategy, self.counts.update_layers
+        if strategy == "ist":
+            self.selected = policy.sample_layers(self.importance, count, self.generator)
+        elif strategy == "random":
+            self.selected = policy.sample_uniform_layers(self.num_layers, count, self.generator)
+        elif strategy == "fixed":
+            self.selected = sorted(self.config.layers)
+        else:
+            self.selected = list(range(self.num_layers))
+        self._apply_mask()
+        for position, layer in enumerate(self.layers):
+            if position not in self._selected_set:
+                for parameter in layer.parameters:
+                    parameter.grad = None
+        self.history.append({"event": "select", "step": self.step, "selected": list(self.selected)})
+        return self.selected
+
+    def end_step(self, probe_batch: Any = None) -> Optional[dict]:
+        """Count the optimizer step; every T_c steps run the importance-updating loop.
+
+        Returns the probe record when an update ran (or was skipped), else None.
+        """
+        self.step += 1
+        if self.config.strategy != "ist" or self.step % self.config.probe_interval != 0:
+            return None
+        if probe_batch is None:
+            if self.probe_batches is None:
+                raise ValueError("An importance update is due but no probe batch was given: pass "
+                                 "end_step(probe_batch=...) or SparseTuner(probe_batches=...).")
+            probe_batch = self.probe_batches()
+        return self.update_importance(probe_batch)
+
+    def _apply_mask(self) -> None:
+        selected = self._selected_set
+        for position, layer in enumerate(self.layers):
+            train = position in selected
+            for parameter in layer.parameters:
+                if parameter.requires_grad != train:
+                    parameter.requires_grad_(train)
+
+    @property
+    def _selected_set(self) -> set[int]:
+        return set(self.selected)
+
+    # ---- importance-updating loop -------------------------------------------------------------
+
+    def update_importance(self, batch: Any) -> dict:
+        """Probe N_c candidate sets on one batch and update the importance (eq. 8-10)."""
+        candidates = policy.sample_candidates(
+            self.importance, self.counts.probe_layers, self.config.num_probes, self.generator
+        )
+        losses = self.probe_losses(batch, candidates)
+        record = {"event": "probe", "step": self.step, "candidates": candidates, "losses": losses.tolist()}
+        if not bool(torch.isfinite(losses).all()):
+            logger.warning("IST: non-finite probe loss %s at step %d; importance update skipped.",
+                           losses.tolist(), self.step)
+            record["skipped"] = True
+        else:
+            rewards = policy.rewards_from_losses(losses)
+            self.importance = policy.update_importance(self.importance, candidates, rewards, self.config.mu)
+            record["rewards"] = rewards.tolist()
+        record["importance"] = self.importance.tolist()
+        self.history.append(record)
+        return record
+
+    def probe_losses(self, batch: Any, candidates: list[list[int]]) -> torch.Tensor:
+        """Loss L_j of the model with adapters outside each candidate S_c^j scaled by β (eq. 8).
+
+        Under torch.distributed the losses are averaged over ranks, so every rank applies
+        the same update.
+        """
+        device = next(self.model.parameters()).device
+        batch = move_to_device(batch, device)
+        losses = []
+        with probe_mode(self.model):
+            for candidate in candidates:
+                kept = set(candidate)
+                suppressed = [m for j, layer in enumerate(self.layers) if j not in kept for m in layer.adapters]
+                with suppress_adapters(suppressed, self.config.beta):
+                    losses.append(self.loss_fn(self.model, batch).detach().float())
+        losses = torch.stack(losses)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(losses)
+            losses = losses / dist.get_world_size()
+        return losses.cpu().to(torch.float64)
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: importance, RNG state, step, selection."""
+        return {
+            "num_layers": self.num_layers,
+            "strategy": self.config.strategy,
+            "importance": self.importance.clone(),
+            "generator": self.generator.get_state(),
+            "step": self.step,
+            "selected": list(self.selected),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_layers"] != self.num_layers:
+            raise ValueError(f"IST state is for a model with N_L={state['num_layers']} adapter layers, but this model "
+                             f"has {self.num_layers}; resume with the same model and adapter configuration.")
+        importance = torch.as_tensor(state["importance"], dtype=torch.float64)
+        if importance.shape != (self.num_layers,) or not bool(torch.isfinite(importance).all()):
+            raise ValueError(f"IST state has an invalid importance vector {importance.tolist()}")
+        self.importance = importance.clone()
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+        self.selected = list(state["selected"])
+
+    def close(self) -> None:
+        """Make every adapter parameter trainable again and remove the mask hook."""
+        if self._mask_hook is not None:
+            self._mask_hook.remove()
+            self._mask_hook = None
+        for layer in self.layers:
+            for parameter in layer.parameters:
+                parameter.requires_grad_(True)
+
+
+def check_optimizer_holds(optimizer: torch.optim.Optimizer, layers: list[AdapterLayer]) -> None:
+    """Raise if some adapter parameter is missing from the optimizer (frozen before it was built)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [layer.name for layer in layers if any(id(p) not in held for p in layer.parameters)]
+    if missing:
+        raise ValueError(
+            f"The optimizer does not hold the adapter parameters of {len(missing)} layers ({', '.join(missing[:4])}"
+            f"{', ...' if len(missing) > 4 else ''}): they would never train when selected. Build the optimizer over "
+            "all adapter parameters before IST starts, and do not freeze adapters yourself."
+        )

@@ -1,0 +1,194 @@
+"""Evaluation by option scoring: pick the option the model finds most likely.
+
+For an item with a ``context`` and options ``o_1 .. o_k``, the score of
+option ``j`` is the summed log-probability of its tokens given the context,
+
+    score_j = sum_t log p(o_j[t] | context, o_j[:t]),
+
+and the prediction is ``argmax_j score_j``. Two length-normalized variants
+are reported beside it: per token (``score_j / num_tokens_j``) and per
+character (``score_j / len(continuation_j)``, lm-eval's ``acc_norm``).
+
+Context and option are tokenized separately and concatenated, so the
+option's tokens are exactly the tokens scored; whitespace at the end of the
+context is moved to the start of the option, and ``delimiter`` (a space by
+default) joins them when neither side has whitespace at the seam. Batches are
+right-padded with an attention mask.
+
+Example:
+    >>> result = evaluate_scoring(model, tokenizer, items, task="piqa")
+    >>> result.accuracy, result.metrics["accuracy_per_char"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from istune.eval._modes import eval_mode, model_device
+from istune.eval.result import TaskResult
+
+
+def _encode(tokenizer: Any, context: str, option: str, delimiter: str) -> tuple[list[int], list[int], str]:
+    """Token ids of context and continuation, and the continuation text."""
+    if not (context[-1:].isspace() or option[:1].isspace()):
+        option = delimiter + option
+    stripped = context.rstrip()
+    continuation = context[len(stripped) :] + option
+    context_ids = tokenizer(stripped, add_special_tokens=True)["input_ids"] if stripped else []
+    if not context_ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise ValueError(f"context={context!r} has no tokens and the tokenizer has no BOS or EOS to start from")
+        context_ids = [start]
+    option_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not option_ids:
+        raise ValueError(f"option={option!r} has no tokens; options must be non-empty text")
+    return context_ids, option_ids, continuation
+
+
+def option_logprobs(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 8,
+    delimiter: str = " ",
+    progress: bool = False,
+    desc: str = "score",
+) -> list[tuple[float, int, int]]:
+    """Summed log-probability of each option given its context.
+
+    Args:
+        model: A causal LM returning ``logits`` of shape ``[batch, seq, vocab]``.
+        tokenizer: Its tokenizer.
+        pairs: ``(context, option)`` strings.
+        batch_size: Sequences per forward pass.
+        delimiter: Put between context and option when neither has whitespace at the seam.
+        progress: Show a tqdm bar over batches.
+        desc: Label of the progress bar.
+
+    Returns:
+        Per pair, in input order: ``(logprob_sum, num_option_tokens, num_option_chars)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    encoded = [_encode(tokenizer, context, option, delimiter) for context, option in pairs]
+    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = model_device(model)
+    results: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(encoded)
+    with eval_mode(model):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+            batch = order[start : start + batch_size]
+            rows = [encoded[i][0] + encoded[i][1] for i in batch]
+            width = max(len(row) for row in rows)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            option_mask = torch.zeros_like(ids, dtype=torch.bool)  # True at the option's tokens
+            for row_index, (i, row) in enumerate(zip(batch, rows)):
+                ids[row_index, : len(row)] = torch.tensor(row, dtype=torch.long)
+                mask[row_index, : len(row)] = 1
+                option_mask[row_index, len(encoded[i][0]) : len(row)] = True
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            # logits[:, t] predicts token t + 1: [batch, width - 1, vocab] against targets [batch, width - 1].
+            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+            targets = ids[:, 1:].to(logprobs.device)
+            token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            sums = (token_logprobs * option_mask[:, 1:].to(logprobs.device)).sum(dim=-1).tolist()
+            for i, total in zip(batch, sums):
+                results[i] = (total, len(encoded[i][1]), len(encoded[i][2]))
+    return results
+
+
+def check_scoring_items(items: Sequence[dict[str, Any]], task: str) -> None:
+    """Fail early, before any forward pass, on items without ``context``, ``options`` or a valid ``label``."""
+    for index, item in enumerate(items):
+        _check_item(index, item, task)
+
+
+def _check_item(index: int, item: dict[str, Any], task: str) -> None:
+    missing = [key for key in ("context", "options", "label") if key not in item]
+    if missing:
+        raise KeyError(
+            f"item {index} of task {task!r} lacks {missing} (keys: {sorted(item)}); "
+            "option scoring needs 'context', 'options' and 'label' (use method='generate' for open answers)"
+        )
+    options, label = item["options"], item["label"]
+    if not isinstance(options, (list, tuple)) or len(options) < 2:
+        raise ValueError(f"item {index} of task {task!r}: options={options!r} must be a list of at least 2 strings")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(options):
+        raise ValueError(
+            f"item {index} of task {task!r}: label={label!r} must be an int index into its {len(options)} options"
+        )
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda j: values[j])  # first index on ties
+
+
+def evaluate_scoring(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    items: Sequence[dict[str, Any]],
+    task: str,
+    *,
+    batch_size: int = 8,
+    delimiter: str = " ",
+    progress: bool = False,
+) -> TaskResult:
+    """Accuracy of ``model`` on multiple-choice ``items`` by option log-likelihood.
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer.
+        items: Eval items with ``context`` (str), ``options`` (list of str) and ``label`` (int).
+        task: Task name, used for labels and messages only.
+        batch_size: Sequences (context + one option) per forward pass.
+        delimiter: Joins context and option (see module docstring).
+        progress: Show a tqdm bar.
+
+    Returns:
+        A ``TaskResult`` with method ``"score"``: ``accuracy`` from summed
+        log-probabilities, ``metrics["accuracy_per_token"]`` and
+        ``metrics["accuracy_per_char"]`` from the normalized scores. Records
+        hold ``index``, ``label``, ``logprobs``, ``num_tokens``,
+        ``prediction``, ``prediction_per_token``, ``prediction_per_char``, ``correct``.
+    """
+    check_scoring_items(items, task)
+    pairs = [(item["context"], option) for item in items for option in item["options"]]
+    scores = iter(option_logprobs(model, tokenizer, pairs, batch_size=batch_size, delimiter=delimiter, progress=progress, desc=task))
+    records = []
+    for index, item in enumerate(items):
+        logprobs, num_tokens, num_chars = zip(*(next(scores) for _ in item["options"]))
+        prediction = _argmax(logprobs)
+        per_token = _argmax([s / n for s, n in zip(logprobs, num_tokens)])
+        per_char = _argmax([s / n for s, n in zip(logprobs, num_chars)])
+        records.append(
+            {
+                "index": index,
+                "label": item["label"],
+                "logprobs": list(logprobs),
+                "num_tokens": list(num_tokens),
+                "prediction": prediction,
+                "prediction_per_token": per_token,
+                "prediction_per_char": per_char,
+                "correct": prediction == item["label"],
+            }
+        )
+    total = len(records)
+
+    def rate(key: str) -> float:
+        return sum(r[key] == r["label"] for r in records) / total if total else 0.0
+
+    return TaskResult(
+        task=task,
+        method="score",
+        correct=sum(r["correct"] for r in records),
+        total=total,
+        records=records,
+        metrics={"accuracy_per_token": rate("prediction_per_token"), "accuracy_per_char": rate("prediction_per_char")},
+    )

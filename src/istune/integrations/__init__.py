@@ -1,0 +1,1 @@
+"""Thin integrations of the IST core: the Hugging Face Trainer callback and a plain PyTorch loop."""

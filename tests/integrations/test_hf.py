@@ -1,0 +1,152 @@
+"""ISTCallback inside a real transformers Trainer on a tiny model."""
+
+import json
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from istune import ISTCallback, ISTConfig
+
+from ..tiny_models import peft_model
+
+NUM_LAYERS = 4
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, size=32, length=8, seed=0):
+        self.ids = torch.randint(0, 100, (size, length), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class RecordingTrainer(Trainer):
+    """Records every training micro-batch, to check IST leaves the data order alone."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen = getattr(self, "seen", []) + [inputs["input_ids"].clone()]
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def _args(tmp_path, **overrides):
+    defaults = dict(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                    weight_decay=0.1, lr_scheduler_type="constant", logging_steps=1, report_to=[],
+                    save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    return TrainingArguments(**{**defaults, **overrides})
+
+
+def _trainer(tmp_path, callbacks, seed=0, **overrides):
+    model = peft_model("llama", "lora", num_layers=NUM_LAYERS, seed=seed)
+    return RecordingTrainer(model=model, args=_args(tmp_path, **overrides), train_dataset=TokenDataset(),
+                            callbacks=callbacks)
+
+
+class ParameterWatcher(TrainerCallback):
+    """Checks, after every optimizer step, that exactly the layers IST selected moved."""
+
+    def __init__(self, ist):
+        self.ist, self.steps = ist, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.selected = list(self.ist.selected)
+        self.before = [[p.detach().clone() for p in layer.parameters] for layer in self.ist.tuner.layers]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for j, (old, layer) in enumerate(zip(self.before, self.ist.tuner.layers)):
+            moved = [not torch.equal(a, b) for a, b in zip(old, layer.parameters)]
+            assert all(moved) if j in self.selected else not any(moved), (state.global_step, j, self.selected)
+        self.steps += 1
+
+
+class LogRecorder(TrainerCallback):
+    """Stands for a reporter (TensorBoard, W&B) listed before ISTCallback."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+@pytest.mark.parametrize("strategy", ["ist", "random"])
+def test_trainer_trains_exactly_the_selected_layers(tmp_path, strategy):
+    ist = ISTCallback(ISTConfig(strategy=strategy, update_layers=2, probe_interval=2))
+    watcher = ParameterWatcher(ist)
+    trainer = _trainer(tmp_path, [ist, watcher])
+    trainer.train()
+    assert watcher.steps == 6
+    assert ist.importance.shape == (NUM_LAYERS,)
+    assert (ist.importance.abs().sum() > 0) == (strategy == "ist")
+    assert all(p.requires_grad for layer in ist.tuner.layers for p in layer.parameters)  # restored at the end
+
+
+def test_metrics_reach_reporters_and_the_jsonl_log(tmp_path):
+    recorder = LogRecorder()
+    ist = ISTCallback(ISTConfig(update_layers=1, probe_interval=3))
+    trainer = _trainer(tmp_path, [recorder, ist])
+    trainer.train()
+    train_logs = [log for log in recorder.logs if "loss" in log]
+    assert len(train_logs) == 6
+    assert f"ist/importance/layer_{NUM_LAYERS - 1:02d}" in train_logs[-1]
+    assert sum(train_logs[0][f"ist/selected/layer_{i:02d}"] for i in range(NUM_LAYERS)) == 1.0
+    assert "ist/probe_loss" in train_logs[2]
+    assert f"ist/importance/layer_00" in trainer.state.log_history[0]
+    events = [json.loads(line) for line in (tmp_path / "ist_log.jsonl").read_text().splitlines()]
+    selections = [e for e in events if e["event"] == "select"]
+    probes = [e for e in events if e["event"] == "probe"]
+    assert [e["step"] for e in selections] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in probes] == [3, 6]
+    assert probes[-1]["importance"] == pytest.approx(ist.importance.tolist())
+    assert len(probes[0]["losses"]) == 3
+
+
+def test_data_order_and_rng_are_those_of_plain_training(tmp_path):
+    plain = _trainer(tmp_path / "plain", [])
+    plain.train()
+    with_ist = _trainer(tmp_path / "ist", [ISTCallback(ISTConfig(probe_interval=1))])
+    with_ist.train()
+    assert len(plain.seen) == len(with_ist.seen) == 6
+    assert all(torch.equal(a, b) for a, b in zip(plain.seen, with_ist.seen))
+
+
+def test_gradient_accumulation_keeps_one_selection_per_optimizer_step(tmp_path):
+    ist = ISTCallback(ISTConfig(update_layers=1, probe_interval=2))
+    watcher = ParameterWatcher(ist)
+    trainer = _trainer(tmp_path, [ist, watcher], gradient_accumulation_steps=3, max_steps=4)
+    trainer.train()
+    events = [json.loads(line) for line in (tmp_path / "ist_log.jsonl").read_text().splitlines()]
+    assert len(trainer.seen) == 11  # 8 micro-batches an epoch: steps of 3, 3, 2, then 3
+    assert [e["step"] for e in events if e["event"] == "select"] == [1, 2, 3, 4]
+    assert watcher.steps == 4
+
+
+def test_model_dependent_errors_before_any_step(tmp_path):
+    trainer = _trainer(tmp_path, [ISTCallback(ISTConfig(update_layers=9))])
+    with pytest.raises(ValueError, match="update_layers=9.*N_L=4"):
+        trainer.train()
+    assert not hasattr(trainer, "seen")
+
+
+def test_resume_from_checkpoint_continues_the_uninterrupted_run(tmp_path):
+    config = ISTConfig(update_layers=2, probe_interval=2)
+    full_ist = ISTCallback(config)
+    full = _trainer(tmp_path / "full", [full_ist], save_strategy="steps", save_steps=3)
+    full.train()
+
+    first = _trainer(tmp_path / "resumed", [ISTCallback(config)], save_strategy="steps", save_steps=3, max_steps=3)
+    first.train()
+    resumed_ist = ISTCallback(config)
+    resumed = _trainer(tmp_path / "resumed", [resumed_ist], save_strategy="steps", save_steps=3)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+
+    assert torch.equal(full_ist.importance, resumed_ist.importance)
+    read = lambda p: [json.loads(line) for line in (p / "ist_log.jsonl").read_text().splitlines()]
+    assert read(tmp_path / "full") == read(tmp_path / "resumed")
+    full_weights = {n: p for n, p in full.model.named_parameters() if "lora_" in n}
+    for name, parameter in resumed.model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(parameter, full_weights[name], rtol=0, atol=0)

@@ -1,0 +1,69 @@
+"""Tiny random causal LMs of each family, built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+_SMALL = {"hidden_size": 32, "num_attention_heads": 4, "vocab_size": 100}
+_LLAMA_LIKE = {**_SMALL, "intermediate_size": 64, "num_key_value_heads": 2}
+
+# Each builder takes the number of decoder layers (N_L).
+TINY_CONFIGS = {
+    "llama": lambda n=2: tf.LlamaConfig(num_hidden_layers=n, **_LLAMA_LIKE),
+    "qwen2": lambda n=2: tf.Qwen2Config(num_hidden_layers=n, **_LLAMA_LIKE),
+    "mistral": lambda n=2: tf.MistralConfig(num_hidden_layers=n, **_LLAMA_LIKE),
+    "gemma": lambda n=2: tf.GemmaConfig(num_hidden_layers=n, **_LLAMA_LIKE, head_dim=8),
+    "gpt2": lambda n=2: tf.GPT2Config(n_layer=n, n_embd=32, n_head=4, vocab_size=100,
+                                      bos_token_id=0, eos_token_id=0),
+    "opt": lambda n=2: tf.OPTConfig(num_hidden_layers=n, **_SMALL, ffn_dim=64, word_embed_proj_dim=32),
+    "gpt_neox": lambda n=2: tf.GPTNeoXConfig(num_hidden_layers=n, **_SMALL, intermediate_size=64),
+    "bloom": lambda n=2: tf.BloomConfig(n_layer=n, hidden_size=32, n_head=4, vocab_size=100),
+    "gptj": lambda n=2: tf.GPTJConfig(n_layer=n, n_embd=32, n_head=4, rotary_dim=4, vocab_size=100),
+    "phi": lambda n=2: tf.PhiConfig(num_hidden_layers=n, **_SMALL, intermediate_size=64),
+}
+FAMILIES = list(TINY_CONFIGS)
+
+# The families every behaviour is checked on (GPT-2 covers Conv1D); the rest get smoke tests.
+CORE_FAMILIES = ["llama", "gpt2", "opt", "gpt_neox"]
+KINDS = ["series", "series_input", "parallel"]
+
+
+def tiny_model(family: str, seed: int = 0, num_layers: int = 2) -> torch.nn.Module:
+    """A random tiny causal LM of ``family`` with ``num_layers`` layers, in eval mode; same seed -> same weights."""
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(TINY_CONFIGS[family](num_layers)).eval()
+
+
+def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+PEFT_METHODS = ["lora", "dora"]
+
+
+def peft_model(family: str, method: str = "lora", num_layers: int = 4, seed: int = 0) -> torch.nn.Module:
+    """A tiny model of ``family`` with adapters of ``method`` on every linear layer of every block, in train mode.
+
+    LoRA B matrices are randomised so that adapters change the output from the start
+    (peft initialises B to zero); every adapter parameter is trainable.
+    """
+    import peft
+
+    model = tiny_model(family, seed=seed, num_layers=num_layers)
+    if method == "bottleneck":
+        from istune.adapters import BottleneckConfig, add_bottleneck_adapters
+
+        model = add_bottleneck_adapters(model, BottleneckConfig(kind="parallel", bottleneck_size=8, init="bert"))
+        return model.train()
+    configs = {
+        "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+        "dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
+                                        init_lora_weights=False),
+        "adalora": lambda: peft.AdaLoraConfig(init_r=4, target_r=2, target_modules="all-linear", total_step=20,
+                                              tinit=2, tfinal=2, deltaT=1, init_lora_weights=False),
+        "ia3": lambda: peft.IA3Config(target_modules="all-linear", feedforward_modules=[], init_ia3_weights=False),
+    }
+    torch.manual_seed(seed + 1)
+    return peft.get_peft_model(model, configs[method]()).train()
