@@ -115,18 +115,21 @@ def run_strategy(name: str, args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     report = tracker.report()
     for record, region in zip(steps, report["regions"]):
-        record.update({k: region[k] for k in ("peak_bytes", "peak_breakdown", "peak_activations_by_scope")})
+        record.update({k: region[k] for k in ("peak_bytes", "peak_phase", "peak_breakdown", "peak_activations_by_scope")})
     probe_region = next((r for r in report["regions"] if r["name"] == "importance update"), None)
     tuner.close()
     return {
         "strategy": name,
         "ist_config": tuner.config.to_dict() | {"update_layers_resolved": tuner.counts.update_layers},
         "num_layers": tuner.num_layers,
+        "lora_branch_saved_bytes_per_layer": lora_branch_bytes(
+            model, model.get_submodule(tuner.layers[0].name), args.batch_size * args.seq_len),
         "params_total": sum(p.numel() for p in model.parameters()),
         "params_trainable": sum(p.numel() for p in trainable),
         "seconds": round(seconds, 1),
         "peak_bytes": report["peak_bytes"],
         "peak_breakdown": report["peak_breakdown"],
+        "peak_phase": report["peak_phase"],
         "peak_activations_by_scope": report["peak_activations_by_scope"],
         "category_max": report["category_max"],
         "steps": steps,
@@ -188,85 +191,106 @@ def summary_table(results: dict[str, dict]) -> list[str]:
 
 
 def step_table(result: dict) -> list[str]:
-    rows = ["| step | selected layers | lowest | peak (GB) | " + " | ".join(CATEGORIES) + " |",
-            "|---:|---|---:|---:|" + "---:|" * len(CATEGORIES)]
+    rows = ["| step | selected layers | lowest | peak (GB) | phase | " + " | ".join(CATEGORIES) + " |",
+            "|---:|---|---:|---:|---|" + "---:|" * len(CATEGORIES)]
     n_layers = result["num_layers"]
     for s in result["steps"]:
         sel = "all" if len(s["selected"]) == n_layers else ", ".join(map(str, s["selected"]))
         cells = " | ".join(gb(s["peak_breakdown"][c]) for c in CATEGORIES)
-        rows.append(f"| {s['step']} | {sel} | {min(s['selected'])} | {gb(s['peak_bytes'])} | {cells} |")
+        rows.append(f"| {s['step']} | {sel} | {min(s['selected'])} | {gb(s['peak_bytes'])} | {s['peak_phase']} | {cells} |")
     probe = result.get("importance_update")
     if probe:
         cells = " | ".join(gb(probe["peak_breakdown"][c]) for c in CATEGORIES)
-        rows.append(f"| importance update (3 probe forwards, no grad) | | | {gb(probe['peak_bytes'])} | {cells} |")
+        rows.append(f"| importance update (probe forwards, no grad) | | | {gb(probe['peak_bytes'])} | {probe['peak_phase']} | {cells} |")
     return rows
 
 
+def lora_branch_bytes(model: torch.nn.Module, block: torch.nn.Module, tokens: int) -> int:
+    """Bytes a block's LoRA branches save for their own weights' gradients: dropout(x) and lora_A's output."""
+    elem = next(model.parameters()).element_size()
+    total = 0
+    for module in block.modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            for name, rank in module.r.items():
+                total += tokens * (module.in_features + rank) * elem
+    return total
+
+
 def analysis(results: dict[str, dict], meta: dict) -> list[str]:
-    """Where the memory goes, in figures taken from this measurement."""
+    """Where the memory goes, in figures taken from this measurement (statements follow the data)."""
     lora, ist = results["lora"], results["ist"]
     n_layers = lora["num_layers"]
+    n_update = ist["ist_config"]["update_layers_resolved"]
     args = meta["args"]
     elem = torch.tensor([], dtype=getattr(torch, args["dtype"])).element_size()
     logits = args["batch_size"] * args["seq_len"] * meta["vocab_size"] * elem
     lb, ib = lora["peak_breakdown"], ist["peak_breakdown"]
-    saved = lb["activations"] + lb["other"] - ib["activations"] - ib["other"]
     peak_step = max(ist["steps"], key=lambda s: s["peak_bytes"])
-    low_step = min(ist["steps"], key=lambda s: s["peak_bytes"])
+    best_step = min(ist["steps"], key=lambda s: s["peak_bytes"])
+    lowest_drawn = min(min(s["selected"]) for s in ist["steps"])
     lora_layers = lora["peak_activations_by_scope"]
     per_layer = sum(lora_layers.values()) / n_layers
     outside_layers = lb["activations"] - sum(lora_layers.values())
     peak_layers = peak_step["peak_activations_by_scope"]
-    sel = set(peak_step["selected"])
-    low = min(sel)
-    above_unselected = [f"layer {i}" for i in range(low, n_layers) if i not in sel]
-    below = [f"layer {i}" for i in range(low)]
-    unsel_mean = sum(peak_layers[k] for k in above_unselected) / max(1, len(above_unselected))
+    sel = sorted(peak_step["selected"])
+    low = sel[0]
+    above = [i for i in range(low, n_layers) if i not in sel]
+    below = list(range(low))
+    above_mean = sum(peak_layers[f"layer {i}"] for i in above) / len(above) if above else 0.0
     sel_mean = sum(peak_layers[f"layer {i}"] for i in sel) / len(sel)
-    opt_first = ist["steps"][0]["peak_breakdown"]["optimizer"]
-    opt_last = ist["steps"][-1]["peak_breakdown"]["optimizer"]
+    branch = ist["lora_branch_saved_bytes_per_layer"]
+    delta = {c: lb[c] - ib[c] for c in ("activations", "other", "gradients", "optimizer")}
+    opt_steps = [s["peak_breakdown"]["optimizer"] for s in ist["steps"]]
+    ratio = ist["peak_bytes"] / lora["peak_bytes"]
+
+    which = ("whose lowest selected layer is the lowest any step drew" if low == lowest_drawn
+             else f"although another step drew a lower layer ({lowest_drawn})")
     lines = [
         f"- **Total.** LoRA peaks at {gb(lora['peak_bytes'])} GB, LoRA+IST at {gb(ist['peak_bytes'])} GB: "
-        f"ratio {ist['peak_bytes'] / lora['peak_bytes']:.2f} against the paper's {PAPER['ratio']} "
-        f"({PAPER['lora_gb']} → {PAPER['ist_gb']} GB). IST's peak over the run is the peak of its worst step, "
-        f"step {peak_step['step']} (layers {sorted(sel)}, lowest {low}); its best step, step {low_step['step']} "
-        f"(lowest layer {min(low_step['selected'])}), peaked at {gb(low_step['peak_bytes'])} GB "
-        f"({low_step['peak_bytes'] / lora['peak_bytes']:.2f} of LoRA).",
-        f"- **When.** Both peaks fall at the start of the backward pass: gradients at the peak are "
-        f"{mb(lb['gradients'])} (LoRA) and {mb(ib['gradients'])} (IST), because the parameter gradients are made "
-        f"later in the backward pass while saved activations are being freed. IST's smaller gradient "
-        f"(max {mb(ist['category_max']['gradients'])} vs {mb(lora['category_max']['gradients'])}) therefore does not "
-        f"lower the peak at all.",
+        f"ratio {ratio:.2f}, against the paper's {PAPER['ratio']} ({PAPER['lora_gb']} → {PAPER['ist_gb']} GB). "
+        f"IST's peak over the run is the peak of one step: step {peak_step['step']} (layers {sel}), {which}. "
+        f"Its lightest step, step {best_step['step']} (lowest layer {min(best_step['selected'])}), peaked at "
+        f"{gb(best_step['peak_bytes'])} GB ({best_step['peak_bytes'] / lora['peak_bytes']:.2f} of LoRA).",
+        f"- **What IST saved at the peak:** activations {mb(delta['activations'])}, other {mb(delta['other'])}, "
+        f"gradients {mb(delta['gradients'])}, optimizer state {mb(delta['optimizer'])}.",
+        f"- **When.** The LoRA peak falls in the {lora['peak_phase']} phase, the IST peak in the "
+        f"{ist['peak_phase']} phase. Parameter gradients alive at the peak: {mb(lb['gradients'])} (LoRA), "
+        f"{mb(ib['gradients'])} (IST). IST's gradients are smaller at their own maximum "
+        f"({mb(ist['category_max']['gradients'])} vs {mb(lora['category_max']['gradients'])}), but "
+        + ("that maximum comes later in the backward pass, when most saved activations are already freed, so it "
+           "does not lower the peak." if lb["gradients"] == 0 and ib["gradients"] == 0 else
+           "only the part alive at the peak counts."),
         f"- **Weights** ({mb(lb['weights'])}, {lb['weights'] / lora['peak_bytes']:.0%} of LoRA's peak) are the same "
-        f"for both: the frozen base model in {args['dtype']} plus the adapters.",
-        f"- **Logits and loss** are not layer memory and IST cannot touch them: the logits are "
-        f"{args['batch_size']}×{args['seq_len']}×{meta['vocab_size']} × {elem} B = {mb(logits)}; the loss keeps its "
-        f"log-softmax ({mb(logits)}, saved), and the backward pass adds the gradient of the log-softmax and of the "
-        f"logits ({mb(2 * logits)}). At the peak `other` (unsaved tensors, activation gradients) is "
+        f"for both: the frozen base model in {args['dtype']} plus the adapters (the paper lists 0.4 GB).",
+        f"- **Logits and loss** are not layer memory, so IST cannot touch them. The logits are "
+        f"{args['batch_size']}×{args['seq_len']}×{meta['vocab_size']} × {elem} B = {mb(logits)}; the loss saves its "
+        f"log-softmax (another {mb(logits)}), and its backward makes the gradient of the log-softmax and then of "
+        f"the logits ({mb(logits)} each). At the peak `other` (unsaved tensors, activation gradients) is "
         f"{mb(lb['other'])} for LoRA and {mb(ib['other'])} for IST; saved activations outside the decoder layers "
         f"(embeddings, final norm, lm head, loss) are {mb(outside_layers)}.",
-        f"- **Activations of the decoder layers.** LoRA saves {mb(per_layer)} per layer on average "
-        f"({mb(sum(lora_layers.values()))} for {n_layers} layers). In IST's peak step, the {len(below)} layers below "
-        f"the lowest selected layer save {mb(sum(peak_layers[k] for k in below))} (nothing needs a gradient there); "
-        f"each selected layer saves {mb(sel_mean)}; and each of the {len(above_unselected)} unselected layers above "
-        f"the lowest selected one still saves {mb(unsel_mean)} ({unsel_mean / per_layer:.0%} of a LoRA layer), "
-        f"because the gradient must flow through it down to the lowest selected layer: attention probabilities, "
-        f"dropout masks, MLP and layer-norm inputs are kept; only the LoRA-branch inputs go. So IST's activation "
-        f"saving is set by the lowest selected layer. With N_u = {ist['ist_config']['update_layers_resolved']} of "
-        f"{n_layers} layers drawn at random (importance starts at zero), the lowest one is on average layer "
-        f"{(n_layers + 1) / (ist['ist_config']['update_layers_resolved'] + 1) - 1:.2f} (0-based), and the run's peak "
-        f"is the step that drew the lowest. Activations plus other: LoRA {mb(lb['activations'] + lb['other'])}, "
-        f"IST {mb(ib['activations'] + ib['other'])} (saved {mb(saved)}).",
-        f"- **Optimizer state** of a layer appears the first time the layer is selected and AdamW keeps it: IST's "
-        f"state at the per-step peaks grew from {mb(opt_first)} (step 0) to {mb(opt_last)} (step "
-        f"{ist['steps'][-1]['step']}), LoRA's is {mb(lb['optimizer'])}; after enough steps every layer has been "
-        f"selected and IST holds as much as LoRA. With {lora['params_trainable'] / 1e6:.1f} M LoRA parameters this "
-        f"is small beside the activations anyway.",
+        f"- **Activations of the decoder layers.** LoRA saves {mb(per_layer)} per layer "
+        f"({mb(sum(lora_layers.values()))} for {n_layers} layers). In IST's peak step the {len(below)} layers below "
+        f"the lowest selected layer saved {mb(sum(peak_layers[f'layer {i}'] for i in below))} in all (no gradient "
+        f"has to reach them); each selected layer saved {mb(sel_mean)}; each of the {len(above)} unselected layers "
+        f"above the lowest selected one still saved {mb(above_mean)} ({above_mean / per_layer:.0%} of a LoRA "
+        f"layer), because the gradient has to flow through it down to the lowest selected layer: attention "
+        f"probabilities, dropout masks, MLP and layer-norm inputs stay. What such a layer drops is its LoRA "
+        f"branches' inputs, dropout(x) and lora_A(x), computed from the shapes as {mb(branch)} per layer "
+        f"(measured: {mb(per_layer - above_mean)}). So IST's activation saving is set by the lowest selected "
+        f"layer: with N_u = {n_update} of {n_layers} layers drawn uniformly (importance starts at zero), the "
+        f"lowest is on average layer {(n_layers + 1) / (n_update + 1) - 1:.2f} (0-based); in this run the lowest "
+        f"selected layer per step was {', '.join(str(min(s['selected'])) for s in ist['steps'])}.",
+        f"- **Optimizer state** of a layer appears the first time the layer is selected, and AdamW keeps it: at "
+        f"IST's per-step peaks it went {', '.join(mb(v) for v in opt_steps)} over steps 0–{len(opt_steps) - 1}, "
+        f"while LoRA holds {mb(lora['category_max']['optimizer'])}. Once every layer has been selected IST holds "
+        f"as much as LoRA; with {lora['params_trainable'] / 1e6:.1f} M LoRA parameters it is small beside the "
+        f"activations either way.",
     ]
     probe = ist.get("importance_update")
     if probe:
-        lines.append(f"- **Importance update.** The N_c = {ist['ist_config']['num_probes']} probe forwards run without "
-                     f"gradients and peak at {gb(probe['peak_bytes'])} GB, below the training peak.")
+        lines.append(f"- **Importance update.** The N_c = {ist['ist_config']['num_probes']} probe forwards run "
+                     f"without gradients and peak at {gb(probe['peak_bytes'])} GB "
+                     f"({'below' if probe['peak_bytes'] < ist['peak_bytes'] else 'above'} the training peak).")
     return lines
 
 

@@ -7,7 +7,6 @@ state exactly which positions are prompt and which are response.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,20 +15,17 @@ import pytest
 SPECIALS = ["<pad>", "<unk>", "</s>"]
 
 
-def has_package(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 @pytest.fixture
 def char_tokenizer():
     """A tokenizer with one token per printable ASCII character, ``</s>`` as EOS and no pad token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
     vocab = {token: index for index, token in enumerate(SPECIALS + chars)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
 
 

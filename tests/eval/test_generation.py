@@ -129,6 +129,7 @@ def test_default_max_new_tokens():
         ([{"prompt": "a", "answer": "true"}], "boolq", {"num_beams": 0}, ValueError, "num_beams=0"),
         ([{"prompt": "a", "answer": "true"}], "mmlu", {}, ValueError, "task='mmlu'"),
         ([{"input": "a", "answer": "true"}], "boolq", {}, KeyError, "neither 'prompt' nor 'instruction'"),
+        ([{"prompt": "a", "answer": "1"}, {"prompt": "", "answer": "1"}], "gsm8k", {}, ValueError, r"positions \[1\]"),
     ],
 )
 def test_evaluate_generation_errors(tokenizer, items, task, kwargs, error, message):

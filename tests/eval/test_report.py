@@ -8,7 +8,10 @@ from istune.eval.report import format_table, write_json
 
 RESULTS = {
     "generate": {
-        "tasks": {"boolq": {"accuracy": 0.625, "correct": 5, "total": 8}, "piqa": {"accuracy": 0.5, "correct": 4, "total": 8}},
+        "tasks": {
+            "boolq": {"accuracy": 0.625, "correct": 5, "total": 8},
+            "piqa": {"accuracy": 0.5, "correct": 4, "total": 8},
+        },
         "average": 0.5625,
         "records": {"boolq": [{"index": 0, "correct": True}], "piqa": [{"index": 0, "correct": False}]},
     },

@@ -79,7 +79,11 @@ def test_limit_takes_the_first_items(echo, tokenizer, limit, expected):
         ({"limit": 0}, ValueError, "limit=0"),
         ({"tasks": {}}, ValueError, "tasks is empty"),
         ({"tasks": {"piqa": []}}, ValueError, r"\['piqa'\] have no items"),
-        ({"tasks": {"gsm8k": [{"prompt": "7", "answer": "7"}]}, "method": ["generate", "score"]}, KeyError, "use method='generate'"),
+        (
+            {"tasks": {"gsm8k": [{"prompt": "7", "answer": "7"}]}, "method": ["generate", "score"]},
+            KeyError,
+            "use method='generate'",
+        ),
         ({"tasks": {"gsm8k": [{"prompt": "7", "answer": "seven"}]}}, ValueError, "answer='seven'"),
     ],
 )

@@ -84,11 +84,11 @@ class _Record:
 
     __slots__ = ("nbytes", "category", "scope", "ref")
 
-    def __init__(self, nbytes: int, category: str, ref: weakref.ref) -> None:
+    def __init__(self, nbytes: int, category: str) -> None:
         self.nbytes = nbytes
         self.category = category
         self.scope: str | None = None  # activations only: the scope whose forward saved it
-        self.ref = ref
+        self.ref: weakref.ref | None = None
 
 
 class _Peak:
@@ -204,18 +204,25 @@ class MemoryTracker(TorchDispatchMode):
                 record.nbytes = nbytes
             return record
         key = id(storage)
-        record = _Record(nbytes, category, weakref.ref(storage, self._finalizer(key)))
+        stale = self._records.get(key)
+        if stale is not None:  # its storage died without its callback having run yet
+            self._forget(key, stale)
+        record = _Record(nbytes, category)
+        record.ref = weakref.ref(storage, self._finalizer(key, record))
         self._records[key] = record
         self._current[category] += nbytes
         return record
 
-    def _finalizer(self, key: int):
+    def _forget(self, key: int, record: _Record) -> None:
+        if self._records.get(key) is record:
+            del self._records[key]
+            self._current[record.category] -= record.nbytes
+            if record.scope is not None:
+                self._scope_current[record.scope] -= record.nbytes
+
+    def _finalizer(self, key: int, record: _Record):
         def storage_freed(_ref: weakref.ref) -> None:
-            record = self._records.pop(key, None)
-            if record is not None:
-                self._current[record.category] -= record.nbytes
-                if record.scope is not None:
-                    self._scope_current[record.scope] -= record.nbytes
+            self._forget(key, record)
 
         return storage_freed
 

@@ -1,10 +1,12 @@
 """Evaluation: answer extraction, generation and option-scoring evaluation, reports.
 
-Example:
-    >>> from istune.eval import evaluate_tasks, format_table, write_json
-    >>> results = evaluate_tasks(model, tokenizer, {"piqa": items}, method=["generate", "score"], limit=100)
-    >>> print(format_table(results))
-    >>> write_json(results, "outputs/eval.json")
+Example::
+
+    from istune.eval import evaluate_tasks, format_table, write_json
+
+    results = evaluate_tasks(model, tokenizer, {"piqa": items}, method=["generate", "score"], limit=100)
+    print(format_table(results))
+    write_json(results, "outputs/eval.json")
 """
 
 from istune.eval.answers import extract_answer, is_correct, normalize_task

@@ -30,8 +30,9 @@ Rules, per task family:
   as ``is``. Only capital letters count.
 
 Deviation for all tasks: the response is cut at the first Alpaca section
-header (``### Instruction``, ``### Input``, ``### Response``), where a model
-that did not stop starts inventing the next example.
+header (``### Instruction``, ``### Input``, ``### Response``; two or more
+``#``, any case), where a model that did not stop starts inventing the next
+example.
 
 Example:
     >>> extract_answer("piqa", "the correct answer is solution2")

@@ -5,9 +5,10 @@ and an attention mask, so every row's last prompt token sits at the same
 position and generation continues from there; only the new tokens are
 decoded. Padding is done here, so the tokenizer is never modified.
 
-Example:
-    >>> result = evaluate_generation(model, tokenizer, items, task="piqa", batch_size=16)
-    >>> result.accuracy
+Example::
+
+    result = evaluate_generation(model, tokenizer, items, task="piqa", batch_size=16)
+    print(result.accuracy, result.records[0]["response"])
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import torch
 from tqdm.auto import tqdm
 
 from istune.eval._modes import eval_mode, model_device
-from istune.eval.answers import DEFAULT_TOLERANCE, NUMBER_TASKS, extract_answer, is_correct, normalize_task, parse_gold_number
+from istune.eval.answers import (
+    DEFAULT_TOLERANCE,
+    NUMBER_TASKS,
+    extract_answer,
+    is_correct,
+    normalize_task,
+    parse_gold_number,
+)
 from istune.eval.prompt import default_prompt
 from istune.eval.result import TaskResult
 
@@ -35,10 +43,8 @@ def default_max_new_tokens(task: str) -> int:
 
 
 def _pad_id(tokenizer: Any) -> int:
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if token_id is not None:
-            return token_id
-    return 0  # unreachable; keeps type checkers quiet
+    """Id written into padded positions (masked out, so any token does): pad, else EOS, else 0."""
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,9 +53,8 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row) :] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     return ids, mask
 
 
@@ -92,6 +97,9 @@ def generate_responses(
     if not prompts:
         return []
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"prompts at positions {empty} have no tokens; generation needs a non-empty prompt")
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     pad_id, device = _pad_id(tokenizer), model_device(model)
     responses: list[str] = [""] * len(prompts)
@@ -177,7 +185,13 @@ def evaluate_generation(
         prediction = extract_answer(name, response, ignore_case=ignore_case)
         correct = is_correct(name, prediction, item["answer"], tolerance=tolerance)
         records.append(
-            {"index": index, "response": response, "prediction": prediction, "answer": item["answer"], "correct": correct}
+            {
+                "index": index,
+                "response": response,
+                "prediction": prediction,
+                "answer": item["answer"],
+                "correct": correct,
+            }
         )
     return TaskResult(
         task=task, method="generate", correct=sum(r["correct"] for r in records), total=len(records), records=records

@@ -15,9 +15,10 @@ context is moved to the start of the option, and ``delimiter`` (a space by
 default) joins them when neither side has whitespace at the seam. Batches are
 right-padded with an attention mask.
 
-Example:
-    >>> result = evaluate_scoring(model, tokenizer, items, task="piqa")
-    >>> result.accuracy, result.metrics["accuracy_per_char"]
+Example::
+
+    result = evaluate_scoring(model, tokenizer, items, task="piqa")
+    print(result.accuracy, result.metrics["accuracy_per_char"])
 """
 
 from __future__ import annotations
@@ -160,7 +161,11 @@ def evaluate_scoring(
     """
     check_scoring_items(items, task)
     pairs = [(item["context"], option) for item in items for option in item["options"]]
-    scores = iter(option_logprobs(model, tokenizer, pairs, batch_size=batch_size, delimiter=delimiter, progress=progress, desc=task))
+    scores = iter(
+        option_logprobs(
+            model, tokenizer, pairs, batch_size=batch_size, delimiter=delimiter, progress=progress, desc=task
+        )
+    )
     records = []
     for index, item in enumerate(items):
         logprobs, num_tokens, num_chars = zip(*(next(scores) for _ in item["options"]))

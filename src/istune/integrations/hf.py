@@ -25,6 +25,7 @@ from transformers.trainer_callback import CallbackHandler
 from istune.config import ISTConfig
 from istune.core.probe import ProbeSampler
 from istune.core.tuner import SparseTuner
+from istune.integrations import adalora
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +109,8 @@ class ISTCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # AdaLoRA reallocates ranks after backward and before zero_grad; the Trainer never calls it.
-        update_and_allocate = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
-        if callable(update_and_allocate):
-            update_and_allocate(state.global_step)
+        if adalora.is_adalora(model):
+            adalora.update_and_allocate(model, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         record = self.tuner.end_step()
