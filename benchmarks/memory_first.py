@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -54,17 +55,19 @@ LABELS = {"lora": "LoRA", "ist": "LoRA+IST"}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per strategy (Adam state appears after the first)")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="optimizer steps per strategy (Adam state appears after the first)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (the paper: 1024)")
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (the paper: 32)")
     parser.add_argument("--attention", default="eager", choices=["eager", "sdpa"],
-                        help="attention kernel; eager materialises the 1024x1024 attention matrices like the paper's runs")
+                        help="attention kernel; eager materialises the T x T attention matrices, as the paper's runs")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-probe", action="store_true", help="skip measuring one importance update")
     parser.add_argument("--tiny", action="store_true", help="a 4-layer, 64-wide model on 64 tokens: a smoke test")
-    parser.add_argument("--out", type=Path, default=RESULTS / "memory_first.json", help="JSON result; the .md goes beside it")
+    parser.add_argument("--out", type=Path, default=RESULTS / "memory_first.json",
+                        help="JSON result; the .md goes beside it")
     return parser.parse_args(argv)
 
 
@@ -115,7 +118,8 @@ def run_strategy(name: str, args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     report = tracker.report()
     for record, region in zip(steps, report["regions"]):
-        record.update({k: region[k] for k in ("peak_bytes", "peak_phase", "peak_breakdown", "peak_activations_by_scope")})
+        keys = ("peak_bytes", "peak_phase", "peak_breakdown", "peak_activations_by_scope")
+        record.update({k: region[k] for k in keys})
     probe_region = next((r for r in report["regions"] if r["name"] == "importance update"), None)
     tuner.close()
     return {
@@ -159,12 +163,23 @@ def git_commit() -> str:
     return commit + ("+uncommitted changes" if dirty else "")
 
 
+def display_path(path: Path) -> str:
+    """The path relative to the repository when inside it (results should not name a home directory)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -186,7 +201,8 @@ def summary_table(results: dict[str, dict]) -> list[str]:
         rows.append(f"| {LABELS[r['strategy']]} (each category's own max) | | {cells} | |")
     blanks = " | ".join("" for _ in CATEGORIES[1:])
     rows.append(f"| LoRA (paper, Table 1) | {PAPER['lora_gb']} | {PAPER['weights_gb']} | {blanks} | |")
-    rows.append(f"| LoRA+IST (paper, Table 1) | {PAPER['ist_gb']} | {PAPER['weights_gb']} | {blanks} | {PAPER['ratio']} |")
+    rows.append(f"| LoRA+IST (paper, Table 1) | {PAPER['ist_gb']} | {PAPER['weights_gb']} | {blanks} "
+                f"| {PAPER['ratio']} |")
     return head + rows
 
 
@@ -197,11 +213,13 @@ def step_table(result: dict) -> list[str]:
     for s in result["steps"]:
         sel = "all" if len(s["selected"]) == n_layers else ", ".join(map(str, s["selected"]))
         cells = " | ".join(gb(s["peak_breakdown"][c]) for c in CATEGORIES)
-        rows.append(f"| {s['step']} | {sel} | {min(s['selected'])} | {gb(s['peak_bytes'])} | {s['peak_phase']} | {cells} |")
+        rows.append(f"| {s['step']} | {sel} | {min(s['selected'])} | {gb(s['peak_bytes'])} | {s['peak_phase']} "
+                    f"| {cells} |")
     probe = result.get("importance_update")
     if probe:
         cells = " | ".join(gb(probe["peak_breakdown"][c]) for c in CATEGORIES)
-        rows.append(f"| importance update (probe forwards, no grad) | | | {gb(probe['peak_bytes'])} | {probe['peak_phase']} | {cells} |")
+        rows.append(f"| importance update (probe forwards, no grad) | | | {gb(probe['peak_bytes'])} "
+                    f"| {probe['peak_phase']} | {cells} |")
     return rows
 
 
@@ -241,6 +259,12 @@ def analysis(results: dict[str, dict], meta: dict) -> list[str]:
     branch = ist["lora_branch_saved_bytes_per_layer"]
     delta = {c: lb[c] - ib[c] for c in ("activations", "other", "gradients", "optimizer")}
     opt_steps = [s["peak_breakdown"]["optimizer"] for s in ist["steps"]]
+    # P(lowest selected layer = l) for N_u of N_L drawn uniformly; peak(l) = the layer-0 peak minus l unselected layers
+    p_low = [math.comb(n_layers - 1 - l, n_update - 1) / math.comb(n_layers, n_update) for l in range(n_layers)]
+    p_zero = p_low[0]
+    zero_steps = [s["peak_bytes"] for s in ist["steps"] if min(s["selected"]) == 0]
+    zero_peak = max(zero_steps) if zero_steps else ist["peak_bytes"] + low * above_mean
+    expected_step = sum(p * (zero_peak - l * above_mean) for l, p in enumerate(p_low))
     ratio = ist["peak_bytes"] / lora["peak_bytes"]
 
     which = ("whose lowest selected layer is the lowest any step drew" if low == lowest_drawn
@@ -269,9 +293,11 @@ def analysis(results: dict[str, dict], meta: dict) -> list[str]:
         f"{mb(lb['other'])} for LoRA and {mb(ib['other'])} for IST; saved activations outside the decoder layers "
         f"(embeddings, final norm, lm head, loss) are {mb(outside_layers)}.",
         f"- **Activations of the decoder layers.** LoRA saves {mb(per_layer)} per layer "
-        f"({mb(sum(lora_layers.values()))} for {n_layers} layers). In IST's peak step the {len(below)} layers below "
-        f"the lowest selected layer saved {mb(sum(peak_layers[f'layer {i}'] for i in below))} in all (no gradient "
-        f"has to reach them); each selected layer saved {mb(sel_mean)}; each of the {len(above)} unselected layers "
+        f"({mb(sum(lora_layers.values()))} for {n_layers} layers). In IST's peak step "
+        + (f"the {len(below)} layers below the lowest selected layer saved "
+           f"{mb(sum(peak_layers[f'layer {i}'] for i in below))} in all (no gradient has to reach them); "
+           if below else "no layer lies below the lowest selected one (layer 0), so every layer keeps activations; ")
+        + f"each selected layer saved {mb(sel_mean)}; each of the {len(above)} unselected layers "
         f"above the lowest selected one still saved {mb(above_mean)} ({above_mean / per_layer:.0%} of a LoRA "
         f"layer), because the gradient has to flow through it down to the lowest selected layer: attention "
         f"probabilities, dropout masks, MLP and layer-norm inputs stay. What such a layer drops is its LoRA "
@@ -280,6 +306,18 @@ def analysis(results: dict[str, dict], meta: dict) -> list[str]:
         f"layer: with N_u = {n_update} of {n_layers} layers drawn uniformly (importance starts at zero), the "
         f"lowest is on average layer {(n_layers + 1) / (n_update + 1) - 1:.2f} (0-based); in this run the lowest "
         f"selected layer per step was {', '.join(str(min(s['selected'])) for s in ist['steps'])}.",
+        f"- **Peak of a run vs peak of a step.** A step draws layer 0 with probability {p_zero:.0%} "
+        f"(N_u/N_L under uniform selection), so the chance that a run of n steps contains such a step is "
+        f"1 − {1 - p_zero:.2f}^n ({1 - (1 - p_zero) ** 10:.0%} after 10 steps): the peak of a training run of more "
+        f"than a few steps is the lowest-layer-0 case, {gb(zero_peak)} GB here "
+        f"({'measured' if zero_steps else 'estimated: no step drew layer 0'}; {zero_peak / lora['peak_bytes']:.2f} "
+        f"of LoRA). A single step is lighter on average: taking each layer below the lowest selected one off at "
+        f"the measured {mb(above_mean)}, the expected per-step peak is about {gb(expected_step)} GB "
+        f"({expected_step / lora['peak_bytes']:.2f} of LoRA; the paper: {PAPER['ratio']}, which this estimate "
+        f"reaches at a lowest selected layer of about "
+        f"{(zero_peak - PAPER['ratio'] * lora['peak_bytes']) / above_mean if above_mean else float('nan'):.1f}). "
+        f"Later in training the learned importance can concentrate the choice on higher layers, but sampling "
+        f"keeps every layer a chance (p_i ~ U(0, σ(I_i))), so the allocator must still fit the layer-0 step.",
         f"- **Optimizer state** of a layer appears the first time the layer is selected, and AdamW keeps it: at "
         f"IST's per-step peaks it went {', '.join(mb(v) for v in opt_steps)} over steps 0–{len(opt_steps) - 1}, "
         f"while LoRA holds {mb(lora['category_max']['optimizer'])}. Once every layer has been selected IST holds "
@@ -306,7 +344,8 @@ def markdown(results: dict[str, dict], meta: dict) -> str:
         f"- setting: GPT-2-small shape ({meta['num_layers']} layers, hidden {meta['hidden']}, vocab "
         f"{meta['vocab_size']}), random init, {args['dtype']}, batch {args['batch_size']} × {args['seq_len']} tokens, "
         f"{args['attention']} attention, dropout on, LoRA r={args['rank']} on c_attn, c_proj, c_fc, AdamW, "
-        f"{args['steps']} steps per strategy; IST defaults (N_u = 25%).",
+        f"{args['steps']} steps per strategy; IST defaults (N_u = 25%). Wall time: LoRA {results['lora']['seconds']} s, "
+        f"LoRA+IST {results['ist']['seconds']} s (importance update included).",
         "- memory: live tensor storages counted by `istune.bench.MemoryTracker` (bytes of storages, not allocator "
         "blocks; GB = 10^9 bytes). `activations` = tensors autograd saved for backward; `other` = everything "
         "else alive (logits, loss, activation gradients, temporaries).",
@@ -358,14 +397,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{LABELS[name]}: {r['params_trainable'] / 1e6:.2f} M of {r['params_total'] / 1e6:.1f} M parameters "
               f"trainable, peak {gb(r['peak_bytes'])} GB, {r['seconds']} s", flush=True)
     meta = {
-        "command": " ".join(["PYTHONPATH=src", ".venv/bin/python", "benchmarks/memory_first.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["PYTHONPATH=src", ".venv/bin/python", "benchmarks/memory_first.py",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {k: (display_path(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "num_layers": config.n_layer, "hidden": config.n_embd, "vocab_size": config.vocab_size,
         "paper_table1_gpt2_small": PAPER,
     }

@@ -46,7 +46,12 @@ CASES = [
     (
         "hellaswag",
         "Playing drums: People are standing behind large drums. A man",
-        ["is playing a bag pipe.", "starts to play around the drums.", "begins playing a drum set.", "begins playing the drums."],
+        [
+            "is playing a bag pipe.",
+            "starts to play around the drums.",
+            "begins playing a drum set.",
+            "begins playing the drums.",
+        ],
         3,
         "Please choose the correct ending to complete the given sentence: Playing drums: People are standing "
         "behind large drums. A man\n\nEnding1: is playing a bag pipe. Ending2: starts to play around the drums. "

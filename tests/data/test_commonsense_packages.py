@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import re
 
 import pytest
 
@@ -28,7 +29,10 @@ LEADS = {
     "piqa": ("Please choose the correct solution to the question: ", "solution1/solution2"),
     "social_i_qa": ("Please choose the correct answer to the question: ", "answer1/answer2/answer3"),
     "hellaswag": ("Please choose the correct ending to complete the given sentence: ", "ending1/ending2/ending3/ending4"),
-    "winogrande": ("Please choose the correct answer to fill in the blank to complete the given sentence: ", "option1/option2"),
+    "winogrande": (
+        "Please choose the correct answer to fill in the blank to complete the given sentence: ",
+        "option1/option2",
+    ),
     "ARC-Challenge": ("Please choose the correct answer to the question: ", "answer1/answer2/answer3/answer4"),
     "ARC-Easy": ("Please choose the correct answer to the question: ", "answer1/answer2/answer3/answer4"),
     "openbookqa": ("Please choose the correct answer to the question: ", "answer1/answer2/answer3/answer4"),
@@ -83,4 +87,4 @@ def test_gsm8k_test(cache_dir):
     items = load_gsm8k_test(cache_dir)
     assert len(items) == 1319
     assert items[0]["answer"] == "18" and items[0]["instruction"].startswith("Janet")
-    assert all(item["output"].rstrip().endswith(item["answer"]) or "," in item["output"] for item in items)
+    assert all(re.fullmatch(r"-?\d+", item["answer"]) for item in items)

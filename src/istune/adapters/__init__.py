@@ -9,7 +9,9 @@ Example::
 from .config import DEFAULT_TARGET_MODULES, BottleneckConfig
 from .layer import BottleneckLayer
 from .model import (
+    PAPER_METHODS,
     add_bottleneck_adapters,
+    add_paper_bottleneck_adapters,
     bottleneck_layers,
     count_trainable_parameters,
     linear_module_names,
@@ -22,7 +24,9 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "BottleneckConfig",
     "BottleneckLayer",
+    "PAPER_METHODS",
     "add_bottleneck_adapters",
+    "add_paper_bottleneck_adapters",
     "bottleneck_layers",
     "count_trainable_parameters",
     "linear_module_names",

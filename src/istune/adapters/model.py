@@ -112,6 +112,41 @@ def add_bottleneck_adapters(model: nn.Module, config: BottleneckConfig) -> nn.Mo
     return model
 
 
+# The paper's placements (Table 9, after LLM-Adapters): series adapters on the MLP's up
+# projection (input side) and down projection (output side, eq. 13); parallel adapters
+# beside up and gate (eq. 11). Families without a gate use their one up projection.
+PAPER_METHODS = ("series", "parallel")
+
+
+def add_paper_bottleneck_adapters(model: nn.Module, method: str = "series", **fields) -> nn.Module:
+    """Add the paper's series or parallel adapters (Table 9 placement) to ``model`` in place.
+
+    ``series``: output side of the MLP down projection plus input side of the up projection
+    ({Up, Down}); ``parallel``: beside the up and gate projections ({Up, Gate}). ``fields``
+    go to every :class:`BottleneckConfig` (``bottleneck_size`` defaults to the paper's 256).
+
+    Example::
+
+        model = add_paper_bottleneck_adapters(model, "parallel", bottleneck_size=256)
+    """
+    if method not in PAPER_METHODS:
+        raise ValueError(f"method={method!r} is invalid: use one of {', '.join(PAPER_METHODS)}.")
+    if "kind" in fields or "target_modules" in fields:
+        raise ValueError("add_paper_bottleneck_adapters places adapters itself; call add_bottleneck_adapters "
+                         "for your own kind/target_modules.")
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in DEFAULT_TARGET_MODULES:
+        raise ValueError(f"model family {family!r} has no paper placement (families: {sorted(DEFAULT_TARGET_MODULES)}); "
+                         "use add_bottleneck_adapters with target_modules from "
+                         f"{linear_module_names(model)[:6]}.")
+    defaults = DEFAULT_TARGET_MODULES[family]
+    if method == "parallel":
+        return add_bottleneck_adapters(model, BottleneckConfig(kind="parallel", target_modules=defaults["parallel"], **fields))
+    up = [name for name in defaults["series_input"] if name != "gate_proj"]
+    add_bottleneck_adapters(model, BottleneckConfig(kind="series", target_modules=defaults["series"], **fields))
+    return add_bottleneck_adapters(model, BottleneckConfig(kind="series_input", target_modules=up, **fields))
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside DataParallel / DistributedDataParallel, so names match on load."""
     while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):

@@ -94,12 +94,12 @@ class _Record:
 class _Peak:
     """The largest total seen (in one region or overall), its split by category and by scope."""
 
-    def __init__(self, name: str, categories: dict[str, int], scopes: dict[str, int]) -> None:
+    def __init__(self, name: str, categories: dict[str, int], scopes: dict[str, int], phase: str = "forward") -> None:
         self.name = name
         self.bytes = sum(categories.values())
         self.breakdown = dict(categories)
         self.scopes = dict(scopes)
-        self.phase = "forward"
+        self.phase = phase
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -391,7 +391,7 @@ class MemoryTracker(TorchDispatchMode):
         if self._region is not None:
             raise RuntimeError(f"region {name!r} opened inside region {self._region.name!r}: regions do not nest")
         self._sync()
-        self._region = _Peak(name, self._current, self._scope_current)
+        self._region = _Peak(name, self._current, self._scope_current, self._phase())
         try:
             yield
         finally:

