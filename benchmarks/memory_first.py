@@ -1,6 +1,6 @@
 """Peak training memory of LoRA and LoRA+IST on a GPT-2-small-shaped model (the paper's Table 1).
 
-Run (from the repository root; about 4 minutes on 2 CPU cores)::
+Run (from the repository root; about 3 minutes of compute on 2 CPU cores, 6 on a busy machine)::
 
     PYTHONPATH=src .venv/bin/python benchmarks/memory_first.py
 

@@ -121,15 +121,16 @@ def prepare_full_layer_tuning(
                              f"{type(model).__name__}; pass layers_path=...")
         layers_path = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))[0]
     _, blocks = _layer_list(model, layers_path)
-    model.requires_grad_(False)
-    blocks.requires_grad_(True)
+    extra = []
     for wanted, what, getter in ((train_embeddings, "input embeddings", "get_input_embeddings"),
                                  (train_head, "LM head", "get_output_embeddings")):
         module = getattr(model, getter, lambda: None)() if wanted else None
         if wanted and module is None:
             raise ValueError(f"{type(model).__name__} has no {what} ({getter}() gave None); leave it frozen.")
-        if module is not None:
-            module.requires_grad_(True)
+        extra += [module] if module is not None else []
+    model.requires_grad_(False)
+    for module in [blocks, *extra]:
+        module.requires_grad_(True)
     return model
 
 
@@ -194,7 +195,8 @@ def _layer_list(model: nn.Module, layers_path: str | None) -> tuple[str, nn.Modu
             f"No adapter modules or trainable parameters inside any layer list of {type(model).__name__}: "
             f"found {_candidate_summary(model)}; trainable parameters: {_trainable_summary(model)}. "
             "Wrap the model with peft (get_peft_model) or istune's adapters first, or call "
-            "istune.core.layers.prepare_full_layer_tuning(model) to tune whole layers."
+            "istune.core.layers.prepare_full_layer_tuning(model) to tune whole layers. Prompt-based tuners "
+            "(prompt, prefix, p-tuning) keep their parameters outside the layers and cannot be used."
         )
     return best[0], best[1]
 

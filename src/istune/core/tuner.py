@@ -10,19 +10,23 @@ Freezing happens before the forward pass, so autograd saves nothing for frozen
 adapters and they get no gradient (``grad is None``): the optimizer never moves them,
 no momentum, no weight decay. The optimizer itself must hold every adapter parameter
 (build it before the first ``begin_step``), so a layer chosen later can train.
+
+Under torch.distributed every rank runs its own tuner; probe losses are averaged over
+ranks and the state is compared across ranks at the first step and at every importance
+update (:mod:`istune.core.distributed`), so all ranks train the same layers.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from istune.config import ISTConfig
-from istune.core import policy
+from istune.core import distributed, policy
 from istune.core.layers import AdapterLayer, find_adapter_layers
 from istune.core.probe import LossFn, default_loss, move_to_device, probe_mode
 from istune.core.suppress import suppress_adapters
@@ -34,7 +38,8 @@ class SparseTuner:
     """Chooses, every optimizer step, which layers' adapters train, and learns layer importance.
 
     Args:
-        model: the PEFT model (unwrapped: not the DDP wrapper).
+        model: the PEFT model. A DDP wrapper is accepted if built with
+            ``find_unused_parameters=True`` (checked); the tuner works on the module inside.
         config: the IST hyperparameters.
         probe_batches: called for a probe batch when an importance update is due and
             :meth:`end_step` got none.
@@ -57,6 +62,7 @@ class SparseTuner:
         loss_fn: Optional[LossFn] = None,
         optimizer: Optional[torch.optim.Optimizer] = None,
     ):
+        model = distributed.unwrap_ddp(model)
         self.model = model
         self.config = config or ISTConfig()
         self.layers: list[AdapterLayer] = find_adapter_layers(model, self.config.layers_path)
@@ -68,6 +74,7 @@ class SparseTuner:
             )
         if optimizer is not None:
             check_optimizer_holds(optimizer, self.layers)
+        _warn_about_parameters_outside_layers(model, self.layers)
         self.probe_batches = probe_batches
         self.loss_fn = loss_fn or default_loss
         self.importance = torch.zeros(len(self.layers), dtype=torch.float64)
@@ -75,6 +82,7 @@ class SparseTuner:
         self.selected: list[int] = list(range(len(self.layers)))
         self.step = 0
         self.history: list[dict] = []  # events since the integration last drained them
+        self._synced_once = False  # ranks compared at the first step (fresh or resumed), then at every update
         self._mask_hook = None
         if self.config.strategy != "all":
             # peft's set_adapter / enable_adapter_layers turn requires_grad back on: re-apply before each forward.
@@ -105,6 +113,9 @@ class SparseTuner:
                 for parameter in layer.parameters:
                     parameter.grad = None
         self.history.append({"event": "select", "step": self.step, "selected": list(self.selected)})
+        if not self._synced_once:
+            self.check_in_sync()
+            self._synced_once = True
         return self.selected
 
     def end_step(self, probe_batch: Any = None) -> Optional[dict]:
@@ -144,8 +155,8 @@ class SparseTuner:
         losses = self.probe_losses(batch, candidates)
         record = {"event": "probe", "step": self.step, "candidates": candidates, "losses": losses.tolist()}
         if not bool(torch.isfinite(losses).all()):
-            logger.warning("IST: non-finite probe loss %s at step %d; importance update skipped.",
-                           losses.tolist(), self.step)
+            logger.warning("IST: non-finite probe loss %s at step %d; importance update skipped.%s",
+                           losses.tolist(), self.step, _why_non_finite(batch))
             record["skipped"] = True
         else:
             rewards = policy.rewards_from_losses(losses)
@@ -153,13 +164,14 @@ class SparseTuner:
             record["rewards"] = rewards.tolist()
         record["importance"] = self.importance.tolist()
         self.history.append(record)
+        self.check_in_sync()
         return record
 
     def probe_losses(self, batch: Any, candidates: list[list[int]]) -> torch.Tensor:
         """Loss L_j of the model with adapters outside each candidate S_c^j scaled by β (eq. 8).
 
-        Under torch.distributed the losses are averaged over ranks, so every rank applies
-        the same update.
+        Under torch.distributed the losses are averaged over ranks (each rank probes its own
+        batch), bitwise identically, so every rank applies the same update.
         """
         device = next(self.model.parameters()).device
         batch = move_to_device(batch, device)
@@ -170,11 +182,22 @@ class SparseTuner:
                 suppressed = [m for j, layer in enumerate(self.layers) if j not in kept for m in layer.adapters]
                 with suppress_adapters(suppressed, self.config.beta):
                     losses.append(self.loss_fn(self.model, batch).detach().float())
-        losses = torch.stack(losses)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(losses)
-            losses = losses / dist.get_world_size()
+        losses = distributed.mean_over_ranks(torch.stack(losses).to(distributed.collective_device(device)))
         return losses.cpu().to(torch.float64)
+
+    def check_in_sync(self) -> None:
+        """Under torch.distributed, raise ``RuntimeError`` on every rank unless all ranks hold the same
+        step, importance, selection and RNG state. Every rank must call it at the same point."""
+        if distributed.world_size() == 1:
+            return
+        fields = {
+            "step": torch.tensor([self.step]),
+            "importance": self.importance,
+            "selection": torch.tensor(self.selected, dtype=torch.int64),
+            "RNG state": self.generator.get_state(),
+        }
+        device = distributed.collective_device(next(self.model.parameters()).device)
+        distributed.check_in_sync(fields, self.step, device)
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -190,16 +213,37 @@ class SparseTuner:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s output; everything is checked before anything changes.
+
+        Raises:
+            ValueError: the state is for another layer count, or is malformed.
+        """
+        missing = [key for key in ("num_layers", "importance", "generator", "step", "selected") if key not in state]
+        if missing:
+            raise ValueError(f"IST state lacks {missing}; it was not written by SparseTuner.state_dict().")
         if state["num_layers"] != self.num_layers:
             raise ValueError(f"IST state is for a model with N_L={state['num_layers']} adapter layers, but this model "
                              f"has {self.num_layers}; resume with the same model and adapter configuration.")
         importance = torch.as_tensor(state["importance"], dtype=torch.float64)
         if importance.shape != (self.num_layers,) or not bool(torch.isfinite(importance).all()):
             raise ValueError(f"IST state has an invalid importance vector {importance.tolist()}")
+        selected, step = state["selected"], state["step"]
+        if not (isinstance(step, int) and step >= 0 and isinstance(selected, list)
+                and all(isinstance(i, int) and 0 <= i < self.num_layers for i in selected)):
+            raise ValueError(f"IST state has an invalid step {step!r} or selection {selected!r}.")
+        generator = torch.Generator()
+        try:
+            generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8))
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise ValueError(f"IST state has an invalid RNG state ({error}).") from None
+        if state.get("strategy", self.config.strategy) != self.config.strategy:
+            logger.warning("IST state was saved with strategy %r, this run uses %r; continuing from its importance.",
+                           state["strategy"], self.config.strategy)
         self.importance = importance.clone()
-        self.generator.set_state(state["generator"])
-        self.step = int(state["step"])
-        self.selected = list(state["selected"])
+        self.generator = generator
+        self.step = step
+        self.selected = list(selected)
+        self._synced_once = False
 
     def close(self) -> None:
         """Make every adapter parameter trainable again and remove the mask hook."""
@@ -209,6 +253,23 @@ class SparseTuner:
         for layer in self.layers:
             for parameter in layer.parameters:
                 parameter.requires_grad_(True)
+
+
+def _warn_about_parameters_outside_layers(model: nn.Module, layers: list[AdapterLayer]) -> None:
+    inside = {id(p) for layer in layers for p in layer.parameters}
+    outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    if outside:
+        logger.warning("IST: %d trainable parameters outside the decoder layers (%s%s) train at every step; IST "
+                       "chooses only among the layers' adapters.", len(outside), ", ".join(outside[:3]),
+                       ", ..." if len(outside) > 3 else "")
+
+
+def _why_non_finite(batch: Any) -> str:
+    """A hint for a non-finite probe loss when the batch explains it."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if isinstance(labels, torch.Tensor) and not bool((labels != -100).any()):
+        return " The probe batch has no target tokens (every label is -100, e.g. all padding or all prompt)."
+    return ""
 
 
 def check_optimizer_holds(optimizer: torch.optim.Optimizer, layers: list[AdapterLayer]) -> None:

@@ -1,0 +1,196 @@
+"""LoRA (all layers) vs LoRA + random sparse vs LoRA + IST on the commonsense mix, side by side.
+
+    .venv/bin/python benchmarks/accuracy_compare.py                 # run what is missing, then report
+    .venv/bin/python benchmarks/accuracy_compare.py --report_only   # rebuild the report from saved runs
+
+Same data sample, data order, adapter init and steps for every strategy at a given seed;
+each (strategy, seed) run is saved to ``<out>/runs/<strategy>-seed<k>.json`` as it ends, so
+the benchmark resumes run by run across sessions. Three measures:
+
+1. held-out answer loss over training on a fixed held-out slice of the training mix
+   (prompt tokens masked), every ``--curve_every`` steps;
+2. accuracy by scoring each option's full text by log-likelihood;
+3. accuracy under the LLM-Adapters generation protocol (greedy, answer-word extraction).
+
+The report gives per-strategy means over seeds and paired differences (same seed, same
+items) with 95% confidence intervals (t over seeds for the loss; over seed x item pairs
+for accuracies), and a plot of the loss curves with min-max seed bands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from istune import ISTCallback, ISTConfig
+from istune.data import CausalLMCollator, InstructionDataset
+from istune.eval import evaluate_tasks
+from istune.eval.loss import heldout_loss
+from istune.methods import AdapterArgs, add_adapters
+from istune.models import load_model_and_tokenizer
+from istune.recipe import RunArgs, load_eval_items, load_rows
+
+STRATEGIES = ("all", "random", "ist")
+
+
+class HeldoutCurve(TrainerCallback):
+    """Held-out loss every ``every`` optimizer steps (and at step 0)."""
+
+    def __init__(self, dataset, collate, every):
+        self.dataset, self.collate, self.every, self.points = dataset, collate, every, []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.points.append((0, heldout_loss(model, self.dataset, self.collate)))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.points.append((state.global_step, heldout_loss(model, self.dataset, self.collate)))
+
+
+def run_one(strategy: str, seed: int, opts) -> dict:
+    run = RunArgs(train_samples=opts.max_steps * opts.batch_size, heldout_samples=opts.heldout, eval_limit=opts.eval_limit)
+    set_seed(seed)
+    train_rows, heldout_rows = load_rows(run, seed)  # depends on the seed only: same for every strategy
+    items = load_eval_items(opts.tasks.split(","), opts.eval_limit, eval_seed := 0)
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    collate = CausalLMCollator(tokenizer)
+    train_set = InstructionDataset(train_rows, tokenizer, opts.cutoff_len, train_on_inputs=False)
+    heldout = InstructionDataset(heldout_rows, tokenizer, opts.cutoff_len, train_on_inputs=False)
+    torch.manual_seed(seed)
+    model = add_adapters(model, AdapterArgs(method="lora", rank=opts.rank, alpha=2 * opts.rank), opts.max_steps)
+    ist = ISTConfig(strategy=strategy, seed=seed, mu=opts.mu)
+    curve = HeldoutCurve(heldout, collate, opts.curve_every)
+    args = TrainingArguments(
+        output_dir=str(Path(opts.out) / "tmp" / f"{strategy}-seed{seed}"), max_steps=opts.max_steps,
+        per_device_train_batch_size=opts.batch_size, learning_rate=opts.lr, lr_scheduler_type="linear",
+        warmup_steps=opts.max_steps // 20, logging_steps=opts.max_steps, save_strategy="no", report_to=[],
+        seed=seed, data_seed=seed, use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
+    )
+    ist_callback = ISTCallback(ist)
+    started = time.time()
+    Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate,
+            callbacks=[ist_callback, curve]).train()
+    train_seconds = time.time() - started
+    evaluated = evaluate_tasks(model, tokenizer, items, method=["score", "generate"], batch_size=8)
+    return {
+        "strategy": strategy, "seed": seed, "train_seconds": train_seconds, "curve": curve.points,
+        "importance": ist_callback.importance.tolist(),
+        "accuracy": {m: {t: [bool(r["correct"]) for r in recs] for t, recs in evaluated[m]["records"].items()}
+                     for m in evaluated},
+        "options": vars(opts), "eval_seed": eval_seed,
+    }
+
+
+def _ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of a 95% t-interval (normal quantile past 30 values)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, float("nan")
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(n, 1.96 if n > 30 else 2.1)
+    return mean, t * statistics.stdev(values) / math.sqrt(n)
+
+
+def report(out: Path) -> str:
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    by = {(r["strategy"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    strategies = [s for s in STRATEGIES if any((s, k) in by for k in seeds)]
+    lines = ["| strategy | seeds | final held-out loss | option-scoring acc. (%) | generation acc. (%) | train s/run |",
+             "|---|---|---|---|---|---|"]
+    for s in strategies:
+        rs = [by[(s, k)] for k in seeds if (s, k) in by]
+        loss = _ci95([r["curve"][-1][1] for r in rs])
+        acc = {m: _ci95([100 * statistics.fmean(sum(r["accuracy"][m].values(), [])) for r in rs]) for m in ("score", "generate")}
+        lines.append(f"| {s} | {len(rs)} | {loss[0]:.4f} ± {loss[1]:.4f} | {acc['score'][0]:.1f} ± {acc['score'][1]:.1f} | "
+                     f"{acc['generate'][0]:.1f} ± {acc['generate'][1]:.1f} | {statistics.fmean(r['train_seconds'] for r in rs):.0f} |")
+    lines += ["", "Paired differences (same seed, same items), 95% CI:", "",
+              "| comparison | pairs | Δ held-out loss | Δ option-scoring acc. (pp) | Δ generation acc. (pp) |", "|---|---|---|---|---|"]
+    for a, b in (("ist", "all"), ("ist", "random"), ("random", "all")):
+        pairs = [(by[(a, k)], by[(b, k)]) for k in seeds if (a, k) in by and (b, k) in by]
+        if not pairs:
+            continue
+        dl = _ci95([x["curve"][-1][1] - y["curve"][-1][1] for x, y in pairs])
+        da = {}
+        for m in ("score", "generate"):
+            diffs = [100 * (int(u) - int(v)) for x, y in pairs for t in x["accuracy"][m]
+                     for u, v in zip(x["accuracy"][m][t], y["accuracy"][m][t])]
+            da[m] = _ci95(diffs)
+        lines.append(f"| {a} − {b} | {len(pairs)} | {dl[0]:+.4f} ± {dl[1]:.4f} | {da['score'][0]:+.1f} ± {da['score'][1]:.1f} | "
+                     f"{da['generate'][0]:+.1f} ± {da['generate'][1]:.1f} |")
+    _plot(out, by, seeds, strategies)
+    return "\n".join(lines)
+
+
+def _plot(out: Path, by, seeds, strategies) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for s in strategies:
+        curves = [by[(s, k)]["curve"] for k in seeds if (s, k) in by]
+        steps = [p[0] for p in curves[0]]
+        values = [[c[i][1] for c in curves] for i in range(len(steps))]
+        axis.plot(steps, [statistics.fmean(v) for v in values], label=f"LoRA {'(all layers)' if s == 'all' else '+ ' + s}")
+        axis.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
+    axis.set(xlabel="optimizer step", ylabel="held-out answer loss", title="SmolLM2-135M, commonsense mix")
+    axis.legend()
+    figure.tight_layout()
+    tmp = out / ".loss_curves.tmp.png"
+    figure.savefig(tmp, dpi=120)
+    os.replace(tmp, out / "loss_curves.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/accuracy")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--max_steps", type=int, default=300)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--mu", type=float, default=10.0)
+    parser.add_argument("--cutoff_len", type=int, default=256)
+    parser.add_argument("--heldout", type=int, default=64)
+    parser.add_argument("--curve_every", type=int, default=25)
+    parser.add_argument("--tasks", default="boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa")
+    parser.add_argument("--eval_limit", type=int, default=50)
+    parser.add_argument("--report_only", action="store_true")
+    opts = parser.parse_args()
+    out = Path(opts.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if not opts.report_only:
+        for seed in [int(k) for k in opts.seeds.split(",")]:
+            for strategy in opts.strategies.split(","):
+                path = out / "runs" / f"{strategy}-seed{seed}.json"
+                if path.exists():
+                    continue
+                print(f"== {strategy} seed {seed}", flush=True)
+                result = run_one(strategy, seed, opts)
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text(json.dumps(result))
+                os.replace(tmp, path)
+    table = report(out)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    header = (f"# LoRA vs LoRA+random vs LoRA+IST, SmolLM2-135M, commonsense mix\n\n"
+              f"Command: `.venv/bin/python benchmarks/accuracy_compare.py {' '.join(sys.argv[1:])}`  \n"
+              f"Commit: {commit or 'unknown'}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
+    (out / "results.md").write_text(header + table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
