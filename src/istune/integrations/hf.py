@@ -5,8 +5,13 @@
 
 Events per optimizer step (transformers 5.x): ``on_step_begin`` picks the layers and
 freezes the rest before the first micro-batch's forward, so gradient accumulation keeps
-one selection per optimizer step; ``on_step_end`` (after ``optimizer.step`` and
-``zero_grad``) counts the step and runs the importance probes every T_c steps.
+one selection per optimizer step; ``on_pre_optimizer_step`` skips a step whose gradients
+are NaN/inf; ``on_step_end`` (after ``optimizer.step`` and ``zero_grad``) counts the step,
+runs the importance probes every T_c steps and puts the IST state into the TrainerState
+that every checkpoint saves.
+
+``on_train_begin`` checks the setup before any step (:mod:`istune.integrations.trainer_checks`:
+DDP settings, FSDP/DeepSpeed refused, torch.compile warned about) and the probe data.
 """
 
 from __future__ import annotations
@@ -16,21 +21,26 @@ import inspect
 import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from istune.config import ISTConfig
-from istune.core.probe import ProbeSampler
+from istune.core import distributed
+from istune.core.probe import ProbeSampler, default_loss, preserved_global_rng
 from istune.core.tuner import SparseTuner
 from istune.integrations import adalora
+from istune.integrations.trainer_checks import check_trainer_setup
 
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "istune"  # key of the IST state inside TrainerState.stateful_callbacks (saved with every checkpoint)
 LOG_FILE = "ist_log.jsonl"
+MAX_NON_FINITE_STEPS = 10  # consecutive optimizer steps skipped for NaN/inf gradients before training stops
 
 
 class ISTCallback(TrainerCallback):
@@ -57,6 +67,9 @@ class ISTCallback(TrainerCallback):
     """
 
     def __init__(self, config: Optional[ISTConfig] = None, probe_dataset=None, log_file: str = LOG_FILE):
+        if config is not None and not isinstance(config, ISTConfig):
+            raise TypeError(f"ISTCallback(config=...) takes an ISTConfig, not a {type(config).__name__}; "
+                            "build one with ISTConfig(**values).")
         self.config = config or ISTConfig()
         self.probe_dataset = probe_dataset
         self.log_file = log_file
@@ -66,6 +79,7 @@ class ISTCallback(TrainerCallback):
         self._steps_since_log = 0
         self._last_probe: Optional[dict] = None
         self._log_path: Optional[str] = None
+        self._non_finite_steps = 0
 
     @property
     def importance(self) -> torch.Tensor:
@@ -84,17 +98,22 @@ class ISTCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         _run_before_reporters(self)
+        check_trainer_setup(args, model, _caller(Trainer))
         if self.tuner is not None:
             self.tuner.close()
-        self.tuner = SparseTuner(model, self.config, optimizer=optimizer)
+        loss_fn = _probe_loss(args, next(model.parameters()).device)
+        self.tuner = SparseTuner(model, self.config, optimizer=optimizer, loss_fn=loss_fn)
         if self.config.strategy == "ist":
             dataset = self.probe_dataset if self.probe_dataset is not None else train_dataloader.dataset
             batch_size = self.config.probe_batch_size or args.per_device_train_batch_size
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            self.sampler = ProbeSampler(dataset, train_dataloader.collate_fn, batch_size, self.config.seed + 1 + rank)
+            # Each rank probes its own batches; SparseTuner averages the losses over ranks.
+            seed = self.config.seed + 1 + distributed.rank()
+            self.sampler = ProbeSampler(dataset, train_dataloader.collate_fn, batch_size, seed)
+            _check_probe_batch(self.sampler)
             self.tuner.probe_batches = self.sampler
         self._selection_counts = torch.zeros(self.tuner.num_layers)
         self._steps_since_log = 0
+        self._non_finite_steps = 0
         if state.global_step > 0:
             self._restore(state)
         self._log_path = os.path.join(args.output_dir, self.log_file) if state.is_world_process_zero else None
@@ -107,6 +126,24 @@ class ISTCallback(TrainerCallback):
         self._selection_counts[selected] += 1
         self._steps_since_log += 1
 
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # A NaN/inf gradient would make every trained adapter NaN. fp16's GradScaler skips such steps itself.
+        if args.fp16:
+            return
+        gradients = [p.grad for p in model.parameters() if p.grad is not None]
+        if not gradients or bool(torch.stack([torch.isfinite(g).all() for g in gradients]).all()):
+            self._non_finite_steps = 0
+            return
+        self._non_finite_steps += 1
+        message = (f"IST: NaN/inf gradients at step {state.global_step + 1} (the training loss was NaN or inf: "
+                   "check the data, e.g. a batch whose labels are all -100, and the learning rate)")
+        if self._non_finite_steps >= MAX_NON_FINITE_STEPS:
+            raise FloatingPointError(f"{message}; {MAX_NON_FINITE_STEPS} steps in a row, training stopped before "
+                                     "the optimizer could apply them. The adapters and checkpoints are finite.")
+        logger.warning("%s; optimizer step skipped, the adapters are unchanged.", message)
+        for parameter in model.parameters():
+            parameter.grad = None
+
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # AdaLoRA reallocates ranks after backward and before zero_grad; the Trainer never calls it.
         if adalora.is_adalora(model):
@@ -118,6 +155,13 @@ class ISTCallback(TrainerCallback):
             self._last_probe = record
         self._write_history()
         state.stateful_callbacks[STATE_KEY] = self._export_state()
+
+    def on_save(self, args, state, control, **kwargs):
+        # The IST state is in the checkpoint's trainer_state.json; add the selection log up to this step.
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if self._log_path and os.path.exists(self._log_path) and os.path.isdir(checkpoint):
+            with open(self._log_path, encoding="utf-8") as handle:
+                _write_atomically(os.path.join(checkpoint, self.log_file), handle.read())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.tuner is None or logs is None or "loss" not in logs:
@@ -170,9 +214,15 @@ class ISTCallback(TrainerCallback):
             logger.warning("Resuming at step %d from a checkpoint without IST state: importance starts from zero.",
                            state.global_step)
             return
-        self.tuner.load_state_dict({**saved, "generator": _decode_rng(saved["generator"])})
-        if self.sampler is not None and "probe_generator" in saved:
-            self.sampler.generator.set_state(_decode_rng(saved["probe_generator"]))
+        try:
+            tuner_state = {**saved, "generator": _decode_rng(saved["generator"])}
+            probe_state = _decode_rng(saved["probe_generator"]) if "probe_generator" in saved else None
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"The IST state in the checkpoint (trainer_state.json, stateful_callbacks"
+                             f"['{STATE_KEY}']) is malformed ({error!r}); resume from an intact checkpoint.") from None
+        self.tuner.load_state_dict(tuner_state)
+        if self.sampler is not None and probe_state is not None:
+            self.sampler.generator.set_state(probe_state)
 
 
 def _encode_rng(rng_state: torch.Tensor) -> str:
@@ -184,15 +234,74 @@ def _decode_rng(text: str) -> torch.Tensor:
 
 
 def _truncate_log(path: str, keep_until_step: int) -> None:
-    """Start a fresh log, or on resume keep only the events of steps already trained."""
+    """Start a fresh log, or on resume keep only the events of steps already trained.
+
+    A line cut short by a crash is dropped with a warning.
+    """
     kept = []
     if keep_until_step > 0 and os.path.exists(path):
         with open(path, encoding="utf-8") as handle:
-            kept = [line for line in handle if line.strip() and json.loads(line)["step"] <= keep_until_step]
+            for line in handle:
+                try:
+                    if line.strip() and json.loads(line)["step"] <= keep_until_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    logger.warning("IST: dropped a malformed line of %s: %r", path, line[:80])
+    _write_atomically(path, "".join(kept))
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to a temporary name, then rename: readers never see a partial file."""
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
+        handle.write(text)
     os.replace(tmp, path)
+
+
+def _check_probe_batch(sampler: ProbeSampler) -> None:
+    """Collate one probe example now, so bad data fails before training rather than at the first probe."""
+    try:
+        with preserved_global_rng():
+            batch = sampler.collate_fn([sampler.dataset[0]])
+    except Exception as error:  # re-raised with what IST was doing; the original stays attached
+        raise ValueError(f"IST cannot build a probe batch from the probe dataset ({type(error).__name__}: {error}). "
+                         "Probe batches are collated like training batches: check the dataset's examples, or pass "
+                         "ISTCallback(probe_dataset=...).") from error
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"IST's probe batches need 'labels' (the training loss); the collator gave {keys}. Use a "
+                         "collator that adds labels (e.g. DataCollatorForLanguageModeling(mlm=False)).")
+
+
+def _probe_loss(args, device: torch.device):
+    """The probe loss under the autocast the Trainer trains with (bf16, or fp16 off the CPU)."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 and device.type != "cpu" else None
+    if dtype is None:
+        return default_loss
+
+    def loss(model, batch):
+        with torch.autocast(device.type, dtype=dtype):
+            return default_loss(model, batch)
+
+    return loss
+
+
+def _caller(cls):
+    """The nearest ``self`` of class ``cls`` up the call stack, or None.
+
+    Callbacks are handed neither the Trainer nor its callback handler, but both are callers of
+    every event.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, cls):
+                return candidate
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 def _run_before_reporters(callback: TrainerCallback) -> None:
@@ -203,14 +312,7 @@ def _run_before_reporters(callback: TrainerCallback) -> None:
     passed to callbacks; it is the caller of this event. Moving an element to an earlier
     position keeps the handler's ongoing iteration intact (later elements keep their index).
     """
-    frame = inspect.currentframe()
-    handler = None
-    while frame is not None and handler is None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, CallbackHandler):
-            handler = candidate
-        frame = frame.f_back
-    del frame
+    handler = _caller(CallbackHandler)
     if handler is None or callback not in handler.callbacks:
         logger.warning("ISTCallback could not reach the Trainer's callback list; IST metrics reach only the JSONL log "
                        "and reporters listed after it.")
