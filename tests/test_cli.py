@@ -69,6 +69,7 @@ def test_config_file_gives_defaults_that_flags_override(tiny_model_dir, data_fil
         (["--strategy", "lisa"], "ISTConfig.strategy='lisa'"),
         (["--beta", "2"], "ISTConfig.beta=2.0"),
         (["--method", "prefix"], "--method='prefix'"),
+        (["--method", "adalora", "--adalora_target_rank", "4"], "--adalora_target_rank=4 must be below --rank=4"),
         (["--max_steps", "0"], "--max_steps=0"),
         (["--eval_tasks", "mmlu"], "task='mmlu'"),
     ],
@@ -94,3 +95,15 @@ def test_unknown_config_key_is_refused(tiny_model_dir, data_file, tmp_path):
     config.write_text("stratgy: random\n")
     with pytest.raises(SystemExit):
         main(_train_args(tiny_model_dir, data_file, tmp_path / "run", "--config", str(config)))
+
+
+@pytest.mark.parametrize("method", ["dora", "adalora", "series", "parallel", "full"])
+def test_every_method_trains_saves_and_evaluates(tiny_model_dir, data_file, tmp_path, method):
+    out = tmp_path / method
+    extra = ["--method", method, "--bottleneck_size", "4", "--adalora_target_rank", "2"]
+    assert main(_train_args(tiny_model_dir, data_file, out, *extra)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["adapter"]["method"] == method
+    assert main(["eval", str(out)]) == 0
+    again = json.loads((out / "eval.json").read_text())
+    assert again["tuned"]["heldout_loss"] == pytest.approx(results["tuned"]["heldout_loss"], rel=1e-4)

@@ -1,8 +1,9 @@
 """Put a PEFT method's adapters into a model, save them and load them back.
 
 LoRA, DoRA and AdaLoRA come from Hugging Face peft; series and parallel bottleneck
-adapters from :mod:`istune.adapters`. Every method puts one adapter group into each
-decoder layer, which is what IST selects from.
+adapters from :mod:`istune.adapters` (the paper's Table 9 placement by default); ``full``
+trains whole decoder layers without adapters (LISA-style). Every method puts one
+trainable group into each decoder layer, which is what IST selects from.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional
 
 from torch import nn
 
-METHODS = ("lora", "dora", "adalora", "series", "parallel")
+METHODS = ("lora", "dora", "adalora", "series", "parallel", "full")
 METHOD_FILE = "istune_method.json"
 
 # LLM-Adapters' LoRA placement for LLaMA (attention q/k/v and MLP up/down); other families: all linear layers.
@@ -26,7 +27,7 @@ _LORA_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 class AdapterArgs:
     """Which PEFT method, and its size."""
 
-    method: str = field(default="lora", metadata={"help": f"PEFT method: {', '.join(METHODS)}."})
+    method: str = field(default="lora", metadata={"help": f"PEFT method: {', '.join(METHODS)} ('full': whole layers, LISA-style)."})
     rank: int = field(default=32, metadata={"help": "LoRA/DoRA rank r; AdaLoRA's initial rank (paper: 32)."})
     alpha: float = field(default=64, metadata={"help": "LoRA/DoRA/AdaLoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
@@ -42,6 +43,9 @@ class AdapterArgs:
         for name in ("rank", "bottleneck_size", "adalora_target_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} must be at least 1.")
+        if self.method == "adalora" and self.adalora_target_rank >= self.rank:
+            raise ValueError(f"--adalora_target_rank={self.adalora_target_rank} must be below --rank={self.rank}: "
+                             "AdaLoRA prunes from the initial rank down to the target.")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora-dropout={self.lora_dropout!r} must be in [0, 1).")
 
@@ -52,9 +56,15 @@ def add_adapters(model: nn.Module, args: AdapterArgs, total_steps: int) -> nn.Mo
     Args:
         total_steps: optimizer steps of the run (AdaLoRA schedules its rank budget over them).
     """
-    if args.method in ("series", "parallel"):
-        from istune.adapters import BottleneckConfig, add_bottleneck_adapters
+    if args.method == "full":
+        from istune.core.layers import prepare_full_layer_tuning
 
+        return prepare_full_layer_tuning(model)
+    if args.method in ("series", "parallel"):
+        from istune.adapters import BottleneckConfig, add_bottleneck_adapters, add_paper_bottleneck_adapters
+
+        if args.target_modules is None:  # series on {Up, Down}, parallel on {Up, Gate} (paper, Table 9)
+            return add_paper_bottleneck_adapters(model, args.method, bottleneck_size=args.bottleneck_size)
         config = BottleneckConfig(kind=args.method, bottleneck_size=args.bottleneck_size,
                                   target_modules=args.target_modules)
         return add_bottleneck_adapters(model, config)
@@ -72,10 +82,12 @@ def add_adapters(model: nn.Module, args: AdapterArgs, total_steps: int) -> nn.Mo
 
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike, args: AdapterArgs) -> Path:
-    """Save only the adapters (safetensors) and which method made them."""
+    """Save only the adapters (safetensors) and which method made them; ``full``: the whole model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if args.method in ("series", "parallel"):
+    if args.method == "full":
+        model.save_pretrained(directory)
+    elif args.method in ("series", "parallel"):
         from istune.adapters import save_bottleneck_adapters
 
         save_bottleneck_adapters(model, directory)
@@ -94,6 +106,10 @@ def load_adapters(base_model: nn.Module, directory: str | os.PathLike) -> nn.Mod
     if not method_file.is_file():
         raise FileNotFoundError(f"{directory} holds no {METHOD_FILE}: is it the output folder of `istune train`?")
     args = AdapterArgs(**json.loads(method_file.read_text()))
+    if args.method == "full":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=next(base_model.parameters()).dtype)
     if args.method in ("series", "parallel"):
         from istune.adapters import load_bottleneck_adapters
 

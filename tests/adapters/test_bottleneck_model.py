@@ -10,6 +10,7 @@ from istune.adapters import (
     BottleneckConfig,
     BottleneckLayer,
     add_bottleneck_adapters,
+    add_paper_bottleneck_adapters,
     bottleneck_layers,
     count_trainable_parameters,
     linear_module_names,
@@ -141,3 +142,28 @@ def test_save_without_adapters_and_load_from_empty_dir_fail(tmp_path):
         save_bottleneck_adapters(tiny_model("llama"), tmp_path)
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
         load_bottleneck_adapters(tiny_model("llama"), tmp_path)
+
+
+@pytest.mark.parametrize("family, series, parallel", [
+    ("llama", {"mlp.down_proj": "series", "mlp.up_proj": "series_input"},
+     {"mlp.up_proj": "parallel", "mlp.gate_proj": "parallel"}),
+    ("gpt2", {"mlp.c_proj": "series", "mlp.c_fc": "series_input"}, {"mlp.c_fc": "parallel"}),
+    ("opt", {"fc2": "series", "fc1": "series_input"}, {"fc1": "parallel"}),
+])
+def test_paper_placement_follows_table_9(family, series, parallel, input_ids):
+    for method, expected in (("series", series), ("parallel", parallel)):
+        model = add_paper_bottleneck_adapters(tiny_model(family), method)
+        layers = bottleneck_layers(model)
+        first = {name.split(".0.", 1)[1]: layer.kind for name, layer in layers.items() if ".0." in name}
+        assert first == expected and len(layers) == 2 * len(expected)  # 2 decoder layers
+        assert all(layer.config.bottleneck_size == 256 for layer in layers.values())  # the paper's size
+        assert torch.equal(logits(model, input_ids), logits(tiny_model(family), input_ids))  # zero-init up
+
+
+def test_paper_placement_errors_name_the_problem():
+    with pytest.raises(ValueError, match="method='lora'.*series, parallel"):
+        add_paper_bottleneck_adapters(tiny_model("llama"), "lora")
+    with pytest.raises(ValueError, match="places adapters itself"):
+        add_paper_bottleneck_adapters(tiny_model("llama"), "series", target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="no paper placement"):
+        add_paper_bottleneck_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)), "series")

@@ -18,7 +18,6 @@ from transformers import AutoModelForCausalLM
 
 from istune import ISTConfig, SparseTuner
 from istune.adapters import add_paper_bottleneck_adapters, load_bottleneck_adapters, save_bottleneck_adapters
-from istune.core import tuner as tuner_module
 from istune.core.layers import find_adapter_layers, prepare_full_layer_tuning
 from istune.core.suppress import prepare_suppression, suppress_adapters, suppress_layers
 from istune.integrations import adalora
@@ -28,8 +27,6 @@ from ..tiny_models import CORE_FAMILIES, peft_model, tiny_model
 NUM_LAYERS = 4
 PAPER_METHODS = ["lora", "dora", "adalora", "series", "parallel", "full"]
 PEFT_METHODS = ["lora", "dora", "adalora"]
-# SparseTuner calls prepare_suppression / suppress_layers (needed for 'ist' on full layers and for refusals).
-WIRED = hasattr(tuner_module, "prepare_suppression")
 
 
 def build(method: str, family: str) -> torch.nn.Module:
@@ -61,13 +58,8 @@ def train(model, strategy: str, steps: int = 3, on_step=None) -> SparseTuner:
     """Train with SparseTuner in a plain loop; ``on_step(tuner, selected, before)`` checks each step."""
     # Weight decay moves every parameter that has a gradient: only grad=None keeps one still.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    config = ISTConfig(strategy="ist", update_layers=2, probe_interval=1) if strategy == "ist" else ISTConfig(strategy=strategy)
-    try:
-        tuner = SparseTuner(model, config, optimizer=optimizer)
-    except ValueError as error:
-        if not WIRED and "full-layer" in str(error):
-            pytest.skip("SparseTuner does not call prepare_suppression/suppress_layers yet (docs/methods.md)")
-        raise
+    config = ISTConfig(strategy=strategy, **({"update_layers": 2, "probe_interval": 1} if strategy == "ist" else {}))
+    tuner = SparseTuner(model, config, optimizer=optimizer)
     for step in range(steps):
         before = [[p.detach().clone() for p in layer.parameters] for layer in tuner.layers]
         selected = tuner.begin_step()
@@ -157,7 +149,7 @@ def _module_input(model, module) -> torch.Tensor:
 @pytest.mark.parametrize("method", PAPER_METHODS)
 def test_save_load_round_trip_after_ist(method, family, tmp_path):
     model = build(method, family)
-    train(model, "ist" if method != "full" or WIRED else "random")
+    train(model, "ist")
     trained = _logits(model)
     fresh = tiny_model(family, num_layers=NUM_LAYERS)
     if method in PEFT_METHODS:
@@ -224,8 +216,9 @@ TUNERS = {
     "vera": {"llama": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
              "gpt2": lambda: peft.VeraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)},
     "fourierft": {"llama": lambda: peft.FourierFTConfig(n_frequency=50, target_modules=_LLAMA_TARGETS),
-                  "gpt2": lambda: peft.FourierFTConfig(n_frequency=50, target_modules=_GPT2_TARGETS, fan_in_fan_out=True)},
-    "oft": {"llama": lambda: peft.OFTConfig(r=4, target_modules=_LLAMA_TARGETS)},
+                  "gpt2": lambda: peft.FourierFTConfig(n_frequency=50, target_modules=_GPT2_TARGETS,
+                                                       fan_in_fan_out=True)},
+    "oft": {"llama": lambda: peft.OFTConfig(r=4, oft_block_size=0, target_modules=_LLAMA_TARGETS)},
     "boft": {"llama": lambda: peft.BOFTConfig(boft_block_size=4, target_modules=_LLAMA_TARGETS)},
     "hra": {"llama": lambda: peft.HRAConfig(r=4, target_modules=_LLAMA_TARGETS)},
     "ln_tuning": {"llama": lambda: peft.LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm"]),
@@ -300,8 +293,18 @@ REFUSED = {
         tiny_model("llama"), peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))),
     "p_tuning": ("find", "Prompt-based tuners", lambda: peft.get_peft_model(
         tiny_model("llama"), peft.PromptEncoderConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))),
+    "multitask_prompt_tuning": ("find", "Prompt-based tuners", lambda: peft.get_peft_model(
+        tiny_model("llama"), peft.MultitaskPromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))),
+    "cpt": ("find", "Prompt-based tuners", lambda: peft.get_peft_model(
+        tiny_model("llama"), peft.CPTConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))),
     "vblora": ("find", "shared by several decoder layers.*vblora_vector_bank", lambda: peft.get_peft_model(
         tiny_model("llama"), peft.VBLoRAConfig(vector_length=8, num_vectors=16, target_modules=["q_proj"]))),
+    "lily": ("find", "shared by several decoder layers.*lily_", lambda: peft.get_peft_model(
+        tiny_model("llama"), peft.LilyConfig(target_modules=["q_proj", "v_proj"]))),
+    "tinylora": ("find", "shared by several decoder layers.*tinylora_", lambda: peft.get_peft_model(
+        tiny_model("llama"), peft.TinyLoraConfig(target_modules=["q_proj", "v_proj"]))),
+    "unilora": ("find", "shared by several decoder layers.*unilora_", lambda: peft.get_peft_model(
+        tiny_model("llama"), peft.UniLoraConfig(target_modules=["q_proj", "v_proj"]))),
     "lora_bias_all": ("ist", r"outside its adapters \(.*bias", lambda: peft.get_peft_model(
         tiny_model("opt"), peft.LoraConfig(target_modules=["q_proj"], bias="all"))),
     "lora_modules_to_save_in_layers": ("ist", "outside its adapters.*modules_to_save", lambda: peft.get_peft_model(
@@ -324,7 +327,19 @@ def test_unsupported_tuner_is_refused_with_a_clear_error(name):
     layers = find_adapter_layers(model)
     with pytest.raises(ValueError, match=f"Strategy 'ist' cannot suppress.*{message}.*'random'"):
         prepare_suppression(model, layers)
+    with pytest.raises(ValueError, match=message):
+        SparseTuner(model, ISTConfig(strategy="ist"))
     SparseTuner(model, ISTConfig(strategy="random")).close()  # no suppression needed: accepted
-    if WIRED:
-        with pytest.raises(ValueError, match=message):
-            SparseTuner(model, ISTConfig(strategy="ist"))
+
+
+def test_full_layer_initial_weights_can_come_from_the_starting_state_dict():
+    pretrained = tiny_model("llama", num_layers=NUM_LAYERS)
+    resumed = build("full", "llama")
+    train(resumed, "all", steps=1)  # as if resumed from a checkpoint: the weights have moved
+    layers = find_adapter_layers(resumed)
+    prepare_suppression(resumed, layers, initial_state=pretrained.state_dict())
+    with suppress_layers(layers, 0.0):
+        torch.testing.assert_close(_logits(resumed), _logits(pretrained), rtol=1e-5, atol=1e-5)
+    fresh = build("full", "llama")
+    with pytest.raises(ValueError, match="initial_state has no weight 'model.layers.0.self_attn.q_proj.weight'"):
+        prepare_suppression(fresh, find_adapter_layers(fresh), initial_state={})

@@ -11,15 +11,17 @@ setups) and ``OUT_DIR/rank{r}.safetensors`` (the adapter weights). The test runs
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 
 import torch
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from istune import ISTCallback, ISTConfig
+from istune import ISTCallback, ISTConfig, SparseTuner
 from tests.tiny_models import peft_model
 
 NUM_LAYERS = 4
@@ -67,7 +69,12 @@ class Recorder(TrainerCallback):
 
 
 def train(output_dir: str, world_size: int, rank: int, config: dict = CONFIG, **overrides):
-    """Train with IST; the data are arranged so any world size sees the same samples per optimizer step."""
+    """Train with IST; the data are arranged so any world size sees the same samples per optimizer step.
+
+    Plain SGD: Adam divides by the gradient's own size, which turns float noise in a near-zero
+    gradient into visible weight differences between the two runs. Weight decay stays on, so a
+    frozen adapter that got a zero gradient instead of none would move.
+    """
     per_device = SAMPLES_PER_STEP // (world_size * ACCUMULATION)
     probe_share = SAMPLES_PER_STEP // world_size  # each rank probes its own share of the 4 probe examples
     probe = Examples(SAMPLES_PER_STEP, seed=1)
@@ -76,7 +83,7 @@ def train(output_dir: str, world_size: int, rank: int, config: dict = CONFIG, **
     recorder = Recorder(ist)
     args = dict(output_dir=output_dir, max_steps=MAX_STEPS, per_device_train_batch_size=per_device,
                 gradient_accumulation_steps=ACCUMULATION, train_sampling_strategy="sequential",
-                learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="constant", save_strategy="no",
+                optim="sgd", learning_rate=0.1, weight_decay=0.1, lr_scheduler_type="constant", save_strategy="no",
                 gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
                 report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_steps=100)
     if world_size > 1:
@@ -86,6 +93,26 @@ def train(output_dir: str, world_size: int, rank: int, config: dict = CONFIG, **
                       train_dataset=Examples(SAMPLES_PER_STEP * MAX_STEPS, seed=0), callbacks=[ist, recorder])
     trainer.train()
     return trainer, ist, recorder
+
+
+def plain_loop(rank: int, steps: int = 4) -> dict:
+    """SparseTuner on a DDP-wrapped model in a plain loop; each rank trains and probes on its own rows."""
+    model = peft_model("llama", "lora", num_layers=NUM_LAYERS)
+    wrapped = DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    tuner = SparseTuner(wrapped, ISTConfig(**CONFIG), optimizer=optimizer)
+    ids = Examples(2 * steps, seed=10 + rank).ids
+    selections = []
+    for step in range(steps):
+        selections.append(tuner.begin_step())
+        batch = {"input_ids": ids[2 * step:2 * step + 2], "labels": ids[2 * step:2 * step + 2]}
+        wrapped(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tuner.end_step(probe_batch=batch)
+    weights = torch.cat([p.detach().flatten() for p in adapter_weights(model).values()])
+    return {"selections": selections, "importance": tuner.importance.tolist(),
+            "weights_digest": hashlib.sha256(weights.numpy().tobytes()).hexdigest()}
 
 
 def adapter_weights(model) -> dict[str, torch.Tensor]:
@@ -123,6 +150,9 @@ def main(out_dir: str) -> None:
     result["reentrant"] = _error_of(lambda: train(scratch, world_size, rank,
                                                   gradient_checkpointing_kwargs={"use_reentrant": True}))
     result["find_unused_false"] = _error_of(lambda: train(scratch, world_size, rank, ddp_find_unused_parameters=False))
+    result["plain_loop"] = plain_loop(rank)
+    result["plain_loop_find_unused_false"] = _error_of(lambda: SparseTuner(DistributedDataParallel(
+        peft_model("llama", "lora", num_layers=NUM_LAYERS))))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle)
 

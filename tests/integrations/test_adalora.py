@@ -51,3 +51,17 @@ def test_probe_losses_carry_no_orthogonality_regulariser():
         regularised = model(**batch).loss
     assert probe.item() == pytest.approx(plain.item(), rel=1e-6)
     assert regularised.item() > plain.item() + 1e-4
+
+
+def test_plain_loop_reallocates_ranks_too():
+    from istune.integrations.loop import train
+
+    steps = 12
+    model = _adalora_model(steps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batches = [TokenDataset()[i] for i in range(steps)]
+    batches = [{k: v.unsqueeze(0) for k, v in b.items()} for b in batches]
+    train(model, optimizer, batches, ISTConfig(probe_interval=2), probe_batches=lambda: batches[0])
+    allocator = model.base_model.rankallocator
+    pattern = model.peft_config["default"].rank_pattern
+    assert sum(sum(mask) for mask in pattern.values()) == allocator.target_bgt < allocator.init_bgt

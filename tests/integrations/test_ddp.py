@@ -77,3 +77,12 @@ def test_setups_ddp_cannot_train_are_refused_before_any_step(ranks):
         assert "use_reentrant': False" in result["reentrant"]
         assert result["find_unused_false"].startswith("ValueError: IST freezes the adapters of unselected layers")
         assert "ddp_find_unused_parameters=True" in result["find_unused_false"]
+
+
+def test_sparse_tuner_on_a_ddp_model_in_a_plain_loop(ranks):
+    _, results, _ = ranks
+    loops = [result["plain_loop"] for result in results]
+    assert loops[0] == loops[1]  # selections, importance and adapter weights, from different data per rank
+    assert any(abs(v) > 0 for v in loops[0]["importance"])
+    for result in results:
+        assert result["plain_loop_find_unused_false"].startswith("ValueError: IST freezes the adapters")

@@ -136,12 +136,14 @@ def add_paper_bottleneck_adapters(model: nn.Module, method: str = "series", **fi
                          "for your own kind/target_modules.")
     family = getattr(getattr(model, "config", None), "model_type", None)
     if family not in DEFAULT_TARGET_MODULES:
-        raise ValueError(f"model family {family!r} has no paper placement (families: {sorted(DEFAULT_TARGET_MODULES)}); "
+        raise ValueError(f"model family {family!r} has no paper placement "
+                         f"(families: {sorted(DEFAULT_TARGET_MODULES)}); "
                          "use add_bottleneck_adapters with target_modules from "
                          f"{linear_module_names(model)[:6]}.")
     defaults = DEFAULT_TARGET_MODULES[family]
     if method == "parallel":
-        return add_bottleneck_adapters(model, BottleneckConfig(kind="parallel", target_modules=defaults["parallel"], **fields))
+        config = BottleneckConfig(kind="parallel", target_modules=defaults["parallel"], **fields)
+        return add_bottleneck_adapters(model, config)
     up = [name for name in defaults["series_input"] if name != "gate_proj"]
     add_bottleneck_adapters(model, BottleneckConfig(kind="series", target_modules=defaults["series"], **fields))
     return add_bottleneck_adapters(model, BottleneckConfig(kind="series_input", target_modules=up, **fields))

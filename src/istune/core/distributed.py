@@ -15,7 +15,7 @@ move it on any rank.
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist

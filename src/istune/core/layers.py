@@ -15,7 +15,7 @@ plain model ready for that.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -134,27 +134,51 @@ def prepare_full_layer_tuning(
     return model
 
 
-def snapshot_initial_weights(layers: list[AdapterLayer], device: torch.device | str = "cpu") -> int:
+def snapshot_initial_weights(
+    layers: list[AdapterLayer],
+    device: torch.device | str = "cpu",
+    initial_state: Mapping[str, torch.Tensor] | None = None,
+) -> int:
     """Keep a copy W0 of every full layer's trainable weights in ``layer.initial``; return its bytes.
 
     Suppressing a full layer's change (eq. 8 for whole blocks) needs the weights it started
     from. The copy costs as much memory as the trainable blocks (``device="cpu"`` keeps it off
     the accelerator; it is pinned when the weights are on CUDA, for fast copies back).
     Layers with adapter modules need nothing and are left alone.
+
+    Args:
+        layers: from :func:`find_adapter_layers`.
+        device: where the copy lives.
+        initial_state: the weights training started from, by full parameter name (e.g. the
+            pretrained model's ``state_dict()``), for a run resumed from a checkpoint; default:
+            the weights now.
     """
     total = 0
     for layer in layers:
         if not layer.is_full_layer:
             continue
         copies = []
-        for parameter in layer.parameters:
-            copy = parameter.detach().to(device, copy=True)
+        for name, parameter in zip(layer.parameter_names, layer.parameters):
+            source = parameter
+            if initial_state is not None:
+                source = _initial_tensor(initial_state, f"{layer.name}.{name}", parameter)
+            copy = source.detach().to(device=device, dtype=parameter.dtype, copy=True)
             if copy.device.type == "cpu" and parameter.device.type == "cuda":
                 copy = copy.pin_memory()
             copies.append(copy)
             total += copy.numel() * copy.element_size()
         layer.initial = copies
     return total
+
+
+def _initial_tensor(state: Mapping[str, torch.Tensor], name: str, parameter: nn.Parameter) -> torch.Tensor:
+    if name not in state:
+        raise ValueError(f"initial_state has no weight '{name}' (it has e.g. {list(state)[:3]}); give the state dict "
+                         "of the model training started from, with the same parameter names.")
+    if tuple(state[name].shape) != tuple(parameter.shape):
+        raise ValueError(f"initial_state['{name}'] has shape {tuple(state[name].shape)}, the model's weight "
+                         f"{tuple(parameter.shape)}.")
+    return state[name]
 
 
 def _refuse_shared_parameters(layers: list[AdapterLayer]) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -77,12 +77,18 @@ def suppression_problems(model: nn.Module, layers: list[AdapterLayer]) -> list[s
     return problems
 
 
-def prepare_suppression(model: nn.Module, layers: list[AdapterLayer], initial_device: torch.device | str = "cpu") -> None:
+def prepare_suppression(
+    model: nn.Module,
+    layers: list[AdapterLayer],
+    initial_device: torch.device | str = "cpu",
+    initial_state: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Check that every layer can be suppressed exactly and keep what full layers need (W0).
 
-    Call once before training starts (W0 are the weights at this moment). Full layers cost
-    a copy of their trainable weights on ``initial_device`` (default CPU: as many bytes as
-    the trainable blocks, e.g. 13 GB for LLaMA-7B in bf16); adapter layers cost nothing.
+    Call once before training starts: W0 are the weights at this moment, or ``initial_state``
+    (the state dict training started from, for a resumed run). Full layers cost a copy of
+    their trainable weights on ``initial_device`` (default CPU: as many bytes as the
+    trainable blocks, e.g. 13 GB for LLaMA-7B in bf16); adapter layers cost nothing.
 
     Raises:
         ValueError: listing each layer or setting that eq. 8 cannot suppress exactly.
@@ -93,7 +99,7 @@ def prepare_suppression(model: nn.Module, layers: list[AdapterLayer], initial_de
         raise ValueError(f"Strategy 'ist' cannot suppress this model's layers exactly (eq. 8): {shown}. "
                          "Strategies 'random', 'fixed' and 'all' need no suppression.")
     if any(layer.is_full_layer and layer.initial is None for layer in layers):
-        size = snapshot_initial_weights(layers, initial_device)
+        size = snapshot_initial_weights(layers, initial_device, initial_state)
         logger.info("IST: kept the initial weights of %d full layers (%.1f MB on %s) to suppress their change.",
                     sum(layer.is_full_layer for layer in layers), size / 2**20, initial_device)
 
@@ -204,12 +210,14 @@ def suppress_layer_deltas(layers: Iterable[AdapterLayer], beta: float) -> Iterat
 
 
 def _layer_problem(layer: AdapterLayer) -> str | None:
-    trainable = dict(zip(map(id, layer.parameters), layer.parameter_names or [str(i) for i in range(len(layer.parameters))]))
+    names = layer.parameter_names or [str(i) for i in range(len(layer.parameters))]
+    trainable = dict(zip(map(id, layer.parameters), names))
     if layer.is_full_layer:
         foreign = _peft_owned(layer.block, trainable) if layer.block is not None else []
         if foreign:
-            return (f"its trainable parameters belong to peft modules that are not tuner layers ({', '.join(foreign[:3])}"
-                    "; e.g. adaption prompt, or modules_to_save inside the layers), whose output eq. 8 cannot scale")
+            return (f"its trainable parameters belong to peft modules that are not tuner layers "
+                    f"({', '.join(foreign[:3])}; e.g. adaption prompt, or modules_to_save inside the layers), "
+                    "whose output eq. 8 cannot scale")
         return None
     covered: set[int] = set()
     for module in layer.adapters:
@@ -219,9 +227,10 @@ def _layer_problem(layer: AdapterLayer) -> str | None:
         covered |= {id(p) for p in module.parameters()} - {id(p) for p in base.parameters()}
     outside = [name for key, name in trainable.items() if key not in covered]
     if outside:
-        return (f"trainable parameters outside its adapters ({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}; "
-                "e.g. peft bias='all'/'lora_only' or modules_to_save inside the layers): eq. 8 scales adapter "
-                "outputs, not other weights; freeze them or use strategy 'random'")
+        more = ", ..." if len(outside) > 3 else ""
+        return (f"trainable parameters outside its adapters ({', '.join(outside[:3])}{more}; e.g. peft "
+                "bias='all'/'lora_only' or modules_to_save inside the layers): eq. 8 scales adapter outputs, not "
+                "other weights; freeze them or use strategy 'random'")
     return None
 
 

@@ -29,7 +29,7 @@ from istune.config import ISTConfig
 from istune.core import distributed, policy
 from istune.core.layers import AdapterLayer, find_adapter_layers
 from istune.core.probe import LossFn, default_loss, move_to_device, probe_mode
-from istune.core.suppress import suppress_adapters
+from istune.core.suppress import prepare_suppression, suppress_layers
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +67,9 @@ class SparseTuner:
         self.config = config or ISTConfig()
         self.layers: list[AdapterLayer] = find_adapter_layers(model, self.config.layers_path)
         self.counts = self.config.resolve(len(self.layers))
-        if self.config.strategy == "ist" and not any(layer.adapters for layer in self.layers):
-            raise ValueError(
-                "Strategy 'ist' suppresses adapter outputs, but the layers hold trainable parameters and no adapter "
-                "modules (peft tuner layers or istune adapters). Use strategy 'random' or 'fixed' for full-layer tuning."
-            )
+        _refuse_merged_adapters(self.layers)
+        if self.config.strategy == "ist":
+            prepare_suppression(model, self.layers)  # refuses what eq. 8 cannot suppress; keeps W0 of full layers
         if optimizer is not None:
             check_optimizer_holds(optimizer, self.layers)
         _warn_about_parameters_outside_layers(model, self.layers)
@@ -179,8 +177,8 @@ class SparseTuner:
         with probe_mode(self.model):
             for candidate in candidates:
                 kept = set(candidate)
-                suppressed = [m for j, layer in enumerate(self.layers) if j not in kept for m in layer.adapters]
-                with suppress_adapters(suppressed, self.config.beta):
+                suppressed = [layer for j, layer in enumerate(self.layers) if j not in kept]
+                with suppress_layers(suppressed, self.config.beta):
                     losses.append(self.loss_fn(self.model, batch).detach().float())
         losses = distributed.mean_over_ranks(torch.stack(losses).to(distributed.collective_device(device)))
         return losses.cpu().to(torch.float64)
@@ -255,13 +253,21 @@ class SparseTuner:
                 parameter.requires_grad_(True)
 
 
+def _refuse_merged_adapters(layers: list[AdapterLayer]) -> None:
+    merged = [layer.name for layer in layers if any(getattr(m, "merged", False) for m in layer.adapters)]
+    if merged:
+        raise ValueError(f"The adapters of {merged[0]}{' and others' if len(merged) > 1 else ''} are merged into "
+                         "their base weights: a merged adapter takes no part in the forward pass, so IST can neither "
+                         "suppress (eq. 8) nor train it. Call model.unmerge_adapter() before training.")
+
+
 def _warn_about_parameters_outside_layers(model: nn.Module, layers: list[AdapterLayer]) -> None:
     inside = {id(p) for layer in layers for p in layer.parameters}
     outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
     if outside:
-        logger.warning("IST: %d trainable parameters outside the decoder layers (%s%s) train at every step; IST "
-                       "chooses only among the layers' adapters.", len(outside), ", ".join(outside[:3]),
-                       ", ..." if len(outside) > 3 else "")
+        logger.warning("IST: %d trainable parameters outside the decoder layers (%s%s) train at every step "
+                       "(intended for LISA-style embeddings or head; otherwise freeze them); IST chooses only among "
+                       "the layers.", len(outside), ", ".join(outside[:3]), ", ..." if len(outside) > 3 else "")
 
 
 def _why_non_finite(batch: Any) -> str:

@@ -164,9 +164,12 @@ class ISTCallback(TrainerCallback):
                 _write_atomically(os.path.join(checkpoint, self.log_file), handle.read())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.tuner is None or logs is None or "loss" not in logs:
-            return
-        metrics = {f"ist/importance/layer_{i:02d}": float(v) for i, v in enumerate(self.tuner.importance)}
+        strategy = self.config.strategy
+        if self.tuner is None or logs is None or "loss" not in logs or strategy in ("all", "fixed"):
+            return  # 'all' and 'fixed' have nothing that changes to report
+        metrics = {}
+        if strategy == "ist":
+            metrics.update({f"ist/importance/layer_{i:02d}": float(v) for i, v in enumerate(self.tuner.importance)})
         rates = self._selection_counts / max(self._steps_since_log, 1)
         metrics.update({f"ist/selected/layer_{i:02d}": float(v) for i, v in enumerate(rates)})
         if self._last_probe is not None:
@@ -217,7 +220,9 @@ class ISTCallback(TrainerCallback):
         try:
             tuner_state = {**saved, "generator": _decode_rng(saved["generator"])}
             probe_state = _decode_rng(saved["probe_generator"]) if "probe_generator" in saved else None
-        except (KeyError, TypeError, ValueError) as error:
+            if probe_state is not None:
+                torch.Generator().set_state(probe_state)  # check it before anything changes
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise ValueError(f"The IST state in the checkpoint (trainer_state.json, stateful_callbacks"
                              f"['{STATE_KEY}']) is malformed ({error!r}); resume from an intact checkpoint.") from None
         self.tuner.load_state_dict(tuner_state)

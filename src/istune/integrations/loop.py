@@ -29,6 +29,7 @@ from torch import nn
 from istune.config import ISTConfig
 from istune.core.probe import move_to_device
 from istune.core.tuner import SparseTuner
+from istune.integrations import adalora
 
 
 def train(
@@ -69,6 +70,8 @@ def train(
             micro_step += 1
             if micro_step % gradient_accumulation_steps == 0:
                 optimizer.step()
+                if adalora.is_adalora(model):  # rank reallocation: after the step, before zero_grad (as peft says)
+                    adalora.update_and_allocate(model, tuner.step)
                 optimizer.zero_grad(set_to_none=True)
                 tuner.end_step()
                 if max_steps is not None and tuner.step >= max_steps:
