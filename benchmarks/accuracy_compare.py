@@ -24,7 +24,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from istune import ISTCallback, ISTConfig
+from istune.bench.records import git_commit, write_atomic
 from istune.data import CausalLMCollator, InstructionDataset
 from istune.eval import evaluate_tasks
 from istune.eval.loss import heldout_loss
@@ -180,15 +180,13 @@ def main() -> None:
                     continue
                 print(f"== {strategy} seed {seed}", flush=True)
                 result = run_one(strategy, seed, opts)
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_text(json.dumps(result))
-                os.replace(tmp, path)
+                write_atomic(path, json.dumps(result))
     table = report(out)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     header = (f"# LoRA vs LoRA+random vs LoRA+IST, SmolLM2-135M, commonsense mix\n\n"
               f"Command: `.venv/bin/python benchmarks/accuracy_compare.py {' '.join(sys.argv[1:])}`  \n"
-              f"Commit: {commit or 'unknown'}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
-    (out / "results.md").write_text(header + table + "\n")
+              f"Commit: {git_commit(Path(__file__).resolve().parent.parent)}; "
+              f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
+    write_atomic(out / "results.md", header + table + "\n")
     print(table)
 
 

@@ -24,11 +24,8 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +38,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from istune import ISTConfig, SparseTuner
 from istune.bench import CATEGORIES, MemoryTracker
+from istune.bench.records import git_commit, write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -153,14 +151,6 @@ def mb(n: float) -> str:
     return f"{n / 1e6:.0f} MB"
 
 
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return commit + ("+uncommitted changes" if dirty else "")
 
 
 def display_path(path: Path) -> str:
@@ -171,19 +161,6 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def summary_table(results: dict[str, dict]) -> list[str]:
@@ -400,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["PYTHONPATH=src", ".venv/bin/python", "benchmarks/memory_first.py",
                              *(argv if argv is not None else sys.argv[1:])]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
+        "commit": git_commit(REPO),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,

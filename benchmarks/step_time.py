@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from istune import ISTConfig, SparseTuner
+from istune.bench.records import git_commit, write_atomic
 from istune.methods import AdapterArgs, add_adapters
 from istune.models import load_model_and_tokenizer
 
@@ -108,18 +107,15 @@ def main() -> None:
                      f"| {row['probe_per_step']:.3f} | {row['step_with_probes']:.3f} | {row['step_with_probes'] / base:.2f} |")
     table = "\n".join(lines)
     print(table)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit(Path(__file__).resolve().parent.parent)
     out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": f".venv/bin/python benchmarks/step_time.py {' '.join(f'--{k} {v}' for k, v in vars(opts).items())}",
             "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "threads": torch.get_num_threads(), "rows": rows}
     for suffix, text in ((".json", json.dumps(meta, indent=2)),
                          (".md", f"# Time per step\n\nCommand: `{meta['command']}`  \nCommit {commit}, {meta['date']}, "
                                  f"{meta['threads']} CPU threads. Medians over {opts.rounds} x {opts.steps} steps.\n\n{table}\n")):
-        tmp = out.with_name(f".{out.name}{suffix}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out.with_suffix(suffix))
+        write_atomic(out.with_suffix(suffix), text)
 
 
 if __name__ == "__main__":

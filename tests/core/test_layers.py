@@ -2,7 +2,6 @@
 
 import peft
 import pytest
-import torch
 
 from istune import find_adapter_layers
 

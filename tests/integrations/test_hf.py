@@ -94,7 +94,7 @@ def test_metrics_reach_reporters_and_the_jsonl_log(tmp_path):
     assert f"ist/importance/layer_{NUM_LAYERS - 1:02d}" in train_logs[-1]
     assert sum(train_logs[0][f"ist/selected/layer_{i:02d}"] for i in range(NUM_LAYERS)) == 1.0
     assert "ist/probe_loss" in train_logs[2]
-    assert f"ist/importance/layer_00" in trainer.state.log_history[0]
+    assert "ist/importance/layer_00" in trainer.state.log_history[0]
     events = [json.loads(line) for line in (tmp_path / "ist_log.jsonl").read_text().splitlines()]
     selections = [e for e in events if e["event"] == "select"]
     probes = [e for e in events if e["event"] == "probe"]
