@@ -25,6 +25,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def run_one(strategy: str, seed: int, opts) -> dict:
     ist = ISTConfig(strategy=strategy, seed=seed, mu=opts.mu)
     curve = HeldoutCurve(heldout, collate, opts.curve_every)
     args = TrainingArguments(
-        output_dir=str(Path(opts.out) / "tmp" / f"{strategy}-seed{seed}"), max_steps=opts.max_steps,
+        output_dir=tempfile.mkdtemp(prefix=f"istune-{strategy}-seed{seed}-"), max_steps=opts.max_steps,
         per_device_train_batch_size=opts.batch_size, learning_rate=opts.lr, lr_scheduler_type="linear",
         warmup_steps=opts.max_steps // 20, logging_steps=opts.max_steps, save_strategy="no", report_to=[],
         seed=seed, data_seed=seed, use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
@@ -145,7 +146,8 @@ def _plot(out: Path, by, seeds, strategies) -> None:
         values = [[c[i][1] for c in curves] for i in range(len(steps))]
         axis.plot(steps, [statistics.fmean(v) for v in values], label=f"LoRA {'(all layers)' if s == 'all' else '+ ' + s}")
         axis.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
-    axis.set(xlabel="optimizer step", ylabel="held-out answer loss", title="SmolLM2-135M, commonsense mix")
+    axis.set_yscale("log")  # format learning drops the loss 20-fold first; the strategies differ after it
+    axis.set(xlabel="optimizer step", ylabel="held-out answer loss (log scale)", title="SmolLM2-135M, commonsense mix")
     axis.legend()
     figure.tight_layout()
     tmp = out / ".loss_curves.tmp.png"
