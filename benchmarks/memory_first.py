@@ -21,10 +21,8 @@ importance update (N_c = 3 no-grad probe forwards) is measured on its own.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,13 +30,12 @@ from typing import Any
 
 import peft
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from istune import ISTConfig, SparseTuner
 from istune.bench import CATEGORIES, MemoryTracker
-from istune.bench.records import git_commit, write_atomic
+from istune.bench.records import run_metadata, write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -374,14 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{LABELS[name]}: {r['params_trainable'] / 1e6:.2f} M of {r['params_total'] / 1e6:.1f} M parameters "
               f"trainable, peak {gb(r['peak_bytes'])} GB, {r['seconds']} s", flush=True)
     meta = {
-        "command": " ".join(["PYTHONPATH=src", ".venv/bin/python", "benchmarks/memory_first.py",
-                             *(argv if argv is not None else sys.argv[1:])]),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(REPO),
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "python": platform.python_version()},
+        **run_metadata("benchmarks/memory_first.py", argv if argv is not None else sys.argv[1:], REPO),
         "args": {k: (display_path(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "num_layers": config.n_layer, "hidden": config.n_embd, "vocab_size": config.vocab_size,
         "paper_table1_gpt2_small": PAPER,

@@ -26,9 +26,7 @@ the same for every method, so the methods are compared on the same layer draws.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,13 +34,12 @@ from typing import Any
 
 import peft
 import torch
-import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from istune import ISTConfig, SparseTuner
 from istune.adapters import add_paper_bottleneck_adapters
 from istune.bench import CATEGORIES, MemoryTracker
-from istune.bench.records import git_commit, write_atomic
+from istune.bench.records import run_metadata, write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -259,14 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{r['seconds']} s",
                   flush=True)
     meta = {
-        "command": " ".join(["PYTHONPATH=src", ".venv/bin/python", "benchmarks/methods_table.py",
-                             *(argv if argv is not None else sys.argv[1:])]),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(REPO),
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "python": platform.python_version()},
+        **run_metadata("benchmarks/methods_table.py", argv if argv is not None else sys.argv[1:], REPO),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "num_layers": config.n_layer, "hidden": config.n_embd, "vocab_size": config.vocab_size,
         "paper_table1_gpt2_small_gb": PAPER,

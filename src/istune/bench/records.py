@@ -33,3 +33,25 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def run_metadata(script: str, argv: list[str], repo: Path) -> dict:
+    """Command, date, commit, machine and library versions of a benchmark run."""
+    import datetime as dt
+    import platform
+
+    import peft
+    import torch
+    import transformers
+
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name()}"
+    return {
+        "command": " ".join(["PYTHONPATH=src", ".venv/bin/python", script, *argv]),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(repo),
+        "machine": machine,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                     "python": platform.python_version()},
+    }
