@@ -107,3 +107,16 @@ def test_every_method_trains_saves_and_evaluates(tiny_model_dir, data_file, tmp_
     assert main(["eval", str(out)]) == 0
     again = json.loads((out / "eval.json").read_text())
     assert again["tuned"]["heldout_loss"] == pytest.approx(results["tuned"]["heldout_loss"], rel=1e-4)
+
+
+def test_bench_and_analyze_dispatch(tmp_path, capsys):
+    assert main(["bench"]) == 0
+    assert "istune bench {memory,time,probes}" in capsys.readouterr().out
+    assert main(["bench", "speed"]) == 2
+    # A bad option reaches the benchmark's own check, which names it; nothing is written.
+    out = tmp_path / "memory.json"
+    assert main(["bench", "memory", "--shapes", "gpt5", "--out", str(out)]) == 2
+    assert "gpt5" in capsys.readouterr().err
+    assert not tmp_path.joinpath("memory.json").exists()
+    assert main(["analyze", "remove-layers", str(tmp_path / "no-such-run")]) == 2
+    assert "no-such-run" in capsys.readouterr().err

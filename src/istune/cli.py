@@ -1,9 +1,15 @@
-"""The istune command line: `istune train | eval | plot` (also `python -m istune ...`).
+"""The istune command line: `istune train | eval | plot | bench | analyze` (also `python -m istune ...`).
 
     istune train                              # embedded default: SmolLM2-135M, LoRA+IST on the commonsense mix
     istune train --config run.yaml --max_steps 200
     istune eval runs/istune                   # evaluate a trained output folder again
     istune plot runs/istune                   # importance heat-map and per-step selection (PNG)
+    istune bench memory                       # peak memory, paper Table 1 layout (meta-device accounting)
+    istune bench time                         # time per step: LoRA, random sparse, IST, LISA-style
+    istune bench probes --run runs/istune     # cheaper probes vs the importance ranking
+    istune analyze remove-layers runs/istune  # greedy layer removal (paper Fig. 2a)
+    istune analyze train-layers               # train only chosen layers (Fig. 2b)
+    istune analyze sweep                      # mu and beta sweeps, sparse-tuning ablation (Tables 10, 11, 4)
 
 Options come from dataclasses (RunArgs, AdapterArgs, ISTConfig) whose help texts name
 the paper's symbols; a YAML `--config` gives defaults that flags override.
@@ -59,7 +65,7 @@ def _parse_train(argv: Sequence[str]):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": _train, "eval": _eval, "plot": _plot}
+    commands = {"train": _train, "eval": _eval, "plot": _plot, "bench": _bench, "analyze": _analyze}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip())
         if argv and argv[0] not in ("-h", "--help"):
@@ -109,6 +115,29 @@ def _plot(argv: Sequence[str]) -> int:
     for path in plot_run(args.run_dir, args.out_dir):
         print(f"istune plot: wrote {path}")
     return 0
+
+
+BENCHMARKS = {  # istune bench <name>: module in istune.bench with main(argv)
+    "memory": "memory_table",
+    "time": "timing",
+    "probes": "probes",
+}
+
+
+def _bench(argv: Sequence[str]) -> int:
+    import importlib
+
+    if not argv or argv[0] not in BENCHMARKS:
+        print("usage: istune bench {" + ",".join(BENCHMARKS) + "} [options]   (--help after a name for its options)")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(f"istune.bench.{BENCHMARKS[argv[0]]}")
+    return module.main(list(argv[1:])) or 0
+
+
+def _analyze(argv: Sequence[str]) -> int:
+    from istune.analysis.cli import main as analyze_main
+
+    return analyze_main(list(argv)) or 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 STRATEGIES = ("ist", "random", "fixed", "all")
+OPTIMIZER_STATE_POLICIES = ("keep", "offload", "drop")
 
 
 @dataclass
@@ -73,6 +74,18 @@ class ISTConfig:
         default=None, metadata={"help": "Examples in the probe batch; default: the training batch size per device."}
     )
 
+    recompute_unselected: bool = field(
+        default=False,
+        metadata={"help": "Activation checkpointing of the layers not in S this step: they keep only their inputs "
+                  "and run their forward again in the backward pass. Saves most of their activation memory for "
+                  "one more forward of those layers (not in the paper)."},
+    )
+    unselected_optimizer_state: str = field(
+        default="keep",
+        metadata={"help": "Optimizer state (e.g. Adam moments) of layers not in S: 'keep' (the paper), 'offload' "
+                  "(to CPU while unselected; same updates), or 'drop' (fresh moments when selected again)."},
+    )
+
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             _fail("strategy", self.strategy, f"use one of {', '.join(repr(s) for s in STRATEGIES)}")
@@ -80,6 +93,9 @@ class ISTConfig:
         _check_pair(self, "probe_fraction", "probe_layers")
         for name in ("num_probes", "probe_interval"):
             _check_count(self, name)
+        if self.strategy == "ist" and self.num_probes == 1:
+            _fail("num_probes", 1, "with one candidate eq. 9's reward exp(-L) - mean(exp(-L)) is always 0 and the "
+                  "importance never moves; use N_c >= 2 (the paper: 3)")
         if self.probe_batch_size is not None:
             _check_count(self, "probe_batch_size")
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta <= 1.0:
@@ -88,6 +104,14 @@ class ISTConfig:
             _fail("mu", self.mu, "μ must be a finite number > 0; the paper uses 10 (commonsense) or 100 (math)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail("seed", self.seed, "use an integer")
+        if not isinstance(self.recompute_unselected, bool):
+            _fail("recompute_unselected", self.recompute_unselected, "use true or false")
+        if self.recompute_unselected and self.strategy == "all":
+            _fail("recompute_unselected", True, "strategy 'all' trains every layer, so no layer is unselected; "
+                  "use the model's gradient checkpointing instead, or a sparse strategy")
+        if self.unselected_optimizer_state not in OPTIMIZER_STATE_POLICIES:
+            _fail("unselected_optimizer_state", self.unselected_optimizer_state,
+                  f"use one of {', '.join(repr(p) for p in OPTIMIZER_STATE_POLICIES)}")
         if self.strategy == "fixed":
             if not self.layers:
                 _fail("layers", self.layers, "strategy 'fixed' needs a non-empty list of layer positions, e.g. [0, 5]")

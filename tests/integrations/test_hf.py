@@ -150,3 +150,24 @@ def test_resume_from_checkpoint_continues_the_uninterrupted_run(tmp_path):
     for name, parameter in resumed.model.named_parameters():
         if "lora_" in name:
             torch.testing.assert_close(parameter, full_weights[name], rtol=0, atol=0)
+
+
+def test_memory_options_under_the_trainer(tmp_path):
+    """recompute_unselected trains the same adapters; unselected_optimizer_state='drop' reaches the optimizer."""
+    config = dict(update_layers=2, probe_interval=2)
+    runs = {}
+    for name, extra in {"plain": {}, "recompute": {"recompute_unselected": True},
+                        "drop": {"unselected_optimizer_state": "drop"}}.items():
+        ist = ISTCallback(ISTConfig(**config, **extra))
+        trainer = _trainer(tmp_path / name, [ist])
+        trainer.train()
+        runs[name] = (trainer, ist)
+    plain, recompute, drop = (dict(runs[n][0].model.named_parameters()) for n in ("plain", "recompute", "drop"))
+    adapter_names = [n for n in plain if "lora_" in n]
+    for name in adapter_names:
+        torch.testing.assert_close(recompute[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.allclose(drop[n], plain[n]) for n in adapter_names)
+    trainer, ist = runs["drop"]
+    held = {p for p in trainer.optimizer.state}
+    for position, layer in enumerate(ist.tuner.layers):
+        assert all((p in held) == (position in ist.selected) for p in layer.parameters)

@@ -1,5 +1,6 @@
-"""Benchmarks' building blocks: measuring memory of training steps."""
+"""Benchmarks' building blocks: measuring memory of training steps, and the model shapes measured."""
 
 from istune.bench.memory import CATEGORIES, PHASES, MemoryTracker
+from istune.bench.shapes import SHAPES, Shape
 
-__all__ = ["CATEGORIES", "PHASES", "MemoryTracker"]
+__all__ = ["CATEGORIES", "PHASES", "SHAPES", "MemoryTracker", "Shape"]

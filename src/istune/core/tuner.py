@@ -28,7 +28,9 @@ from torch import nn
 from istune.config import ISTConfig
 from istune.core import distributed, policy
 from istune.core.layers import AdapterLayer, find_adapter_layers
+from istune.core.optimizer_state import UnselectedOptimizerState
 from istune.core.probe import LossFn, default_loss, move_to_device, probe_mode
+from istune.core.recompute import UnselectedLayerRecompute
 from istune.core.suppress import prepare_suppression, suppress_layers
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ class SparseTuner:
         probe_batches: called for a probe batch when an importance update is due and
             :meth:`end_step` got none.
         loss_fn: ``loss_fn(model, batch) -> scalar`` for probes; default ``model(**batch).loss``.
-        optimizer: if given, checked to hold every adapter parameter.
+        optimizer: if given, checked to hold every adapter parameter. Required when
+            ``config.unselected_optimizer_state`` is 'offload' or 'drop'.
 
     Attributes:
         importance: ``(N_L,)`` float64 importance vector I (zeros at the start).
@@ -72,6 +75,15 @@ class SparseTuner:
             prepare_suppression(model, self.layers)  # refuses what eq. 8 cannot suppress; keeps W0 of full layers
         if optimizer is not None:
             check_optimizer_holds(optimizer, self.layers)
+        self._optimizer_state = None
+        if self.config.unselected_optimizer_state != "keep":
+            if optimizer is None:
+                raise ValueError(f"ISTConfig.unselected_optimizer_state={self.config.unselected_optimizer_state!r} "
+                                 "needs the optimizer: pass SparseTuner(..., optimizer=optimizer).")
+            self._optimizer_state = UnselectedOptimizerState(optimizer, self.config.unselected_optimizer_state)
+        self._recompute = None
+        if self.config.recompute_unselected:
+            self._recompute = UnselectedLayerRecompute([layer.block for layer in self.layers])
         _warn_about_parameters_outside_layers(model, self.layers)
         self.probe_batches = probe_batches
         self.loss_fn = loss_fn or default_loss
@@ -106,10 +118,18 @@ class SparseTuner:
         else:
             self.selected = list(range(self.num_layers))
         self._apply_mask()
+        selected = self._selected_set
         for position, layer in enumerate(self.layers):
-            if position not in self._selected_set:
+            if position not in selected:
                 for parameter in layer.parameters:
                     parameter.grad = None
+        if self._recompute is not None:
+            self._recompute.select(self.selected)
+        if self._optimizer_state is not None:
+            self._optimizer_state.apply(
+                selected=[p for j, layer in enumerate(self.layers) if j in selected for p in layer.parameters],
+                unselected=[p for j, layer in enumerate(self.layers) if j not in selected for p in layer.parameters],
+            )
         self.history.append({"event": "select", "step": self.step, "selected": list(self.selected)})
         if not self._synced_once:
             self.check_in_sync()
@@ -244,10 +264,13 @@ class SparseTuner:
         self._synced_once = False
 
     def close(self) -> None:
-        """Make every adapter parameter trainable again and remove the mask hook."""
+        """Make every adapter parameter trainable again, remove the mask hook and the recompute wrappers."""
         if self._mask_hook is not None:
             self._mask_hook.remove()
             self._mask_hook = None
+        if self._recompute is not None:
+            self._recompute.remove()
+            self._recompute = None
         for layer in self.layers:
             for parameter in layer.parameters:
                 parameter.requires_grad_(True)

@@ -1,0 +1,397 @@
+"""Peak training memory per model shape and PEFT method, with and without IST (the paper's Table 1).
+
+Run (from the repository root; all four paper shapes take a few minutes on the meta device)::
+
+    .venv/bin/python -m istune.bench.memory_table                      # every shape and method, meta device
+    .venv/bin/python -m istune.bench.memory_table --shapes gpt2-small --methods lora --device cpu
+    .venv/bin/python -m istune.bench.memory_table --check              # also check meta against a CPU run
+
+It writes ``benchmarks/results/memory_table.json`` and ``.md`` beside it (each written whole,
+then renamed into place) and prints the tables.
+
+How it measures: the model is built from its config (random weights) with the method's
+adapters, and a few AdamW steps run inside :class:`istune.bench.MemoryTracker`, which counts
+live tensor storages and splits the peak into weights / gradients / optimizer state / saved
+activations / other. On the ``meta`` device (the default) tensors have shapes but no data,
+so the tracker sees the same storages as on a real device without allocating any memory:
+LLaMA-13B full fine-tuning is measured in seconds. ``--check`` runs small shapes on both
+the CPU and the meta device and requires the peaks to agree within 0.1 percent.
+
+What each run is:
+
+- Plain rows train every layer. IST rows train N_u layers per step (ISTConfig defaults:
+  25 percent); the layers trained decide the memory, the importance does not, so the
+  importance updates (no-grad probe forwards, which cannot run on the meta device) are
+  not measured and the importance stays at zero (uniform draws).
+- Before the measured steps, one unmeasured step trains every layer: in a long run every
+  layer has been selected at some point, so AdamW holds state for all of them (unless
+  ``unselected_optimizer_state`` drops it). LISA is the exception (see below). Sparse rows
+  then run one unmeasured step of their own, so that each measured step starts with what
+  the step before it left.
+- An IST step's memory is set by its lowest selected layer (everything above it keeps
+  activations for the backward pass), so the row's peak is its WORST-CASE step: the
+  largest of the measured steps, which include one whose selection holds layer 0 (any run
+  of more than a few steps meets one). The seed of the draws is the first at or after
+  ``--seed`` whose measured steps include such a step; the table states every step's
+  selection and the mean of the per-step peaks.
+- LISA-style rows train ``--lisa_layers`` whole decoder layers (and, as in the LISA paper,
+  the embeddings and LM head) during one sampling period; the measured steps lie inside
+  one period, with optimizer state for the active layers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from istune.bench.memory import MemoryTracker
+from istune.bench.memory_report import check_table, gb, markdown
+from istune.bench.records import run_metadata, write_atomic
+from istune.bench.shapes import SHAPES, VARIANTS, Shape, Variant
+from istune.config import ISTConfig
+from istune.core import policy
+from istune.core.layers import prepare_full_layer_tuning
+from istune.core.tuner import SparseTuner
+from istune.methods import AdapterArgs, add_adapters
+
+__all__ = ["METHODS", "Settings", "VARIANTS", "Variant", "build_parser", "check_meta", "main", "measure",
+           "variants_for"]
+
+REPO = Path(__file__).resolve().parents[3]
+PAPER_SHAPES = ("gpt2-small", "tinyllama-1.1b", "llama-7b", "llama-13b")
+METHODS = ("full", "series", "parallel", "lora", "lisa")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("meta", "cpu", "cuda")
+ATTENTIONS = ("eager", "sdpa")
+OPTIMIZER_IMPLS = ("foreach", "for-loop")
+CHECK_TOLERANCE = 1e-3  # meta and measured peaks must agree within 0.1 percent
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every run shares (the command line's options)."""
+
+    seq_len: int = 1024  # the paper: prompts of up to 1024 tokens
+    batch_size: int = 1  # the paper: mini-batch 1
+    dtype: str = "float32"
+    attention: str = "eager"  # the paper left flash attention out
+    steps: int = 4  # measured steps per run, after one unmeasured warm-up step
+    rank: int = 32  # LoRA rank (the paper: 32)
+    bottleneck_size: int = 256  # series/parallel bottleneck (the paper: 256)
+    seed: int = 0
+    lisa_layers: int = 2  # LISA's paper: 2 layers
+    lisa_embeddings: bool = True  # LISA's paper: embeddings and LM head always train
+    optimizer_impl: str = "foreach"  # AdamW's default on CUDA
+
+
+def variants_for(methods: list[str]) -> tuple[list[Variant], list[Variant]]:
+    """The rows of ``methods`` that this ISTConfig supports, and those it does not (skipped)."""
+    known = {f.name for f in dataclasses.fields(ISTConfig)}
+    chosen = [v for v in VARIANTS if v.method in methods]
+    usable = [v for v in chosen if v.ist is None or set(v.ist) <= known]
+    return usable, [v for v in chosen if v not in usable]
+
+
+# ------------------------------------------------------------------------------ one run
+
+
+def build(shape: Shape, variant: Variant, settings: Settings, device: str) -> tuple[torch.nn.Module, int]:
+    """The model of ``shape`` on ``device`` with ``variant``'s trainable parameters; and the base model's bytes."""
+    config = shape.config(settings.attention, settings.seq_len)
+    torch.manual_seed(settings.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[settings.dtype])
+        base_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+        if variant.method == "full" and variant.ist is None:
+            model.requires_grad_(True)  # full fine-tuning: every parameter
+        elif variant.method in ("full", "lisa"):
+            embeddings = variant.method == "lisa" and settings.lisa_embeddings
+            prepare_full_layer_tuning(model, train_embeddings=embeddings, train_head=embeddings)
+        else:
+            args = AdapterArgs(method=variant.method, rank=settings.rank, alpha=2 * settings.rank,
+                               bottleneck_size=settings.bottleneck_size)
+            model = add_adapters(model, args, total_steps=settings.steps + 1)
+    return model.train(), base_bytes
+
+
+def make_batch(vocab_size: int, settings: Settings, device: str) -> dict[str, Any]:
+    """Random token ids as a training batch: ``(batch_size, seq_len)`` ids, labels = ids, all attended."""
+    ids = torch.randint(0, vocab_size, (settings.batch_size, settings.seq_len),
+                        generator=torch.Generator().manual_seed(settings.seed)).to(device)
+    # An explicit mask and no KV cache, as in training; without them transformers inspects values (no meta).
+    return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> None:
+    model(**batch).loss.backward()  # the output (logits) is dropped once the loss exists, as in Trainer
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def draw_schedule(strategy: str, num_layers: int, count: int, seed: int, steps: int) -> list[list[int]]:
+    """The layers each step selects, drawn as SparseTuner draws them at zero importance with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    if strategy == "ist":
+        zeros = torch.zeros(num_layers, dtype=torch.float64)
+        return [policy.sample_layers(zeros, count, generator) for _ in range(steps)]
+    return [policy.sample_uniform_layers(num_layers, count, generator) for _ in range(steps)]
+
+
+def worst_case_seed(strategy: str, num_layers: int, count: int, seed: int, steps: int,
+                    unmeasured: int = 0) -> tuple[int, list[list[int]]]:
+    """The first seed at or after ``seed`` whose ``steps`` measured draws (after ``unmeasured`` ones) include
+    layer 0 at least once; and those measured draws."""
+    for candidate in range(seed, seed + 100_000):
+        schedule = draw_schedule(strategy, num_layers, count, candidate, unmeasured + steps)[unmeasured:]
+        if any(0 in selected for selected in schedule):
+            return candidate, schedule
+    raise RuntimeError(f"no seed in [{seed}, {seed + 100_000}) draws layer 0 in {steps} steps")  # pragma: no cover
+
+
+def ist_config(variant: Variant, settings: Settings, num_layers: int) -> tuple[ISTConfig, list[list[int]]]:
+    """The row's ISTConfig (seed chosen for a worst-case step) and the selections its steps will make."""
+    if variant.method == "lisa":  # one sampling period: the same layers every measured step
+        seed, (layers,) = worst_case_seed("random", num_layers, settings.lisa_layers, settings.seed, 1)
+        return ISTConfig(strategy="fixed", layers=layers, seed=seed), [layers] * settings.steps
+    options = {"strategy": "ist", **variant.ist, "probe_interval": settings.steps + 2}  # no importance update is due
+    count = ISTConfig(**options).resolve(num_layers).update_layers
+    seed, schedule = worst_case_seed(options["strategy"], num_layers, count, settings.seed, settings.steps,
+                                     unmeasured=1)  # the settling step (see measure)
+    return ISTConfig(**options, seed=seed), schedule
+
+
+def measure(shape: Shape, variant: Variant, settings: Settings, device: str = "meta") -> dict[str, Any]:
+    """Train ``settings.steps`` steps of one row inside a MemoryTracker; return the measurement (bytes)."""
+    start = time.perf_counter()
+    model, base_bytes = build(shape, variant, settings, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=settings.optimizer_impl == "foreach")
+    batch = make_batch(model.config.vocab_size, settings, device)
+    if variant.method != "lisa":  # LISA: the measured steps are the start of one sampling period
+        train_step(model, optimizer, batch)  # warm-up: AdamW state for every layer, as late in a long run
+    tuner, schedule, config = None, None, None
+    if variant.ist is not None:
+        config, schedule = ist_config(variant, settings, shape.num_layers)
+        tuner = SparseTuner(model, config, optimizer=optimizer)
+        # Settling step: from here on every step starts as in a long run, with what the previous step left
+        # (e.g. 'drop' has freed the state of the layers not selected in it).
+        tuner.begin_step()
+        train_step(model, optimizer, batch)
+        tuner.end_step()
+    layer_params = [sum(p.numel() for p in layer.parameters) for layer in tuner.layers] if tuner else []
+    outside = sum(p.numel() for p in trainable) - sum(layer_params)
+
+    selections = []
+    with MemoryTracker(model, optimizer, device=device) as tracker:
+        for step in range(settings.steps):
+            with tracker.region(f"step {step}"):
+                selected = list(tuner.begin_step()) if tuner else list(range(shape.num_layers))
+                train_step(model, optimizer, batch)
+                if tuner:
+                    tuner.end_step()
+            selections.append(selected)
+    if schedule is not None and selections != schedule:
+        raise RuntimeError(f"SparseTuner selected {selections}, not the layers drawn beforehand {schedule}: its "
+                           "policy draws changed; update istune.bench.memory_table.draw_schedule to match.")
+    report = tracker.report()
+    if tuner:
+        tuner.close()
+    steps = [{"step": i, "selected": selected, "peak_bytes": region["peak_bytes"], "peak_phase": region["peak_phase"],
+              "peak_breakdown": region["peak_breakdown"]}
+             for i, (selected, region) in enumerate(zip(selections, report["regions"]))]
+    worst = max(steps, key=lambda s: s["peak_bytes"])  # the measured steps include one that trains layer 0
+    trained = sum(layer_params[j] for j in worst["selected"]) + outside if tuner else sum(p.numel() for p in trainable)
+    return {
+        "shape": shape.name, "variant": variant.key, "label": variant.label, "method": variant.method,
+        "baseline": variant.baseline, "device": device,
+        "ist_config": config.to_dict() if config else None,
+        "num_layers": shape.num_layers, "update_layers": len(worst["selected"]),
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "params_trainable": sum(p.numel() for p in trainable),
+        "params_trained_worst_step": trained,
+        "base_weight_bytes": base_bytes,
+        "peak_bytes": worst["peak_bytes"],  # the worst step measured
+        "peak_breakdown": worst["peak_breakdown"],
+        "peak_phase": worst["peak_phase"],
+        "worst_step": worst["step"],
+        "mean_step_peak_bytes": sum(s["peak_bytes"] for s in steps) / len(steps),
+        "category_max": report["category_max"],
+        "optimizer_state_bytes_at_end": report["current"]["optimizer"],
+        "allocator_peak_bytes": report["allocator_peak_bytes"],
+        "steps": steps,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def check_meta(shape_names: list[str], variants: list[Variant], settings: Settings,
+               device: str = "cpu") -> list[dict[str, Any]]:
+    """Run every row on ``device`` and on the meta device; how far apart the peaks are.
+
+    Returns one record per (shape, row): both peaks, the worst-case and mean, their relative
+    difference and ``agrees`` (within ``CHECK_TOLERANCE``).
+    """
+    records = []
+    for name in shape_names:
+        for variant in variants:
+            measured = measure(SHAPES[name], variant, settings, device)
+            predicted = measure(SHAPES[name], variant, settings, "meta")
+            worst = abs(predicted["peak_bytes"] - measured["peak_bytes"]) / measured["peak_bytes"]
+            mean = abs(predicted["mean_step_peak_bytes"] - measured["mean_step_peak_bytes"]) / measured[
+                "mean_step_peak_bytes"]
+            records.append({
+                "shape": name, "variant": variant.key, "label": variant.label, "device": device,
+                "measured_peak_bytes": measured["peak_bytes"], "meta_peak_bytes": predicted["peak_bytes"],
+                "measured_mean_step_peak_bytes": measured["mean_step_peak_bytes"],
+                "meta_mean_step_peak_bytes": predicted["mean_step_peak_bytes"],
+                "relative_difference": worst, "relative_difference_mean": mean,
+                "allocator_peak_bytes": measured["allocator_peak_bytes"],
+                "agrees": max(worst, mean) <= CHECK_TOLERANCE,
+            })
+            print(f"check {name:12s} {variant.label:35s} {device} {measured['peak_bytes']} B, meta "
+                  f"{predicted['peak_bytes']} B: {worst:.1e} apart", flush=True)
+    return records
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="istune bench memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=",".join(PAPER_SHAPES),
+                        help=f"comma list of model shapes, from: {', '.join(SHAPES)} (default: the paper's four)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma list of methods, from: {', '.join(METHODS)}; each runs without and with IST "
+                        "(LISA: sparse only), plus the rows with further IST options (default: all)")
+    parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (the paper: up to 1024)")
+    parser.add_argument("--batch_size", type=int, default=1, help="sequences per step (the paper: 1)")
+    parser.add_argument("--dtype", default="float32", help=f"parameter dtype, one of {', '.join(DTYPES)}")
+    parser.add_argument("--attention", default="eager",
+                        help="attention kernel: eager (the paper: no flash attention) or sdpa (cpu and cuda only: "
+                        "the meta device runs SDPA's math fallback, which is eager's memory)")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="measured optimizer steps per run, after one unmeasured warm-up step")
+    parser.add_argument("--device", default="meta",
+                        help="meta (no memory used, any shape in seconds), cpu or cuda (really allocates)")
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank r (the paper: 32); alpha is 2r")
+    parser.add_argument("--bottleneck_size", type=int, default=256,
+                        help="series/parallel adapter bottleneck (the paper: 256)")
+    parser.add_argument("--lisa_layers", type=int, default=2,
+                        help="LISA: whole decoder layers trained per sampling period (LISA's paper: 2)")
+    parser.add_argument("--lisa_embeddings", action=argparse.BooleanOptionalAction, default=True,
+                        help="LISA: train the embeddings and LM head too, as LISA's paper does (default: yes)")
+    parser.add_argument("--optimizer_impl", default="foreach",
+                        help="AdamW implementation: foreach (CUDA's default; one parameter-sized temporary during "
+                        "the step) or for-loop (CPU's default)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights, the batch and the first layer draw tried")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/memory_table.json"),
+                        help="JSON result; the markdown goes beside it with the suffix .md")
+    parser.add_argument("--check", action="store_true",
+                        help="first run --check_shapes on --check_device and on meta for every row, require the peaks "
+                        "to agree within 0.1 percent, and put the agreement in the output")
+    parser.add_argument("--check_shapes", default="tiny-llama,tiny-gpt2",
+                        help="comma list of the (small) shapes --check runs")
+    parser.add_argument("--check_seq_len", type=int, default=128, help="tokens per sequence in --check runs")
+    parser.add_argument("--check_device", default="cpu", help="the device --check measures on: cpu or cuda")
+    return parser
+
+
+def _names(option: str, value: str, known) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(f"{option}={value!r}: {'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'empty'}; "
+                         f"give a comma list of: {', '.join(known)}.")
+    return names
+
+
+def _one_of(option: str, value: str, known) -> None:
+    if value not in known:
+        raise ValueError(f"{option}={value!r} is not one of {', '.join(known)}; use one of those.")
+
+
+def validate(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """Check every option before any work; return the shapes, methods and check shapes.
+
+    Raises:
+        ValueError: naming the option, its value and what to give instead.
+    """
+    shapes = _names("--shapes", args.shapes, SHAPES)
+    methods = _names("--methods", args.methods, METHODS)
+    check_shapes = _names("--check_shapes", args.check_shapes, SHAPES) if args.check else []
+    for option in ("seq_len", "batch_size", "steps", "rank", "bottleneck_size", "lisa_layers", "check_seq_len"):
+        value = getattr(args, option)
+        if value < 1:
+            raise ValueError(f"--{option}={value} must be a positive integer.")
+    _one_of("--dtype", args.dtype, DTYPES)
+    _one_of("--attention", args.attention, ATTENTIONS)
+    _one_of("--device", args.device, DEVICES)
+    _one_of("--optimizer_impl", args.optimizer_impl, OPTIMIZER_IMPLS)
+    _one_of("--check_device", args.check_device, ("cpu", "cuda"))
+    if "cuda" in (args.device, args.check_device if args.check else None) and not torch.cuda.is_available():
+        option = "--device" if args.device == "cuda" else "--check_device"
+        raise ValueError(f"{option}=cuda, but this torch sees no CUDA device; use meta (no memory needed) or cpu.")
+    if args.attention == "sdpa" and (args.device == "meta" or args.check):
+        raise ValueError("--attention=sdpa cannot be measured on the meta device (it runs SDPA's math fallback, "
+                         "with eager attention's memory); use --device cpu or cuda without --check, or eager.")
+    if "lisa" in methods:
+        for name in shapes + check_shapes:
+            if args.lisa_layers > SHAPES[name].num_layers:
+                raise ValueError(f"--lisa_layers={args.lisa_layers} exceeds the {SHAPES[name].num_layers} layers of "
+                                 f"shape {name!r}; use at most {SHAPES[name].num_layers}.")
+    if args.out.suffix != ".json":
+        raise ValueError(f"--out={str(args.out)!r} must end in .json (the markdown goes beside it as .md).")
+    return shapes, methods, check_shapes
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the table; return 0, or 1 when ``--check`` finds the meta device off (nothing is written then)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    shapes, methods, check_shapes = validate(args)
+    settings = Settings(seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, attention=args.attention,
+                        steps=args.steps, rank=args.rank, bottleneck_size=args.bottleneck_size, seed=args.seed,
+                        lisa_layers=args.lisa_layers, lisa_embeddings=args.lisa_embeddings,
+                        optimizer_impl=args.optimizer_impl)
+    variants, skipped = variants_for(methods)
+    print(f"memory table: shapes {', '.join(shapes)}; rows {', '.join(v.key for v in variants)}; device "
+          f"{args.device}; batch {settings.batch_size} x {settings.seq_len} tokens, {settings.dtype}", flush=True)
+    check = None
+    if args.check:
+        check = check_meta(check_shapes, variants, dataclasses.replace(settings, seq_len=args.check_seq_len),
+                           args.check_device)
+        print("\n".join(check_table(check)), flush=True)
+        if not all(r["agrees"] for r in check):
+            print("the meta device disagrees with the measured runs (above); nothing written", file=sys.stderr)
+            return 1
+    runs: dict[str, dict[str, dict]] = {}
+    for name in shapes:
+        runs[name] = {}
+        for variant in variants:
+            run = measure(SHAPES[name], variant, settings, args.device)
+            runs[name][variant.key] = run
+            print(f"{name:15s} {variant.label:35s} peak {gb(run['peak_bytes'])} GB (mean step "
+                  f"{gb(run['mean_step_peak_bytes'])}), {run['seconds']} s", flush=True)
+    meta = {**run_metadata("-m istune.bench.memory_table", argv, REPO), "settings": dataclasses.asdict(settings),
+            "device": args.device, "check_seq_len": args.check_seq_len if args.check else None,
+            "shapes": {name: SHAPES[name].description for name in shapes},
+            "skipped_variants": [v.key for v in skipped]}
+    result = {"meta": meta, "check": check, "runs": runs}
+    text = markdown(result)
+    write_atomic(args.out, json.dumps(result, indent=1) + "\n")
+    write_atomic(args.out.with_suffix(".md"), text)
+    print("\n" + text + f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

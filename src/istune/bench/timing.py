@@ -1,0 +1,304 @@
+"""Time per optimizer step of LoRA, LoRA + random sparse, LoRA + IST and LISA-style full-layer tuning.
+
+    istune bench time                                        # SmolLM2-135M, batch 4 x 256 tokens
+    istune bench time --steps 4 --rounds 2 --strategies lora,ist
+    istune bench time --ist probe_batch_size=2 --ist num_probes=2   # two extra IST rows
+
+Every row lives in one process and the rows are measured in interleaved rounds (round r
+runs ``--steps`` steps of every row in turn), so a slow spell of a shared machine hits all
+of them alike. A step is timed in three parts: forward (``begin_step`` included: selection
+and freezing happen before the forward), backward, and optimizer step + ``zero_grad``. Each
+importance update (``update_importance``: N_c no-grad probe forwards) is timed on its own;
+its median divided by T_c is the probe cost amortised per step. Reported: medians, and the
+ratio of the total to LoRA's. Results go to ``benchmarks/results/step_time.{json,md}``.
+
+Rows are a table (:data:`ROWS`): an adapter method plus ISTConfig fields. ``--ist
+FIELD=VALUE[,FIELD=VALUE]`` adds one more LoRA + IST row with those fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from istune.config import ISTConfig
+
+REPO = Path(__file__).resolve().parents[3]
+DEFAULT_OUT = "benchmarks/results/step_time"
+PARTS = ("forward", "backward", "optimizer")
+LORA = dict(rank=32, alpha=64)  # the paper's LoRA size (r=32, alpha 64)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured configuration: the trainable modules (``method``) and the IST fields."""
+
+    label: str
+    method: str  # "lora": LoRA adapters in every layer; "full": whole decoder layers (LISA-style)
+    ist: dict = field(default_factory=dict)
+
+    @property
+    def probes(self) -> bool:
+        return self.ist.get("strategy", "ist") == "ist"
+
+
+def builtin_rows() -> dict[str, Row]:
+    """The rows ``--strategies`` chooses from, by key."""
+    rows = {
+        "lora": Row("LoRA (all layers)", "lora", {"strategy": "all"}),
+        "random": Row("LoRA + random sparse", "lora", {"strategy": "random"}),
+        "ist": Row("LoRA + IST", "lora", {"strategy": "ist"}),
+        "ist-probe1": Row("LoRA + IST (probe batch 1)", "lora", {"strategy": "ist", "probe_batch_size": 1}),
+        # LISA trains 2 whole layers per step; embeddings and head stay frozen here (LISA trains them too).
+        "lisa": Row("LISA-style (2 full layers)", "full", {"strategy": "random", "update_layers": 2}),
+        "ist-recompute": Row("LoRA + IST (recompute unselected)", "lora",
+                             {"strategy": "ist", "recompute_unselected": True}),
+        "ist-recompute-probe1": Row("LoRA + IST (recompute unselected, probe batch 1)", "lora",
+                                    {"strategy": "ist", "recompute_unselected": True, "probe_batch_size": 1}),
+    }
+    return rows
+
+
+def parse_strategies(text: str) -> list[Row]:
+    """``"lora,ist"`` -> the built-in rows with those keys, in the order given."""
+    rows = builtin_rows()
+    keys = [key.strip() for key in text.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in rows]
+    if unknown or not keys:
+        raise ValueError(f"--strategies={text!r}: unknown strategy {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"use a comma-separated list of {', '.join(rows)}.")
+    return [rows[key] for key in keys]
+
+
+def parse_ist_fields(text: str) -> dict[str, Any]:
+    """``"probe_batch_size=1,num_probes=2"`` -> ``{"probe_batch_size": 1, "num_probes": 2}``, checked by ISTConfig.
+
+    Raises:
+        ValueError: naming ``--ist``, the text, and what to write instead.
+    """
+    known = {f.name: f for f in dataclasses.fields(ISTConfig)}
+    values: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",")):
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--ist {text!r}: {item!r} is not FIELD=VALUE; write e.g. --ist probe_batch_size=1.")
+        if name not in known:
+            raise ValueError(f"--ist {text!r}: ISTConfig has no field {name!r}; use one of {', '.join(known)}.")
+        values[name] = _convert(name, raw.strip(), str(known[name].type), text)
+    try:
+        ISTConfig(**{"strategy": "ist", **values})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--ist {text!r}: {error}") from None
+    return values
+
+
+def _convert(name: str, raw: str, annotation: str, text: str) -> Any:
+    if raw.lower() in ("none", "null") and "Optional" in annotation:
+        return None
+    if "bool" in annotation:
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--ist {text!r}: {name}={raw!r} is not a boolean; write {name}=true or {name}=false.")
+    if "list" in annotation:
+        try:
+            return [int(v) for v in raw.replace(";", " ").split()]
+        except ValueError:
+            raise ValueError(f"--ist {text!r}: {name}={raw!r} is not a list of integers; separate them with "
+                             f"';', e.g. {name}=0;5;11.") from None
+    for kind in (int, float):
+        if kind.__name__ in annotation:
+            try:
+                return kind(raw)
+            except ValueError:
+                if kind is int and "float" in annotation:
+                    continue
+                raise ValueError(f"--ist {text!r}: {name}={raw!r} is not a{'n' if kind is int else ''} "
+                                 f"{kind.__name__}; write e.g. {name}=2.") from None
+    return raw
+
+
+def extra_row(values: dict[str, Any]) -> Row:
+    """A LoRA + IST row with extra ISTConfig fields (``--ist``)."""
+    shown = ", ".join(f"{k}={v}" for k, v in values.items())
+    return Row(f"LoRA + IST ({shown})", "lora", {"strategy": "ist", **values})
+
+
+# ---- measuring -------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """A row made ready to run: its model, optimizer and tuner, and the batches it trains and probes on."""
+
+    row: Row
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    tuner: Any
+    batch: dict
+    probe_batch: dict
+    times: dict = field(default_factory=lambda: {part: [] for part in (*PARTS, "step", "update")})
+
+
+def build(row: Row, model: torch.nn.Module, batch: dict) -> Setup:
+    """Adapters (or full layers), AdamW over every trainable parameter, and the row's SparseTuner."""
+    from istune.core.tuner import SparseTuner
+    from istune.methods import AdapterArgs, add_adapters
+
+    torch.manual_seed(0)  # the same LoRA initialisation in every row
+    model = add_adapters(model, AdapterArgs(method=row.method, **LORA), total_steps=1000)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    config = ISTConfig(**row.ist)
+    tuner = SparseTuner(model, config, optimizer=optimizer)
+    size = config.probe_batch_size or len(batch["input_ids"])  # default: the training batch (as ISTCallback)
+    probe_batch = {key: value[:size] for key, value in batch.items()}
+    return Setup(row, model, optimizer, tuner, batch, probe_batch)
+
+
+def run_steps(setup: Setup, steps: int, record: bool = True) -> None:
+    """``steps`` training steps; every importance update (from ``end_step``) is timed apart from the step."""
+    model, optimizer, tuner, times = setup.model, setup.optimizer, setup.tuner, setup.times
+    updated = False
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        tuner.begin_step()
+        loss = model(**setup.batch).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        probed = tuner.end_step(probe_batch=setup.probe_batch) is not None
+        t4 = time.perf_counter()
+        if record:
+            for part, seconds in zip((*PARTS, "step"), (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                times[part].append(seconds)
+            if probed:
+                times["update"].append(t4 - t3)
+        updated |= probed
+    if record and setup.row.probes and not updated:  # fewer than T_c steps this round: time one update anyway
+        t0 = time.perf_counter()
+        tuner.update_importance(setup.probe_batch)
+        times["update"].append(time.perf_counter() - t0)
+
+
+def summarise(setup: Setup) -> dict:
+    """Medians of one row; ``probe_update`` and ``probe_per_step`` are None/0 for rows without probes."""
+    times = setup.times
+    row: dict[str, Any] = {"label": setup.row.label, "method": setup.row.method, "ist": dict(setup.row.ist)}
+    row.update({part: statistics.median(times[part]) for part in (*PARTS, "step")})
+    row["probe_update"] = statistics.median(times["update"]) if times["update"] else None
+    row["probe_interval"] = setup.tuner.config.probe_interval
+    row["probe_per_step"] = row["probe_update"] / row["probe_interval"] if row["probe_update"] is not None else 0.0
+    row["total"] = row["step"] + row["probe_per_step"]
+    row["samples"] = {"steps": len(times["step"]), "updates": len(times["update"])}
+    row["trainable"] = sum(p.numel() for layer in setup.tuner.layers for p in layer.parameters)
+    return row
+
+
+def measure(rows: list[Row], load_model: Callable[[], torch.nn.Module], batch_size: int, seq_len: int,
+            steps: int, rounds: int, progress: Callable[[str], None] = print) -> list[dict]:
+    """Build every row on its own copy of the model, warm up, run interleaved rounds; one summary per row."""
+    setups = []
+    for row in rows:
+        model = load_model()
+        ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+        setups.append(build(row, model, {"input_ids": ids, "labels": ids.clone()}))
+    for setup in setups:  # warm-up: one untimed step each (allocations, optimizer state)
+        run_steps(setup, 1, record=False)
+    for index in range(rounds):
+        for setup in setups:
+            run_steps(setup, steps)
+        progress(f"round {index + 1}/{rounds} done")
+    summaries = [summarise(setup) for setup in setups]
+    lora = next((s["total"] for s in summaries if s["label"] == builtin_rows()["lora"].label), None)
+    for summary in summaries:
+        summary["vs_lora"] = summary["total"] / lora if lora else None
+    return summaries
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| strategy | forward s | backward s | optimizer s | step s | probe update s | probes s/step "
+             "| total s/step | vs LoRA |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        update = f"{r['probe_update']:.3f}" if r["probe_update"] is not None else "–"
+        ratio = f"{r['vs_lora']:.2f}" if r["vs_lora"] is not None else "–"
+        lines.append(f"| {r['label']} | {r['forward']:.3f} | {r['backward']:.3f} | {r['optimizer']:.3f} "
+                     f"| {r['step']:.3f} | {update} | {r['probe_per_step']:.3f} | {r['total']:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, meta: dict, rows: list[dict], settings: dict) -> str:
+    """Write ``out.json`` and ``out.md`` (each whole or not at all); return the table."""
+    from istune.bench.records import write_atomic
+
+    table = markdown_table(rows)
+    write_atomic(out.with_suffix(".json"), json.dumps({**meta, "settings": settings, "rows": rows}, indent=2))
+    write_atomic(out.with_suffix(".md"), (
+        f"# Time per step\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, {meta['machine']}. "
+        f"Model {settings['model']}, batch {settings['batch_size']} x {settings['seq_len']} tokens. Medians over "
+        f"{settings['rounds']} interleaved rounds x {settings['steps']} steps; probe update = median time of one "
+        f"`update_importance` (N_c probe forwards), amortised per step by dividing by T_c.\n\n{table}\n"))
+    return table
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="istune bench time", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="hub id or local path; default the embedded SmolLM2-135M")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=256, help="tokens per row (random ids, all in the loss)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per row per round (T_c = 10: one probe each)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--strategies", default=None,
+                        help=f"comma-separated rows, default all: {', '.join(builtin_rows())}")
+    parser.add_argument("--ist", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                        help="add a LoRA + IST row with these ISTConfig fields (repeatable), e.g. probe_batch_size=2")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="results go to OUT.json and OUT.md")
+    return parser.parse_args(argv)
+
+
+def load_model(name: Optional[str]) -> torch.nn.Module:
+    from istune.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(name)[0]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``istune bench time``: measure, print the table, write ``--out``.json/.md. Bad options raise ValueError."""
+    import sys
+
+    from istune.bench.records import run_metadata
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = parse_args(argv)
+    for name in ("batch_size", "seq_len", "steps", "rounds"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"--{name}={getattr(opts, name)!r} must be at least 1.")
+    rows = parse_strategies(opts.strategies) if opts.strategies else list(builtin_rows().values())
+    rows += [extra_row(parse_ist_fields(text)) for text in opts.ist]
+    print(f"istune bench time: {len(rows)} rows, {opts.rounds} rounds x {opts.steps} steps, "
+          f"batch {opts.batch_size} x {opts.seq_len}", flush=True)
+    summaries = measure(rows, lambda: load_model(opts.model), opts.batch_size, opts.seq_len, opts.steps, opts.rounds,
+                        progress=lambda text: print(text, flush=True))
+    settings = {"model": opts.model or "smollm2-135m", "batch_size": opts.batch_size, "seq_len": opts.seq_len,
+                "steps": opts.steps, "rounds": opts.rounds, "threads": torch.get_num_threads()}
+    table = write_results(Path(opts.out), run_metadata("-m istune bench time", argv, REPO), summaries, settings)
+    print(table)
+    return 0

@@ -1,0 +1,76 @@
+"""A tiny 4-layer LLaMA on disk, a tiny LLM-Adapters file, and a finished run folder with strong adapters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from istune.config import ISTConfig
+from istune.methods import AdapterArgs, save_adapters
+from istune.recipe import RunArgs
+
+from ..eval.conftest import WORDS, make_tokenizer
+
+NUM_LAYERS = 4
+IMPORTANCE = [0.3, -1.0, 2.0, 0.5]  # least important first: 1, 0, 3, 2
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-4")
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    rows = [{"instruction": f"question {WORDS[i % 20 + 20]} {WORDS[(3 * i) % 20 + 20]} ?", "input": "",
+             "output": f"the correct answer is {'true' if i % 2 else 'false'}", "answer": "true" if i % 2 else "false"}
+            for i in range(40)]
+    path = tmp_path_factory.mktemp("data") / "train.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def run_args(model_dir, data, out, **changes) -> RunArgs:
+    """A tiny run: 4 steps of batch 2, 8 held-out examples, no task evaluation."""
+    values = dict(model=str(model_dir), data=str(data), output_dir=str(out), train_samples=16, heldout_samples=8,
+                  max_steps=4, batch_size=2, eval_tasks="none", compare_base=False, logging_steps=4)
+    return RunArgs(**{**values, **changes})
+
+
+@pytest.fixture(scope="session")
+def lora_run(tiny_model_dir, data_file, tmp_path_factory):
+    """A run folder as `istune train` leaves it, with random (large) LoRA B so each layer's adapter matters."""
+    import peft
+
+    from istune.models import load_model_and_tokenizer
+
+    folder = tmp_path_factory.mktemp("lora-run")
+    adapter = AdapterArgs(method="lora", rank=4, alpha=8, target_modules=TARGETS)
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                       init_lora_weights=False))
+    with torch.no_grad():  # a different strength per layer, so that the orders differ
+        for index, block in enumerate(model.base_model.model.model.layers):
+            for name, parameter in block.named_parameters():
+                if "lora_B" in name:
+                    parameter.mul_(1.0 + 2.0 * index)
+    save_adapters(model, folder / "adapter", adapter)
+    ist = ISTConfig(seed=3)
+    results = {"run": asdict(run_args(tiny_model_dir, data_file, folder)), "adapter": asdict(adapter),
+               "ist": ist.to_dict(), "importance": IMPORTANCE}
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder

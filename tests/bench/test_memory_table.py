@@ -1,0 +1,182 @@
+"""istune.bench.memory_table: meta against CPU, worst-case IST steps, exact bytes, CLI errors, output files."""
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from istune.bench import memory_table
+from istune.bench.memory_table import VARIANTS, Settings, Variant, check_meta, measure, variants_for
+from istune.bench.shapes import SHAPES
+
+FLOAT = 4  # bytes per float32
+TINY = Settings(seq_len=16, steps=2, rank=4, bottleneck_size=8)  # seconds per run
+ROWS = {v.key: v for v in VARIANTS}
+
+
+def llama_parameters(shape) -> int:
+    """Parameters of a LLaMA shape, counted from its sizes (not from a model)."""
+    s = shape.sizes
+    hidden, inner, vocab = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
+    kv = hidden // s["num_attention_heads"] * s["num_key_value_heads"]
+    layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inner + 2 * hidden  # q, o; k, v; MLP; two norms
+    return s["num_hidden_layers"] * layer + 2 * vocab * hidden + hidden  # embeddings, head (untied), final norm
+
+
+@pytest.mark.parametrize("shape, keys", [
+    ("tiny-llama", ["full", "lora+ist", "lisa"]),
+    ("tiny-gpt2", ["lora", "full+ist:drop"]),
+])
+def test_meta_device_agrees_with_cpu(shape, keys):
+    rows = [ROWS[k] for k in keys]
+    records = check_meta([shape], rows, TINY, device="cpu")
+
+    assert [r["variant"] for r in records] == [v.key for v in rows]
+    for r in records:
+        assert r["agrees"], r
+        assert r["relative_difference"] <= 1e-3 and r["relative_difference_mean"] <= 1e-3
+        # the only difference: AdamW's step counters, CPU scalars counted only when the parameters are on the CPU
+        assert 0 <= r["measured_peak_bytes"] - r["meta_peak_bytes"] < 2000
+
+
+@pytest.mark.parametrize("key", ["lora+ist", "parallel+ist", "full+ist"])
+def test_ist_peak_is_a_worst_case_step_with_layer_0(key):
+    run = measure(SHAPES["tiny-llama"], ROWS[key], TINY)
+
+    worst = run["steps"][run["worst_step"]]
+    assert 0 in worst["selected"]  # the heaviest step is one that trains layer 0
+    assert run["peak_bytes"] == worst["peak_bytes"] == max(s["peak_bytes"] for s in run["steps"])
+    assert all(len(s["selected"]) == run["update_layers"] == 1 for s in run["steps"])  # 25 percent of 4 layers
+    assert run["mean_step_peak_bytes"] == sum(s["peak_bytes"] for s in run["steps"]) / len(run["steps"])
+    config = run["ist_config"]
+    schedule = memory_table.draw_schedule(config["strategy"], 4, 1, config["seed"], TINY.steps + 1)
+    assert [s["selected"] for s in run["steps"]] == schedule[1:]  # seeded, after one settling step
+    assert measure(SHAPES["tiny-llama"], ROWS[key], TINY)["steps"] == run["steps"]
+
+
+def test_worst_case_seed_is_the_first_that_draws_layer_0():
+    seed, schedule = memory_table.worst_case_seed("ist", 40, 1, 0, 2, unmeasured=1)
+    assert any(0 in s for s in schedule) and schedule == memory_table.draw_schedule("ist", 40, 1, seed, 3)[1:]
+    assert all(not any(0 in s for s in memory_table.draw_schedule("ist", 40, 1, earlier, 3)[1:])
+               for earlier in range(seed))
+
+
+def test_full_fine_tuning_gradients_and_adamw_state_are_three_times_the_weights():
+    shape = SHAPES["tiny-llama"]
+    run = measure(shape, ROWS["full"], TINY)
+    params = llama_parameters(shape)
+    with torch.device("meta"):
+        buffers = sum(b.nbytes for b in AutoModelForCausalLM.from_config(shape.config()).buffers())
+
+    assert run["params_total"] == run["params_trainable"] == params
+    assert run["peak_breakdown"]["weights"] == FLOAT * params + buffers
+    assert run["category_max"]["gradients"] == FLOAT * params
+    assert run["optimizer_state_bytes_at_end"] == 2 * FLOAT * params  # exp_avg and exp_avg_sq (step counters: CPU)
+    grads_and_state = run["category_max"]["gradients"] + run["optimizer_state_bytes_at_end"]
+    assert grads_and_state == pytest.approx(3 * run["peak_breakdown"]["weights"], rel=1e-3)
+
+
+@pytest.mark.parametrize("embeddings", [True, False])
+def test_lisa_trains_only_its_layers(embeddings):
+    shape = SHAPES["tiny-llama"]
+    settings = Settings(seq_len=16, steps=1, lisa_layers=2, lisa_embeddings=embeddings)
+    run = measure(shape, ROWS["lisa"], settings)
+    (step,) = run["steps"]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shape.config())
+    trained = sum(p.numel() for j in step["selected"] for p in model.model.layers[j].parameters())
+    if embeddings:
+        trained += model.model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+
+    assert len(step["selected"]) == 2 and 0 in step["selected"]
+    assert run["params_trained_worst_step"] == trained
+    assert run["optimizer_state_bytes_at_end"] == 2 * FLOAT * trained  # AdamW state after one step, active layers only
+    assert run["ist_config"]["strategy"] == "fixed"
+
+
+def test_rows_with_unknown_ist_options_are_skipped(monkeypatch):
+    extra = Variant("lora+ist:new", "LoRA + IST, new", "lora", {"no_such_option": True}, "lora")
+    monkeypatch.setattr(memory_table, "VARIANTS", VARIANTS + (extra,))
+    usable, skipped = variants_for(["lora"])
+    assert skipped == [extra]
+    assert [v.key for v in usable][:2] == ["lora", "lora+ist"]
+
+
+def test_help_has_text_for_every_option_and_no_bare_percent():
+    parser = memory_table.build_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+        assert not re.search(r"%(?!%)", action.help.replace("%%", "")), action.help
+    parser.format_help()  # formats without error
+
+
+OK_ARGS = ["--shapes", "tiny-llama", "--methods", "lora", "--seq_len", "16", "--steps", "1"]
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--shapes", "llama-70b"], "--shapes"),
+    (["--methods", "lora,prefix"], "--methods"),
+    (["--seq_len", "0"], "--seq_len"),
+    (["--batch_size", "-1"], "--batch_size"),
+    (["--steps", "0"], "--steps"),
+    (["--dtype", "float8"], "--dtype"),
+    (["--attention", "flash"], "--attention"),
+    (["--attention", "sdpa"], "--attention"),  # on the meta device
+    (["--device", "tpu"], "--device"),
+    (["--methods", "lisa", "--lisa_layers", "5"], "--lisa_layers"),
+    (["--check", "--check_shapes", "nope"], "--check_shapes"),
+])
+def test_bad_input_names_the_option_and_writes_nothing(tmp_path, args, option):
+    with pytest.raises(ValueError, match=re.escape(option)):
+        memory_table.main([*OK_ARGS, "--out", str(tmp_path / "t.json"), *args])
+    assert not list(tmp_path.iterdir())
+
+
+def test_cuda_without_cuda_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device=cuda"):
+        memory_table.main([*OK_ARGS, "--device", "cuda", "--out", str(tmp_path / "t.json")])
+    with pytest.raises(ValueError, match="--out"):
+        memory_table.main([*OK_ARGS, "--out", str(tmp_path / "t.md")])
+    assert not list(tmp_path.iterdir())
+
+
+def test_main_writes_json_and_markdown_atomically(tmp_path, monkeypatch):
+    written = []
+    write = memory_table.write_atomic
+    monkeypatch.setattr(memory_table, "write_atomic", lambda path, text: (written.append(path), write(path, text)))
+    out = tmp_path / "results" / "memory.json"
+
+    assert memory_table.main([*OK_ARGS, "--out", str(out)]) == 0
+    assert written == [out, out.with_suffix(".md")]
+    assert not list(out.parent.glob("*.tmp")) and not list(out.parent.glob(".*"))
+    saved = json.loads(out.read_text())
+    runs = saved["runs"]["tiny-llama"]
+    assert list(runs)[:2] == ["lora", "lora+ist"]
+    assert saved["meta"]["settings"]["seq_len"] == 16 and saved["meta"]["device"] == "meta"
+    assert saved["check"] is None
+    for run in runs.values():
+        assert run["peak_bytes"] == sum(run["peak_breakdown"].values())
+    text = out.with_suffix(".md").read_text()
+    assert "-m istune.bench.memory_table --shapes tiny-llama --methods lora" in text  # the command line
+    ratio = runs["lora+ist"]["peak_bytes"] / runs["lora"]["peak_bytes"]
+    assert "| LoRA | LoRA + IST | ratio |" in text and f"| {ratio:.2f} |" in text
+
+
+def test_check_puts_the_agreement_in_the_output(tmp_path):
+    out = tmp_path / "t.json"
+    assert memory_table.main([*OK_ARGS, "--methods", "lisa", "--out", str(out), "--check",
+                              "--check_shapes", "tiny-llama", "--check_seq_len", "16"]) == 0
+    saved = json.loads(out.read_text())
+    assert [(r["shape"], r["variant"], r["agrees"]) for r in saved["check"]] == [("tiny-llama", "lisa", True)]
+    assert "## Meta device against a measured run" in out.with_suffix(".md").read_text()
+
+
+def test_failed_check_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory_table, "CHECK_TOLERANCE", -1.0)  # nothing can agree
+    out = tmp_path / "t.json"
+    assert memory_table.main([*OK_ARGS, "--methods", "lisa", "--out", str(out), "--check",
+                              "--check_shapes", "tiny-llama", "--check_seq_len", "16"]) == 1
+    assert not list(tmp_path.iterdir())
