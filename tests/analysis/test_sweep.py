@@ -105,6 +105,15 @@ def test_sweep_resumes_run_by_run(tiny_model_dir, data_file, tmp_path, monkeypat
     again = json.loads((out / "runs" / "all-seed42.json").read_text())
     assert again["heldout_loss"] == pytest.approx(json.loads(first["all-seed42"])["heldout_loss"], rel=1e-5)
 
+    # A record saved before an ISTConfig field existed still resumes when the field has its default.
+    path = out / "runs" / "ist-u1-mu1-beta0.25-seed42.json"
+    older = json.loads(path.read_text())
+    del older["ist"]["recompute_unselected"]
+    path.write_text(json.dumps(older))
+    monkeypatch.setattr(istune.recipe, "train", _must_not_train)
+    assert main(_sweep_args(out, tiny_model_dir, data_file)) == 0
+    monkeypatch.undo()
+
     with pytest.raises(ValueError, match=r"--max_steps=3 \(saved: 2\)"):  # other settings would mix in silently
         main(_sweep_args(out, tiny_model_dir, data_file, "--max_steps", "3"))
 

@@ -83,10 +83,18 @@ def test_probes_and_no_grad_forwards_are_not_checkpointed():
 
 def test_close_restores_the_blocks_forward():
     model = peft_model("llama", "lora", num_layers=NUM_LAYERS)
+    blocks = model.base_model.model.model.layers
+    calls = []
+    hooked = blocks[2].forward
+    blocks[2].forward = lambda *args, **kwargs: calls.append(1) or hooked(*args, **kwargs)  # as accelerate's hooks do
+    instance_forward = vars(blocks[2])["forward"]
     tuner = SparseTuner(model, ISTConfig(strategy="fixed", layers=[0], recompute_unselected=True))
-    assert all("forward" in vars(layer.block) for layer in tuner.layers)
+    tuner.begin_step()
+    model(**_batch()).loss.backward()
+    assert calls and tuner._recompute.recomputed_calls == 3  # the instance forward ran inside the checkpoint
     tuner.close()
-    assert not any("forward" in vars(layer.block) for layer in tuner.layers)
+    assert vars(blocks[2])["forward"] is instance_forward
+    assert not any("forward" in vars(block) for j, block in enumerate(blocks) if j != 2)
 
 
 def test_transformers_gradient_checkpointing_is_not_doubled():

@@ -92,15 +92,19 @@ def run_path(out: Path, name: str) -> Path:
 def check_finished_runs(planned: Sequence[PlannedRun], size: TrainingSize, out: Path) -> None:
     """Refuse when a saved run of the same name was made with other settings (it would be silently mixed in)."""
     wanted = json.loads(json.dumps(asdict(size)))
+    # A field added to TrainingSize or ISTConfig after a run was saved counts as its default there.
+    size_defaults = json.loads(json.dumps(asdict(TrainingSize())))
+    ist_defaults = {f.name: f.default for f in dataclasses.fields(ISTConfig)}
     for run in planned:
         path = run_path(out, run.name)
         if not path.is_file():
             continue
         saved = json.loads(path.read_text())
-        changed = {k: (saved.get("settings", {}).get(k), v) for k, v in wanted.items()
-                   if saved.get("settings", {}).get(k) != v}
+        saved_size = {**size_defaults, **saved.get("settings", {})}
+        changed = {k: (saved_size.get(k), v) for k, v in wanted.items() if saved_size.get(k) != v}
         ist = json.loads(json.dumps(run.ist.to_dict()))
-        changed |= {f"ist.{k}": (saved.get("ist", {}).get(k), v) for k, v in ist.items() if saved.get("ist", {}).get(k) != v}
+        saved_ist = {**ist_defaults, **saved.get("ist", {})}
+        changed |= {f"ist.{k}": (saved_ist.get(k), v) for k, v in ist.items() if saved_ist.get(k) != v}
         if changed:
             shown = ", ".join(f"--{k}={new!r} (saved: {old!r})" for k, (old, new) in list(changed.items())[:4])
             raise ValueError(f"{path} was made with other settings than now: {shown}. Give the same options to "

@@ -41,10 +41,9 @@ class UnselectedLayerRecompute:
         self.blocks = list(blocks)
         self._checkpointed: set[int] = set()
         self.recomputed_calls = 0  # forwards run under checkpoint (counted once per forward, not per recompute)
+        # A forward already set on the instance (accelerate's device-map hooks do that) is wrapped and put back.
+        self._instance_forwards = [vars(block).get("forward") for block in self.blocks]
         for position, block in enumerate(self.blocks):
-            if "forward" in vars(block):
-                raise ValueError(f"Decoder block {position} ({type(block).__name__}) already has its forward "
-                                 "replaced on the instance; recompute_unselected cannot wrap it. Turn the option off.")
             block.forward = self._wrap(position, block, block.forward)
 
     def select(self, selected: list[int]) -> None:
@@ -53,8 +52,12 @@ class UnselectedLayerRecompute:
         self._checkpointed = {j for j in range(len(self.blocks)) if j not in chosen}
 
     def remove(self) -> None:
-        for block in self.blocks:
-            vars(block).pop("forward", None)
+        """Give every block back the ``forward`` it had before."""
+        for block, forward in zip(self.blocks, self._instance_forwards):
+            if forward is None:
+                vars(block).pop("forward", None)
+            else:
+                block.forward = forward
         self._checkpointed = set()
 
     def _wrap(self, position: int, block: nn.Module, forward: Callable) -> Callable:

@@ -11,6 +11,10 @@ adapters and they get no gradient (``grad is None``): the optimizer never moves 
 no momentum, no weight decay. The optimizer itself must hold every adapter parameter
 (build it before the first ``begin_step``), so a layer chosen later can train.
 
+Two memory options act on the layers not selected (:mod:`istune.core.recompute`,
+:mod:`istune.core.optimizer_state`): ``recompute_unselected`` checkpoints their activations,
+``unselected_optimizer_state`` keeps, offloads or drops their optimizer state.
+
 Under torch.distributed every rank runs its own tuner; probe losses are averaged over
 ranks and the state is compared across ranks at the first step and at every importance
 update (:mod:`istune.core.distributed`), so all ranks train the same layers.
