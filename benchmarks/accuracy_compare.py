@@ -107,7 +107,7 @@ def report(out: Path) -> str:
     by = {(r["strategy"], r["seed"]): r for r in runs}
     seeds = sorted({r["seed"] for r in runs})
     strategies = [s for s in STRATEGIES if any((s, k) in by for k in seeds)]
-    lines = ["| strategy | seeds | final held-out loss | option-scoring acc. (%) | generation acc. (%) | train s/run |",
+    lines = ["| strategy | seeds | final held-out loss | option-scoring acc. (%) | generation acc. (%) | train s/run (wall clock, shared machine) |",
              "|---|---|---|---|---|---|"]
     for s in strategies:
         rs = [by[(s, k)] for k in seeds if (s, k) in by]
