@@ -16,15 +16,11 @@ under transformers' own gradient checkpointing; training has no use for the cach
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-logger = logging.getLogger(__name__)
-
 
 
 class UnselectedLayerRecompute:
