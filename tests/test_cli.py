@@ -6,7 +6,7 @@ import pytest
 
 from istune.cli import main
 
-from .eval.conftest import WORDS, make_model, make_tokenizer
+from .eval.conftest import make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -17,16 +17,6 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    rows = [{"instruction": f"question {WORDS[i % 20 + 20]} {WORDS[(3 * i) % 20 + 20]} ?", "input": "",
-             "output": f"the correct answer is {'true' if i % 2 else 'false'}", "answer": "true" if i % 2 else "false"}
-            for i in range(40)]
-    path = tmp_path_factory.mktemp("data") / "train.json"
-    path.write_text(json.dumps(rows))
-    return path
 
 
 def _train_args(model_dir, data, out, *extra):

@@ -13,7 +13,7 @@ from istune.config import ISTConfig
 from istune.methods import AdapterArgs, save_adapters
 from istune.recipe import RunArgs
 
-from ..eval.conftest import WORDS, make_tokenizer
+from ..eval.conftest import make_tokenizer
 
 NUM_LAYERS = 4
 IMPORTANCE = [0.3, -1.0, 2.0, 0.5]  # least important first: 1, 0, 3, 2
@@ -31,16 +31,6 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="session")
-def data_file(tmp_path_factory):
-    rows = [{"instruction": f"question {WORDS[i % 20 + 20]} {WORDS[(3 * i) % 20 + 20]} ?", "input": "",
-             "output": f"the correct answer is {'true' if i % 2 else 'false'}", "answer": "true" if i % 2 else "false"}
-            for i in range(40)]
-    path = tmp_path_factory.mktemp("data") / "train.json"
-    path.write_text(json.dumps(rows))
-    return path
 
 
 def run_args(model_dir, data, out, **changes) -> RunArgs:
