@@ -13,15 +13,14 @@ the benchmark resumes run by run across sessions. Three measures:
 3. accuracy under the LLM-Adapters generation protocol (greedy, answer-word extraction).
 
 The report gives per-strategy means over seeds and paired differences (same seed, same
-items) with 95% confidence intervals (t over seeds for the loss; over seed x item pairs
-for accuracies), and a plot of the loss curves with min-max seed bands.
+items) with 95% confidence intervals (t over seeds for the loss; for accuracies, t over
+items after averaging each item's difference over the seeds), and a plot of the loss curves with min-max seed bands.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -34,6 +33,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from istune import ISTCallback, ISTConfig
 from istune.bench.records import git_commit, write_atomic
+from istune.bench.stats import mean_ci95, paired_item_ci95
 from istune.data import CausalLMCollator, InstructionDataset
 from istune.eval import evaluate_tasks
 from istune.eval.loss import heldout_loss
@@ -92,41 +92,35 @@ def run_one(strategy: str, seed: int, opts) -> dict:
     }
 
 
-def _ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of a 95% t-interval (normal quantile past 30 values)."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, float("nan")
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(n, 1.96 if n > 30 else 2.1)
-    return mean, t * statistics.stdev(values) / math.sqrt(n)
-
-
 def report(out: Path) -> str:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     by = {(r["strategy"], r["seed"]): r for r in runs}
     seeds = sorted({r["seed"] for r in runs})
     strategies = [s for s in STRATEGIES if any((s, k) in by for k in seeds)]
-    lines = ["| strategy | seeds | final held-out loss | option-scoring acc. (%) | generation acc. (%) | train s/run (wall clock, shared machine) |",
+    seeds = [k for k in seeds if all((s, k) in by for s in strategies)]  # compare means over the same seeds
+    left_out = sorted(f"{s}-seed{k}" for s, k in by if k not in seeds)
+    lines = [f"Means over seeds {', '.join(map(str, seeds))} ± 95% CI"
+             + (f"; runs without every strategy left out: {', '.join(left_out)}" if left_out else "") + ".", "",
+             "| strategy | seeds | final held-out loss | option-scoring acc. (%) | generation acc. (%) | train s/run (wall clock, shared machine) |",
              "|---|---|---|---|---|---|"]
     for s in strategies:
-        rs = [by[(s, k)] for k in seeds if (s, k) in by]
-        loss = _ci95([r["curve"][-1][1] for r in rs])
-        acc = {m: _ci95([100 * statistics.fmean(sum(r["accuracy"][m].values(), [])) for r in rs]) for m in ("score", "generate")}
+        rs = [by[(s, k)] for k in seeds]
+        loss = mean_ci95([r["curve"][-1][1] for r in rs])
+        acc = {m: mean_ci95([100 * statistics.fmean(sum(r["accuracy"][m].values(), [])) for r in rs]) for m in ("score", "generate")}
         lines.append(f"| {s} | {len(rs)} | {loss[0]:.4f} ± {loss[1]:.4f} | {acc['score'][0]:.1f} ± {acc['score'][1]:.1f} | "
                      f"{acc['generate'][0]:.1f} ± {acc['generate'][1]:.1f} | {statistics.fmean(r['train_seconds'] for r in rs):.0f} |")
-    lines += ["", "Paired differences (same seed, same items), 95% CI:", "",
-              "| comparison | pairs | Δ held-out loss | Δ option-scoring acc. (pp) | Δ generation acc. (pp) |", "|---|---|---|---|---|"]
+    lines += ["", "Paired differences (same seed, same items), 95% CI: held-out loss over seeds; accuracies over "
+              "the items, each item's difference averaged over the seeds first.", "",
+              "| comparison | seeds | Δ held-out loss | Δ option-scoring acc. (pp) | Δ generation acc. (pp) |", "|---|---|---|---|---|"]
     for a, b in (("ist", "all"), ("ist", "random"), ("random", "all")):
         pairs = [(by[(a, k)], by[(b, k)]) for k in seeds if (a, k) in by and (b, k) in by]
         if not pairs:
             continue
-        dl = _ci95([x["curve"][-1][1] - y["curve"][-1][1] for x, y in pairs])
+        dl = mean_ci95([x["curve"][-1][1] - y["curve"][-1][1] for x, y in pairs])
         da = {}
         for m in ("score", "generate"):
-            diffs = [100 * (int(u) - int(v)) for x, y in pairs for t in x["accuracy"][m]
-                     for u, v in zip(x["accuracy"][m][t], y["accuracy"][m][t])]
-            da[m] = _ci95(diffs)
+            da[m] = paired_item_ci95([[100 * (int(u) - int(v)) for t in x["accuracy"][m]
+                                       for u, v in zip(x["accuracy"][m][t], y["accuracy"][m][t])] for x, y in pairs])
         lines.append(f"| {a} − {b} | {len(pairs)} | {dl[0]:+.4f} ± {dl[1]:.4f} | {da['score'][0]:+.1f} ± {da['score'][1]:.1f} | "
                      f"{da['generate'][0]:+.1f} ± {da['generate'][1]:.1f} |")
     _plot(out, by, seeds, strategies)
@@ -155,7 +149,7 @@ def _plot(out: Path, by, seeds, strategies) -> None:
     os.replace(tmp, out / "loss_curves.png")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/accuracy")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
@@ -171,7 +165,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa")
     parser.add_argument("--eval_limit", type=int, default=50)
     parser.add_argument("--report_only", action="store_true")
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
     out = Path(opts.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if not opts.report_only:
@@ -185,7 +179,7 @@ def main() -> None:
                 write_atomic(path, json.dumps(result))
     table = report(out)
     header = (f"# LoRA vs LoRA+random vs LoRA+IST, SmolLM2-135M, commonsense mix\n\n"
-              f"Command: `.venv/bin/python benchmarks/accuracy_compare.py {' '.join(sys.argv[1:])}`  \n"
+              f"Command: `.venv/bin/python benchmarks/accuracy_compare.py {' '.join(sys.argv[1:] if argv is None else argv)}`  \n"
               f"Commit: {git_commit(Path(__file__).resolve().parent.parent)}; "
               f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
     write_atomic(out / "results.md", header + table + "\n")

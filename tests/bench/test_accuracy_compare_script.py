@@ -1,0 +1,76 @@
+"""benchmarks/accuracy_compare.py: the report from saved runs, checked against numbers worked out by hand."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy_compare.py"
+
+
+@pytest.fixture(scope="module")
+def accuracy_compare():
+    spec = importlib.util.spec_from_file_location("accuracy_compare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _save_run(out, strategy, seed, final_loss, score, generate):
+    run = {"strategy": strategy, "seed": seed, "train_seconds": 10.0 * seed,
+           "curve": [[0, 2.0], [5, final_loss]],
+           "accuracy": {"score": {"boolq": score[:2], "piqa": score[2:]},
+                        "generate": {"boolq": generate[:2], "piqa": generate[2:]}}}
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "runs" / f"{strategy}-seed{seed}.json").write_text(json.dumps(run))
+
+
+def _row(table, first_cell):
+    line = next(line for line in table.splitlines() if line.startswith(f"| {first_cell} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_report_means_and_paired_differences(accuracy_compare, tmp_path):
+    T, F = True, False
+    _save_run(tmp_path, "all", 1, 0.20, [T, F, T, F], [T, T, F, F])
+    _save_run(tmp_path, "all", 2, 0.22, [T, F, F, F], [T, T, F, F])
+    _save_run(tmp_path, "ist", 1, 0.18, [T, T, T, F], [T, T, F, F])
+    _save_run(tmp_path, "ist", 2, 0.19, [T, F, T, F], [T, F, F, F])
+
+    table = accuracy_compare.report(tmp_path)
+
+    ist = _row(table, "ist")
+    assert ist[1] == "2"
+    half = 12.706 * math.sqrt(((0.18 - 0.185) ** 2 + (0.19 - 0.185) ** 2) / 1) / math.sqrt(2)
+    assert ist[2] == f"0.1850 ± {half:.4f}"
+    assert ist[3].startswith("62.5 ± ")  # (75 + 50) / 2
+    assert ist[5] == "15"  # mean train seconds
+    # Paired, per item averaged over the two seeds: score (0, 50, 50, 0), generation (0, -50, 0, 0).
+    diff = _row(table, "ist − all")
+    assert diff[1] == "2"
+    assert diff[2].startswith("-0.0250 ± ")
+    score_half = 3.182 * math.sqrt(sum((d - 25) ** 2 for d in (0, 50, 50, 0)) / 3) / 2
+    assert diff[3] == f"+25.0 ± {score_half:.1f}"
+    assert diff[4].startswith("-12.5 ± ")
+    assert "| random |" not in table  # no runs saved for it
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
+
+
+def test_report_only_writes_results_without_training(accuracy_compare, tmp_path):
+    _save_run(tmp_path, "all", 1, 0.2, [True] * 4, [False] * 4)
+    accuracy_compare.main(["--out", str(tmp_path), "--report_only"])
+    text = (tmp_path / "results.md").read_text()
+    assert "--report_only" in text and "| all | 1 | 0.2000 ± nan |" in text
+
+
+def test_report_compares_means_over_the_seeds_every_strategy_has(accuracy_compare, tmp_path):
+    _save_run(tmp_path, "all", 1, 0.2, [True] * 4, [False] * 4)
+    _save_run(tmp_path, "all", 2, 0.4, [True] * 4, [False] * 4)
+    _save_run(tmp_path, "ist", 1, 0.1, [True] * 4, [False] * 4)
+
+    table = accuracy_compare.report(tmp_path)
+
+    assert table.startswith("Means over seeds 1 ± 95% CI; runs without every strategy left out: all-seed2.")
+    assert _row(table, "all")[1:3] == ["1", "0.2000 ± nan"]
