@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report_only", action="store_true")
     opts = parser.parse_args(argv)
     out = Path(opts.out)
+    commit = git_commit(Path(__file__).resolve().parent.parent)  # before this run writes into the tree
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if not opts.report_only:
         for seed in [int(k) for k in opts.seeds.split(",")]:
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     table = report(out)
     header = (f"# LoRA vs LoRA+random vs LoRA+IST, SmolLM2-135M, commonsense mix\n\n"
               f"Command: `.venv/bin/python benchmarks/accuracy_compare.py {' '.join(sys.argv[1:] if argv is None else argv)}`  \n"
-              f"Commit: {git_commit(Path(__file__).resolve().parent.parent)}; "
+              f"Commit: {commit}; "
               f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
     write_atomic(out / "results.md", header + table + "\n")
     print(table)
