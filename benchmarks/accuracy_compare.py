@@ -111,20 +111,27 @@ def report(out: Path) -> str:
                      f"{acc['generate'][0]:.1f} ± {acc['generate'][1]:.1f} | {statistics.fmean(r['train_seconds'] for r in rs):.0f} |")
     lines += ["", "Paired differences (same seed, same items), 95% CI: held-out loss over seeds; accuracies over "
               "the items, each item's difference averaged over the seeds first.", "",
-              "| comparison | seeds | Δ held-out loss | Δ option-scoring acc. (pp) | Δ generation acc. (pp) |", "|---|---|---|---|---|"]
+              "| comparison | seeds | Δ final held-out loss | Δ held-out loss, mean of the last two thirds | "
+              "Δ option-scoring acc. (pp) | Δ generation acc. (pp) |", "|---|---|---|---|---|---|"]
     for a, b in (("ist", "all"), ("ist", "random"), ("random", "all")):
         pairs = [(by[(a, k)], by[(b, k)]) for k in seeds if (a, k) in by and (b, k) in by]
         if not pairs:
             continue
         dl = mean_ci95([x["curve"][-1][1] - y["curve"][-1][1] for x, y in pairs])
+        dm = mean_ci95([_late_mean(x["curve"]) - _late_mean(y["curve"]) for x, y in pairs])
         da = {}
         for m in ("score", "generate"):
             da[m] = paired_item_ci95([[100 * (int(u) - int(v)) for t in x["accuracy"][m]
                                        for u, v in zip(x["accuracy"][m][t], y["accuracy"][m][t])] for x, y in pairs])
-        lines.append(f"| {a} − {b} | {len(pairs)} | {dl[0]:+.4f} ± {dl[1]:.4f} | {da['score'][0]:+.1f} ± {da['score'][1]:.1f} | "
+        lines.append(f"| {a} − {b} | {len(pairs)} | {dl[0]:+.4f} ± {dl[1]:.4f} | {dm[0]:+.4f} ± {dm[1]:.4f} | {da['score'][0]:+.1f} ± {da['score'][1]:.1f} | "
                      f"{da['generate'][0]:+.1f} ± {da['generate'][1]:.1f} |")
     _plot(out, by, seeds, strategies)
     return "\n".join(lines)
+
+
+def _late_mean(curve) -> float:
+    """Mean held-out loss over the points in the last two thirds of training, past format learning."""
+    return statistics.fmean(loss for step, loss in curve if step >= curve[-1][0] / 3)
 
 
 def _plot(out: Path, by, seeds, strategies) -> None:
@@ -133,16 +140,21 @@ def _plot(out: Path, by, seeds, strategies) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, (whole, late) = plt.subplots(1, 2, figsize=(11, 4))
     for s in strategies:
-        curves = [by[(s, k)]["curve"] for k in seeds if (s, k) in by]
+        curves = [by[(s, k)]["curve"] for k in seeds]
         steps = [p[0] for p in curves[0]]
         values = [[c[i][1] for c in curves] for i in range(len(steps))]
-        axis.plot(steps, [statistics.fmean(v) for v in values], label=f"LoRA {'(all layers)' if s == 'all' else '+ ' + s}")
-        axis.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
-    axis.set_yscale("log")  # format learning drops the loss 20-fold first; the strategies differ after it
-    axis.set(xlabel="optimizer step", ylabel="held-out answer loss (log scale)", title="SmolLM2-135M, commonsense mix")
-    axis.legend()
+        late_from = next(i for i, step in enumerate(steps) if step >= steps[-1] / 3)  # as in _late_mean
+        label = f"LoRA {'(all layers)' if s == 'all' else '+ ' + s}"
+        for axis, first in ((whole, 0), (late, late_from)):
+            axis.plot(steps[first:], [statistics.fmean(v) for v in values[first:]], marker=".", label=label)
+            axis.fill_between(steps[first:], [min(v) for v in values[first:]], [max(v) for v in values[first:]], alpha=0.2)
+    whole.set_yscale("log")  # format learning drops the loss 20-fold first; the strategies differ after it
+    whole.set(xlabel="optimizer step", ylabel="held-out answer loss (log scale)", title="whole run")
+    late.set(xlabel="optimizer step", ylabel="held-out answer loss", title="after format learning (last two thirds)")
+    late.legend()
+    figure.suptitle(f"SmolLM2-135M, commonsense mix: mean and min-max over seeds {', '.join(map(str, seeds))}")
     figure.tight_layout()
     tmp = out / ".loss_curves.tmp.png"
     figure.savefig(tmp, dpi=120)

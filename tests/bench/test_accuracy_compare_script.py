@@ -20,7 +20,7 @@ def accuracy_compare():
 
 def _save_run(out, strategy, seed, final_loss, score, generate):
     run = {"strategy": strategy, "seed": seed, "train_seconds": 10.0 * seed,
-           "curve": [[0, 2.0], [5, final_loss]],
+           "curve": [[0, 2.0], [3, 2 * final_loss], [6, final_loss]],
            "accuracy": {"score": {"boolq": score[:2], "piqa": score[2:]},
                         "generate": {"boolq": generate[:2], "piqa": generate[2:]}}}
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -51,9 +51,10 @@ def test_report_means_and_paired_differences(accuracy_compare, tmp_path):
     diff = _row(table, "ist − all")
     assert diff[1] == "2"
     assert diff[2].startswith("-0.0250 ± ")
+    assert diff[3].startswith("-0.0375 ± ")  # steps 3 and 6 lie in the last two thirds: mean 1.5 x final
     score_half = 3.182 * math.sqrt(sum((d - 25) ** 2 for d in (0, 50, 50, 0)) / 3) / 2
-    assert diff[3] == f"+25.0 ± {score_half:.1f}"
-    assert diff[4].startswith("-12.5 ± ")
+    assert diff[4] == f"+25.0 ± {score_half:.1f}"
+    assert diff[5].startswith("-12.5 ± ")
     assert "| random |" not in table  # no runs saved for it
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
 
