@@ -5,7 +5,8 @@
 
 Same data sample, data order, adapter init and steps for every strategy at a given seed;
 each (strategy, seed) run is saved to ``<out>/runs/<strategy>-seed<k>.json`` as it ends, so
-the benchmark resumes run by run across sessions. Three measures:
+the benchmark resumes run by run across sessions; the untuned model's option scoring on the same
+items is saved once to ``<out>/base.json``. Three measures:
 
 1. held-out answer loss over training on a fixed held-out slice of the training mix
    (prompt tokens masked), every ``--curve_every`` steps;
@@ -42,6 +43,7 @@ from istune.models import load_model_and_tokenizer
 from istune.recipe import RunArgs, load_eval_items, load_rows
 
 STRATEGIES = ("all", "random", "ist")
+EVAL_SEED = 0  # the same evaluation items for every strategy and seed
 
 
 class HeldoutCurve(TrainerCallback):
@@ -62,7 +64,7 @@ def run_one(strategy: str, seed: int, opts) -> dict:
     run = RunArgs(train_samples=opts.max_steps * opts.batch_size, heldout_samples=opts.heldout, eval_limit=opts.eval_limit)
     set_seed(seed)
     train_rows, heldout_rows = load_rows(run, seed)  # depends on the seed only: same for every strategy
-    items = load_eval_items(opts.tasks.split(","), opts.eval_limit, eval_seed := 0)
+    items = load_eval_items(opts.tasks.split(","), opts.eval_limit, EVAL_SEED)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     collate = CausalLMCollator(tokenizer)
     train_set = InstructionDataset(train_rows, tokenizer, opts.cutoff_len, train_on_inputs=False)
@@ -86,10 +88,21 @@ def run_one(strategy: str, seed: int, opts) -> dict:
     return {
         "strategy": strategy, "seed": seed, "train_seconds": train_seconds, "curve": curve.points,
         "importance": ist_callback.importance.tolist(),
-        "accuracy": {m: {t: [bool(r["correct"]) for r in recs] for t, recs in evaluated[m]["records"].items()}
-                     for m in evaluated},
-        "options": vars(opts), "eval_seed": eval_seed,
+        "accuracy": _correct(evaluated), "options": vars(opts), "eval_seed": EVAL_SEED,
     }
+
+
+def run_base(opts) -> dict:
+    """The untuned model on the same items, by option scoring only (it never produces the answer format)."""
+    items = load_eval_items(opts.tasks.split(","), opts.eval_limit, EVAL_SEED)
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    evaluated = evaluate_tasks(model, tokenizer, items, method=["score"], batch_size=8)
+    return {"strategy": "base", "accuracy": _correct(evaluated), "options": vars(opts), "eval_seed": EVAL_SEED}
+
+
+def _correct(evaluated: dict) -> dict:
+    """{method: {task: [correct per item]}} from ``evaluate_tasks``."""
+    return {m: {t: [bool(r["correct"]) for r in recs] for t, recs in evaluated[m]["records"].items()} for m in evaluated}
 
 
 def report(out: Path) -> str:
@@ -125,8 +138,32 @@ def report(out: Path) -> str:
                                        for u, v in zip(x["accuracy"][m][t], y["accuracy"][m][t])] for x, y in pairs])
         lines.append(f"| {a} − {b} | {len(pairs)} | {dl[0]:+.4f} ± {dl[1]:.4f} | {dm[0]:+.4f} ± {dm[1]:.4f} | {da['score'][0]:+.1f} ± {da['score'][1]:.1f} | "
                      f"{da['generate'][0]:+.1f} ± {da['generate'][1]:.1f} |")
+    lines += ["", *_per_task_table(out, by, seeds, strategies)]
     _plot(out, by, seeds, strategies)
     return "\n".join(lines)
+
+
+def _per_task_table(out: Path, by, seeds, strategies) -> list[str]:
+    """Accuracy per task (means over ``seeds``), beside the untuned model's option scoring when saved."""
+    base_file = out / "base.json"
+    base = json.loads(base_file.read_text())["accuracy"]["score"] if base_file.exists() else None
+    columns = ([("base", "score")] if base else []) + [(s, m) for m in ("score", "generate") for s in strategies]
+    names = {"score": "option scoring", "generate": "generation"}
+    lines = ["Accuracy per task (%), means over the same seeds" + ("; base = the untuned model, option scoring only "
+             "(it never produces the answer format)" if base else "; no base.json saved") + ":", "",
+             "| task | " + " | ".join(f"{s} ({names[m]})" for s, m in columns) + " |", "|---|" + "---|" * len(columns)]
+    first = by[(strategies[0], seeds[0])]["accuracy"]["score"]
+    if base and {t: len(c) for t, c in base.items()} != {t: len(c) for t, c in first.items()}:
+        raise ValueError(f"{base_file} scored other items than the runs (another --tasks or --eval_limit); delete it "
+                         "and run the benchmark again to rescore the base model")
+    for task in [*first, "average"]:
+        cells = []
+        for s, m in columns:
+            runs = [base] if s == "base" else [by[(s, k)]["accuracy"][m] for k in seeds]
+            correct = [c for acc in runs for t in (first if task == "average" else [task]) for c in acc[t]]
+            cells.append(f"{100 * statistics.fmean(correct):.1f}")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _late_mean(curve) -> float:
@@ -178,10 +215,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval_limit", type=int, default=50)
     parser.add_argument("--report_only", action="store_true")
     opts = parser.parse_args(argv)
+    unknown = set(opts.strategies.split(",")) - set(STRATEGIES)
+    if unknown:
+        parser.error(f"--strategies {opts.strategies}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(STRATEGIES)}")
+    if not all(k.strip().isdigit() for k in opts.seeds.split(",")):
+        parser.error(f"--seeds {opts.seeds}: give comma-separated integers, e.g. 1,2,3")
     out = Path(opts.out)
     commit = git_commit(Path(__file__).resolve().parent.parent)  # before this run writes into the tree
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if not opts.report_only:
+        if not (out / "base.json").exists():
+            print("== base model (no tuning), option scoring", flush=True)
+            write_atomic(out / "base.json", json.dumps(run_base(opts)))
         for seed in [int(k) for k in opts.seeds.split(",")]:
             for strategy in opts.strategies.split(","):
                 path = out / "runs" / f"{strategy}-seed{seed}.json"

@@ -75,3 +75,33 @@ def test_report_compares_means_over_the_seeds_every_strategy_has(accuracy_compar
 
     assert table.startswith("Means over seeds 1 ± 95% CI; runs without every strategy left out: all-seed2.")
     assert _row(table, "all")[1:3] == ["1", "0.2000 ± nan"]
+
+
+def test_per_task_table_puts_the_base_model_beside_the_strategies(accuracy_compare, tmp_path):
+    T, F = True, False
+    _save_run(tmp_path, "all", 1, 0.2, [T, F, T, T], [F, F, T, F])
+    _save_run(tmp_path, "all", 2, 0.2, [T, T, T, T], [F, F, F, F])
+    (tmp_path / "base.json").write_text(json.dumps({"accuracy": {"score": {"boolq": [F, F], "piqa": [T, F]}}}))
+
+    table = accuracy_compare.report(tmp_path)
+
+    assert "| task | base (option scoring) | all (option scoring) | all (generation) |" in table
+    assert _row(table, "boolq")[1:] == ["0.0", "75.0", "0.0"]
+    assert _row(table, "piqa")[1:] == ["50.0", "100.0", "25.0"]
+    assert _row(table, "average")[1:] == ["25.0", "87.5", "12.5"]
+
+
+@pytest.mark.parametrize("flag, value, message", [("--strategies", "ist,lisa", "unknown lisa"),
+                                                    ("--seeds", "1,two", "comma-separated integers")])
+def test_bad_options_are_refused_before_any_work(accuracy_compare, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit):
+        accuracy_compare.main(["--out", str(tmp_path / "out"), flag, value])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_base_model_scored_on_other_items_is_refused(accuracy_compare, tmp_path):
+    _save_run(tmp_path, "all", 1, 0.2, [True] * 4, [False] * 4)
+    (tmp_path / "base.json").write_text(json.dumps({"accuracy": {"score": {"boolq": [True] * 3, "piqa": [True] * 2}}}))
+    with pytest.raises(ValueError, match="other items"):
+        accuracy_compare.report(tmp_path)
