@@ -13,9 +13,11 @@ items is saved once to ``<out>/base.json``. Three measures:
 2. accuracy by scoring each option's full text by log-likelihood;
 3. accuracy under the LLM-Adapters generation protocol (greedy, answer-word extraction).
 
-The report gives per-strategy means over seeds and paired differences (same seed, same
-items) with 95% confidence intervals (t over seeds for the loss; for accuracies, t over
-items after averaging each item's difference over the seeds), and a plot of the loss curves with min-max seed bands.
+The report gives per-strategy means over the seeds every strategy has, paired differences (same
+seed, same items) with 95% confidence intervals (t over seeds for the final held-out loss and its
+mean over the last two thirds of training; for accuracies, t over items after averaging each
+item's difference over the seeds), accuracy per task, and a plot of the loss curves with min-max
+seed bands (the whole run, and after format learning).
 """
 
 from __future__ import annotations
