@@ -1,21 +1,16 @@
 """benchmarks/accuracy_compare.py: the report from saved runs, checked against numbers worked out by hand."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy_compare.py"
+from tests.bench import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def accuracy_compare():
-    spec = importlib.util.spec_from_file_location("accuracy_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("accuracy_compare")
 
 
 def _save_run(out, strategy, seed, final_loss, score, generate):

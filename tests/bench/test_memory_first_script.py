@@ -1,21 +1,16 @@
 """benchmarks/memory_first.py: the --tiny smoke run writes a consistent JSON and markdown."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_first.py"
+from tests.bench import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def memory_first():
     pytest.importorskip("peft")
-    spec = importlib.util.spec_from_file_location("memory_first", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("memory_first")
 
 
 def test_tiny_run_writes_results(memory_first, tmp_path):

@@ -1,20 +1,15 @@
 """benchmarks/methods_table.py: the --tiny smoke run writes a consistent JSON and markdown, and --render redoes the .md."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "methods_table.py"
+from tests.bench import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def methods_table():
-    spec = importlib.util.spec_from_file_location("methods_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("methods_table")
 
 
 def test_tiny_run_writes_results(methods_table, tmp_path):
