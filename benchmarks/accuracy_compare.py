@@ -114,7 +114,7 @@ def report(out: Path) -> str:
     strategies = [s for s in STRATEGIES if any((s, k) in by for k in seeds)]
     seeds = [k for k in seeds if all((s, k) in by for s in strategies)]  # compare means over the same seeds
     left_out = sorted(f"{s}-seed{k}" for s, k in by if k not in seeds)
-    lines = [f"Means over seeds {', '.join(map(str, seeds))} ± 95% CI"
+    lines = [f"Means over {_seeds(seeds)} ± 95% CI"
              + (f"; runs without every strategy left out: {', '.join(left_out)}" if left_out else "") + ".", "",
              "| strategy | seeds | final held-out loss | option-scoring acc. (%) | generation acc. (%) | train s/run (wall clock, shared machine) |",
              "|---|---|---|---|---|---|"]
@@ -168,6 +168,10 @@ def _per_task_table(out: Path, by, seeds, strategies) -> list[str]:
     return lines
 
 
+def _seeds(seeds: list[int]) -> str:
+    return ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
+
+
 def _late_mean(curve) -> float:
     """Mean held-out loss over the points in the last two thirds of training, past format learning."""
     return statistics.fmean(loss for step, loss in curve if step >= curve[-1][0] / 3)
@@ -193,7 +197,7 @@ def _plot(out: Path, by, seeds, strategies) -> None:
     whole.set(xlabel="optimizer step", ylabel="held-out answer loss (log scale)", title="whole run")
     late.set(xlabel="optimizer step", ylabel="held-out answer loss", title="after format learning (last two thirds)")
     late.legend()
-    figure.suptitle(f"SmolLM2-135M, commonsense mix: mean and min-max over seeds {', '.join(map(str, seeds))}")
+    figure.suptitle(f"SmolLM2-135M, commonsense mix: mean and min-max over {_seeds(seeds)}")
     figure.tight_layout()
     tmp = out / ".loss_curves.tmp.png"
     figure.savefig(tmp, dpi=120)

@@ -68,7 +68,7 @@ def test_report_compares_means_over_the_seeds_every_strategy_has(accuracy_compar
 
     table = accuracy_compare.report(tmp_path)
 
-    assert table.startswith("Means over seeds 1 ± 95% CI; runs without every strategy left out: all-seed2.")
+    assert table.startswith("Means over seed 1 ± 95% CI; runs without every strategy left out: all-seed2.")
     assert _row(table, "all")[1:3] == ["1", "0.2000 ± nan"]
 
 
