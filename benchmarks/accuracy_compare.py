@@ -109,6 +109,8 @@ def _correct(evaluated: dict) -> dict:
 
 def report(out: Path) -> str:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    if not runs:
+        raise FileNotFoundError(f"no saved runs in {out / 'runs'}; run the benchmark without --report_only first")
     by = {(r["strategy"], r["seed"]): r for r in runs}
     seeds = sorted({r["seed"] for r in runs})
     strategies = [s for s in STRATEGIES if any((s, k) in by for k in seeds)]

@@ -100,3 +100,8 @@ def test_a_base_model_scored_on_other_items_is_refused(accuracy_compare, tmp_pat
     (tmp_path / "base.json").write_text(json.dumps({"accuracy": {"score": {"boolq": [True] * 3, "piqa": [True] * 2}}}))
     with pytest.raises(ValueError, match="other items"):
         accuracy_compare.report(tmp_path)
+
+
+def test_report_without_saved_runs_says_what_to_do(accuracy_compare, tmp_path):
+    with pytest.raises(FileNotFoundError, match="without --report_only first"):
+        accuracy_compare.report(tmp_path)
