@@ -42,6 +42,7 @@ from istune.eval import evaluate_tasks
 from istune.eval.loss import heldout_loss
 from istune.methods import AdapterArgs, add_adapters
 from istune.models import load_model_and_tokenizer
+from istune.options import parse_list
 from istune.recipe import RunArgs, load_eval_items, load_rows
 
 STRATEGIES = ("all", "random", "ist")
@@ -223,11 +224,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval_limit", type=int, default=50)
     parser.add_argument("--report_only", action="store_true")
     opts = parser.parse_args(argv)
-    unknown = set(opts.strategies.split(",")) - set(STRATEGIES)
-    if unknown:
-        parser.error(f"--strategies {opts.strategies}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(STRATEGIES)}")
-    if not all(k.strip().isdigit() for k in opts.seeds.split(",")):
-        parser.error(f"--seeds {opts.seeds}: give comma-separated integers, e.g. 1,2,3")
+    try:
+        strategies = parse_list("strategies", opts.strategies, allowed=STRATEGIES)
+        seeds = parse_list("seeds", opts.seeds, int)
+    except ValueError as error:
+        parser.error(str(error))
     out = Path(opts.out)
     commit = git_commit(Path(__file__).resolve().parent.parent)  # before this run writes into the tree
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -235,8 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         if not (out / "base.json").exists():
             print("== base model (no tuning), option scoring", flush=True)
             write_atomic(out / "base.json", json.dumps(run_base(opts)))
-        for seed in [int(k) for k in opts.seeds.split(",")]:
-            for strategy in opts.strategies.split(","):
+        for seed in seeds:
+            for strategy in strategies:
                 path = out / "runs" / f"{strategy}-seed{seed}.json"
                 if path.exists():
                     continue

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from istune.config import ISTConfig
 from istune.methods import AdapterArgs, add_adapters, save_adapters
+from istune.options import require_at_least_one
 
 COMMONSENSE = "commonsense"
 
@@ -54,10 +55,8 @@ def check_run(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig) -> list[str]:
     """Validate everything that can be checked without the model; return the eval task names."""
     from istune.data.commonsense_format import COMMONSENSE_TASKS, canonical_task
 
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "cutoff_len", "logging_steps",
-                 "eval_batch_size", "heldout_samples"):
-        if getattr(run, name) < 1:
-            raise ValueError(f"--{name}={getattr(run, name)!r} must be at least 1.")
+    require_at_least_one(run, ("max_steps", "batch_size", "gradient_accumulation_steps", "cutoff_len", "logging_steps",
+                               "eval_batch_size", "heldout_samples"))
     for name in ("train_samples", "eval_limit"):
         if getattr(run, name) is not None and getattr(run, name) < 1:
             raise ValueError(f"--{name}={getattr(run, name)!r} must be at least 1 (leave it unset for all).")

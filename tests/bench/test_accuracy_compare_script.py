@@ -86,8 +86,8 @@ def test_per_task_table_puts_the_base_model_beside_the_strategies(accuracy_compa
     assert _row(table, "average")[1:] == ["25.0", "87.5", "12.5"]
 
 
-@pytest.mark.parametrize("flag, value, message", [("--strategies", "ist,lisa", "unknown lisa"),
-                                                    ("--seeds", "1,two", "comma-separated integers")])
+@pytest.mark.parametrize("flag, value, message", [("--strategies", "ist,lisa", "unknown 'lisa'; use a comma-separated list of all"),
+                                                    ("--seeds", "1,two", "'two' is not an int")])
 def test_bad_options_are_refused_before_any_work(accuracy_compare, tmp_path, capsys, flag, value, message):
     with pytest.raises(SystemExit):
         accuracy_compare.main(["--out", str(tmp_path / "out"), flag, value])

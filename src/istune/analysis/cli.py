@@ -13,7 +13,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from istune.analysis.training_runs import add_size_options, parse_list, size_from_options
+from istune.analysis.training_runs import add_size_options, size_from_options
+from istune.options import parse_list
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,7 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = run_sweep(
             options.out, size_from_options(options), parse_list("parts", options.parts, str),
             keep_adapters=options.keep_adapters, argv=given,
-            mu_values=parse_list("mu_values", options.mu_values), beta_values=parse_list("beta_values", options.beta_values),
+            mu_values=parse_list("mu_values", options.mu_values, float),
+            beta_values=parse_list("beta_values", options.beta_values, float),
             update_layers=options.update_layers,
             ablation_update_layers=parse_list("ablation_update_layers", options.ablation_update_layers, int),
             mu=options.mu, beta=options.beta, probe_interval=options.probe_interval,

@@ -183,20 +183,3 @@ def repo_root() -> Path:
     import istune
 
     return Path(istune.__file__).resolve().parents[2]
-
-
-def parse_list(option: str, text: str, kind=float) -> list:
-    """Split a comma-separated option value; refuse empty lists and bad items, naming the option."""
-    items = [item.strip() for item in str(text).split(",") if item.strip()]
-    if not items:
-        raise ValueError(f"--{option}={text!r} is empty; give comma-separated values, e.g. --{option} 1,10.")
-    values = []
-    for item in items:
-        try:
-            values.append(kind(item))
-        except ValueError:
-            raise ValueError(f"--{option}={text!r}: {item!r} is not a {kind.__name__}; give comma-separated "
-                             f"{kind.__name__} values.") from None
-    if len(set(values)) != len(values):
-        raise ValueError(f"--{option}={text!r} repeats a value; give each value once.")
-    return values

@@ -411,23 +411,6 @@ def _training_note(result: dict) -> str:
             f"(they moved meanwhile): Spearman {rho:.3f}.")
 
 
-def parse_list(option: str, text: str, allowed: Optional[dict] = None, kind: type = str) -> list:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if allowed is not None:
-        unknown = [item for item in items if item not in allowed]
-        if unknown or not items:
-            raise ValueError(f"{option}={text!r}: unknown value {', '.join(map(repr, unknown)) or '(none given)'}; "
-                             f"use a comma-separated list of {', '.join(allowed)}.")
-        return items
-    try:
-        values = [kind(item) for item in items]
-    except ValueError:
-        raise ValueError(f"{option}={text!r}: use a comma-separated list of {kind.__name__}s, e.g. 1,2.") from None
-    if not values:
-        raise ValueError(f"{option}={text!r}: give at least one value, e.g. 1.")
-    return values
-
-
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="istune bench probes", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -453,14 +436,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from istune.bench.records import run_metadata
     from istune.bench.timing import parse_ist_fields
+    from istune.options import parse_list, require_at_least_one
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)
-    for name in ("train_steps", "batch_size", "cutoff_len", "updates"):
-        if getattr(opts, name) < 1:
-            raise ValueError(f"--{name}={getattr(opts, name)!r} must be at least 1.")
-    variants = [VARIANTS[key] for key in parse_list("--variants", opts.variants, VARIANTS)]
-    seeds = parse_list("--seeds", opts.seeds, kind=int)
+    require_at_least_one(opts, ("train_steps", "batch_size", "cutoff_len", "updates"))
+    variants = [VARIANTS[key] for key in parse_list("variants", opts.variants, allowed=VARIANTS)]
+    seeds = parse_list("seeds", opts.seeds, int)
     overrides = parse_ist_fields(opts.ist) if opts.ist else {}
     if opts.run:
         model, config, source, described = load_run(Path(opts.run))

@@ -67,17 +67,6 @@ def builtin_rows() -> dict[str, Row]:
     return rows
 
 
-def parse_strategies(text: str) -> list[Row]:
-    """``"lora,ist"`` -> the built-in rows with those keys, in the order given."""
-    rows = builtin_rows()
-    keys = [key.strip() for key in text.split(",") if key.strip()]
-    unknown = [key for key in keys if key not in rows]
-    if unknown or not keys:
-        raise ValueError(f"--strategies={text!r}: unknown strategy {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"use a comma-separated list of {', '.join(rows)}.")
-    return [rows[key] for key in keys]
-
-
 def parse_ist_fields(text: str) -> dict[str, Any]:
     """``"probe_batch_size=1,num_probes=2"`` -> ``{"probe_batch_size": 1, "num_probes": 2}``, checked by ISTConfig.
 
@@ -285,13 +274,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     import sys
 
     from istune.bench.records import run_metadata
+    from istune.options import parse_list, require_at_least_one
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)
-    for name in ("batch_size", "seq_len", "steps", "rounds"):
-        if getattr(opts, name) < 1:
-            raise ValueError(f"--{name}={getattr(opts, name)!r} must be at least 1.")
-    rows = parse_strategies(opts.strategies) if opts.strategies else list(builtin_rows().values())
+    require_at_least_one(opts, ("batch_size", "seq_len", "steps", "rounds"))
+    builtin = builtin_rows()
+    keys = parse_list("strategies", opts.strategies, allowed=builtin) if opts.strategies else list(builtin)
+    rows = [builtin[key] for key in keys]
     rows += [extra_row(parse_ist_fields(text)) for text in opts.ist]
     print(f"istune bench time: {len(rows)} rows, {opts.rounds} rounds x {opts.steps} steps, "
           f"batch {opts.batch_size} x {opts.seq_len}", flush=True)
