@@ -40,10 +40,10 @@ from istune.bench.stats import mean_ci95, paired_item_ci95
 from istune.data import CausalLMCollator, InstructionDataset
 from istune.eval import evaluate_tasks
 from istune.eval.loss import heldout_loss
-from istune.methods import AdapterArgs, add_adapters
-from istune.models import load_model_and_tokenizer
-from istune.options import parse_list
-from istune.recipe import RunArgs, load_eval_items, load_rows
+from istune.recipe.methods import AdapterArgs, add_adapters
+from istune.recipe.models import load_model_and_tokenizer
+from istune.recipe.options import parse_list
+from istune.recipe.train import RunArgs, load_eval_items, load_rows
 
 STRATEGIES = ("all", "random", "ist")
 EVAL_SEED = 0  # the same evaluation items for every strategy and seed

@@ -27,8 +27,8 @@ def _train_parser():
     from transformers import HfArgumentParser
 
     from istune.config import ISTConfig
-    from istune.methods import AdapterArgs
-    from istune.recipe import RunArgs
+    from istune.recipe.methods import AdapterArgs
+    from istune.recipe.train import RunArgs
 
     parser = HfArgumentParser((RunArgs, AdapterArgs, ISTConfig), prog="istune train",
                               description="Fine-tune a causal LM with a PEFT method and IST, then evaluate it.")
@@ -82,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _train(argv: Sequence[str]) -> int:
     import time
 
-    from istune.recipe import train
+    from istune.recipe.train import train
 
     started = time.time()
     run, adapter, ist = _parse_train(argv)
@@ -98,7 +98,7 @@ def _eval(argv: Sequence[str]) -> int:
     parser.add_argument("--eval_limit", type=int, default=None, help="Items per task; default: the run's.")
     parser.add_argument("--eval_method", default=None, choices=["generate", "score", "both"])
     args = parser.parse_args(argv)
-    from istune.evaluate_run import evaluate_run
+    from istune.recipe.evaluate import evaluate_run
 
     evaluate_run(args.run_dir, tasks=args.eval_tasks, limit=args.eval_limit, method=args.eval_method)
     return 0
@@ -110,7 +110,7 @@ def _plot(argv: Sequence[str]) -> int:
     parser.add_argument("run_dir", help="Output folder of a run (holds ist_log.jsonl), or the log file.")
     parser.add_argument("--out_dir", default=None, help="Where the PNGs go; default: the run folder.")
     args = parser.parse_args(argv)
-    from istune.plot import plot_run
+    from istune.recipe.plot import plot_run
 
     for path in plot_run(args.run_dir, args.out_dir):
         print(f"istune plot: wrote {path}")

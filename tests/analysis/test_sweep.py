@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import istune.recipe
+import istune.recipe.train
 from istune.analysis.cli import main
 from istune.analysis.sweep import plan_sweep, summarize
 
@@ -56,7 +56,7 @@ def test_summary_over_seeds():
     (["--eval_tasks", "mmlu", "--eval_limit", "2"], "task='mmlu'"),
 ])
 def test_bad_input_is_refused_before_any_work(tiny_model_dir, data_file, tmp_path, monkeypatch, args, message):
-    monkeypatch.setattr(istune.recipe, "train", _must_not_train)
+    monkeypatch.setattr(istune.recipe.train, "train", _must_not_train)
     out = tmp_path / "sweep"
     with pytest.raises(ValueError) as error:
         main(["sweep", "--out", str(out), "--model", str(tiny_model_dir), "--data", str(data_file), *args])
@@ -90,15 +90,15 @@ def test_sweep_resumes_run_by_run(tiny_model_dir, data_file, tmp_path, monkeypat
     assert "| IST μ=10 | 1 |" in (out / "sweep.md").read_text()
     assert (out / "sweep.png").stat().st_size > 1000
 
-    monkeypatch.setattr(istune.recipe, "train", _must_not_train)  # everything is done: nothing trains again
+    monkeypatch.setattr(istune.recipe.train, "train", _must_not_train)  # everything is done: nothing trains again
     assert main(_sweep_args(out, tiny_model_dir, data_file)) == 0
     assert {name: (out / "runs" / f"{name}.json").read_text() for name in names} == first
 
     (out / "runs" / "all-seed42.json").unlink()  # one run lost: only it trains again
     monkeypatch.undo()
     trained = []
-    real_train = istune.recipe.train
-    monkeypatch.setattr(istune.recipe, "train", lambda run, adapter, ist: trained.append(ist.strategy) or
+    real_train = istune.recipe.train.train
+    monkeypatch.setattr(istune.recipe.train, "train", lambda run, adapter, ist: trained.append(ist.strategy) or
                         real_train(run, adapter, ist))
     assert main(_sweep_args(out, tiny_model_dir, data_file)) == 0
     assert trained == ["all"]
@@ -110,7 +110,7 @@ def test_sweep_resumes_run_by_run(tiny_model_dir, data_file, tmp_path, monkeypat
     older = json.loads(path.read_text())
     del older["ist"]["recompute_unselected"]
     path.write_text(json.dumps(older))
-    monkeypatch.setattr(istune.recipe, "train", _must_not_train)
+    monkeypatch.setattr(istune.recipe.train, "train", _must_not_train)
     assert main(_sweep_args(out, tiny_model_dir, data_file)) == 0
     monkeypatch.undo()
 
@@ -120,10 +120,10 @@ def test_sweep_resumes_run_by_run(tiny_model_dir, data_file, tmp_path, monkeypat
 
 def test_a_failed_run_leaves_no_record_and_no_work_folder(tiny_model_dir, data_file, tmp_path, monkeypatch):
     def failing_train(run, adapter, ist):
-        (istune.recipe.Path(run.output_dir) / "adapter").mkdir(parents=True)
+        (istune.recipe.train.Path(run.output_dir) / "adapter").mkdir(parents=True)
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(istune.recipe, "train", failing_train)
+    monkeypatch.setattr(istune.recipe.train, "train", failing_train)
     out = tmp_path / "sweep"
     with pytest.raises(RuntimeError, match="out of memory"):
         main(_sweep_args(out, tiny_model_dir, data_file))

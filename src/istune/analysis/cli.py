@@ -14,7 +14,7 @@ import sys
 from typing import Optional, Sequence
 
 from istune.analysis.training_runs import add_size_options, size_from_options
-from istune.options import parse_list
+from istune.recipe.options import parse_list
 
 
 def _parser() -> argparse.ArgumentParser:

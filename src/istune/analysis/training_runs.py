@@ -1,6 +1,6 @@
 """Short training runs for the analyses, recorded one file per run so that a sweep resumes.
 
-Every run goes through the same recipe as ``istune train`` (:func:`istune.recipe.train`):
+Every run goes through the same recipe as ``istune train`` (:func:`istune.recipe.train.train`):
 same data sample, data order and adapter initialisation for a given seed, whatever the
 strategy, so runs differ only in their ISTConfig. A finished run is saved whole to
 ``<out>/runs/<name>.json``; a later call skips every run whose file exists, after
@@ -39,8 +39,8 @@ class TrainingSize:
     eval_tasks: str = field(default="all", metadata={"help": "Commonsense tasks of the accuracy ('all' or comma-separated), when eval_limit is above 0."})
 
     def run_args(self, output_dir: Path):
-        """The :class:`istune.recipe.RunArgs` of one run of this size."""
-        from istune.recipe import RunArgs
+        """The :class:`istune.recipe.train.RunArgs` of one run of this size."""
+        from istune.recipe.train import RunArgs
 
         return RunArgs(
             model=self.model, data=self.data, train_samples=self.max_steps * self.batch_size,
@@ -52,7 +52,7 @@ class TrainingSize:
         )
 
     def adapter_args(self):
-        from istune.methods import AdapterArgs
+        from istune.recipe.methods import AdapterArgs
 
         return AdapterArgs(method=self.method, rank=self.rank, alpha=2 * self.rank)
 
@@ -68,7 +68,7 @@ class PlannedRun:
 
 def check_size(size: TrainingSize) -> None:
     """Refuse bad sizes (with the option, the value and the fix) before anything is loaded."""
-    from istune.recipe import check_run
+    from istune.recipe.train import check_run
 
     if size.eval_limit < 0:
         raise ValueError(f"--eval_limit={size.eval_limit} must be 0 (no accuracy) or a number of items per task.")
@@ -78,8 +78,8 @@ def check_size(size: TrainingSize) -> None:
 def count_adapter_layers(size: TrainingSize) -> int:
     """N_L of ``size.model`` with ``size.method`` adapters (loads the model once, trains nothing)."""
     from istune.core.layers import find_adapter_layers
-    from istune.methods import add_adapters
-    from istune.models import load_model_and_tokenizer
+    from istune.recipe.methods import add_adapters
+    from istune.recipe.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(size.model)
     return len(find_adapter_layers(add_adapters(model, size.adapter_args(), total_steps=size.max_steps)))
@@ -135,7 +135,7 @@ def run_all(planned: Sequence[PlannedRun], size: TrainingSize, out: Path, *, com
 
 def _train_one(run: PlannedRun, size: TrainingSize, out: Path, command: str, argv: Sequence[str],
                keep_adapters: bool) -> dict:
-    from istune.recipe import train
+    from istune.recipe.train import train
 
     work = out / RUNS_FOLDER / f"{run.name}.work"
     shutil.rmtree(work, ignore_errors=True)  # left by an interrupted call

@@ -61,7 +61,7 @@ from istune.config import ISTConfig
 from istune.core import policy
 from istune.core.layers import prepare_full_layer_tuning
 from istune.core.tuner import SparseTuner
-from istune.methods import AdapterArgs, add_adapters
+from istune.recipe.methods import AdapterArgs, add_adapters
 
 __all__ = ["METHODS", "Settings", "VARIANTS", "Variant", "build_parser", "check_meta", "main", "measure",
            "variants_for"]

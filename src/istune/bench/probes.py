@@ -297,9 +297,9 @@ def make_adapters_trainable(model: torch.nn.Module) -> int:
 def load_run(folder: Path) -> tuple[torch.nn.Module, ISTConfig, ProbeSource, dict]:
     """Base model + adapters of an ``istune train`` output folder, its IST config and its training data."""
     from istune.data import CausalLMCollator, InstructionDataset
-    from istune.methods import AdapterArgs, load_adapters
-    from istune.models import load_model_and_tokenizer
-    from istune.recipe import RunArgs, load_rows
+    from istune.recipe.methods import AdapterArgs, load_adapters
+    from istune.recipe.models import load_model_and_tokenizer
+    from istune.recipe.train import RunArgs, load_rows
 
     results = folder / "results.json"
     if not results.is_file() or not (folder / "adapter").is_dir():
@@ -330,8 +330,8 @@ def train_briefly(name: Optional[str], steps: int, batch_size: int, cutoff_len: 
     seeded sample of ``pool`` training rows, the trained ones first) and a description.
     """
     from istune.data import CausalLMCollator, InstructionDataset, build_commonsense_train
-    from istune.methods import AdapterArgs, add_adapters
-    from istune.models import load_model_and_tokenizer
+    from istune.recipe.methods import AdapterArgs, add_adapters
+    from istune.recipe.models import load_model_and_tokenizer
 
     rows = build_commonsense_train()
     order = list(range(len(rows)))
@@ -436,7 +436,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from istune.bench.records import run_metadata
     from istune.bench.timing import parse_ist_fields
-    from istune.options import parse_list, require_at_least_one
+    from istune.recipe.options import parse_list, require_at_least_one
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)

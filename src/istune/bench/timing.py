@@ -142,7 +142,7 @@ class Setup:
 def build(row: Row, model: torch.nn.Module, batch: dict) -> Setup:
     """Adapters (or full layers), AdamW over every trainable parameter, and the row's SparseTuner."""
     from istune.core.tuner import SparseTuner
-    from istune.methods import AdapterArgs, add_adapters
+    from istune.recipe.methods import AdapterArgs, add_adapters
 
     torch.manual_seed(0)  # the same LoRA initialisation in every row
     model = add_adapters(model, AdapterArgs(method=row.method, **LORA), total_steps=1000)
@@ -264,7 +264,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def load_model(name: Optional[str]) -> torch.nn.Module:
-    from istune.models import load_model_and_tokenizer
+    from istune.recipe.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(name)[0]
 
@@ -274,7 +274,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import sys
 
     from istune.bench.records import run_metadata
-    from istune.options import parse_list, require_at_least_one
+    from istune.recipe.options import parse_list, require_at_least_one
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)

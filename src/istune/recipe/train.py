@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from istune.config import ISTConfig
-from istune.methods import AdapterArgs, add_adapters, save_adapters
-from istune.options import require_at_least_one
+from istune.recipe.methods import AdapterArgs, add_adapters, save_adapters
+from istune.recipe.options import require_at_least_one
 
 COMMONSENSE = "commonsense"
 
@@ -126,7 +126,7 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig) -> dict[str, Any]:
 
     from istune.data import CausalLMCollator, InstructionDataset
     from istune.integrations.hf import ISTCallback
-    from istune.models import load_model_and_tokenizer
+    from istune.recipe.models import load_model_and_tokenizer
 
     started = time.time()
     tasks = check_run(run, adapter, ist)

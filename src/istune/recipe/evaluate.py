@@ -14,9 +14,9 @@ def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int]
     import torch
 
     from istune.data import CausalLMCollator, InstructionDataset
-    from istune.methods import load_adapters
-    from istune.models import load_model_and_tokenizer
-    from istune.recipe import RunArgs, check_run, evaluate, format_results, load_eval_items, load_rows, write_json
+    from istune.recipe.methods import load_adapters
+    from istune.recipe.models import load_model_and_tokenizer
+    from istune.recipe.train import RunArgs, check_run, evaluate, format_results, load_eval_items, load_rows, write_json
 
     folder = Path(run_dir)
     results_file = folder / "results.json"
@@ -26,7 +26,7 @@ def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int]
     overrides = {k: v for k, v in {"eval_tasks": tasks, "eval_limit": limit, "eval_method": method}.items() if v is not None}
     run = dataclasses.replace(RunArgs(**saved["run"]), overwrite=True, **overrides)
     from istune.config import ISTConfig
-    from istune.methods import AdapterArgs
+    from istune.recipe.methods import AdapterArgs
 
     task_names = check_run(run, AdapterArgs(**saved["adapter"]), ISTConfig(**saved["ist"]))
     _, heldout_rows = load_rows(run, saved["ist"]["seed"])

@@ -1,4 +1,4 @@
-"""istune.models: the embedded SmolLM2 alias, pass-through of other names, conversion and loading."""
+"""istune.recipe.models: the embedded SmolLM2 alias, pass-through of other names, conversion and loading."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from istune import models
+from istune.recipe import models
 
 
 @pytest.mark.parametrize(
