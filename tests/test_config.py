@@ -29,6 +29,7 @@ from istune import ISTConfig
         ({"strategy": "fixed", "layers": [0], "update_layers": 2}, "update_layers", "2"),
         ({"strategy": "random", "layers": [0]}, "layers", "[0]"),
         ({"probe_batch_size": 0}, "probe_batch_size", "0"),
+        ({"reward_scale": "std"}, "reward_scale", "'std'"),
     ],
 )
 def test_bad_values_name_field_and_value(kwargs, field, value):

@@ -14,6 +14,7 @@ from typing import Optional
 
 STRATEGIES = ("ist", "random", "fixed", "all")
 OPTIMIZER_STATE_POLICIES = ("keep", "offload", "drop")
+REWARD_SCALES = ("paper", "spread")
 
 
 @dataclass
@@ -61,6 +62,13 @@ class ISTConfig:
         default=10.0,
         metadata={"help": "μ: importance learning rate (10 for commonsense, 100 for math in the paper)."},
     )
+    reward_scale: str = field(
+        default="paper",
+        metadata={"help": "Scale of the rewards r_j (eq. 9) before I_i += μ·r_j (eq. 10): 'paper' uses them as they are, "
+                  "so a good μ depends on the task's loss level (10 commonsense, 100 math); 'spread' divides them by "
+                  "their root mean square over the N_c candidates, so μ is in units of that spread and one value can "
+                  "serve every task (try μ = 0.1; not in the paper)."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed of istune's own RNG (selections, candidates, probe batches)."})
     layers: Optional[list[int]] = field(
         default=None, metadata={"help": "Layer positions (0-based) to train with strategy 'fixed'."}
@@ -102,6 +110,8 @@ class ISTConfig:
             _fail("beta", self.beta, "β must be a number in [0, 1]; the paper uses 0.25")
         if isinstance(self.mu, bool) or not isinstance(self.mu, (int, float)) or not (math.isfinite(self.mu) and self.mu > 0):
             _fail("mu", self.mu, "μ must be a finite number > 0; the paper uses 10 (commonsense) or 100 (math)")
+        if self.reward_scale not in REWARD_SCALES:
+            _fail("reward_scale", self.reward_scale, f"use one of {', '.join(repr(s) for s in REWARD_SCALES)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail("seed", self.seed, "use an integer")
         if not isinstance(self.recompute_unselected, bool):

@@ -53,6 +53,27 @@ def test_rewards_match_eq_9():
     assert policy.rewards_from_losses(losses).tolist() == pytest.approx(expected, abs=1e-15)
 
 
+def test_spread_scaled_rewards_are_eq_9_over_their_root_mean_square():
+    losses = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    paper = policy.rewards_from_losses(losses)
+    scaled = policy.rewards_from_losses(losses, "spread")
+    rms = math.sqrt(sum(r * r for r in paper.tolist()) / 3)
+    assert scaled.tolist() == pytest.approx([r / rms for r in paper.tolist()], abs=1e-12)
+    assert float(scaled.square().mean()) == pytest.approx(1.0, abs=1e-12)
+    # Scale-free: shifting every loss by a constant multiplies eq. 9's rewards by e^-c, not these.
+    assert policy.rewards_from_losses(losses + 3.0, "spread").tolist() == pytest.approx(scaled.tolist(), abs=1e-9)
+    assert policy.rewards_from_losses(losses + 3.0).tolist() != pytest.approx(paper.tolist(), abs=1e-3)
+
+
+def test_spread_scaled_rewards_of_two_candidates_are_plus_minus_one_and_of_equal_losses_zero():
+    assert policy.rewards_from_losses(torch.tensor([0.3, 0.7], dtype=torch.float64), "spread").tolist() == \
+        pytest.approx([1.0, -1.0])
+    assert policy.rewards_from_losses(torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64), "spread").tolist() == \
+        [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="'std'"):
+        policy.rewards_from_losses(torch.tensor([0.5, 0.6]), "std")
+
+
 def test_update_matches_eq_10_including_layers_in_several_candidates():
     importance = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
     candidates = [[0, 1], [1, 2]]

@@ -90,9 +90,10 @@ def test_same_seed_same_run_and_importance_moves():
     assert sum(1 for e in tuner_a.history if e["event"] == "probe") == 4  # steps 3, 6, 9, 12
 
 
-def test_importance_update_equals_eq_9_10_on_the_probe_losses():
+@pytest.mark.parametrize("reward_scale", ["paper", "spread"])
+def test_importance_update_equals_eq_9_10_on_the_probe_losses(reward_scale):
     model = peft_model("llama", "lora", num_layers=NUM_LAYERS)
-    config = ISTConfig(update_layers=2, probe_layers=2, num_probes=3, beta=0.25, mu=10.0)
+    config = ISTConfig(update_layers=2, probe_layers=2, num_probes=3, beta=0.25, mu=10.0, reward_scale=reward_scale)
     tuner = SparseTuner(model, config)
     tuner.importance = torch.tensor([0.3, -0.2, 0.1, 0.0], dtype=torch.float64)
     start = tuner.importance.clone()
@@ -108,10 +109,14 @@ def test_importance_update_equals_eq_9_10_on_the_probe_losses():
                 losses.append(model(**batch).loss.item())
     assert record["losses"] == pytest.approx(losses, rel=1e-6)
     gains = [math.exp(-loss) for loss in record["losses"]]
+    rewards = [gain - sum(gains) / len(gains) for gain in gains]
+    if reward_scale == "spread":
+        rms = math.sqrt(sum(r * r for r in rewards) / len(rewards))
+        rewards = [r / rms for r in rewards]
     expected = start.tolist()
-    for candidate, gain in zip(record["candidates"], gains):
+    for candidate, reward in zip(record["candidates"], rewards):
         for i in candidate:
-            expected[i] += 10.0 * (gain - sum(gains) / len(gains))
+            expected[i] += 10.0 * reward
     assert tuner.importance.tolist() == pytest.approx(expected, abs=1e-12)
     assert len({tuple(c) for c in record["candidates"]}) == 3
 

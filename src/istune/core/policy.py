@@ -59,10 +59,22 @@ def sample_candidates(
     return candidates
 
 
-def rewards_from_losses(losses: torch.Tensor) -> torch.Tensor:
-    """Reward of each probe candidate (paper eq. 9): ``r_j = exp(-L_j) - mean_k exp(-L_k)``."""
+def rewards_from_losses(losses: torch.Tensor, scale: str = "paper") -> torch.Tensor:
+    """Reward of each probe candidate (paper eq. 9): ``r_j = exp(-L_j) - mean_k exp(-L_k)``.
+
+    With ``scale="spread"`` the rewards are divided by their root mean square over the
+    candidates, ``sqrt(mean_k r_k^2)``, so they have unit spread whatever the loss level and
+    μ becomes scale-free (N_c = 2 gives rewards of exactly ±1). Equal losses give zero rewards
+    in both scales.
+    """
     gains = torch.exp(-losses.to(torch.float64))
-    return gains - gains.mean()
+    rewards = gains - gains.mean()
+    if scale == "paper":
+        return rewards
+    if scale != "spread":
+        raise ValueError(f"reward scale {scale!r}: use 'paper' or 'spread'")
+    spread = rewards.square().mean().sqrt()
+    return rewards / spread if spread > 0 else rewards
 
 
 def update_importance(

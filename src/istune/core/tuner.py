@@ -181,7 +181,7 @@ class SparseTuner:
                            losses.tolist(), self.step, _why_non_finite(batch))
             record["skipped"] = True
         else:
-            rewards = policy.rewards_from_losses(losses)
+            rewards = policy.rewards_from_losses(losses, self.config.reward_scale)
             self.importance = policy.update_importance(self.importance, candidates, rewards, self.config.mu)
             record["rewards"] = rewards.tolist()
         record["importance"] = self.importance.tolist()
