@@ -3,6 +3,7 @@
     istune analyze remove-layers runs/istune                     # Figure 2(a) on a trained run
     istune analyze train-layers --ranking runs/istune/layer_removal/layer_removal.json   # Figure 2(b)
     istune analyze sweep --out runs/analysis/sweep               # Tables 10, 11, 4 (resumable)
+    istune analyze reproducibility --run runs/istune --configs "mu=10;mu=100" --seeds 1,2,3 --updates 150
 
 Bad input raises ValueError naming the option, the value and the fix, before any work.
 """
@@ -20,7 +21,7 @@ from istune.recipe.options import parse_list
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="istune analyze", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{remove-layers,train-layers,sweep}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{remove-layers,train-layers,sweep,reproducibility}")
 
     remove = commands.add_parser("remove-layers", help="Figure 2(a): remove trained adapters layer by layer.",
                                  description="Remove a trained run's adapters one layer at a time (β = 0, eq. 8) in "
@@ -82,6 +83,25 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--keep_adapters", action="store_true",
                        help="Keep each run's folder (adapters, IST log) as runs/NAME/; by default only its record is kept.")
     add_size_options(sweep)
+
+    repro = commands.add_parser("reproducibility", help="Do seeds agree on the learned importance, and after how many "
+                                "updates?", description="Compare the importance rankings that several seeds learn, as "
+                                "importance updates accumulate, against a permutation baseline. Frozen adapters of a run "
+                                "(--run, resumable) or the logs of runs trained with different seeds (--logs).")
+    repro.add_argument("--run", default=None, help="Output folder of an `istune train` run whose adapters stay frozen.")
+    repro.add_argument("--configs", default="mu=10;mu=100",
+                       help="With --run: ISTConfig overrides, one group per setting, groups separated by semicolons, "
+                       "fields by commas: e.g. \"mu=10;mu=100;reward_scale=spread,mu=0.1\". Default: mu=10;mu=100.")
+    repro.add_argument("--seeds", default="1,2,3", help="With --run: comma-separated seeds (at least two). Default: 1,2,3.")
+    repro.add_argument("--updates", type=int, default=150, help="With --run: importance updates per seed. Default: 150.")
+    repro.add_argument("--logs", default=None,
+                       help="Instead of --run: LABEL:RUN,RUN[,RUN] groups separated by semicolons, each RUN an `istune "
+                       "train` output folder (its ist_log.jsonl) trained with another seed.")
+    repro.add_argument("--every", type=int, default=10, help="Compare after every this many updates. Default: 10.")
+    repro.add_argument("--top_k", type=int, default=None,
+                       help="Size of the compared top sets. Default: N_u of ISTConfig's defaults (25 percent of N_L).")
+    repro.add_argument("--out", default="benchmarks/results/reproducibility",
+                       help="Folder of runs/ (resumable) and reproducibility.json, .md and .png.")
     return parser
 
 
@@ -105,6 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = train_layer_sets(options.out, size_from_options(options), options.ranking, kinds, k_values,
                                   parse_layer_sets(options.layer_sets), options.seed, options.keep_adapters, argv=given)
         print(format_layer_sets(result))
+    elif options.command == "reproducibility":
+        _reproducibility(options, argv)
     else:
         from istune.analysis.sweep import format_tables, run_sweep
 
@@ -119,6 +141,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             seeds=parse_list("seeds", options.seeds, int))
         print(format_tables(result["parts"]))
     return 0
+
+
+def _reproducibility(options, argv: list[str]) -> None:
+    from pathlib import Path
+
+    from istune.analysis import reproducibility
+    from istune.bench.records import run_metadata
+    from istune.bench.timing import parse_ist_fields
+    from istune.config import ISTConfig
+    from istune.recipe.options import require_at_least_one
+
+    require_at_least_one(options, ("updates", "every"))
+    if (options.run is None) == (options.logs is None):
+        raise ValueError("istune analyze reproducibility: give either --run (frozen adapters) or --logs (training runs).")
+    if options.top_k is not None and options.top_k < 1:
+        raise ValueError(f"--top_k={options.top_k} must be at least 1 (or leave it unset for N_u).")
+    out = Path(options.out)
+    if options.logs is not None:
+        groups = [reproducibility.Group(label, [reproducibility.log_trajectory(folder) for folder in folders])
+                  for label, folders in reproducibility.parse_log_groups(options.logs)]
+    else:
+        seeds = parse_list("seeds", options.seeds, int)
+        if len(seeds) < 2:
+            raise ValueError(f"--seeds={options.seeds!r}: give at least two seeds to compare.")
+        configs = [(part.strip(), parse_ist_fields(part.strip())) for part in options.configs.split(";") if part.strip()]
+        if not configs:
+            raise ValueError(f"--configs={options.configs!r}: give at least one setting, e.g. mu=10.")
+        groups = reproducibility.frozen_trajectories(options.run, configs, seeds, options.updates, out)
+    num_layers = len(groups[0].trajectories[0][0])
+    k = options.top_k or ISTConfig().resolve(num_layers).update_layers
+    result = reproducibility.study(groups, k, options.every)
+    repo = Path(__file__).resolve().parents[3]
+    reproducibility.write_study(result, out, run_metadata("-m istune analyze", argv, repo))
+    print(reproducibility.format_study(result))
 
 
 if __name__ == "__main__":

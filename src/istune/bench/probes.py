@@ -197,6 +197,8 @@ def importance_run(model: torch.nn.Module, config: ISTConfig, variant: Variant, 
                    updates: int) -> dict:
     """``updates`` importance updates from zero on the frozen ``model``; returns importance and costs.
 
+    ``trajectory`` holds the importance after each update (``trajectory[-1]`` is the final one).
+
     The seed drives both the candidate draws (``ISTConfig.seed``) and the probe batches, so
     variants run with the same seed see the same probe examples (or their first rows).
     """
@@ -205,7 +207,7 @@ def importance_run(model: torch.nn.Module, config: ISTConfig, variant: Variant, 
 
     tuner = SparseTuner(model, probe_config(config, seed, variant.num_probes))
     sampler = ProbeSampler(source.dataset, source.collate, source.batch_size, seed + 1)
-    seconds, tokens, skipped = [], [], 0
+    seconds, tokens, skipped, trajectory = [], [], 0, []
     try:
         for _ in range(updates):
             batch = variant.shrink(sampler())
@@ -214,9 +216,10 @@ def importance_run(model: torch.nn.Module, config: ISTConfig, variant: Variant, 
             seconds.append(time.perf_counter() - started)
             tokens.append(probe_tokens(batch) * len(record["candidates"]))
             skipped += bool(record.get("skipped"))
+            trajectory.append(record["importance"])
     finally:
         tuner.close()
-    return {"variant": variant.key, "seed": seed, "importance": tuner.importance.tolist(),
+    return {"variant": variant.key, "seed": seed, "importance": tuner.importance.tolist(), "trajectory": trajectory,
             "seconds_per_update": statistics.median(seconds), "tokens_per_update": statistics.fmean(tokens),
             "skipped_updates": skipped, "update_layers": tuner.counts.update_layers}
 
@@ -234,6 +237,7 @@ def compare(model: torch.nn.Module, config: ISTConfig, source: ProbeSource, vari
             reference_seed: int, updates: int, progress: Callable[[str], None] = print) -> dict:
     """The reference run, every variant at every comparison seed, and their agreement with the reference."""
     reference = importance_run(model, config, REFERENCE, reference_seed, source, updates)
+    reference.pop("trajectory")  # only the final rankings are compared here
     progress(f"reference: {reference['seconds_per_update']:.2f} s/update")
     k = reference["update_layers"]
     rows = []
@@ -241,6 +245,7 @@ def compare(model: torch.nn.Module, config: ISTConfig, source: ProbeSource, vari
         runs = []
         for seed in seeds:
             run = importance_run(model, config, variant, seed, source, updates)
+            run.pop("trajectory")
             ranked = len(set(run["importance"])) > 1  # a constant vector (e.g. N_c = 1) ranks nothing
             rho = spearman(reference["importance"], run["importance"])
             run["spearman"] = None if math.isnan(rho) else rho
