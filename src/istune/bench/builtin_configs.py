@@ -1,0 +1,102 @@
+"""Model configs for ``istune plan`` without a download: a local folder, the local Hugging Face cache, or a built-in shape.
+
+``resolve_model_config(name)`` tries, in order:
+
+1. ``smollm2-135m`` (the embedded default): the converted folder's ``config.json`` when it
+   exists, else the built-in shape of SmolLM2-135M-Instruct.
+2. A local folder holding ``config.json``.
+3. A hub id already in the local Hugging Face cache (``local_files_only``: nothing downloads).
+4. A built-in shape: the ``config.json`` values (shapes only) of the models the paper's
+   recipes name, copied here from their hub pages so that planning needs no network.
+
+Only the sizes matter for memory (layer count, widths, heads, vocabulary, tied
+embeddings); the values below are those of each model's published ``config.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUILTIN_CONFIGS", "resolve_model_config"]
+
+_LLAMA_1 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "vocab_size": 32000, "bos_token_id": 1,
+            "eos_token_id": 2, "tie_word_embeddings": False}
+_LLAMA_7B = {**_LLAMA_1, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 32}
+
+# hub id (as the recipes name it) -> config.json values
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "huggyllama/llama-7b": _LLAMA_7B,
+    "yahma/llama-7b-hf": _LLAMA_7B,
+    "huggyllama/llama-13b": {**_LLAMA_1, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+                             "num_attention_heads": 40, "num_key_value_heads": 40},
+    "meta-llama/Meta-Llama-3-8B": {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "vocab_size": 128256,
+        "bos_token_id": 128000, "eos_token_id": 128001, "tie_word_embeddings": False},
+    "HuggingFaceTB/SmolLM2-135M-Instruct": {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "head_dim": 64, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+        "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": True},
+}
+_EMBEDDED = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _builtin(hub_id: str):
+    from transformers import AutoConfig
+
+    values = dict(BUILTIN_CONFIGS[hub_id])
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def resolve_model_config(name: str):
+    """The transformers config of ``name`` and where it came from (one line for the output).
+
+    Args:
+        name: ``smollm2-135m``, a local folder with ``config.json``, or a hub id (in the local
+            cache, or one of :data:`BUILTIN_CONFIGS`).
+
+    Raises:
+        ValueError: naming ``--model``, the value, and what to give instead, when no config is found
+            or a config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    from istune.recipe.models import _ALIASES, smollm2_cache_dir
+
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"--model={name!r} is empty; give a hub id, a local folder with config.json, or "
+                         f"'smollm2-135m'.")
+    if name.lower() in _ALIASES:
+        folder = smollm2_cache_dir()
+        if (folder / "config.json").is_file():
+            return AutoConfig.from_pretrained(folder), f"config: {folder / 'config.json'} (the embedded SmolLM2)"
+        return _builtin(_EMBEDDED), f"config: built-in shape for {_EMBEDDED} (the embedded SmolLM2; no download)"
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model={name!r} is a path but holds no config.json; give the model's folder "
+                             "(the one with config.json) or a hub id.")
+        try:
+            return AutoConfig.from_pretrained(path), f"config: {path / 'config.json'}"
+        except (ValueError, OSError, KeyError, TypeError) as error:
+            raise ValueError(f"--model={name!r}: its config.json cannot be read as a transformers config ({error}); "
+                             "check that it is a causal language model's config.json.") from error
+    cache_error = None
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True), f"config: {name} (local Hugging Face cache)"
+    except (OSError, ValueError) as error:  # not cached (or not a valid id): fall back to the built-in shapes
+        cache_error = error
+    by_lower = {key.lower(): key for key in BUILTIN_CONFIGS}
+    if name.lower() in by_lower:
+        hub_id = by_lower[name.lower()]
+        return _builtin(hub_id), f"config: built-in shape for {hub_id} (not in the local Hugging Face cache; no download)"
+    raise ValueError(
+        f"--model={name!r}: no config found offline (not a local folder, not in the local Hugging Face cache: "
+        f"{str(cache_error).splitlines()[0] if cache_error else 'not found'}). Give a local folder holding the "
+        f"model's config.json, fetch it once with `huggingface-cli download {name} config.json`, or use a built-in "
+        f"shape: smollm2-135m, {', '.join(BUILTIN_CONFIGS)}.")
