@@ -1,9 +1,10 @@
-"""The istune command line: `istune train | eval | plot | bench | analyze` (also `python -m istune ...`).
+"""The istune command line: `istune train | eval | plot | plan | bench | analyze` (also `python -m istune ...`).
 
     istune train                              # embedded default: SmolLM2-135M, LoRA+IST on the commonsense mix
     istune train --config run.yaml --max_steps 200
     istune eval runs/istune                   # evaluate a trained output folder again
     istune plot runs/istune                   # importance heat-map and per-step selection (PNG)
+    istune plan --model huggyllama/llama-7b --batch_size 4 --seq_len 256   # predicted peak GPU memory, no GPU
     istune bench memory                       # peak memory, paper Table 1 layout (meta-device accounting)
     istune bench time                         # time per step: LoRA, random sparse, IST, LISA-style
     istune bench probes --run runs/istune     # cheaper probes vs the importance ranking
@@ -65,7 +66,7 @@ def _parse_train(argv: Sequence[str]):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": _train, "eval": _eval, "plot": _plot, "bench": _bench, "analyze": _analyze}
+    commands = {"train": _train, "eval": _eval, "plot": _plot, "plan": _plan, "bench": _bench, "analyze": _analyze}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip())
         if argv and argv[0] not in ("-h", "--help"):
@@ -115,6 +116,12 @@ def _plot(argv: Sequence[str]) -> int:
     for path in plot_run(args.run_dir, args.out_dir):
         print(f"istune plot: wrote {path}")
     return 0
+
+
+def _plan(argv: Sequence[str]) -> int:
+    from istune.bench.plan import main as plan_main
+
+    return plan_main(list(argv)) or 0
 
 
 BENCHMARKS = {  # istune bench <name>: module in istune.bench with main(argv)

@@ -98,3 +98,171 @@ def test_prediction_matches_cpu_when_only_the_top_layer_is_selected(row_key):
                             num_key_value_heads=2, vocab_size=128)
     settings = planner.replace(SETTINGS, seq_len=256, update_layers=1)
     assert relative_gap(row_key, "sdpa", [11], config, settings) <= TOLERANCE
+
+
+# ------------------------------------------------------------------------------ 4-bit (QLoRA)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_bytes_match_what_bitsandbytes_stores(double_quant):
+    functional = pytest.importorskip("bitsandbytes.functional")
+    weight = torch.randn(300, 200, dtype=torch.bfloat16)  # 60000 parameters: 938 blocks, the last one partial
+    packed, state = functional.quantize_4bit(weight, blocksize=64, quant_type="nf4",
+                                             compress_statistics=double_quant)
+    stored = [packed, state.absmax, state.code]
+    if double_quant:
+        stored += [state.state2.absmax, state.state2.code, state.offset]
+    assert nf4_bytes(weight.numel(), double_quant) == sum(t.nbytes for t in stored)
+
+
+@pytest.mark.parametrize("row_key", ["lora", "lora+gc"])
+def test_4bit_prediction_matches_a_bitsandbytes_cpu_run(row_key, tmp_path):
+    """QLoRA as the recipe sets it up: nf4 with double quantization, prepare_model_for_kbit_training, LoRA."""
+    pytest.importorskip("bitsandbytes")
+    import peft
+
+    config = tf.LlamaConfig(num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128)
+    settings = planner.replace(SETTINGS, dtype="bfloat16", load_in_4bit=True)
+    predicted = planner.predict(config, ROWS[row_key], settings)
+
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                         bnb_4bit_compute_dtype=torch.bfloat16)
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.bfloat16)
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = add_adapters(model, AdapterArgs(rank=settings.rank, alpha=2 * settings.rank), total_steps=10).train()
+    if ROWS[row_key].checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    ids = torch.randint(0, config.vocab_size, (settings.batch_size, settings.seq_len))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    for measured_step in (False, True):
+        with MemoryTracker(model, optimizer) if measured_step else warnings.catch_warnings() as tracker:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    measured = tracker.report()["peak_bytes"]
+    # The tracker does not see bitsandbytes' quantization state (plain attributes, not buffers), which the
+    # prediction counts: a few percent of a tiny model's weights.
+    assert abs(predicted["peak_bytes"] - measured) / measured <= TOLERANCE
+    assert predicted["params_total"] == sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters()) \
+        + sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+# ------------------------------------------------------------------------------ configs and bad input
+
+
+@pytest.mark.parametrize("hub_id", ["huggyllama/llama-7b", "yahma/llama-7b-hf", "meta-llama/Meta-Llama-3-8B",
+                                    "huggyllama/llama-13b"])
+def test_the_papers_models_resolve_offline_to_builtin_shapes(hub_id, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing there
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config, source = resolve_model_config(hub_id)
+    assert source.startswith(f"config: built-in shape for {hub_id}")
+    for key, value in BUILTIN_CONFIGS[hub_id].items():
+        if key not in ("model_type", "architectures", "rope_theta"):
+            assert getattr(config, key) == value, key
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config)
+    billions = sum(p.numel() for p in model.parameters()) / 1e9
+    assert billions == pytest.approx({"huggyllama/llama-7b": 6.74, "yahma/llama-7b-hf": 6.74,
+                                      "meta-llama/Meta-Llama-3-8B": 8.03, "huggyllama/llama-13b": 13.02}[hub_id],
+                                     abs=0.01)
+
+
+def test_a_local_folder_is_read_and_a_broken_one_is_named(tmp_path):
+    tiny_config().save_pretrained(tmp_path / "good")
+    config, source = resolve_model_config(str(tmp_path / "good"))
+    assert config.num_hidden_layers == 6 and "good" in source
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"--model=.*holds no config.json"):
+        resolve_model_config(str(tmp_path / "empty"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    with pytest.raises(ValueError, match=r"--model=.*cannot be read"):
+        resolve_model_config(str(tmp_path / "broken"))
+
+
+def test_an_unknown_model_name_says_how_to_fix_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"--model='someone/unknown-7b'.*huggingface-cli download.*built-in"):
+        resolve_model_config("someone/unknown-7b")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "0"], r"--batch_size=0 must be a positive integer"),
+    (["--seq_len", "-5"], r"--seq_len=-5 must be a positive integer"),
+    (["--dtype", "float64"], r"--dtype='float64' is not one of"),
+    (["--method", "adalora"], r"--method='adalora' cannot be planned"),
+    (["--attn_implementation", "flash"], r"--attn_implementation='flash'"),
+    (["--rows", "lora,nope"], r"--rows=.*unknown 'nope'"),
+    (["--load_in_4bit", "--method", "series"], r"--load_in_4bit with --method=series"),
+    (["--update_layers", "0"], r"update_layers=0"),
+    (["--model", "no/such-model"], r"--model='no/such-model'"),
+])
+def test_bad_input_is_refused_before_any_work(argv, message, monkeypatch, tmp_path, capsys):
+    from istune import cli
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = argv if "--model" in argv else ["--model", "huggyllama/llama-7b", *argv]
+    assert cli.main(["plan", *argv]) == 2
+    error = capsys.readouterr().err
+    assert "predicting" not in error
+    assert __import__("re").search(message, error), error
+
+
+def test_the_command_prints_a_table_from_a_builtin_shape(monkeypatch, tmp_path, capsys):
+    from istune import cli
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "--model", "huggyllama/llama-7b", "--batch_size", "1", "--seq_len", "16",
+                     "--rows", "lora", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "config: built-in shape for huggyllama/llama-7b" in printed and "| LoRA |" in printed
+    row = json.loads(out.read_text())["rows"][0]
+    # The weights: LLaMA-7B's 6,738,415,616 parameters in bf16, the adapters in fp32 (peft's default), the buffers.
+    adapters = 4 * row["params_trainable"]
+    assert 0 <= row["peak_breakdown"]["weights"] - (2 * 6738415616 + adapters) <= 2**20
+    # At 16 tokens the activations are nothing: the peak is AdamW's step, with the adapters' gradients, two moments
+    # and the foreach implementation's one temporary per parameter.
+    assert row["peak_phase"] == "optimizer step"
+    assert 3 * adapters < row["peak_bytes"] - row["peak_breakdown"]["weights"] <= 4.01 * adapters
+
+
+# ------------------------------------------------------------------------------ recipe files
+
+
+RECIPE = """# istune train --config {path}
+# LLaMA-7B, LoRA + IST on the commonsense mix (the paper's Table 2)
+model: huggyllama/llama-7b
+method: lora
+per_device_train_batch_size: 1
+cutoff_len: 32
+bf16: true
+gradient_checkpointing: {gc}
+strategy: ist
+learning_rate: 0.0003
+"""
+
+
+@pytest.mark.parametrize("gc, row_key", [(False, "ist"), (True, "ist+gc")])
+def test_a_recipe_file_is_planned_and_its_comment_filled(gc, row_key, monkeypatch, tmp_path, capsys):
+    from istune import cli
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "llama7b.yaml"
+    path.write_text(RECIPE.format(path=path, gc=str(gc).lower()))
+    model, settings, row = planner.recipe_settings(__import__("yaml").safe_load(path.read_text()))
+    assert (model, settings.batch_size, settings.seq_len, settings.dtype, row.key) == (
+        "huggyllama/llama-7b", 1, 32, "bfloat16", row_key)
+    assert cli.main(["plan", "--recipe", str(path), "--fill"]) == 0
+    lines = path.read_text().splitlines()
+    assert lines[2].startswith(planner.COMMENT_PREFIX) and "GiB" in lines[2] and lines[3].startswith("model:")
+    assert cli.main(["plan", "--recipe", str(path), "--fill"]) == 0  # filled again: replaced, not added
+    assert sum(line.startswith(planner.COMMENT_PREFIX) for line in path.read_text().splitlines()) == 1

@@ -20,7 +20,8 @@ counts the tensors it keeps. Two kernels need a stand-in there:
 nf4 storage, per weight of ``n`` parameters with block size 64 (QLoRA, Dettmers et al. 2023,
 section 3 "Double Quantization"; bitsandbytes ``quantize_4bit``):
 
-- packed weight: ``ceil(n / 2)`` bytes (two 4-bit codes per byte);
+- packed weight: ``ceil(n / 2)`` bytes (two 4-bit codes per byte), and the 16-entry fp32
+  nf4 code each weight's quantization state holds (64 bytes);
 - without double quantization: one fp32 absmax per block of 64: ``4 * ceil(n / 64)`` bytes
   (32/64 = 0.5 bit per parameter);
 - with double quantization: the absmaxes quantized to 8 bits (``ceil(n / 64)`` bytes), one
@@ -51,9 +52,10 @@ def nf4_bytes(numel: int, double_quant: bool = True) -> int:
     """Bytes bitsandbytes keeps for one nf4-quantized weight of ``numel`` parameters (see the module docstring)."""
     blocks = math.ceil(numel / NF4_BLOCK)
     packed = math.ceil(numel / 2)
+    nf4_code = 4 * 16
     if not double_quant:
-        return packed + 4 * blocks
-    return packed + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 + 4 * 256
+        return packed + nf4_code + 4 * blocks
+    return packed + nf4_code + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 + 4 * 256
 
 
 # ------------------------------------------------------------------------------ SDPA

@@ -60,7 +60,6 @@ from typing import Any, Optional
 
 import torch
 
-from istune.bench.memory_report import gb
 from istune.bench.records import write_atomic
 
 __all__ = ["PlanSettings", "ROWS", "Row", "main", "plan", "predict", "predict_recipe", "worst_case_selection"]
@@ -262,10 +261,18 @@ def predict(config, row: Row, settings: PlanSettings, selected: Optional[list[in
         "budget_bytes": int(report["peak_bytes"] * (1 + MARGIN_FRACTION)) + CONTEXT_BYTES,
         "selected": list(selected) if row.ist is not None else list(range(num_layers)),
         "num_layers": num_layers,
-        "params_total": sum(p.numel() for p in model.parameters()),
+        "params_total": _parameter_count(model),
         "params_trainable": sum(p.numel() for p in trainable),
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the model as built from its config (a 4-bit weight counts its parameters, not its bytes)."""
+    from istune.bench.meta_kernels import Meta4bitLinear
+
+    packed = {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, Meta4bitLinear)}
+    return sum(packed.get(id(p), p.numel()) for p in model.parameters())
 
 
 def plan(config, settings: PlanSettings, rows: tuple[Row, ...] = ROWS, progress: bool = False) -> list[dict]:
@@ -275,7 +282,7 @@ def plan(config, settings: PlanSettings, rows: tuple[Row, ...] = ROWS, progress:
     for row in rows:
         results.append(predict(config, row, settings))
         if progress:
-            print(f"  {results[-1]['label']}: {gb(results[-1]['peak_bytes'])} GB ({results[-1]['seconds']} s)",
+            print(f"  {results[-1]['label']}: {_gib(results[-1]['peak_bytes'])} GiB ({results[-1]['seconds']} s)",
                   file=sys.stderr, flush=True)
     return results
 
