@@ -1,0 +1,527 @@
+"""The GPU suite: measured peak memory and step time of the frontier rows on a LLaMA-7B shape, and SmolLM2 runs.
+
+One command on a machine with one CUDA GPU (H100 class; about 8 minutes, ``--budget_s`` caps it)::
+
+    bash scripts/setup.sh && .venv/bin/python benchmarks/gpu_suite.py     # = istune bench gpu
+    .venv/bin/python benchmarks/gpu_suite.py --tiny                       # CPU smoke test: tiny shapes, seconds
+
+(The torch that ``scripts/setup.sh`` pins is a CPU build; on the GPU machine install the same
+version's CUDA build, e.g. ``pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128``.)
+
+Part 1, the frontier on LLaMA-7B's shape (``istune.bench.shapes.SHAPES["llama-7b"]``: 32 layers
+× 4096, random weights initialised on the GPU, no download), bf16 weights, SDPA attention,
+LoRA r = 32 on q/k/v/up/down (dropout 0.05), AdamW, batch 1 × 1024 tokens. Rows: LoRA,
+LoRA + gradient checkpointing, IST, IST + ``recompute_unselected``, IST + gradient
+checkpointing, random sparse, LISA-style (2 whole layers a step, embeddings and head
+trained, state of unselected layers dropped), and with ``--dora`` DoRA and DoRA + IST.
+Each row runs in its own process:
+
+- memory: one step that trains every layer (AdamW state for all), for IST rows a settling step
+  with the worst-case selection (layer 0 and the N_u − 1 top layers, as ``istune plan``
+  assumes), then one step after ``torch.cuda.reset_peak_memory_stats``: its
+  ``max_memory_allocated`` and ``max_memory_reserved``. Beside it, ``istune plan``'s prediction
+  for the same row (computed on the meta device in the same process);
+- time: the row's real policy (IST: importance updates every T_c = 10 steps with N_c = 3
+  probes, included), ``--warmup_steps`` untimed, then ``--steps`` timed one by one with
+  ``torch.cuda.synchronize``; the median. Rows run one after another, not interleaved.
+
+Part 2: ``--finetune_steps`` (200) steps of SmolLM2-135M (the embedded model) on the
+commonsense mix, batch 4, cutoff 256, lr 3e-4, for LoRA, random sparse and IST, through
+:func:`istune.integrations.loop.train`; the held-out loss (64 examples) at the end, the time
+and the peak.
+
+Results are written after every row (``benchmarks/results/gpu_suite.{json,md}``, each file
+whole), so an interrupted suite keeps what it measured, and ``--resume`` skips rows already
+measured with the same settings. ``--budget_s`` stops starting rows when the time left is
+less than the longest row so far took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from istune.bench.records import run_metadata, write_atomic
+
+__all__ = ["FRONTIER_ROWS", "FINETUNE_ROWS", "SuiteSettings", "build_parser", "main", "run_row"]
+
+REPO = Path(__file__).resolve().parents[3]
+GIB = 1024**3
+NOT_MEASURED = "not yet measured on a GPU"
+
+
+@dataclass(frozen=True)
+class SuiteRow:
+    """One row: a method and its IST options, or a SmolLM2 fine-tuning run (``finetune``)."""
+
+    key: str
+    label: str
+    method: str = "lora"
+    ist: Optional[dict] = None  # None: every layer trains
+    checkpointing: bool = False
+    plan_row: Optional[str] = None  # istune plan's row with the same memory (None: not planned)
+    finetune: bool = False
+    optional: bool = False  # only with --dora
+
+
+FRONTIER_ROWS = (
+    SuiteRow("lora", "LoRA", plan_row="lora"),
+    SuiteRow("lora+gc", "LoRA + gradient checkpointing", checkpointing=True, plan_row="lora+gc"),
+    SuiteRow("ist", "LoRA + IST", ist={}, plan_row="ist"),
+    SuiteRow("ist+recompute", "LoRA + IST, recompute_unselected", ist={"recompute_unselected": True},
+             plan_row="ist+recompute"),
+    SuiteRow("ist+gc", "LoRA + IST + gradient checkpointing", ist={}, checkpointing=True, plan_row="ist+gc"),
+    SuiteRow("random", "LoRA + random sparse", ist={"strategy": "random"}, plan_row="ist"),
+    SuiteRow("lisa", "LISA-style, 2 whole layers", method="full",
+             ist={"strategy": "random", "update_layers": 2, "unselected_optimizer_state": "drop"}),
+    SuiteRow("dora", "DoRA", method="dora", plan_row="lora", optional=True),
+    SuiteRow("dora+ist", "DoRA + IST", method="dora", ist={}, plan_row="ist", optional=True),
+)
+FINETUNE_ROWS = (
+    SuiteRow("smollm2:lora", "SmolLM2 LoRA", ist={"strategy": "all"}, finetune=True),
+    SuiteRow("smollm2:ist", "SmolLM2 LoRA + IST", ist={"strategy": "ist"}, finetune=True),
+    SuiteRow("smollm2:random", "SmolLM2 LoRA + random sparse", ist={"strategy": "random"}, finetune=True),
+)
+# The order rows start in: the frontier's core, the fine-tuning runs, then the rest (what a short budget drops).
+ORDER = ("lora", "lora+gc", "ist", "ist+recompute", "ist+gc", "smollm2:lora", "smollm2:ist", "smollm2:random",
+         "random", "lisa", "dora", "dora+ist")
+ALL_ROWS = {row.key: row for row in FRONTIER_ROWS + FINETUNE_ROWS}
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    """What every row shares (the command line's options)."""
+
+    tiny: bool = False
+    device: str = "cuda"
+    shape: str = "llama-7b"
+    batch_size: int = 1
+    seq_len: int = 1024
+    dtype: str = "bfloat16"
+    rank: int = 32
+    warmup_steps: int = 3
+    steps: int = 20
+    finetune_steps: int = 200
+    finetune_batch_size: int = 4
+    cutoff_len: int = 256
+    heldout_samples: int = 64
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def tiny_settings(device: str) -> SuiteSettings:
+    return SuiteSettings(tiny=True, device=device, shape="tiny-llama", batch_size=2, seq_len=64, dtype="float32",
+                         rank=8, warmup_steps=1, steps=2, finetune_steps=4, finetune_batch_size=2, cutoff_len=64,
+                         heldout_samples=8)
+
+
+# ------------------------------------------------------------------------------ peak memory
+
+
+class PeakMeter:
+    """Peak memory of a stretch: the CUDA allocator's counters on a GPU, live tensor bytes (MemoryTracker) on a CPU."""
+
+    def __init__(self, device: torch.device, model=None, optimizer=None):
+        self.device, self.model, self.optimizer = device, model, optimizer
+        self.allocated: Optional[int] = None
+        self.reserved: Optional[int] = None
+
+    def __enter__(self) -> "PeakMeter":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            from istune.bench.memory import MemoryTracker
+
+            self._tracker = MemoryTracker(self.model, self.optimizer, device=self.device).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.allocated = torch.cuda.max_memory_allocated(self.device)
+            self.reserved = torch.cuda.max_memory_reserved(self.device)
+        else:
+            self._tracker.__exit__(*exc)
+            self.allocated = self._tracker.report()["peak_bytes"]
+
+
+# ------------------------------------------------------------------------------ part 1: the frontier rows
+
+
+def _ist_config(row: SuiteRow, **overrides):
+    from istune.config import ISTConfig
+
+    return ISTConfig(**{"strategy": "ist", **row.ist, **overrides})
+
+
+def build_frontier_model(row: SuiteRow, settings: SuiteSettings, device: torch.device):
+    """The shape's model with random weights made on ``device``, with the row's trainable parameters."""
+    from transformers import AutoModelForCausalLM
+
+    from istune.bench.plan import DTYPES
+    from istune.bench.shapes import SHAPES
+    from istune.core.layers import prepare_full_layer_tuning
+    from istune.recipe.methods import AdapterArgs, add_adapters
+
+    config = SHAPES[settings.shape].config(attention="sdpa", seq_len=settings.seq_len)
+    config.use_cache = False
+    torch.manual_seed(settings.seed)
+    with torch.device(device):  # initialised where it lives: seconds for 7B on a GPU
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[settings.dtype])
+    if row.method == "full":
+        model = prepare_full_layer_tuning(model, train_embeddings=True, train_head=True)
+    else:
+        model = add_adapters(model, AdapterArgs(method=row.method, rank=settings.rank, alpha=2 * settings.rank),
+                             total_steps=100)
+    if row.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device).train(), config
+
+
+def _predict(row: SuiteRow, settings: SuiteSettings, config) -> Optional[dict]:
+    """istune plan's prediction for the row (meta device), or None where the planner has no such row."""
+    if row.plan_row is None:
+        return None
+    from istune.bench.plan import ROWS, PlanSettings, predict
+
+    plan_row = next(r for r in ROWS if r.key == row.plan_row)
+    result = predict(config, plan_row, PlanSettings(batch_size=settings.batch_size, seq_len=settings.seq_len,
+                                                    dtype=settings.dtype, method=row.method, rank=settings.rank,
+                                                    optimizer_impl="foreach"))  # the suite's AdamW
+    return {"row": row.plan_row, "peak_bytes": result["peak_bytes"], "budget_bytes": result["budget_bytes"],
+            "seconds": result["seconds"]}
+
+
+def run_frontier_row(row: SuiteRow, settings: SuiteSettings) -> dict[str, Any]:
+    from istune.bench.plan import worst_case_selection
+    from istune.core.tuner import SparseTuner
+
+    device = torch.device(settings.device)
+    model, config = build_frontier_model(row, settings, device)
+    prediction = _predict(row, settings, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
+    generator = torch.Generator().manual_seed(settings.seed)
+    ids = torch.randint(0, config.vocab_size, (settings.batch_size, settings.seq_len), generator=generator).to(device)
+    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if row.method != "full":  # every layer: AdamW holds state for all of them, as late in a long run
+        step()  # (LISA-style: the measured step starts a sampling period, with state for its layers only)
+    tuner = None
+    if row.ist is not None:  # memory: the worst step (layer 0 selected), as istune plan predicts it
+        count = _ist_config(row).resolve(config.num_hidden_layers).update_layers
+        layers = worst_case_selection(config.num_hidden_layers, count)
+        options = {k: v for k, v in row.ist.items() if k not in ("strategy", "update_layers")}
+        tuner = SparseTuner(model, _ist_config(row, strategy="fixed", layers=layers, update_layers=None, **options),
+                            optimizer=optimizer)
+        tuner.begin_step()
+        step()
+        tuner.end_step()
+    with PeakMeter(device, model, optimizer) as peak:
+        if tuner:
+            tuner.begin_step()
+        step()
+        if tuner:
+            tuner.end_step()
+    if tuner:
+        tuner.close()
+        tuner = SparseTuner(model, _ist_config(row), optimizer=optimizer, probe_batches=lambda: batch)
+    times = []
+    for index in range(settings.warmup_steps + settings.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        if tuner:
+            tuner.begin_step()
+        step()
+        if tuner:
+            tuner.end_step()  # importance update (N_c probe forwards) every T_c steps: part of the cost
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index >= settings.warmup_steps:
+            times.append(time.perf_counter() - started)
+    if tuner:
+        tuner.close()
+    return {
+        "peak_allocated_bytes": peak.allocated, "peak_reserved_bytes": peak.reserved, "prediction": prediction,
+        "step_seconds_median": statistics.median(times), "step_seconds_mean": statistics.fmean(times),
+        "steps_timed": len(times),
+    }
+
+
+# ------------------------------------------------------------------------------ part 2: SmolLM2 fine-tuning
+
+
+def _tiny_finetune_model_and_tokenizer():
+    """--tiny: a 2-layer random LLaMA and a word-level tokenizer over the data's vocabulary (no files needed)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<s>", "</s>", *sorted(set(" ".join(r["instruction"] + " " + r["output"]
+                                                                 for r in _tiny_rows()).split()))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(words), pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def _tiny_rows() -> list[dict]:
+    return [{"instruction": f"is {a} plus {b} even ?", "input": "", "output": f"the answer is {(a + b) % 2 == 0}"}
+            for a in range(8) for b in range(8)]
+
+
+def run_finetune_row(row: SuiteRow, settings: SuiteSettings) -> dict[str, Any]:
+    import random
+
+    from istune.config import ISTConfig
+    from istune.core import ProbeSampler
+    from istune.data import CausalLMCollator, InstructionDataset
+    from istune.eval.loss import heldout_loss
+    from istune.integrations.loop import train
+    from istune.recipe.methods import AdapterArgs, add_adapters
+
+    device = torch.device(settings.device)
+    torch.manual_seed(settings.seed)
+    if settings.tiny:
+        model, tokenizer = _tiny_finetune_model_and_tokenizer()
+        rows = _tiny_rows()
+    else:
+        from istune.data import build_commonsense_train
+        from istune.recipe.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype=torch.float32)
+        rows = build_commonsense_train()
+    order = list(range(len(rows)))
+    random.Random(settings.seed).shuffle(order)
+    heldout = [rows[i] for i in order[: settings.heldout_samples]]
+    needed = settings.finetune_steps * settings.finetune_batch_size
+    train_rows = [rows[i] for i in order[settings.heldout_samples: settings.heldout_samples + needed]]
+    collate = CausalLMCollator(tokenizer)
+    train_set = InstructionDataset(train_rows, tokenizer, settings.cutoff_len, train_on_inputs=False)
+    heldout_set = InstructionDataset(heldout, tokenizer, settings.cutoff_len, train_on_inputs=False)
+    model = add_adapters(model.to(device), AdapterArgs(method="lora", rank=settings.rank, alpha=2 * settings.rank),
+                         total_steps=settings.finetune_steps).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=settings.finetune_batch_size, shuffle=True,
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(settings.seed))
+    probes = ProbeSampler(train_set, collate, batch_size=settings.finetune_batch_size, seed=settings.seed)
+    batches = (batch for _ in range(settings.finetune_steps) for batch in loader)  # enough for every step
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    train(model, optimizer, batches, ISTConfig(seed=settings.seed, **row.ist), probe_batches=probes,
+          max_steps=settings.finetune_steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    return {
+        "heldout_loss": heldout_loss(model, heldout_set, collate, batch_size=8),
+        "train_seconds": seconds, "steps": settings.finetune_steps,
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "train_examples": len(train_rows), "heldout_examples": len(heldout),
+    }
+
+
+def run_row(key: str, settings: SuiteSettings) -> dict[str, Any]:
+    """Run one row in this process; the record of what it measured (with ``seconds`` and ``status``)."""
+    row = ALL_ROWS[key]
+    started = time.perf_counter()
+    result = run_finetune_row(row, settings) if row.finetune else run_frontier_row(row, settings)
+    return {"key": key, "label": row.label, "status": "done", **result,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+# ------------------------------------------------------------------------------ the whole suite
+
+
+def _row_in_subprocess(key: str, settings: SuiteSettings, timeout_s: float) -> dict[str, Any]:
+    """Run a row in a fresh Python process (its own CUDA context and peak counters); an OOM stays in it."""
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"istune_gpu_suite_{os.getpid()}_{key.replace(':', '_')}.json"
+    command = [sys.executable, "-m", "istune.bench.gpu_suite", "--_row", key, "--_settings",
+               json.dumps(asdict(settings)), "--_result", str(out)]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"key": key, "label": ALL_ROWS[key].label, "status": f"failed: over the {timeout_s:.0f} s left"}
+    if completed.returncode != 0 or not out.is_file():
+        tail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
+        return {"key": key, "label": ALL_ROWS[key].label, "status": "failed: " + " | ".join(tail)}
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
+
+
+def _size(value: Optional[float], unit: int) -> str:
+    return "–" if value is None else f"{value / unit:.2f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta, rows = result["meta"], {r["key"]: r for r in result["rows"]}
+    settings = meta["settings"]
+    unit, unit_name = (1024**2, "MiB") if settings["tiny"] else (GIB, "GiB")
+    lines = [f"# GPU suite{' (--tiny smoke test)' if settings['tiny'] else ''}", ""]
+    if meta["device"] != "cuda":
+        lines += [f"**{NOT_MEASURED}.** This run used {meta['device']}; its figures are live tensor bytes "
+                  "(MemoryTracker), not a GPU's.", ""]
+    lines += [f"Command: `{meta['command']}`  ", f"Date: {meta['date']}; commit {meta['commit']}; {meta['machine']}",
+              "", f"## Frontier: {settings['shape']} shape, {settings['dtype']}, batch {settings['batch_size']} x "
+              f"{settings['seq_len']} tokens, SDPA, r = {settings['rank']}", "",
+              f"| row | peak allocated {unit_name} | reserved {unit_name} | istune plan {unit_name} | plan / measured | memory vs LoRA | "
+              "step s (median) | time vs LoRA | status |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lora = rows.get("lora", {})
+    for row in FRONTIER_ROWS:
+        r = rows.get(row.key)
+        if r is None:
+            continue
+        done = r["status"] == "done"
+        prediction = (r.get("prediction") or {}).get("peak_bytes")
+        ratio = f"{prediction / r['peak_allocated_bytes']:.3f}" if done and prediction else "–"
+        mem = f"{r['peak_allocated_bytes'] / lora['peak_allocated_bytes']:.2f}" if done and lora.get(
+            "status") == "done" else "–"
+        speed = f"{r['step_seconds_median'] / lora['step_seconds_median']:.2f}" if done and lora.get(
+            "status") == "done" else "–"
+        step = f"{r['step_seconds_median']:.3f}" if done else "–"
+        lines.append(f"| {row.label} | {_size(r.get('peak_allocated_bytes'), unit)} | "
+                     f"{_size(r.get('peak_reserved_bytes'), unit)} | {_size(prediction, unit)} | {ratio} | {mem} | {step} | {speed} | {r['status']} |")
+    lines += ["", f"## SmolLM2-135M{' (--tiny: a 4-layer random model)' if settings['tiny'] else ''}, "
+              f"{settings['finetune_steps']} steps on the commonsense mix, batch {settings['finetune_batch_size']}, "
+              f"cutoff {settings['cutoff_len']}", "",
+              f"| row | held-out loss | train s | peak allocated {unit_name} | status |", "|---|---:|---:|---:|---|"]
+    for row in FINETUNE_ROWS:
+        r = rows.get(row.key)
+        if r is not None:
+            done = r["status"] == "done"
+            lines.append(f"| {row.label} | {r['heldout_loss']:.4f} | {r['train_seconds']:.1f} | "
+                         f"{_size(r.get('peak_allocated_bytes'), unit)} | {r['status']} |" if done else
+                         f"| {row.label} | – | – | – | {r['status']} |")
+    lines += ["", "Memory: one step each, in its own process (IST rows: the worst step, layer 0 selected). Time: "
+              "the row's real policy (IST: probes every 10 steps included), median of the timed steps. 'istune "
+              "plan' is the planner's prediction of max_memory_allocated for the same row (random sparse: IST's "
+              "row; LISA: not planned)."]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="istune bench gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes and a few steps: a smoke test (CPU, seconds)")
+    parser.add_argument("--device", default=None, help="cuda (default) or cpu (with --tiny: cpu unless CUDA is there)")
+    parser.add_argument("--budget_s", type=float, default=540,
+                        help="total seconds: no row starts when less is left than the longest row took (default 540)")
+    parser.add_argument("--rows", default=None, help=f"comma list of rows (default: all but DoRA), from: "
+                        f"{', '.join(ORDER)}")
+    parser.add_argument("--dora", action="store_true", help="also the DoRA rows")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per frontier row (default 20)")
+    parser.add_argument("--finetune_steps", type=int, default=None, help="SmolLM2 steps (default 200)")
+    parser.add_argument("--isolation", default=None, help="process: each row in its own Python process (the default; "
+                        "its own CUDA context and peak counters, an OOM stays there); none: all rows in this process "
+                        "(the default with --tiny)")
+    parser.add_argument("--resume", action="store_true", help="keep rows already measured with the same settings")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON result (the .md goes beside it); default benchmarks/results/gpu_suite.json "
+                        "(--tiny: gpu_suite_tiny.json)")
+    for hidden in ("--_row", "--_settings", "--_result"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> SuiteSettings:
+    device = args.device or ("cuda" if not args.tiny or torch.cuda.is_available() else "cpu")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"--device={device!r}: use cuda or cpu.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device=cuda, but this torch ({torch.__version__}, CUDA {torch.version.cuda}) sees no GPU; "
+                         "install a CUDA build of torch on the GPU machine, or run --tiny on the CPU.")
+    if device == "cpu" and not args.tiny:
+        raise ValueError("--device=cpu runs only with --tiny (a 7B shape on a CPU takes hours); add --tiny.")
+    settings = tiny_settings(device) if args.tiny else SuiteSettings(device=device)
+    changes = {name: getattr(args, name) for name in ("steps", "finetune_steps") if getattr(args, name) is not None}
+    for name, value in changes.items():
+        if value < 1:
+            raise ValueError(f"--{name}={value} must be at least 1.")
+    if args.budget_s <= 0:
+        raise ValueError(f"--budget_s={args.budget_s} must be positive (seconds).")
+    return SuiteSettings(**{**asdict(settings), **changes})
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from istune.recipe.options import parse_list
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args._row:  # a child process: one row, its record to --_result
+        settings = SuiteSettings(**json.loads(args._settings))
+        write_atomic(Path(args._result), json.dumps(run_row(args._row, settings)) + "\n")
+        return 0
+    settings = _settings(args)
+    default_keys = [k for k in ORDER if args.dora or not ALL_ROWS[k].optional]
+    keys = parse_list("rows", args.rows, allowed=ORDER) if args.rows else default_keys
+    keys = [k for k in ORDER if k in keys]
+    out = args.out or Path("benchmarks/results") / ("gpu_suite_tiny.json" if args.tiny else "gpu_suite.json")
+    if out.suffix != ".json":
+        raise ValueError(f"--out={str(out)!r} must end in .json (the markdown goes beside it).")
+    isolation = args.isolation or ("none" if args.tiny else "process")
+    if isolation not in ("process", "none"):
+        raise ValueError(f"--isolation={isolation!r}: use process or none.")
+    done: dict[str, dict] = {}
+    if args.resume and out.is_file():
+        previous = json.loads(out.read_text())
+        if previous["meta"]["settings"] == json.loads(json.dumps(asdict(settings))):
+            done = {r["key"]: r for r in previous["rows"] if r["status"] == "done"}
+    meta = {**run_metadata("benchmarks/gpu_suite.py", argv, REPO), "settings": asdict(settings),
+            "device": settings.device,
+            "gpu": torch.cuda.get_device_name() if settings.device == "cuda" else None}
+    started, longest = time.perf_counter(), 0.0
+    records: list[dict] = []
+
+    def save() -> None:
+        result = {"meta": meta, "rows": records}
+        write_atomic(out, json.dumps(result, indent=1) + "\n")
+        write_atomic(out.with_suffix(".md"), markdown(result))
+
+    for key in keys:
+        if key in done:
+            records.append(done[key])
+            continue
+        left = args.budget_s - (time.perf_counter() - started)
+        if left < longest or left <= 0:
+            records.append({"key": key, "label": ALL_ROWS[key].label,
+                            "status": f"not run: {left:.0f} s of --budget_s left, a row took up to {longest:.0f} s"})
+            save()
+            continue
+        row_started = time.perf_counter()
+        print(f"gpu suite: {key} ...", flush=True)
+        if isolation == "none":
+            try:
+                record = run_row(key, settings)
+            except torch.cuda.OutOfMemoryError as error:
+                record = {"key": key, "label": ALL_ROWS[key].label, "status": f"failed: out of memory ({error})"}
+        else:
+            record = _row_in_subprocess(key, settings, timeout_s=left)
+        longest = max(longest, time.perf_counter() - row_started)
+        records.append(record)
+        save()
+        print(f"gpu suite: {key}: {record['status']} ({time.perf_counter() - row_started:.0f} s)", flush=True)
+    print(markdown({"meta": meta, "rows": records}) + f"\nwrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
