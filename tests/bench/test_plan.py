@@ -86,18 +86,19 @@ def test_worst_step_prediction_matches_cpu_measurement(row_key, attention):
 IST_GC_REASON = "IST-aware checkpointing lands with the ckpt branch"
 
 
-@pytest.mark.parametrize("row_key", [
-    "ist", "ist+recompute",
+@pytest.mark.parametrize("row_key, selected", [
+    ("ist", [9, 11]), ("ist+recompute", [9, 11]),
     # On main, transformers' checkpointing makes the embeddings' output require grad, so the layers below the
     # lowest selected one keep their inputs (and recompute); the planner models the ckpt branch, where they do not.
-    pytest.param("ist+gc", marks=pytest.mark.xfail(strict=True, reason=IST_GC_REASON)),
+    # Here that is 11 layers' inputs: the measured peak is 21% above the prediction.
+    pytest.param("ist+gc", [11], marks=pytest.mark.xfail(strict=True, reason=IST_GC_REASON)),
 ])
-def test_prediction_matches_cpu_when_only_the_top_layer_is_selected(row_key):
-    # Many narrow layers and long sequences: what the 11 layers below the selected one keep is about 20% of the peak.
+def test_prediction_matches_cpu_when_layer_0_is_not_selected(row_key, selected):
+    # Many narrow layers, so that what the layers below the lowest selected one keep is a large part of the peak.
     config = tf.LlamaConfig(num_hidden_layers=12, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=128)
-    settings = planner.replace(SETTINGS, seq_len=256, update_layers=1)
-    assert relative_gap(row_key, "sdpa", [11], config, settings) <= TOLERANCE
+    settings = planner.replace(SETTINGS, seq_len=128, update_layers=len(selected))
+    assert relative_gap(row_key, "sdpa", selected, config, settings) <= TOLERANCE
 
 
 # ------------------------------------------------------------------------------ 4-bit (QLoRA)
@@ -200,6 +201,7 @@ def test_an_unknown_model_name_says_how_to_fix_it(monkeypatch, tmp_path):
     (["--rows", "lora,nope"], r"--rows=.*unknown 'nope'"),
     (["--load_in_4bit", "--method", "series"], r"--load_in_4bit with --method=series"),
     (["--update_layers", "0"], r"update_layers=0"),
+    (["--update_layers", "40"], r"update_layers=40.*only N_L=32"),
     (["--model", "no/such-model"], r"--model='no/such-model'"),
 ])
 def test_bad_input_is_refused_before_any_work(argv, message, monkeypatch, tmp_path, capsys):
@@ -238,10 +240,10 @@ def test_the_command_prints_a_table_from_a_builtin_shape(monkeypatch, tmp_path, 
 
 
 RECIPE = """# istune train --config {path}
-# LLaMA-7B, LoRA + IST on the commonsense mix (the paper's Table 2)
-model: huggyllama/llama-7b
+# A tiny LLaMA, LoRA + IST on the commonsense mix
+model: {model}
 method: lora
-per_device_train_batch_size: 1
+per_device_train_batch_size: 2
 cutoff_len: 32
 bf16: true
 gradient_checkpointing: {gc}
@@ -256,13 +258,16 @@ def test_a_recipe_file_is_planned_and_its_comment_filled(gc, row_key, monkeypatc
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path = tmp_path / "llama7b.yaml"
-    path.write_text(RECIPE.format(path=path, gc=str(gc).lower()))
+    tiny_config().save_pretrained(tmp_path / "model")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(RECIPE.format(path=path, model=tmp_path / "model", gc=str(gc).lower()))
     model, settings, row = planner.recipe_settings(__import__("yaml").safe_load(path.read_text()))
     assert (model, settings.batch_size, settings.seq_len, settings.dtype, row.key) == (
-        "huggyllama/llama-7b", 1, 32, "bfloat16", row_key)
+        str(tmp_path / "model"), 2, 32, "bfloat16", row_key)
     assert cli.main(["plan", "--recipe", str(path), "--fill"]) == 0
     lines = path.read_text().splitlines()
     assert lines[2].startswith(planner.COMMENT_PREFIX) and "GiB" in lines[2] and lines[3].startswith("model:")
+    result, _ = planner.predict_recipe(path)
+    assert result["row"] == row_key and result["peak_bytes"] == planner.predict(tiny_config(), row, settings)["peak_bytes"]
     assert cli.main(["plan", "--recipe", str(path), "--fill"]) == 0  # filled again: replaced, not added
     assert sum(line.startswith(planner.COMMENT_PREFIX) for line in path.read_text().splitlines()) == 1

@@ -134,7 +134,7 @@ class Meta4bitLinear(nn.Linear):
         input_dtype = x.dtype
         out = _MatMul4bit.apply(x.to(self.compute_dtype), self.weight, self.out_features)
         if self.bias is not None:
-            out = out + self.bias
+            out = out + self.bias.to(out.dtype)
         return out.to(input_dtype)
 
 

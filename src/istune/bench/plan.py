@@ -275,9 +275,19 @@ def _parameter_count(model: torch.nn.Module) -> int:
     return sum(packed.get(id(p), p.numel()) for p in model.parameters())
 
 
+def check_layer_counts(config, settings: PlanSettings) -> None:
+    """N_u against the config's layer count, before any model is built (named error)."""
+    from istune.config import ISTConfig
+
+    num_layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(num_layers, int):
+        ISTConfig(update_fraction=settings.update_fraction, update_layers=settings.update_layers).resolve(num_layers)
+
+
 def plan(config, settings: PlanSettings, rows: tuple[Row, ...] = ROWS, progress: bool = False) -> list[dict]:
     """:func:`predict` for every row (worst-case IST steps)."""
     validate_settings(settings)
+    check_layer_counts(config, settings)
     results = []
     for row in rows:
         results.append(predict(config, row, settings))
@@ -381,6 +391,7 @@ def predict_recipe(path: str | Path) -> tuple[dict, str]:
     model, settings, row = recipe_settings(yaml.safe_load(path.read_text()) or {})
     validate_settings(settings)
     config, source = resolve_model_config(model)
+    check_layer_counts(config, settings)
     result = predict(config, row, settings)
     weights = "4-bit" if settings.load_in_4bit else settings.dtype
     comment = (f"{COMMENT_PREFIX} {_gib(result['peak_bytes'])} GiB tensors, budget {_gib(result['budget_bytes'])} "
@@ -463,6 +474,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json is not None and args.json.suffix != ".json":
         raise ValueError(f"--json={str(args.json)!r} must end in .json.")
     config, source = resolve_model_config(args.model)
+    check_layer_counts(config, settings)
     print(f"istune plan: {args.model}: predicting {len(rows)} rows on the meta device ...", file=sys.stderr)
     results = plan(config, settings, tuple(r for r in ROWS if r.key in rows), progress=True)
     print(_header(source, config, settings, results) + "\n\n" + table(results, settings) + "\n\n" + FOOTNOTE)
