@@ -325,7 +325,8 @@ def _header(source: str, config, settings: PlanSettings, results: list[dict]) ->
     ist = [r for r in results if r["row"].startswith("ist")]
     n_u = f"; IST trains N_u = {len(ist[0]['selected'])} of N_L = {ist[0]['num_layers']} layers, worst step " \
           f"(layers {ist[0]['selected']})" if ist else ""
-    return (f"{source}\n{getattr(config, 'model_type', '?')}, {counts['params_total'] / 1e9:.2f}B parameters; "
+    return (f"{source}\n{getattr(config, 'model_type', '?')}, {counts['params_total'] / 1e9:.2f}B parameters "
+            f"(adapters included); "
             f"{settings.method} r={settings.rank}, {counts['params_trainable'] / 1e6:.1f}M trainable; weights "
             f"{weights}; batch {settings.batch_size} x {settings.seq_len} tokens; attention {settings.attention}{n_u}")
 
@@ -438,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.25)")
     parser.add_argument("--update_layers", type=int, default=None, help="N_u as a layer count")
     parser.add_argument("--rows", default=",".join(ROW_KEYS), help=f"comma list of rows, from: {', '.join(ROW_KEYS)}")
-    parser.add_argument("--json", type=Path, default=None, help="also write the predictions to this JSON file")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the predictions to this JSON file, and the table as Markdown beside it")
     parser.add_argument("--recipe", type=Path, default=None,
                         help="predict the run a recipe YAML describes (its model, batch, cutoff_len, method, "
                         "load_in_4bit, gradient_checkpointing, dtype/bf16, strategy, IST options) and print its "
@@ -451,7 +453,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from istune.bench.builtin_configs import resolve_model_config
     from istune.recipe.options import parse_list
 
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     if args.recipe is not None:
         result, comment = predict_recipe(args.recipe)
         print(f"{result['source']}\n{comment}")
@@ -477,11 +480,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     check_layer_counts(config, settings)
     print(f"istune plan: {args.model}: predicting {len(rows)} rows on the meta device ...", file=sys.stderr)
     results = plan(config, settings, tuple(r for r in ROWS if r.key in rows), progress=True)
-    print(_header(source, config, settings, results) + "\n\n" + table(results, settings) + "\n\n" + FOOTNOTE)
+    text = _header(source, config, settings, results) + "\n\n" + table(results, settings) + "\n\n" + FOOTNOTE
+    print(text)
     if args.json is not None:
-        write_atomic(args.json, json.dumps({"model": args.model, "source": source, "settings": asdict(settings),
-                                            "rows": results}, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        from istune.bench.records import run_metadata
+
+        meta = run_metadata("-m istune plan", argv, Path(__file__).resolve().parents[3])
+        write_atomic(args.json, json.dumps({"meta": meta, "model": args.model, "source": source,
+                                            "settings": asdict(settings), "rows": results}, indent=1) + "\n")
+        write_atomic(args.json.with_suffix(".md"), f"# istune plan: {args.model}\n\nCommand: `{meta['command']}`  \n"
+                     f"Date: {meta['date']}; commit {meta['commit']}\n\n{text}\n")
+        print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
     return 0
 
 
