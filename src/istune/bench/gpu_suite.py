@@ -1,6 +1,6 @@
 """The GPU suite: measured peak memory and step time of the frontier rows on a LLaMA-7B shape, and SmolLM2 runs.
 
-One command on a machine with one CUDA GPU (H100 class; about 8 minutes, ``--budget_s`` caps it)::
+One command on a machine with one CUDA GPU (H100 class; estimated 6–9 minutes, ``--budget_s`` caps it)::
 
     bash scripts/setup.sh && .venv/bin/python benchmarks/gpu_suite.py     # = istune bench gpu
     .venv/bin/python benchmarks/gpu_suite.py --tiny                       # CPU smoke test: tiny shapes, seconds
@@ -22,8 +22,9 @@ Each row runs in its own process:
   ``max_memory_allocated`` and ``max_memory_reserved``. Beside it, ``istune plan``'s prediction
   for the same row (computed on the meta device in the same process);
 - time: the row's real policy (IST: importance updates every T_c = 10 steps with N_c = 3
-  probes, included), ``--warmup_steps`` untimed, then ``--steps`` timed one by one with
-  ``torch.cuda.synchronize``; the median. Rows run one after another, not interleaved.
+  probes, included), ``--warmup_steps`` untimed, then ``--steps`` (20 = 2 T_c) timed one by
+  one with ``torch.cuda.synchronize``; the mean (probe steps included) and the median (the
+  plain steps). Rows run one after another, not interleaved.
 
 Part 2: ``--finetune_steps`` (200) steps of SmolLM2-135M (the embedded model) on the
 commonsense mix, batch 4, cutoff 256, lr 3e-4, for LoRA, random sparse and IST, through
@@ -385,7 +386,7 @@ def markdown(result: dict[str, Any]) -> str:
               "", f"## Frontier: {settings['shape']} shape, {settings['dtype']}, batch {settings['batch_size']} x "
               f"{settings['seq_len']} tokens, SDPA, r = {settings['rank']}", "",
               f"| row | peak allocated {unit_name} | reserved {unit_name} | istune plan {unit_name} | plan / measured | memory vs LoRA | "
-              "step s (median) | time vs LoRA | status |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "step s, mean (median) | time vs LoRA | status |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     lora = rows.get("lora", {})
     for row in FRONTIER_ROWS:
         r = rows.get(row.key)
@@ -396,9 +397,9 @@ def markdown(result: dict[str, Any]) -> str:
         ratio = f"{prediction / r['peak_allocated_bytes']:.3f}" if done and prediction else "–"
         mem = f"{r['peak_allocated_bytes'] / lora['peak_allocated_bytes']:.2f}" if done and lora.get(
             "status") == "done" else "–"
-        speed = f"{r['step_seconds_median'] / lora['step_seconds_median']:.2f}" if done and lora.get(
+        speed = f"{r['step_seconds_mean'] / lora['step_seconds_mean']:.2f}" if done and lora.get(
             "status") == "done" else "–"
-        step = f"{r['step_seconds_median']:.3f}" if done else "–"
+        step = f"{r['step_seconds_mean']:.3f} ({r['step_seconds_median']:.3f})" if done else "–"
         lines.append(f"| {row.label} | {_size(r.get('peak_allocated_bytes'), unit)} | "
                      f"{_size(r.get('peak_reserved_bytes'), unit)} | {_size(prediction, unit)} | {ratio} | {mem} | {step} | {speed} | {r['status']} |")
     lines += ["", f"## SmolLM2-135M{' (--tiny: a 4-layer random model)' if settings['tiny'] else ''}, "
@@ -412,10 +413,10 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {row.label} | {r['heldout_loss']:.4f} | {r['train_seconds']:.1f} | "
                          f"{_size(r.get('peak_allocated_bytes'), unit)} | {r['status']} |" if done else
                          f"| {row.label} | – | – | – | {r['status']} |")
-    lines += ["", "Memory: one step each, in its own process (IST rows: the worst step, layer 0 selected). Time: "
-              "the row's real policy (IST: probes every 10 steps included), median of the timed steps. 'istune "
-              "plan' is the planner's prediction of max_memory_allocated for the same row (random sparse: IST's "
-              "row; LISA: not planned)."]
+    lines += ["", f"Memory: one step per row, isolation '{meta.get('isolation')}' (IST rows: the worst step, layer 0 "
+              "selected). Time: the row's real policy; the mean over the timed steps includes IST's probes (every "
+              "T_c = 10 steps), the median is a plain step. 'istune plan' is the planner's prediction of "
+              "max_memory_allocated for the same row (random sparse: IST's row; LISA: not planned)."]
     return "\n".join(lines) + "\n"
 
 
@@ -487,7 +488,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             done = {r["key"]: r for r in previous["rows"] if r["status"] == "done"}
     meta = {**run_metadata("benchmarks/gpu_suite.py", argv, REPO), "settings": asdict(settings),
             "device": settings.device,
-            "gpu": torch.cuda.get_device_name() if settings.device == "cuda" else None}
+            "gpu": torch.cuda.get_device_name() if settings.device == "cuda" else None, "isolation": isolation}
     started, longest = time.perf_counter(), 0.0
     records: list[dict] = []
 
