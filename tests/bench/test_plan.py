@@ -35,7 +35,7 @@ def measure_on_cpu(config, row: planner.Row, settings: planner.PlanSettings, sel
     """Peak bytes of a real CPU training step, set up as a user does (the public APIs, an all-ones mask)."""
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=settings.attention)
-    model = add_adapters(model, AdapterArgs(rank=settings.rank, alpha=2 * settings.rank,
+    model = add_adapters(model, AdapterArgs(method=settings.method, rank=settings.rank, alpha=2 * settings.rank,
                                             lora_dropout=settings.lora_dropout), total_steps=10).train()
     if row.checkpointing:
         with warnings.catch_warnings():
@@ -81,6 +81,11 @@ def relative_gap(row_key: str, attention: str, selected: list[int] | None, confi
 ])
 def test_worst_step_prediction_matches_cpu_measurement(row_key, attention):
     assert relative_gap(row_key, attention, None) <= TOLERANCE
+
+
+@pytest.mark.parametrize("method", ["dora", "parallel"])
+def test_other_methods_match_cpu_measurement(method):
+    assert relative_gap("ist", "sdpa", None, settings=planner.replace(SETTINGS, method=method)) <= TOLERANCE
 
 
 IST_GC_REASON = "IST-aware checkpointing lands with the ckpt branch"
@@ -200,6 +205,7 @@ def test_an_unknown_model_name_says_how_to_fix_it(monkeypatch, tmp_path):
     (["--attn_implementation", "flash"], r"--attn_implementation='flash'"),
     (["--rows", "lora,nope"], r"--rows=.*unknown 'nope'"),
     (["--load_in_4bit", "--method", "series"], r"--load_in_4bit with --method=series"),
+    (["--load_in_4bit", "--method", "dora"], r"--load_in_4bit with --method=dora is not planned"),
     (["--update_layers", "0"], r"update_layers=0"),
     (["--update_layers", "40"], r"update_layers=40.*only N_L=32"),
     (["--model", "no/such-model"], r"--model='no/such-model'"),

@@ -143,9 +143,10 @@ def validate_settings(settings: PlanSettings) -> None:
         raise ValueError(f"--optimizer_impl={settings.optimizer_impl!r}: use foreach (CUDA's default) or for-loop.")
     if not 0 <= settings.lora_dropout < 1:
         raise ValueError(f"--lora_dropout={settings.lora_dropout!r} must be in [0, 1).")
-    if settings.load_in_4bit and settings.method in ("series", "parallel"):
-        raise ValueError(f"--load_in_4bit with --method={settings.method}: istune's bottleneck adapters are not "
-                         "planned over 4-bit weights; use --method lora or dora (QLoRA).")
+    if settings.load_in_4bit and settings.method != "lora":
+        raise ValueError(f"--load_in_4bit with --method={settings.method} is not planned (bottleneck adapters: not "
+                         "over 4-bit weights; DoRA: peft dequantizes each 4-bit weight in its forward, which the "
+                         "planner's stand-in does not model); use --method lora (QLoRA).")
     from istune.config import ISTConfig
 
     ISTConfig(update_fraction=settings.update_fraction, update_layers=settings.update_layers)  # named errors
