@@ -160,7 +160,7 @@ def test_4bit_prediction_matches_a_bitsandbytes_cpu_run(row_key, tmp_path):
 
 
 @pytest.mark.parametrize("hub_id", ["huggyllama/llama-7b", "yahma/llama-7b-hf", "meta-llama/Meta-Llama-3-8B",
-                                    "huggyllama/llama-13b"])
+                                    "huggyllama/llama-13b", "yahma/llama-13b-hf"])
 def test_the_papers_models_resolve_offline_to_builtin_shapes(hub_id, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing there
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -173,7 +173,8 @@ def test_the_papers_models_resolve_offline_to_builtin_shapes(hub_id, monkeypatch
         model = tf.AutoModelForCausalLM.from_config(config)
     billions = sum(p.numel() for p in model.parameters()) / 1e9
     assert billions == pytest.approx({"huggyllama/llama-7b": 6.74, "yahma/llama-7b-hf": 6.74,
-                                      "meta-llama/Meta-Llama-3-8B": 8.03, "huggyllama/llama-13b": 13.02}[hub_id],
+                                      "meta-llama/Meta-Llama-3-8B": 8.03, "huggyllama/llama-13b": 13.02,
+                                      "yahma/llama-13b-hf": 13.02}[hub_id],
                                      abs=0.01)
 
 

@@ -26,12 +26,15 @@ _LLAMA_1 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidde
 _LLAMA_7B = {**_LLAMA_1, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32}
 
+_LLAMA_13B = {**_LLAMA_1, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+              "num_attention_heads": 40, "num_key_value_heads": 40}
+
 # hub id (as the recipes name it) -> config.json values
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
     "huggyllama/llama-7b": _LLAMA_7B,
     "yahma/llama-7b-hf": _LLAMA_7B,
-    "huggyllama/llama-13b": {**_LLAMA_1, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-                             "num_attention_heads": 40, "num_key_value_heads": 40},
+    "huggyllama/llama-13b": _LLAMA_13B,
+    "yahma/llama-13b-hf": _LLAMA_13B,
     "meta-llama/Meta-Llama-3-8B": {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 4096,
         "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,

@@ -390,12 +390,15 @@ def predict_recipe(path: str | Path) -> tuple[dict, str]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--recipe={str(path)!r}: no such file; give a recipe YAML (configs/paper/*.yaml).")
-    model, settings, row = recipe_settings(yaml.safe_load(path.read_text()) or {})
+    values = yaml.safe_load(path.read_text()) or {}
+    model, settings, row = recipe_settings(values)
     validate_settings(settings)
     config, source = resolve_model_config(model)
     check_layer_counts(config, settings)
     result = predict(config, row, settings)
     weights = "4-bit" if settings.load_in_4bit else settings.dtype
+    if settings.dtype == "float32" and (values.get("bf16") or values.get("fp16")):
+        weights += " weights, autocast not modelled"
     comment = (f"{COMMENT_PREFIX} {_gib(result['peak_bytes'])} GiB tensors, budget {_gib(result['budget_bytes'])} "
                f"GiB ({result['label']}, batch {settings.batch_size} x {settings.seq_len}, {weights}; `istune plan "
                f"--recipe {path.as_posix()}`)")
