@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import warnings
 
 import pytest
@@ -69,7 +69,7 @@ def measure_on_cpu(config, row: planner.Row, settings: planner.PlanSettings, sel
 def relative_gap(row_key: str, attention: str, selected: list[int] | None, config=None,
                  settings: planner.PlanSettings = SETTINGS) -> float:
     config = config or tiny_config()
-    settings = planner.replace(settings, attention=attention)
+    settings = dataclasses.replace(settings, attention=attention)
     predicted = planner.predict(config, ROWS[row_key], settings, selected=selected)
     measured = measure_on_cpu(config, ROWS[row_key], settings, predicted["selected"])
     return abs(predicted["peak_bytes"] - measured) / measured
@@ -85,7 +85,7 @@ def test_worst_step_prediction_matches_cpu_measurement(row_key, attention):
 
 @pytest.mark.parametrize("method", ["dora", "parallel"])
 def test_other_methods_match_cpu_measurement(method):
-    assert relative_gap("ist", "sdpa", None, settings=planner.replace(SETTINGS, method=method)) <= TOLERANCE
+    assert relative_gap("ist", "sdpa", None, settings=dataclasses.replace(SETTINGS, method=method)) <= TOLERANCE
 
 
 IST_GC_REASON = "IST-aware checkpointing lands with the ckpt branch"
@@ -102,7 +102,7 @@ def test_prediction_matches_cpu_when_layer_0_is_not_selected(row_key, selected):
     # Many narrow layers, so that what the layers below the lowest selected one keep is a large part of the peak.
     config = tf.LlamaConfig(num_hidden_layers=12, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=128)
-    settings = planner.replace(SETTINGS, seq_len=128, update_layers=len(selected))
+    settings = dataclasses.replace(SETTINGS, seq_len=128, update_layers=len(selected))
     assert relative_gap(row_key, "sdpa", selected, config, settings) <= TOLERANCE
 
 
@@ -129,7 +129,7 @@ def test_4bit_prediction_matches_a_bitsandbytes_cpu_run(row_key, tmp_path):
 
     config = tf.LlamaConfig(num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=128)
-    settings = planner.replace(SETTINGS, dtype="bfloat16", load_in_4bit=True)
+    settings = dataclasses.replace(SETTINGS, dtype="bfloat16", load_in_4bit=True)
     predicted = planner.predict(config, ROWS[row_key], settings)
 
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)

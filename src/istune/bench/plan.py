@@ -54,7 +54,7 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -197,8 +197,8 @@ def _enable_checkpointing(model: torch.nn.Module, ist: bool) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if ist:  # IST-aware checkpointing: layers below the lowest selected one run without autograd
-        model.disable_input_require_grads()
+    if ist:  # IST-aware checkpointing: layers below the lowest selected one run without autograd. With the
+        model.disable_input_require_grads()  # embeddings' output not requiring grad, those frozen layers build no graph
 
 
 def predict(config, row: Row, settings: PlanSettings, selected: Optional[list[int]] = None) -> dict[str, Any]:
