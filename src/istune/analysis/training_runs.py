@@ -76,6 +76,11 @@ def check_size(size: TrainingSize) -> None:
     """Refuse bad sizes (with the option, the value and the fix) before anything is loaded."""
     from istune.recipe.train import check_run
 
+    from istune.recipe.options import require_at_least_one
+
+    require_at_least_one(size, ("max_steps", "batch_size"))
+    if size.learning_rate <= 0:
+        raise ValueError(f"--learning_rate={size.learning_rate!r} must be positive.")
     if size.eval_limit < 0:
         raise ValueError(f"--eval_limit={size.eval_limit} must be 0 (no accuracy) or a number of items per task.")
     check_run(size.run_args(), size.adapter_args(), ISTConfig())
