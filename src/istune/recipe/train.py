@@ -211,9 +211,15 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     if model_args.quantized:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=training.gradient_checkpointing,
-            gradient_checkpointing_kwargs=training.gradient_checkpointing_kwargs or {"use_reentrant": False})
+        from istune.recipe.models import keep_4bit_layers_trainable
+
+        keep_4bit_layers_trainable(model)
+
+        # Checkpointing only if asked (--gradient_checkpointing), non-reentrant unless told otherwise (DDP needs it).
+        checkpointing = training.gradient_checkpointing or getattr(training, "activation_checkpointing", False)
+        kwargs = training.gradient_checkpointing_kwargs or getattr(training, "activation_checkpointing_kwargs", None)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=kwargs or {"use_reentrant": False})
     model = add_adapters(model, adapter, total_steps=_total_steps(training, len(train_set)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -225,7 +231,8 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     trainer.train(resume_from_checkpoint=resume)
     results: dict[str, Any] = {**record, "training": _jsonable(training.to_dict()),
                                "train_seconds": time.time() - train_started,
-                               "importance": callback.importance.tolist()}
+                               "importance": callback.importance.tolist(),
+                               "log_history": trainer.state.log_history}
     if not main:
         return results
     output = Path(training.output_dir)
