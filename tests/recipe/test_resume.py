@@ -48,6 +48,9 @@ def test_resumed_run_ends_bit_identical(uninterrupted, tiny_llama_dir, data_file
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
     assert (out / "checkpoint-2" / checkpoints.RUN_FILE).is_file()
     assert not (out / "adapter").exists() and not (out / "results.json").exists()
+    # A checkpoint whose saving was cut short (no run file: it is written last) is passed over by 'true'.
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{")
 
     target = "true" if resume == "true" else str(out / resume)
     assert main(train_args(tiny_llama_dir, data_file, out, *SAVE, "--resume_from_checkpoint", target)) == 0
@@ -89,8 +92,16 @@ def test_checkpoint_of_a_model_with_other_layer_count_is_refused(uninterrupted, 
         checkpoints.check_resume(str(uninterrupted / "checkpoint-2"), record, num_layers=32)
 
 
+def test_a_checkpoint_cut_short_is_refused(uninterrupted, tiny_llama_dir, data_file, tmp_path, capsys):
+    partial = tmp_path / "run" / "checkpoint-2"
+    partial.mkdir(parents=True)
+    (partial / "trainer_state.json").write_text((uninterrupted / "checkpoint-2" / "trainer_state.json").read_text())
+    assert main(train_args(tiny_llama_dir, data_file, tmp_path / "new", "--resume_from_checkpoint", str(partial))) == 2
+    assert "has no istune_run.json: its saving was cut short" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value,message", [
-    ("true", "holds no checkpoint-* folder"),
+    ("true", "holds no complete checkpoint-* folder (one with istune_run.json)"),
     ("{tmp}", "is not a Trainer checkpoint (no trainer_state.json)"),
 ])
 def test_nothing_to_resume_is_refused(tiny_llama_dir, data_file, tmp_path, capsys, value, message):

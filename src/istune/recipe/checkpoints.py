@@ -1,7 +1,9 @@
 """The run record that ``istune train`` keeps in its checkpoints, and the resume check.
 
 ``istune_run.json`` (the run's istune options: data, model loading, PEFT method, IST) is
-written into every ``checkpoint-K`` the Trainer saves and into the finished output folder. ``--resume_from_checkpoint`` is compared with it before the model loads:
+written into every ``checkpoint-K`` the Trainer saves, after the Trainer's own files, and into
+the finished output folder. A checkpoint without it is one whose saving was cut short:
+``--resume_from_checkpoint true`` passes over it. ``--resume_from_checkpoint`` is compared with it before the model loads:
 a checkpoint of another model, PEFT method, adapter shape or IST strategy is refused.
 """
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 RUN_FILE = "istune_run.json"
 # What must match for a checkpoint to resume: the parameters it holds and how IST selects from them.
@@ -51,16 +53,26 @@ def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
     if value is None or str(value).lower() in ("", "false", "none"):
         return None
     if str(value).lower() == "true":
-        latest = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        latest = latest_complete_checkpoint(output_dir)
         if latest is None:
-            raise ValueError(f"--resume_from_checkpoint=true: --output_dir={output_dir!r} holds no "
-                             f"{PREFIX_CHECKPOINT_DIR}-* folder; give a checkpoint folder, or train without "
-                             "--resume_from_checkpoint.")
+            raise ValueError(f"--resume_from_checkpoint=true: --output_dir={output_dir!r} holds no complete "
+                             f"{PREFIX_CHECKPOINT_DIR}-* folder (one with {RUN_FILE}); give a checkpoint folder, "
+                             "or train without --resume_from_checkpoint.")
         return latest
     if not (Path(value) / "trainer_state.json").is_file():
         raise ValueError(f"--resume_from_checkpoint={value!r} is not a Trainer checkpoint (no trainer_state.json); "
                          f"give a {PREFIX_CHECKPOINT_DIR}-K folder of a run saved with --save_strategy steps.")
     return str(value)
+
+
+def latest_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The ``checkpoint-K`` of ``output_dir`` with the largest K whose saving finished (it holds the run file)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = [(int(path.name.rsplit("-", 1)[1]), path) for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if path.name.rsplit("-", 1)[1].isdigit() and (path / RUN_FILE).is_file()]
+    return str(max(steps)[1]) if steps else None
 
 
 def check_resume(checkpoint: str, record: dict[str, Any], num_layers: Optional[int] = None) -> None:
@@ -70,12 +82,12 @@ def check_resume(checkpoint: str, record: dict[str, Any], num_layers: Optional[i
         num_layers: N_L of the model about to load, when known from its config.
     """
     folder = Path(checkpoint)
-    saved_file = next((f for f in (folder / RUN_FILE, folder.parent / RUN_FILE) if f.is_file()), None)
-    if saved_file is None:
-        raise ValueError(f"--resume_from_checkpoint={checkpoint!r} has no {RUN_FILE} (beside it or in its folder): "
-                         "it was not saved by `istune train`. Resume it from your own script with "
-                         "trainer.train(resume_from_checkpoint=...), or train afresh.")
-    saved = json.loads(saved_file.read_text())
+    if not (folder / RUN_FILE).is_file():
+        raise ValueError(f"--resume_from_checkpoint={checkpoint!r} has no {RUN_FILE}: its saving was cut short, or "
+                         "`istune train` did not save it. Resume from an earlier checkpoint (or --resume_from_checkpoint "
+                         "true for the latest complete one); a checkpoint of your own script resumes with "
+                         "trainer.train(resume_from_checkpoint=...).")
+    saved = json.loads((folder / RUN_FILE).read_text())
     differences = [f"--{name}={record.get(group, {}).get(name)!r} (checkpoint: {saved.get(group, {}).get(name)!r})"
                    for group, names in MUST_MATCH.items() for name in names
                    if record.get(group, {}).get(name) != saved.get(group, {}).get(name)]
