@@ -19,6 +19,8 @@ def test_console_logs_keep_the_trainer_values_and_name_the_top_layers():
     assert shown == {"loss": 1.5, "learning_rate": 3e-4, "ist/probe_loss": 1.4, "ist/top_layers": "4 2 0 3 5"}
     assert len(logs) == 3 + 12  # the reporters' dict is not touched
     assert console_logs({"loss": 1.0, "ist/selected/layer_00": 1.0}) == {"loss": 1.0}  # random: no importance
+    unranked = {"loss": 1.0, "ist/importance/layer_00": 0.0, "ist/importance/layer_01": 0.0}
+    assert console_logs(unranked) == {"loss": 1.0}  # before the first importance update: nothing to rank
 
 
 @pytest.mark.parametrize("disable_tqdm", [True, False])
@@ -35,13 +37,17 @@ def test_trainer_console_is_one_short_line_per_log(tmp_path, capsys, disable_tqd
     lines = [ast.literal_eval(line.strip()) for line in (printed.out + printed.err).replace("\r", "\n").splitlines()
              if line.strip().startswith("{'loss'")]
     assert len(lines) == 4
-    for line, logged in zip(lines, [log for log in reporter.logs if "loss" in log]):
+    for step, (line, logged) in enumerate(zip(lines, [log for log in reporter.logs if "loss" in log]), start=1):
         assert not any(key.startswith(("ist/importance/", "ist/selected/")) for key in line)
         importance = [logged[f"ist/importance/layer_{i:02d}"] for i in range(NUM_LAYERS)]  # what TensorBoard got
         expected = sorted(range(NUM_LAYERS), key=lambda i: (-importance[i], i))
-        assert line["ist/top_layers"] == " ".join(map(str, expected))
+        if len(set(importance)) > 1:
+            assert line["ist/top_layers"] == " ".join(map(str, expected))
+        else:  # steps before the first probe (T_c = 2)
+            assert "ist/top_layers" not in line and step < 2
         assert float(line["loss"]) == pytest.approx(logged["loss"], rel=1e-3)
         assert len(str(line)) < 300
+    assert sum("ist/top_layers" in line for line in lines) == 3  # steps 2-4, after the first importance update
     assert any(f"ist/selected/layer_{i:02d}" in trainer.state.log_history[0] for i in range(NUM_LAYERS))
 
 

@@ -25,11 +25,14 @@ TOP_LAYERS = 5
 
 
 def console_logs(logs: dict, top: int = TOP_LAYERS) -> dict:
-    """``logs`` without the per-layer series, plus ``ist/top_layers``: the ``top`` layers by importance, best first."""
+    """``logs`` without the per-layer series, plus ``ist/top_layers``: the ``top`` layers by importance, best first.
+
+    ``ist/top_layers`` is left out while every layer has the same importance (before the first update).
+    """
     shown = {key: value for key, value in logs.items() if not key.startswith(PER_LAYER_PREFIXES)}
     importance = {int(key[len(IMPORTANCE_PREFIX):]): value for key, value in logs.items()
                   if key.startswith(IMPORTANCE_PREFIX)}
-    if importance:
+    if len(set(importance.values())) > 1:  # before the first importance update all are equal: nothing to rank
         best = sorted(importance, key=lambda layer: (-importance[layer], layer))[:top]
         shown["ist/top_layers"] = " ".join(str(layer) for layer in best)
     return shown
