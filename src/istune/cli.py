@@ -114,11 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(argv: Sequence[str]) -> int:
-    import logging
     import time
 
-    # bitsandbytes logs at import, on CPUs with AVX512-BF16, that an optional inference kernel package is missing.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from istune.recipe.train import train
 
     started = time.time()
