@@ -21,7 +21,7 @@ def tiny_model_dir(tmp_path_factory):
 
 def _train_args(model_dir, data, out, *extra):
     return ["train", "--model", str(model_dir), "--data", str(data), "--output_dir", str(out), "--eval_tasks", "none",
-            "--max_steps", "4", "--train_samples", "24", "--heldout_samples", "8", "--batch_size", "2",
+            "--max_steps", "4", "--train_samples", "24", "--heldout_samples", "8", "--per_device_train_batch_size", "2",
             "--rank", "4", "--alpha", "8", "--probe_interval", "2", "--logging_steps", "1", *extra]
 
 
@@ -80,11 +80,13 @@ def test_missing_data_file_and_taken_output_folder(tiny_model_dir, data_file, tm
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_unknown_config_key_is_refused(tiny_model_dir, data_file, tmp_path):
+def test_unknown_config_key_is_refused(tiny_model_dir, data_file, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("stratgy: random\n")
-    with pytest.raises(SystemExit):
-        main(_train_args(tiny_model_dir, data_file, tmp_path / "run", "--config", str(config)))
+    assert main(_train_args(tiny_model_dir, data_file, tmp_path / "run", "--config", str(config))) == 2
+    error = capsys.readouterr().err
+    assert f"--config={str(config)!r}: unknown option 'stratgy'; did you mean 'strategy'?" in error
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("method", ["dora", "adalora", "series", "parallel", "full"])

@@ -13,8 +13,10 @@
     istune analyze train-layers               # train only chosen layers (Fig. 2b)
     istune analyze sweep                      # mu and beta sweeps, sparse-tuning ablation (Tables 10, 11, 4)
 
-Options come from dataclasses (RunArgs, AdapterArgs, ISTConfig) whose help texts name
-the paper's symbols; a YAML `--config` gives defaults that flags override.
+`istune train` options come from dataclasses (RunArgs, ModelArgs, AdapterArgs, ISTConfig and
+the Trainer's own TrainingArguments, parsed as trl does) whose help texts name the paper's
+symbols; a YAML `--config` gives defaults that flags override. It runs the same under
+`torchrun --nproc_per_node N -m istune train ...` and `accelerate launch -m istune train ...`.
 """
 
 from __future__ import annotations
@@ -30,15 +32,40 @@ def _train_parser():
 
     from istune.config import ISTConfig
     from istune.recipe.methods import AdapterArgs
+    from istune.recipe.models import ModelArgs
     from istune.recipe.train import RunArgs
+    from istune.recipe.training_args import RecipeTrainingArguments
 
-    parser = HfArgumentParser((RunArgs, AdapterArgs, ISTConfig), prog="istune train",
-                              description="Fine-tune a causal LM with a PEFT method and IST, then evaluate it.")
+    groups = (RunArgs, ModelArgs, AdapterArgs, ISTConfig, RecipeTrainingArguments)
+    shared = _shared_names(groups)
+    if shared != {"seed"}:  # one name per knob; --seed alone is meant to reach two dataclasses
+        raise RuntimeError(f"option names declared twice: {sorted(shared - {'seed'})}")
+    # 'resolve': TrainingArguments' --seed replaces ISTConfig's; both dataclasses read it (see _parse_train).
+    parser = HfArgumentParser(groups, prog="istune train", conflict_handler="resolve",
+                              description="Fine-tune a causal LM with a PEFT method and IST, then evaluate it. "
+                              "Every transformers.TrainingArguments option is accepted with its own meaning.")
     parser.add_argument("--config", help="YAML file of option defaults (flags given here override it).")
+    parser.add_argument("--ist_seed", type=int, default=None,
+                        help="Seed of istune's own RNG (selections, candidates, probe batches); default: --seed.")
     return parser
 
 
+def _shared_names(groups) -> set[str]:
+    import dataclasses
+
+    seen, shared = set(), set()
+    for group in groups:
+        names = {f.name for f in dataclasses.fields(group) if f.init}
+        shared |= seen & names
+        seen |= names
+    return shared
+
+
 def _parse_train(argv: Sequence[str]):
+    """(run, model_args, adapter, ist, training) from flags over a YAML --config."""
+    import dataclasses
+    import difflib
+
     import yaml
 
     parser = _train_parser()
@@ -48,21 +75,28 @@ def _parse_train(argv: Sequence[str]):
     if config_path:
         path = Path(config_path)
         if not path.is_file():
-            parser.error(f"--config {config_path!r}: no such file")
+            raise ValueError(f"--config={config_path!r}: no such file.")
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
-            parser.error(f"--config {config_path!r}: expected a mapping of option names to values")
-        known_names = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known_names)
-        if unknown:
-            parser.error(f"--config {config_path!r}: unknown options {unknown}")
+            raise ValueError(f"--config={config_path!r}: expected a mapping of option names to values.")
+        known = {action.dest for action in parser._actions} - {"help", "config"}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"--config={config_path!r}: unknown option {key!r}; {hint}"
+                                 "`istune train --help` lists every option.")
         parser.set_defaults(**values)
-    # Returns the three dataclasses, a namespace holding --config, then any strings left unparsed.
-    *parsed, extra = parser.parse_args_into_dataclasses(args=list(argv), return_remaining_strings=True)
+    namespace, extra = parser.parse_known_args(list(argv))
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    run, adapter, ist = parsed[:3]
-    return run, adapter, ist
+    values = vars(namespace)  # each dataclass takes its fields; ISTConfig and TrainingArguments both read 'seed'
+    run, model_args, adapter, ist, training = (
+        group(**{f.name: values[f.name] for f in dataclasses.fields(group) if f.init and f.name in values})
+        for group in parser.dataclass_types)
+    if namespace.ist_seed is not None:
+        ist = dataclasses.replace(ist, seed=namespace.ist_seed)
+    return run, model_args, adapter, ist, training
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -87,9 +121,10 @@ def _train(argv: Sequence[str]) -> int:
     from istune.recipe.train import train
 
     started = time.time()
-    run, adapter, ist = _parse_train(argv)
-    train(run, adapter, ist)
-    print(f"istune train: done in {time.time() - started:.0f} s; output in {run.output_dir}")
+    run, model_args, adapter, ist, training = _parse_train(argv)
+    train(run, adapter, ist, training, model_args)
+    if training.process_index == 0:
+        print(f"istune train: done in {time.time() - started:.0f} s; output in {training.output_dir}")
     return 0
 
 

@@ -33,10 +33,10 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
-def run_args(model_dir, data, out, **changes) -> RunArgs:
+def run_args(model_dir, data, **changes) -> RunArgs:
     """A tiny run: 4 steps of batch 2, 8 held-out examples, no task evaluation."""
-    values = dict(model=str(model_dir), data=str(data), output_dir=str(out), train_samples=16, heldout_samples=8,
-                  max_steps=4, batch_size=2, eval_tasks="none", compare_base=False, logging_steps=4)
+    values = dict(model=str(model_dir), data=str(data), train_samples=16, heldout_samples=8,
+                  eval_tasks="none", compare_base=False)
     return RunArgs(**{**values, **changes})
 
 
@@ -60,7 +60,8 @@ def lora_run(tiny_model_dir, data_file, tmp_path_factory):
                     parameter.mul_(1.0 + 2.0 * index)
     save_adapters(model, folder / "adapter", adapter)
     ist = ISTConfig(seed=3)
-    results = {"run": asdict(run_args(tiny_model_dir, data_file, folder)), "adapter": asdict(adapter),
-               "ist": ist.to_dict(), "importance": IMPORTANCE}
+    results = {"run": asdict(run_args(tiny_model_dir, data_file)), "adapter": asdict(adapter),
+               "ist": ist.to_dict(), "importance": IMPORTANCE,
+               "training": {"seed": ist.seed, "max_steps": 4, "per_device_train_batch_size": 2}}
     (folder / "results.json").write_text(json.dumps(results))
     return folder

@@ -98,8 +98,8 @@ def test_sweep_resumes_run_by_run(tiny_model_dir, data_file, tmp_path, monkeypat
     monkeypatch.undo()
     trained = []
     real_train = istune.recipe.train.train
-    monkeypatch.setattr(istune.recipe.train, "train", lambda run, adapter, ist: trained.append(ist.strategy) or
-                        real_train(run, adapter, ist))
+    monkeypatch.setattr(istune.recipe.train, "train", lambda run, adapter, ist, *rest: trained.append(ist.strategy) or
+                        real_train(run, adapter, ist, *rest))
     assert main(_sweep_args(out, tiny_model_dir, data_file)) == 0
     assert trained == ["all"]
     again = json.loads((out / "runs" / "all-seed42.json").read_text())
@@ -119,8 +119,8 @@ def test_sweep_resumes_run_by_run(tiny_model_dir, data_file, tmp_path, monkeypat
 
 
 def test_a_failed_run_leaves_no_record_and_no_work_folder(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    def failing_train(run, adapter, ist):
-        (istune.recipe.train.Path(run.output_dir) / "adapter").mkdir(parents=True)
+    def failing_train(run, adapter, ist, training):
+        (istune.recipe.train.Path(training.output_dir) / "adapter").mkdir(parents=True)
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(istune.recipe.train, "train", failing_train)

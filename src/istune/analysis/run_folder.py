@@ -74,14 +74,14 @@ def load_run(run_dir: str | Path, heldout_samples: Optional[int] = None) -> Load
     from istune.data import CausalLMCollator, InstructionDataset
     from istune.recipe.methods import load_adapters
     from istune.recipe.models import load_model_and_tokenizer
-    from istune.recipe.train import RunArgs, load_rows
+    from istune.recipe.train import RunArgs, load_rows, saved_training_value
 
     folder = Path(run_dir)
     results = read_results(folder)
-    run = dataclasses.replace(RunArgs(**results["run"]), overwrite=True)
+    run = dataclasses.replace(RunArgs.from_saved(results["run"]), overwrite=True)
     if heldout_samples is not None and not 1 <= heldout_samples <= run.heldout_samples:
         raise ValueError(f"--heldout_samples={heldout_samples} must be between 1 and the run's {run.heldout_samples}.")
-    _, heldout_rows = load_rows(run, results["ist"]["seed"])
+    _, heldout_rows = load_rows(run, saved_training_value(results, "seed"))
     base, tokenizer = load_model_and_tokenizer(run.model, dtype=torch.float32)
     initial_state = base.state_dict() if results["adapter"]["method"] == "full" else None
     model = load_adapters(base, folder / "adapter").eval()

@@ -38,18 +38,24 @@ class TrainingSize:
     eval_limit: int = field(default=0, metadata={"help": "Option-scoring accuracy on this many items per commonsense task (0: no accuracy, loss only)."})
     eval_tasks: str = field(default="all", metadata={"help": "Commonsense tasks of the accuracy ('all' or comma-separated), when eval_limit is above 0."})
 
-    def run_args(self, output_dir: Path):
+    def run_args(self):
         """The :class:`istune.recipe.train.RunArgs` of one run of this size."""
         from istune.recipe.train import RunArgs
 
         return RunArgs(
             model=self.model, data=self.data, train_samples=self.max_steps * self.batch_size,
-            heldout_samples=self.heldout_samples, output_dir=str(output_dir), overwrite=True,
-            max_steps=self.max_steps, batch_size=self.batch_size, learning_rate=self.learning_rate,
-            cutoff_len=self.cutoff_len, logging_steps=self.max_steps,
+            heldout_samples=self.heldout_samples, overwrite=True, cutoff_len=self.cutoff_len,
             eval_tasks=self.eval_tasks if self.eval_limit > 0 else "none", eval_limit=self.eval_limit or None,
             eval_method="score", compare_base=False,
         )
+
+    def training_args(self, output_dir: Path, seed: int):
+        """The Trainer's options of one run of this size (the main job's, else)."""
+        from istune.recipe.training_args import RecipeTrainingArguments
+
+        return RecipeTrainingArguments(output_dir=str(output_dir), max_steps=self.max_steps,
+                                       per_device_train_batch_size=self.batch_size, learning_rate=self.learning_rate,
+                                       logging_steps=self.max_steps, seed=seed)
 
     def adapter_args(self):
         from istune.recipe.methods import AdapterArgs
@@ -70,9 +76,14 @@ def check_size(size: TrainingSize) -> None:
     """Refuse bad sizes (with the option, the value and the fix) before anything is loaded."""
     from istune.recipe.train import check_run
 
+    from istune.recipe.options import require_at_least_one
+
+    require_at_least_one(size, ("max_steps", "batch_size"))
+    if size.learning_rate <= 0:
+        raise ValueError(f"--learning_rate={size.learning_rate!r} must be positive.")
     if size.eval_limit < 0:
         raise ValueError(f"--eval_limit={size.eval_limit} must be 0 (no accuracy) or a number of items per task.")
-    check_run(size.run_args(Path(".istune-unused")), size.adapter_args(), ISTConfig())
+    check_run(size.run_args(), size.adapter_args(), ISTConfig())
 
 
 def count_adapter_layers(size: TrainingSize) -> int:
@@ -140,7 +151,8 @@ def _train_one(run: PlannedRun, size: TrainingSize, out: Path, command: str, arg
     work = out / RUNS_FOLDER / f"{run.name}.work"
     shutil.rmtree(work, ignore_errors=True)  # left by an interrupted call
     try:
-        results = train(size.run_args(work), size.adapter_args(), run.ist)
+        # One seed for the data sample, the Trainer and IST, as before TrainingArguments had its own.
+        results = train(size.run_args(), size.adapter_args(), run.ist, size.training_args(work, run.ist.seed))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -304,7 +304,7 @@ def load_run(folder: Path) -> tuple[torch.nn.Module, ISTConfig, ProbeSource, dic
     from istune.data import CausalLMCollator, InstructionDataset
     from istune.recipe.methods import AdapterArgs, load_adapters
     from istune.recipe.models import load_model_and_tokenizer
-    from istune.recipe.train import RunArgs, load_rows
+    from istune.recipe.train import RunArgs, load_rows, saved_training_value
 
     results = folder / "results.json"
     if not results.is_file() or not (folder / "adapter").is_dir():
@@ -315,14 +315,16 @@ def load_run(folder: Path) -> tuple[torch.nn.Module, ISTConfig, ProbeSource, dic
     if adapter.method == "full":
         raise ValueError(f"--run={str(folder)!r} trained whole layers (method 'full'); its initial weights W0 are not "
                          "saved, so probes cannot suppress its change. Use a run with adapters.")
-    run, config = RunArgs(**saved["run"]), ISTConfig(**saved["ist"])
+    run, config = RunArgs.from_saved(saved["run"]), ISTConfig(**saved["ist"])
     base, tokenizer = load_model_and_tokenizer(run.model)
     model = load_adapters(base, folder / "adapter")
     make_adapters_trainable(model)
-    train_rows, _ = load_rows(run, config.seed)
+    train_rows, _ = load_rows(run, saved_training_value(saved, "seed"))
     dataset = InstructionDataset(train_rows, tokenizer, run.cutoff_len, run.train_on_inputs)
-    source = ProbeSource(dataset, CausalLMCollator(tokenizer), run.batch_size)  # full probe = the training batch
-    described = {"run": str(folder), "model": run.model, "method": adapter.method, "train_steps": run.max_steps,
+    batch_size = saved_training_value(saved, "per_device_train_batch_size")
+    source = ProbeSource(dataset, CausalLMCollator(tokenizer), batch_size)  # full probe = the training batch
+    described = {"run": str(folder), "model": run.model, "method": adapter.method,
+                 "train_steps": saved_training_value(saved, "max_steps"),
                  "training_importance": saved.get("importance")}  # what IST learned while the adapters trained
     return model, config, source, described
 

