@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from istune.config import ISTConfig
-from istune.core import distributed, policy
+from istune.core import distributed, policy, sharding
 from istune.core.layers import AdapterLayer, find_adapter_layers
 from istune.core.optimizer_state import UnselectedOptimizerState
 from istune.core.probe import LossFn, default_loss, move_to_device, probe_mode
@@ -75,6 +75,7 @@ class SparseTuner:
         self.layers: list[AdapterLayer] = find_adapter_layers(model, self.config.layers_path)
         self.counts = self.config.resolve(len(self.layers))
         _refuse_merged_adapters(self.layers)
+        sharding.check_fsdp2(model, self.config, self.layers)  # what IST cannot do on an FSDP2-sharded model
         if self.config.strategy == "ist":
             prepare_suppression(model, self.layers)  # refuses what eq. 8 cannot suppress; keeps W0 of full layers
         if optimizer is not None:

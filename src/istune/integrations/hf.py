@@ -30,10 +30,10 @@ from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from istune.config import ISTConfig
-from istune.core import distributed
+from istune.core import distributed, sharding
 from istune.core.probe import ProbeSampler, default_loss, preserved_global_rng
 from istune.core.tuner import SparseTuner
-from istune.integrations import adalora
+from istune.integrations import adalora, sharded_checkpoints
 from istune.integrations.console import use_readable_console
 from istune.integrations.trainer_checks import check_trainer_setup
 
@@ -86,6 +86,7 @@ class ISTCallback(TrainerCallback):
         self._last_probe: Optional[dict] = None
         self._log_path: Optional[str] = None
         self._non_finite_steps = 0
+        self._sharded_optimizer = None  # under FSDP2: the optimizer whose per-layer state checkpoints record
 
     @property
     def importance(self) -> torch.Tensor:
@@ -102,6 +103,12 @@ class ISTCallback(TrainerCallback):
 
     # ---- Trainer events ---------------------------------------------------------------------
 
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer = _caller(Trainer)
+        if trainer is not None:  # FSDP2 checkpoints save and load per requires_grad (sharded_checkpoints)
+            sharded_checkpoints.guard_checkpoints(trainer, STATE_KEY, lambda: self.tuner and self.tuner.layers,
+                                                  self.config.layers_path)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         _run_before_reporters(self)
         if self.readable_console:
@@ -111,6 +118,7 @@ class ISTCallback(TrainerCallback):
             self.tuner.close()
         loss_fn = _probe_loss(args, next(model.parameters()).device)
         self.tuner = SparseTuner(model, self.config, optimizer=optimizer, loss_fn=loss_fn)
+        self._sharded_optimizer = optimizer if sharding.is_fsdp2(model) else None
         if self.config.strategy == "ist":
             dataset = self.probe_dataset if self.probe_dataset is not None else train_dataloader.dataset
             batch_size = self.config.probe_batch_size or args.per_device_train_batch_size
@@ -217,6 +225,9 @@ class ISTCallback(TrainerCallback):
         }
         if self.sampler is not None:
             exported["probe_generator"] = _encode_rng(self.sampler.generator.get_state())
+        if self._sharded_optimizer is not None:
+            exported[sharded_checkpoints.OPTIMIZER_STATE_KEY] = sharded_checkpoints.layers_with_optimizer_state(
+                self._sharded_optimizer, self.tuner.layers)
         return exported
 
     def _restore(self, state) -> None:

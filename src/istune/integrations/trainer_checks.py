@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from istune.core import distributed
+from istune.core import distributed, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,11 @@ def check_trainer_setup(args, model: nn.Module, trainer=None) -> None:
         trainer: the running Trainer when it could be found; gives the exact DDP wrapper.
 
     Raises:
-        NotImplementedError: FSDP, DeepSpeed or DTensor-sharded parameters.
+        NotImplementedError: DeepSpeed, FSDP1, or DTensor parameters outside FSDP2 (tensor parallelism).
         ValueError: a DDP setup that would fail or train the wrong parameters.
     """
-    _refuse_sharding(args, model, trainer)
-    if distributed.world_size() > 1:
+    fsdp2 = _check_sharding(args, model, trainer) == 2
+    if distributed.world_size() > 1 and not fsdp2:  # FSDP2 reduces only the gradients that exist: nothing to check
         _check_ddp(args, trainer)
         if uses_reentrant_checkpointing(model):
             raise ValueError(
@@ -70,17 +70,50 @@ def uses_reentrant_checkpointing(model: nn.Module) -> bool:
     return False
 
 
-def _refuse_sharding(args, model: nn.Module, trainer) -> None:
-    fsdp = bool(getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None)) or _is_fsdp_module(model)
+def _check_sharding(args, model: nn.Module, trainer) -> Optional[int]:
+    """Refuse the sharded engines IST cannot train; return the FSDP version (2, or None without FSDP).
+
+    What IST cannot do under FSDP2 is refused by SparseTuner (:func:`istune.core.sharding.check_fsdp2`).
+    """
     deepspeed = bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None))
-    if fsdp or deepspeed or _has_dtensor_parameters(model):
-        what = "FSDP" if fsdp else "DeepSpeed" if deepspeed else "parameters sharded as DTensors (FSDP2, tensor parallel)"
+    if deepspeed:
         raise NotImplementedError(
-            f"istune does not support {what}: IST changes which adapter parameters train at every step, and sharded "
-            "engines fix that set when they wrap the model (FSDP flattens parameters; DeepSpeed ZeRO partitions "
-            "gradients and steps every partitioned parameter). Use DDP (torchrun / accelerate launch without an FSDP "
-            "or DeepSpeed config); see docs/distributed.md."
-        )
+            "istune does not support DeepSpeed ZeRO: ZeRO partitions the gradients and optimizer state of every "
+            "parameter that was trainable when the engine was built, and steps every partition at every step, so the "
+            "adapters IST freezes still move (weight decay moved them in a check with ZeRO-2 and ZeRO-3, deepspeed "
+            "0.19.8). " + _USE_FSDP2)
+    version = fsdp_version(args, model, trainer)
+    if version == 1:
+        raise NotImplementedError(
+            "istune does not support FSDP1 (fsdp_config version 1): it flattens each wrapped module's parameters into "
+            "one FlatParameter when it wraps the model. Without use_orig_params a decoder layer's frozen base weights "
+            "and trainable adapters would share one flat parameter with one requires_grad, so IST could not freeze "
+            "adapters per layer; with use_orig_params=True it is untested, because FSDP1 needs an accelerator and "
+            "istune is tested on CPU (FSDP1 is also deprecated in transformers 5). " + _USE_FSDP2)
+    if version is None and sharding.has_dtensor_parameters(model):
+        raise NotImplementedError(
+            "istune does not support parameters sharded as DTensors outside FSDP2 (tensor parallelism): untested "
+            "with a requires_grad that changes every step. " + _USE_FSDP2)
+    return version
+
+
+_USE_FSDP2 = ("Shard with FSDP2 instead: TrainingArguments(fsdp='full_shard auto_wrap', fsdp_config={'version': 2}) or "
+              "accelerate launch --config_file configs/accelerate/fsdp2.yaml; or use DDP. See docs/distributed.md.")
+
+
+def fsdp_version(args, model: nn.Module, trainer=None) -> Optional[int]:
+    """1 or 2 when the Trainer runs FSDP (from its accelerator, the model or the arguments), else None."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    if plugin is not None:
+        return int(getattr(plugin, "fsdp_version", 1))
+    if sharding.is_fsdp2(model):
+        return 2
+    if _is_fsdp1_module(model):
+        return 1
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None):
+        config = getattr(args, "fsdp_config", None) or {}
+        return int(config.get("version", config.get("fsdp_version", 2)))  # transformers 5's default is FSDP2
+    return None
 
 
 def _check_ddp(args, trainer) -> None:
@@ -99,17 +132,7 @@ def _find_ddp(model: Optional[nn.Module]) -> Optional[DistributedDataParallel]:
     return model
 
 
-def _is_fsdp_module(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, FullyShardedDataParallel)
+def _is_fsdp1_module(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-
-def _has_dtensor_parameters(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch < 2.5
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
