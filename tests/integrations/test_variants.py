@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 from istune import ISTCallback, ISTConfig, SparseTuner
 from istune.core import distributed
-from istune.integrations.trainer_checks import check_trainer_setup, uses_reentrant_checkpointing
+from istune.integrations.trainer_checks import check_trainer_setup, fsdp_version, uses_reentrant_checkpointing
 
 from ..tiny_models import peft_model, tiny_model
 from .test_hf import NUM_LAYERS, ParameterWatcher, _trainer
@@ -147,17 +147,32 @@ def test_saved_adapters_hold_every_layer_and_load_with_plain_peft(tmp_path):
     assert (tmp_path / "checkpoint-3" / "ist_log.jsonl").read_text().count('"event": "select"') == 3
 
 
-@pytest.mark.parametrize("setup, what", [
-    (dict(trainer=SimpleNamespace(is_fsdp_enabled=True)), "FSDP"),
-    (dict(args={"fsdp": ["full_shard"]}), "FSDP"),
-    (dict(trainer=SimpleNamespace(is_deepspeed_enabled=True)), "DeepSpeed"),
-    (dict(args={"deepspeed": "ds_config.json"}), "DeepSpeed"),
+@pytest.mark.parametrize("setup, message", [
+    (dict(trainer=SimpleNamespace(is_deepspeed_enabled=True)), "istune does not support DeepSpeed ZeRO: .*adapters IST "
+                                                               "freezes still move"),
+    (dict(args={"deepspeed": "ds_config.json"}), "DeepSpeed ZeRO"),
+    (dict(args={"fsdp": True, "fsdp_config": {"version": 1}}), "istune does not support FSDP1 .*use_orig_params"),
+    (dict(trainer=SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(
+        fsdp_plugin=SimpleNamespace(fsdp_version=1))))), "FSDP1"),
 ])
-def test_fsdp_and_deepspeed_are_refused(setup, what):
+def test_deepspeed_and_fsdp1_are_refused_naming_fsdp2(setup, message):
     args = SimpleNamespace(**{"fsdp": [], "deepspeed": None, "torch_compile": False, **setup.get("args", {})})
     model = peft_model("llama", "lora", num_layers=2)
-    with pytest.raises(NotImplementedError, match=f"istune does not support {what}.*Use DDP"):
+    with pytest.raises(NotImplementedError, match=message) as refused:
         check_trainer_setup(args, model, setup.get("trainer"))
+    assert "Shard with FSDP2 instead" in str(refused.value) and "configs/accelerate/fsdp2.yaml" in str(refused.value)
+
+
+@pytest.mark.parametrize("args, trainer, version", [
+    ({"fsdp": True, "fsdp_config": {"version": 2}}, None, 2),
+    ({"fsdp": True, "fsdp_config": {}}, None, 2),  # transformers 5's default
+    ({"fsdp": True, "fsdp_config": {"version": 2}}, SimpleNamespace(accelerator=SimpleNamespace(
+        state=SimpleNamespace())), None),  # accelerate did not shard (CPU processes): DDP
+    ({"fsdp": []}, None, None),
+])
+def test_fsdp_version_comes_from_the_trainer_first(args, trainer, version):
+    model = peft_model("llama", "lora", num_layers=2)
+    assert fsdp_version(SimpleNamespace(**args), model, trainer) == version
 
 
 @pytest.mark.parametrize("find_unused, static_graph, message", [

@@ -102,15 +102,21 @@ _USE_FSDP2 = ("Shard with FSDP2 instead: TrainingArguments(fsdp='full_shard auto
 
 
 def fsdp_version(args, model: nn.Module, trainer=None) -> Optional[int]:
-    """1 or 2 when the Trainer runs FSDP (from its accelerator, the model or the arguments), else None."""
-    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    """1 or 2 when the model is (to be) sharded with FSDP, else None.
+
+    The Trainer's accelerator decides when there is one: accelerate shards only on accelerator
+    backends, so ``TrainingArguments(fsdp=...)`` on CPU processes trains with DDP. Without a
+    Trainer: the model's wrappers, then the arguments.
+    """
+    state = getattr(getattr(trainer, "accelerator", None), "state", None)
+    plugin = getattr(state, "fsdp_plugin", None)
     if plugin is not None:
         return int(getattr(plugin, "fsdp_version", 1))
     if sharding.is_fsdp2(model):
         return 2
     if _is_fsdp1_module(model):
         return 1
-    if getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None):
+    if state is None and (getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None)):
         config = getattr(args, "fsdp_config", None) or {}
         return int(config.get("version", config.get("fsdp_version", 2)))  # transformers 5's default is FSDP2
     return None
