@@ -67,3 +67,33 @@ def peft_model(family: str, method: str = "lora", num_layers: int = 4, seed: int
     }
     torch.manual_seed(seed + 1)
     return peft.get_peft_model(model, configs[method]()).train()
+
+
+QUANTIZATIONS = ["4bit", "8bit"]
+
+
+def quantized_peft_model(directory, bits: str, method: str = "lora", num_layers: int = 3,
+                         seed: int = 0) -> torch.nn.Module:
+    """A tiny LLaMA loaded with bitsandbytes ``bits`` ('4bit': nf4, '8bit': LLM.int8) and LoRA/DoRA on every linear layer.
+
+    bitsandbytes' CPU 4-bit kernels need at least 64 input features, so the model is wider than
+    :func:`tiny_model`'s; its float weights are saved to ``directory`` once (same seed, same weights).
+    """
+    import os
+
+    import peft
+
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        torch.manual_seed(seed)
+        config = tf.LlamaConfig(num_hidden_layers=num_layers, hidden_size=64, intermediate_size=128,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+        tf.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    quantization = (tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32)
+                    if bits == "4bit" else tf.BitsAndBytesConfig(load_in_8bit=True))
+    model = tf.AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization, device_map="cpu",
+                                                    dtype=torch.float32)
+    torch.manual_seed(seed + 1)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=method == "dora",
+                           init_lora_weights=False)
+    return peft.get_peft_model(model, lora).train()

@@ -108,7 +108,7 @@ def prepare_full_layer_tuning(
         >>> tuner = SparseTuner(model, ISTConfig(strategy="ist"), optimizer=optimizer)
 
     Raises:
-        ValueError: the model already holds adapter modules, or has no layer list.
+        ValueError: the model already holds adapter modules, has no layer list, or has quantized decoder layers.
     """
     adapters = [name for name, m in model.named_modules() if is_adapter_module(m)]
     if adapters:
@@ -121,6 +121,12 @@ def prepare_full_layer_tuning(
                              f"{type(model).__name__}; pass layers_path=...")
         layers_path = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))[0]
     _, blocks = _layer_list(model, layers_path)
+    quantized = [(name, p.dtype) for name, p in blocks.named_parameters() if not p.is_floating_point()]
+    if quantized:
+        raise ValueError(f"Full-layer tuning needs floating-point weights, but the decoder layers hold quantized ones "
+                         f"(e.g. '{layers_path}.{quantized[0][0]}', {quantized[0][1]}): they can neither train nor "
+                         "have their change suppressed (W0 + β·(W − W0)). Put adapters on the quantized model "
+                         "instead (QLoRA: peft LoRA or DoRA), or load it unquantized.")
     extra = []
     for wanted, what, getter in ((train_embeddings, "input embeddings", "get_input_embeddings"),
                                  (train_head, "LM head", "get_output_embeddings")):

@@ -18,6 +18,12 @@ keeps a copy). The blended weights exist for one block at a time, while it runs.
 Only adapter modules and full layers are touched: no attribute of any other module
 (such as the attention's own ``scaling``) is changed. :func:`prepare_suppression` refuses,
 before training, what cannot be suppressed exactly.
+
+Quantized bases (QLoRA: bitsandbytes ``Linear4bit``, ``Linear8bitLt``) need nothing else:
+peft's LoRA layers for them add ``scaling · Δ(x)`` to the quantized layer's output, and the
+blend runs the quantized ``base_layer`` itself. What a quantized adapter module must do for
+the scaling path, read ``scaling`` at every forward, is checked once per module class
+(:func:`_reads_scaling`): a fused kernel that captured the scale elsewhere is refused.
 """
 
 from __future__ import annotations
@@ -224,6 +230,10 @@ def _layer_problem(layer: AdapterLayer) -> str | None:
         base = getattr(module, "base_layer", None)
         if base is None:
             return f"adapter {type(module).__name__} wraps no base_layer, so its response cannot be separated"
+        if is_quantized(base) and scales_linearly(module) and not _reads_scaling(module):
+            return (f"its {type(module).__name__} adapter on a quantized {type(base).__name__} does not read its "
+                    "`scaling` in the forward pass (a fused kernel?), so β cannot reach its response; use peft's own "
+                    "LoRA layers for this quantization (bitsandbytes 4/8-bit work) or strategy 'random'")
         covered |= {id(p) for p in module.parameters()} - {id(p) for p in base.parameters()}
     outside = [name for key, name in trainable.items() if key not in covered]
     if outside:
@@ -232,6 +242,33 @@ def _layer_problem(layer: AdapterLayer) -> str | None:
                 "bias='all'/'lora_only' or modules_to_save inside the layers): eq. 8 scales adapter outputs, not "
                 "other weights; freeze them or use strategy 'random'")
     return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True when ``module`` holds integer-packed weights (bitsandbytes 4/8-bit, GPTQ, AWQ, ...)."""
+    return any(not (p.is_floating_point() or p.is_complex()) for p in module.parameters(recurse=False)) or \
+        type(module).__module__.split(".")[0] in ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq")
+
+
+_READS_SCALING: dict[type, bool] = {}  # per adapter module class: does its forward read `scaling`?
+
+
+def _reads_scaling(module: nn.Module) -> bool:
+    """Whether ``module``'s forward uses its ``scaling`` now (checked once per class).
+
+    Runs one row through the module with every active scale set to NaN: a forward that reads
+    the scale returns NaN even when the adapter's output is zero (LoRA's B starts at zero).
+    """
+    cls = type(module)
+    if cls not in _READS_SCALING:
+        weight = next((p for n, p in module.named_parameters() if p.is_floating_point() and "base_layer" not in n), None)
+        in_features = getattr(module, "in_features", None) or getattr(module.base_layer, "in_features", None)
+        if weight is None or not isinstance(in_features, int):
+            return True  # nothing to run it with; the structural checks stand
+        x = torch.randn(1, in_features, dtype=weight.dtype, device=weight.device)
+        with suppress_adapters([module], float("nan")), torch.no_grad():
+            _READS_SCALING[cls] = bool(torch.isnan(module(x)).any())
+    return _READS_SCALING[cls]
 
 
 def _peft_owned(block: nn.Module, trainable: dict[int, str]) -> list[str]:
