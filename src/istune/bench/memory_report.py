@@ -135,7 +135,9 @@ def markdown(result: dict[str, Any]) -> str:
     meta, runs, settings = result["meta"], result["runs"], result["meta"]["settings"]
     n_steps = settings["steps"]
     lines = [
-        "# Peak training memory per model shape and method, with and without IST (paper Table 1)",
+        "# Peak training memory per model shape and method, with and without IST"
+        + (f" on a {settings['quantize']} base (QLoRA)" if settings.get("quantize", "none") != "none"
+           else " (paper Table 1)"),
         "",
         f"Command (from the repository root): `{meta['command']}`",
         "",
@@ -150,6 +152,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"for LLaMA, every linear layer for GPT-2); series/parallel bottleneck {settings['bottleneck_size']} (the "
         "paper's Table 9 placement); IST N_u = 25 percent of the layers; LISA: "
         f"{settings['lisa_layers']} layers{' + embeddings and LM head' if settings['lisa_embeddings'] else ''}",
+        *([f"- base model quantized: {settings['quantize']} nf4 (bitsandbytes, QLoRA): every linear layer of the "
+           "decoder layers; embeddings and LM head in the dtype above"] if settings.get("quantize", "none") != "none"
+          else []),
         f"- each run: one unmeasured warm-up step training every layer (LISA: none); sparse rows then one "
         f"unmeasured step of their own; then {n_steps} measured steps",
         "- shapes: " + "; ".join(f"`{name}`: {SHAPES[name].description}" for name in runs),

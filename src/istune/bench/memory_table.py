@@ -5,6 +5,8 @@ Run (from the repository root; all four paper shapes take a few minutes on the m
     .venv/bin/python -m istune.bench.memory_table                      # every shape and method, meta device
     .venv/bin/python -m istune.bench.memory_table --shapes gpt2-small --methods lora --device cpu
     .venv/bin/python -m istune.bench.memory_table --check              # also check meta against a CPU run
+    .venv/bin/python -m istune.bench.memory_table --quantize 4bit --device cpu --shapes llama-12x768 \\
+        --methods lora --seq_len 512 --out benchmarks/results/qlora_memory.json    # QLoRA: a 4-bit base
 
 It writes ``benchmarks/results/memory_table.json`` and ``.md`` beside it (each written whole,
 then renamed into place) and prints the tables.
@@ -34,6 +36,9 @@ What each run is:
   of more than a few steps meets one). The seed of the draws is the first at or after
   ``--seed`` whose measured steps include such a step; the table states every step's
   selection and the mean of the per-step peaks.
+- ``--quantize 4bit`` loads the base model in 4-bit nf4 (bitsandbytes; QLoRA) before the
+  adapters go on, so the frozen weights shrink about 4x (embeddings and LM head stay in
+  ``--dtype``); it needs a real device (bitsandbytes has no meta kernels) and adapter methods.
 - LISA-style rows train ``--lisa_layers`` whole decoder layers (and, as in the LISA paper,
   the embeddings and LM head) during one sampling period; the measured steps lie inside
   one period, with optimizer state for the active layers only.
@@ -45,13 +50,14 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from istune.bench.memory import MemoryTracker
 from istune.bench.memory_report import check_table, gb, markdown
@@ -73,6 +79,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEVICES = ("meta", "cpu", "cuda")
 ATTENTIONS = ("eager", "sdpa")
 OPTIMIZER_IMPLS = ("foreach", "for-loop")
+QUANTIZATIONS = ("none", "4bit")
+ADAPTER_METHODS = ("series", "parallel", "lora")  # what --quantize can be combined with
 CHECK_TOLERANCE = 1e-3  # meta and measured peaks must agree within 0.1 percent
 
 
@@ -91,6 +99,7 @@ class Settings:
     lisa_layers: int = 2  # LISA's paper: 2 layers
     lisa_embeddings: bool = True  # LISA's paper: embeddings and LM head always train
     optimizer_impl: str = "foreach"  # AdamW's default on CUDA
+    quantize: str = "none"  # '4bit': the base model in bitsandbytes nf4 (QLoRA)
 
 
 def variants_for(methods: list[str]) -> tuple[list[Variant], list[Variant]]:
@@ -110,6 +119,8 @@ def build(shape: Shape, variant: Variant, settings: Settings, device: str) -> tu
     torch.manual_seed(settings.seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[settings.dtype])
+        if settings.quantize == "4bit":
+            model = _quantized(model, settings, device)
         base_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
         if variant.method == "full" and variant.ist is None:
             model.requires_grad_(True)  # full fine-tuning: every parameter
@@ -121,6 +132,17 @@ def build(shape: Shape, variant: Variant, settings: Settings, device: str) -> tu
                                bottleneck_size=settings.bottleneck_size)
             model = add_adapters(model, args, total_steps=settings.steps + 1)
     return model.train(), base_bytes
+
+
+def _quantized(model: torch.nn.Module, settings: Settings, device: str) -> torch.nn.Module:
+    """``model`` reloaded with its linear layers in 4-bit nf4 (bitsandbytes), computing in ``settings.dtype``."""
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=DTYPES[settings.dtype])
+    with tempfile.TemporaryDirectory() as folder, torch.device("cpu"):
+        model.save_pretrained(folder)
+        del model
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map=device,
+                                                    dtype=DTYPES[settings.dtype])
 
 
 def make_batch(vocab_size: int, settings: Settings, device: str) -> dict[str, Any]:
@@ -288,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LISA: whole decoder layers trained per sampling period (LISA's paper: 2)")
     parser.add_argument("--lisa_embeddings", action=argparse.BooleanOptionalAction, default=True,
                         help="LISA: train the embeddings and LM head too, as LISA's paper does (default: yes)")
+    parser.add_argument("--quantize", default="none",
+                        help="'4bit': load the base model in 4-bit nf4 (bitsandbytes; QLoRA); needs --device cpu "
+                             "or cuda and adapter methods")
     parser.add_argument("--optimizer_impl", default="foreach",
                         help="AdamW implementation: foreach (CUDA's default; one parameter-sized temporary during "
                         "the step) or for-loop (CPU's default)")
@@ -336,6 +361,15 @@ def validate(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]
     _one_of("--attention", args.attention, ATTENTIONS)
     _one_of("--device", args.device, DEVICES)
     _one_of("--optimizer_impl", args.optimizer_impl, OPTIMIZER_IMPLS)
+    _one_of("--quantize", args.quantize, QUANTIZATIONS)
+    if args.quantize != "none":
+        if args.device == "meta" or args.check:
+            raise ValueError(f"--quantize={args.quantize} needs a real device: bitsandbytes has no meta kernels; "
+                             "use --device cpu or cuda, without --check.")
+        others = [m for m in methods if m not in ADAPTER_METHODS]
+        if others:
+            raise ValueError(f"--quantize={args.quantize} with --methods {','.join(others)}: quantized weights cannot "
+                             f"train (full, LISA); use adapter methods ({', '.join(ADAPTER_METHODS)}).")
     _one_of("--check_device", args.check_device, ("cpu", "cuda"))
     if "cuda" in (args.device, args.check_device if args.check else None) and not torch.cuda.is_available():
         option = "--device" if args.device == "cuda" else "--check_device"
@@ -361,10 +395,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = Settings(seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, attention=args.attention,
                         steps=args.steps, rank=args.rank, bottleneck_size=args.bottleneck_size, seed=args.seed,
                         lisa_layers=args.lisa_layers, lisa_embeddings=args.lisa_embeddings,
-                        optimizer_impl=args.optimizer_impl)
+                        optimizer_impl=args.optimizer_impl, quantize=args.quantize)
     variants, skipped = variants_for(methods)
     print(f"memory table: shapes {', '.join(shapes)}; rows {', '.join(v.key for v in variants)}; device "
-          f"{args.device}; batch {settings.batch_size} x {settings.seq_len} tokens, {settings.dtype}", flush=True)
+          f"{args.device}; batch {settings.batch_size} x {settings.seq_len} tokens, {settings.dtype}"
+          f"{', base in ' + settings.quantize if settings.quantize != 'none' else ''}", flush=True)
     check = None
     if args.check:
         check = check_meta(check_shapes, variants, dataclasses.replace(settings, seq_len=args.check_seq_len),

@@ -11,7 +11,9 @@ runs the importance probes every T_c steps and puts the IST state into the Train
 that every checkpoint saves.
 
 ``on_train_begin`` checks the setup before any step (:mod:`istune.integrations.trainer_checks`:
-DDP settings, FSDP/DeepSpeed refused, torch.compile warned about) and the probe data.
+DDP settings, FSDP2 allowed, FSDP1/DeepSpeed refused, torch.compile warned about) and the probe
+data. Under FSDP2 the Trainer's checkpoint saving and optimizer loading are wrapped at
+``on_init_end`` (:mod:`istune.integrations.sharded_checkpoints`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What ISTCallback checks in a Trainer's setup before the first step (docs/distributed.md has the why).
+"""What ISTCallback checks in a Trainer's setup before the first step (docs/distributed.md has the why and the tests).
 
 =======================================================  =====================================
 setup                                                    outcome
@@ -7,7 +7,14 @@ DDP (torchrun, accelerate launch), find_unused on        works (the Trainer's de
 DDP with ``ddp_find_unused_parameters=False``            ValueError: set it to True
 DDP with ``ddp_static_graph=True``                       ValueError
 DDP + reentrant activation checkpointing                 ValueError: use ``use_reentrant=False``
-FSDP, DeepSpeed, parameters sharded as DTensors          NotImplementedError
+FSDP2 (``fsdp_config={'version': 2}``, the accelerate    works: per-parameter freezing, probes on the sharded
+config file configs/accelerate/fsdp2.yaml)               model, checkpoints with every adapter, exact resume
+FSDP2 + full layers with strategy 'ist'                  NotImplementedError (from SparseTuner): use 'random'
+FSDP2 + ``unselected_optimizer_state='offload'`` (GPU)   NotImplementedError (from SparseTuner): 'drop' or FSDP2's
+                                                         own cpu_offload
+FSDP1 (``fsdp_config={'version': 1}``)                   NotImplementedError: shard with FSDP2
+DeepSpeed ZeRO (any stage)                               NotImplementedError: shard with FSDP2
+DTensor parameters outside FSDP2 (tensor parallelism)    NotImplementedError: shard with FSDP2
 ``torch_compile=True``                                   warning: recompiles per selection, no speed-up
 =======================================================  =====================================
 """
