@@ -74,7 +74,7 @@ QUANTIZATIONS = ["4bit", "8bit"]
 
 def quantized_peft_model(directory, bits: str, method: str = "lora", num_layers: int = 3,
                          seed: int = 0) -> torch.nn.Module:
-    """A tiny LLaMA loaded with bitsandbytes ``bits`` ('4bit': nf4, '8bit': LLM.int8) and LoRA/DoRA on every linear layer.
+    """A tiny LLaMA loaded in bitsandbytes ``bits`` ('4bit': nf4, '8bit': LLM.int8), LoRA/DoRA on every linear layer.
 
     bitsandbytes' CPU 4-bit kernels need at least 64 input features, so the model is wider than
     :func:`tiny_model`'s; its float weights are saved to ``directory`` once (same seed, same weights).

@@ -261,7 +261,8 @@ def main_fsdp2(out_dir: str, rank: int, world_size: int) -> None:
 
     resumed, resumed_ist, resumed_recorder = train(run, world_size, rank, resume=os.path.join(run, "checkpoint-3"),
                                                     **MOMENTUM, **FSDP2)
-    result["resumed"] = {"sharded": is_fsdp2(resumed.model), "selections": resumed_recorder.selections, "losses": _losses(resumed)[-3:],
+    result["resumed"] = {"sharded": is_fsdp2(resumed.model), "selections": resumed_recorder.selections,
+                         "losses": _losses(resumed)[-3:],
                          "importance": resumed_ist.importance.tolist(),
                          "violations": resumed_recorder.violations}
     save_file(adapter_weights(resumed.model), os.path.join(out_dir, f"resumed{rank}.safetensors"))

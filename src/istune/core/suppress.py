@@ -261,7 +261,8 @@ def _reads_scaling(module: nn.Module) -> bool:
     """
     cls = type(module)
     if cls not in _READS_SCALING:
-        weight = next((p for n, p in module.named_parameters() if p.is_floating_point() and "base_layer" not in n), None)
+        weight = next((p for name, p in module.named_parameters()
+                       if p.is_floating_point() and "base_layer" not in name), None)
         in_features = getattr(module, "in_features", None) or getattr(module.base_layer, "in_features", None)
         if weight is None or not isinstance(in_features, int):
             return True  # nothing to run it with; the structural checks stand
