@@ -106,8 +106,12 @@ class ISTCallback(TrainerCallback):
     # ---- Trainer events ---------------------------------------------------------------------
 
     def on_init_end(self, args, state, control, **kwargs):
-        trainer = _caller(Trainer)
-        if trainer is not None:  # FSDP2 checkpoints save and load per requires_grad (sharded_checkpoints)
+        self._guard_checkpoints(_caller(Trainer))
+
+    def _guard_checkpoints(self, trainer) -> None:
+        # FSDP2 checkpoints save and load per requires_grad (sharded_checkpoints). Also from on_train_begin, for a
+        # callback added after the Trainer was built (its first optimizer loading then goes unguarded).
+        if trainer is not None:
             sharded_checkpoints.guard_checkpoints(trainer, STATE_KEY, lambda: self.tuner and self.tuner.layers,
                                                   self.config.layers_path)
 
@@ -115,7 +119,9 @@ class ISTCallback(TrainerCallback):
         _run_before_reporters(self)
         if self.readable_console:
             use_readable_console(_caller(CallbackHandler))
-        check_trainer_setup(args, model, _caller(Trainer))
+        trainer = _caller(Trainer)
+        check_trainer_setup(args, model, trainer)
+        self._guard_checkpoints(trainer)
         if self.tuner is not None:
             self.tuner.close()
         loss_fn = _probe_loss(args, next(model.parameters()).device)
