@@ -244,3 +244,14 @@ def test_blocks_without_adapters_below_the_lowest_selected_layer_are_skipped_too
     tuner.begin_step()
     model(**_batch()).loss.backward()
     assert tuner._checkpointing.skipped_calls == 1  # block 0 (no adapters, below block 2) ran without autograd
+
+
+def test_reentrant_checkpointing_under_ddp_is_refused_before_the_first_step(monkeypatch):
+    from istune.core import distributed
+
+    model = peft_model("llama", "lora", num_layers=NUM_LAYERS)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    tuner = SparseTuner(model, ISTConfig(update_layers=1))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)  # as under torchrun; refused before any collective
+    with pytest.raises(ValueError, match="Reentrant activation checkpointing under DDP.*use_reentrant': False"):
+        tuner.begin_step()

@@ -90,16 +90,16 @@ class Size:
 
 SIZES: dict[str, Size] = {size.name: size for size in (
     Size("llama-12x768", "LLaMA architecture, 12 layers x 768 (MLP 2048, 12 heads, vocab 32000), SDPA", 1, 1024,
-         steps=11, rounds=2, memory_steps=3,
+         steps=5, rounds=3, memory_steps=3,
          config=dict(num_hidden_layers=12, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
                      num_key_value_heads=12, vocab_size=32000)),
-    Size("smollm2-135m", "SmolLM2-135M-Instruct (30 layers x 576), SDPA", 1, 1024, steps=11, rounds=2,
+    Size("smollm2-135m", "SmolLM2-135M-Instruct (30 layers x 576), SDPA", 1, 1024, steps=5, rounds=3,
          memory_steps=3, model="smollm2-135m"),
     Size("tiny", "LLaMA architecture, 8 layers x 256 (MLP 688, 4 heads, vocab 32000), SDPA", 4, 256,
          steps=31, rounds=3, memory_steps=3,
          config=dict(num_hidden_layers=8, hidden_size=256, intermediate_size=688, num_attention_heads=4,
                      num_key_value_heads=4, vocab_size=32000)),
-    Size("test", "LLaMA architecture, 4 layers x 32 (tests)", 2, 16, steps=12, rounds=1, memory_steps=2,
+    Size("test", "LLaMA architecture, 4 layers x 32 (tests)", 2, 16, steps=3, rounds=1, memory_steps=2,
          config=dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=128)),
 )}
@@ -179,7 +179,7 @@ def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, outpu
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=size.batch_size, learning_rate=1e-4,
         lr_scheduler_type="constant", logging_steps=10, report_to=[], save_strategy="no", disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), seed=0, dataloader_num_workers=0,
-        gradient_checkpointing=row.checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
+        activation_checkpointing=row.checkpointing, activation_checkpointing_kwargs={"use_reentrant": False})
     dataset = _TokenDataset(size, model.config.vocab_size, steps * size.batch_size)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # no log lines on stdout (the memory runs report there)
@@ -224,8 +224,10 @@ def measure_memory(rows: list[Row], size: Size, progress: Callable[[str], None])
 def measure_time(rows: list[Row], size: Size, steps: int, rounds: int,
                  progress: Callable[[str], None]) -> dict[str, dict]:
     """Interleaved rounds; per row the step-time summary (see the module docstring)."""
+    from istune.integrations.hf import ISTCallback
+
     plain: dict[str, list[float]] = {row.key: [] for row in rows}
-    probed: dict[str, list[float]] = {row.key: [] for row in rows}
+    updates: dict[str, list[float]] = {row.key: [] for row in rows}
     with tempfile.TemporaryDirectory() as output_dir:
         for index in range(rounds):
             for row in rows:
@@ -233,17 +235,23 @@ def measure_time(rows: list[Row], size: Size, steps: int, rounds: int,
                 trainer = make_trainer(row, size, build_model(size, row), steps, output_dir, clock)
                 trainer.train()
                 durations = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+                probes = row.ist is not None and row.ist.get("strategy", "ist") == "ist"
                 for step, seconds in enumerate(durations[1:], start=2):  # step 1: warm-up
-                    probes = row.ist is not None and row.ist.get("strategy", "ist") == "ist"
-                    (probed if probes and step % PROBE_INTERVAL == 0 else plain)[row.key].append(seconds)
+                    if not (probes and step % PROBE_INTERVAL == 0):
+                        plain[row.key].append(seconds)
+                if probes:  # one importance update (N_c probe forwards), timed on its own
+                    ist = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ISTCallback))
+                    start = time.perf_counter()
+                    ist.tuner.update_importance(ist.sampler())
+                    updates[row.key].append(time.perf_counter() - start)
             progress(f"time: round {index + 1}/{rounds} done")
     results = {}
     for row in rows:
         step = statistics.median(plain[row.key])
-        probe = statistics.median(probed[row.key]) - step if probed[row.key] else 0.0
-        results[row.key] = {"step_s": step, "probe_update_s": probe if probed[row.key] else None,
-                            "seconds_per_step": step + probe / PROBE_INTERVAL,
-                            "samples": {"steps": len(plain[row.key]), "probe_steps": len(probed[row.key])}}
+        update = statistics.median(updates[row.key]) if updates[row.key] else None
+        results[row.key] = {"step_s": step, "probe_update_s": update,
+                            "seconds_per_step": step + (update or 0.0) / PROBE_INTERVAL,
+                            "samples": {"steps": len(plain[row.key]), "probe_updates": len(updates[row.key])}}
     return results
 
 
@@ -369,12 +377,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     keys = parse_list("rows", opts.rows, allowed=ROWS) if opts.rows else list(ROWS)
     steps, rounds = opts.steps or size.steps, opts.rounds or size.rounds
-    if steps < 2 or rounds < 1:
+    if steps < 2 or rounds < 1:  # the first step of a round is a warm-up
         raise ValueError(f"--steps={steps} / --rounds={rounds}: use --steps >= 2 (the first step of a round is not "
                          "timed) and --rounds >= 1.")
-    if steps <= PROBE_INTERVAL and any(ROWS[k].ist is not None for k in keys) and opts.skip != "time":
-        raise ValueError(f"--steps={steps}: IST rows need at least {PROBE_INTERVAL + 1} steps per round so that each "
-                         f"round times one importance update (T_c = {PROBE_INTERVAL}).")
     rows = [ROWS[key] for key in keys]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"istune bench frontier: {size.description}, {len(rows)} rows; load {load}", flush=True)

@@ -76,6 +76,10 @@ class LayerCheckpointing:
         self._lowest = min(selected_blocks) if selected_blocks else len(self.blocks)
         self._upstream_trainable = None  # does a trainable parameter feed the blocks from below? (first forward)
 
+    def reentrant_in_use(self) -> bool:
+        """True when transformers' checkpointing of some block is on, in torch's reentrant variant."""
+        return any(getattr(block, "gradient_checkpointing", False) and _reentrant(block) for block in self.blocks)
+
     def remove(self) -> None:
         """Give every block back the ``forward`` it had before."""
         for block, forward in zip(self.blocks, self._instance_forwards):

@@ -136,6 +136,7 @@ class SparseTuner:
             )
         self.history.append({"event": "select", "step": self.step, "selected": list(self.selected)})
         if not self._synced_once:
+            _refuse_reentrant_checkpointing_under_ddp(self._checkpointing)
             self.check_in_sync()
             self._synced_once = True
         return self.selected
@@ -278,6 +279,16 @@ class SparseTuner:
         for layer in self.layers:
             for parameter in layer.parameters:
                 parameter.requires_grad_(True)
+
+
+def _refuse_reentrant_checkpointing_under_ddp(checkpointing: LayerCheckpointing) -> None:
+    if distributed.world_size() > 1 and checkpointing.reentrant_in_use():
+        raise ValueError(
+            "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) fails with "
+            "'Expected to mark a variable ready only once'. Use the non-reentrant variant: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) (Trainer: "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}, the default in transformers 5)."
+        )
 
 
 def _all_blocks(model: nn.Module, layers: list[AdapterLayer]) -> list[nn.Module]:
