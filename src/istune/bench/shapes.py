@@ -110,6 +110,8 @@ class Variant:
         method: ``full``, ``series``, ``parallel``, ``lora`` or ``lisa``.
         ist: None to train every layer (no tuner); else ISTConfig keyword arguments.
         baseline: key of the run this one's ratio is taken against.
+        checkpointing: transformers' gradient checkpointing on (non-reentrant), set up as the Trainer does
+            for a peft model (``enable_input_require_grads``); with IST it is IST-aware (istune.core.checkpointing).
     """
 
     key: str
@@ -117,6 +119,7 @@ class Variant:
     method: str
     ist: Optional[dict] = None
     baseline: Optional[str] = None
+    checkpointing: bool = False
 
 
 # The rows, in table order. Extra ISTConfig options are just more rows: a row whose options
@@ -134,6 +137,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("lora+ist", "LoRA + IST", "lora", {}, "lora"),
     Variant("lisa", "LISA", "lisa", {}, "full"),
     Variant("lora+ist:recompute", "LoRA + IST, recompute unselected", "lora", {"recompute_unselected": True}, "lora"),
+    Variant("lora:ckpt", "LoRA + gradient checkpointing", "lora", None, "lora", checkpointing=True),
+    Variant("lora+ist:ckpt", "LoRA + IST + gradient checkpointing", "lora", {}, "lora", checkpointing=True),
     Variant("full+ist:drop", "Full + IST, drop unselected state", "full",
             {"strategy": "random", "unselected_optimizer_state": "drop"}, "full"),
     Variant("full+ist:recompute+drop", "Full + IST, recompute + drop", "full",
