@@ -1,6 +1,6 @@
 """The memory-time frontier: LoRA, LoRA + gradient checkpointing, IST and its options, in the HF Trainer.
 
-    istune bench frontier                                   # LLaMA 12 x 768, batch 1 x 1024 (about 20 min)
+    istune bench frontier                                   # LLaMA 12 x 768, batch 1 x 1024 (about 20 min, 2 cores)
     istune bench frontier --size smollm2-135m               # SmolLM2-135M, batch 1 x 1024
     istune bench frontier --size tiny                       # 8 x 256 LLaMA, 4 x 256 tokens (per-step overhead)
     istune bench frontier --size test --rows lora,ist       # seconds: what the tests run
@@ -90,10 +90,10 @@ class Size:
 
 SIZES: dict[str, Size] = {size.name: size for size in (
     Size("llama-12x768", "LLaMA architecture, 12 layers x 768 (MLP 2048, 12 heads, vocab 32000), SDPA", 1, 1024,
-         steps=5, rounds=3, memory_steps=3,
+         steps=5, rounds=2, memory_steps=3,
          config=dict(num_hidden_layers=12, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
                      num_key_value_heads=12, vocab_size=32000)),
-    Size("smollm2-135m", "SmolLM2-135M-Instruct (30 layers x 576), SDPA", 1, 1024, steps=5, rounds=3,
+    Size("smollm2-135m", "SmolLM2-135M-Instruct (30 layers x 576), SDPA", 1, 1024, steps=5, rounds=2,
          memory_steps=3, model="smollm2-135m"),
     Size("tiny", "LLaMA architecture, 8 layers x 256 (MLP 688, 4 heads, vocab 32000), SDPA", 4, 256,
          steps=31, rounds=3, memory_steps=3,
