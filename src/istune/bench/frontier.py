@@ -138,17 +138,21 @@ class _TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 class _StepClock(TrainerCallback):
     """Notes the time of every ``on_step_end`` (listed last: after every other callback's work)."""
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
         self.ends: list[float] = []
 
     def on_train_begin(self, *args, **kwargs):
-        self.ends = [time.perf_counter()]
+        self.ends = [self.clock()]
 
     def on_step_end(self, *args, **kwargs):
-        self.ends.append(time.perf_counter())
+        self.ends.append(self.clock())
 
 
 def ist_seed(row: Row, size: Size, num_layers: int) -> int:
@@ -221,8 +225,8 @@ def measure_memory(rows: list[Row], size: Size, progress: Callable[[str], None])
     return results
 
 
-def measure_time(rows: list[Row], size: Size, steps: int, rounds: int,
-                 progress: Callable[[str], None]) -> dict[str, dict]:
+def measure_time(rows: list[Row], size: Size, steps: int, rounds: int, progress: Callable[[str], None],
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, dict]:
     """Interleaved rounds; per row the step-time summary (see the module docstring)."""
     from istune.integrations.hf import ISTCallback
 
@@ -231,19 +235,19 @@ def measure_time(rows: list[Row], size: Size, steps: int, rounds: int,
     with tempfile.TemporaryDirectory() as output_dir:
         for index in range(rounds):
             for row in rows:
-                clock = _StepClock()
-                trainer = make_trainer(row, size, build_model(size, row), steps, output_dir, clock)
+                step_clock = _StepClock(clock)
+                trainer = make_trainer(row, size, build_model(size, row), steps, output_dir, step_clock)
                 trainer.train()
-                durations = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+                durations = [b - a for a, b in zip(step_clock.ends, step_clock.ends[1:])]
                 probes = row.ist is not None and row.ist.get("strategy", "ist") == "ist"
                 for step, seconds in enumerate(durations[1:], start=2):  # step 1: warm-up
                     if not (probes and step % PROBE_INTERVAL == 0):
                         plain[row.key].append(seconds)
                 if probes:  # one importance update (N_c probe forwards), timed on its own
                     ist = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ISTCallback))
-                    start = time.perf_counter()
+                    start = clock()
                     ist.tuner.update_importance(ist.sampler())
-                    updates[row.key].append(time.perf_counter() - start)
+                    updates[row.key].append(clock() - start)
             progress(f"time: round {index + 1}/{rounds} done")
     results = {}
     for row in rows:
@@ -340,7 +344,7 @@ def write_results(out: Path, meta: dict, settings: dict, rows: list[dict]) -> st
         f"{settings['seq_len']} tokens, fp32, LoRA/DoRA r=32, alpha 64, dropout 0.05 on q/k/v/up/down, HF Trainer, "
         f"IST defaults (N_u = 25%, T_c = {PROBE_INTERVAL}). Memory: growth of peak RSS over {settings['memory_steps']} "
         f"steps, each row in its own process, IST's worst step (layer 0 selected) included. Time: medians over "
-        f"{settings['rounds']} interleaved rounds x {settings['steps'] - 1} timed steps, probe updates amortised "
+        f"{settings['rounds']} interleaved rounds x {settings['steps'] - 1} timed steps ({settings.get('clock', 'wall')} clock), probe updates amortised "
         f"over T_c.\n\n{table}\n"))
     return table
 
@@ -356,6 +360,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--rows", default=None, help=f"comma-separated rows, default all: {', '.join(ROWS)}")
     parser.add_argument("--steps", type=int, default=None, help="steps per row per round (default: the size's)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the size's)")
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
+                        help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared machine "
+                        "(with OMP_NUM_THREADS=1 it is the work done; it leaves out time spent waiting)")
     parser.add_argument("--skip", default=None, choices=["memory", "time"], help="measure only the other one")
     parser.add_argument("--out", default=None, help=f"results go to OUT.json/.md/.png; default {DEFAULT_OUT}-SIZE")
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one row's memory run
@@ -386,12 +393,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     show = lambda text: print(text, flush=True)  # noqa: E731
     memory = measure_memory(rows, size, show) if opts.skip != "memory" else \
         {row.key: {"growth_bytes": float("nan")} for row in rows}
-    times = measure_time(rows, size, steps, rounds, show) if opts.skip != "time" else \
+    times = measure_time(rows, size, steps, rounds, show, CLOCKS[opts.clock]) if opts.skip != "time" else \
         {row.key: {"step_s": float("nan"), "probe_update_s": None, "seconds_per_step": float("nan")} for row in rows}
     combined = combine(rows, memory, times)
     settings = {"size": size.name, "description": size.description, "batch_size": size.batch_size,
                 "seq_len": size.seq_len, "steps": steps, "rounds": rounds, "memory_steps": size.memory_steps,
-                "threads": torch.get_num_threads(), "load": load, "load_after": " ".join(
+                "threads": torch.get_num_threads(), "clock": opts.clock, "load": load, "load_after": " ".join(
                     f"{x:.2f}" for x in os.getloadavg())}
     out = Path(opts.out or f"{DEFAULT_OUT}-{size.name}")
     table = write_results(out, run_metadata("-m istune bench frontier", argv, REPO), settings, combined)
