@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from transformers import TrainerCallback
@@ -175,7 +175,8 @@ def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, outpu
 
     callbacks = []
     if row.ist is not None:
-        config = ISTConfig(**row.ist, probe_interval=PROBE_INTERVAL, seed=ist_seed(row, size, len(find_adapter_layers(model))))
+        seed = ist_seed(row, size, len(find_adapter_layers(model)))
+        config = ISTConfig(**row.ist, probe_interval=PROBE_INTERVAL, seed=seed)
         callbacks.append(ISTCallback(config))
     if clock is not None:
         callbacks.append(clock)
@@ -265,9 +266,9 @@ def measure_time(rows: list[Row], size: Size, steps: int, rounds: int, progress:
 def frontier_keys(rows: list[dict]) -> list[str]:
     """Rows no other row beats on both memory and time (lower is better on both)."""
     def beaten(a: dict) -> bool:
-        return any(b is not a and b["memory_bytes"] <= a["memory_bytes"] and b["seconds_per_step"] <= a["seconds_per_step"]
-                   and (b["memory_bytes"] < a["memory_bytes"] or b["seconds_per_step"] < a["seconds_per_step"])
-                   for b in rows)
+        memory, seconds = a["memory_bytes"], a["seconds_per_step"]
+        return any(b is not a and b["memory_bytes"] <= memory and b["seconds_per_step"] <= seconds
+                   and (b["memory_bytes"] < memory or b["seconds_per_step"] < seconds) for b in rows)
 
     return [r["key"] for r in rows if not beaten(r)]
 
@@ -344,8 +345,8 @@ def write_results(out: Path, meta: dict, settings: dict, rows: list[dict]) -> st
         f"{settings['seq_len']} tokens, fp32, LoRA/DoRA r=32, alpha 64, dropout 0.05 on q/k/v/up/down, HF Trainer, "
         f"IST defaults (N_u = 25%, T_c = {PROBE_INTERVAL}). Memory: growth of peak RSS over {settings['memory_steps']} "
         f"steps, each row in its own process, IST's worst step (layer 0 selected) included. Time: medians over "
-        f"{settings['rounds']} interleaved rounds x {settings['steps'] - 1} timed steps ({settings.get('clock', 'wall')} clock), probe updates amortised "
-        f"over T_c.\n\n{table}\n"))
+        f"{settings['rounds']} interleaved rounds x {settings['steps'] - 1} timed steps "
+        f"({settings.get('clock', 'wall')} clock), probe updates amortised over T_c.\n\n{table}\n"))
     return table
 
 

@@ -64,10 +64,11 @@ class NonFiniteSteps:
         if since_report == 0:
             return
         self._counters[1] = 0
-        message = (f"IST: NaN/inf gradients at step {last} ({since_report} such step(s) up to step {step}; the training "
-                   "loss was NaN or inf: check the data, e.g. a batch whose labels are all -100, and the learning rate)")
+        message = (f"IST: NaN/inf gradients at step {last} ({since_report} such step(s) up to step {step}; the "
+                   "training loss was NaN or inf: check the data, e.g. a batch whose labels are all -100, and the "
+                   "learning rate)")
         if in_a_row >= self.limit:
-            raise FloatingPointError(f"{message}; {in_a_row} steps in a row (limit {self.limit}), training stopped. Their "
-                                     "gradients were zeroed before the optimizer saw them: the adapters and checkpoints "
-                                     "are finite.")
+            raise FloatingPointError(f"{message}; {in_a_row} steps in a row (limit {self.limit}), training stopped. "
+                                     "Their gradients were zeroed before the optimizer saw them: the adapters and "
+                                     "checkpoints are finite.")
         logger.warning("%s; those steps' gradients were zeroed: NaN/inf never reached the adapters.", message)

@@ -284,8 +284,8 @@ class SparseTuner:
 def _refuse_reentrant_checkpointing_under_ddp(checkpointing: LayerCheckpointing) -> None:
     if distributed.world_size() > 1 and checkpointing.reentrant_in_use():
         raise ValueError(
-            "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) fails with "
-            "'Expected to mark a variable ready only once'. Use the non-reentrant variant: "
+            "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) fails "
+            "with 'Expected to mark a variable ready only once'. Use the non-reentrant variant: "
             "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) (Trainer: "
             "gradient_checkpointing_kwargs={'use_reentrant': False}, the default in transformers 5)."
         )
