@@ -103,7 +103,7 @@ def test_every_method_trains_saves_and_evaluates(tiny_model_dir, data_file, tmp_
 
 def test_bench_and_analyze_dispatch(tmp_path, capsys):
     assert main(["bench"]) == 0
-    assert "istune bench {memory,time,probes,gpu}" in capsys.readouterr().out
+    assert "istune bench {memory,time,frontier,probes,gpu}" in capsys.readouterr().out
     assert main(["bench", "speed"]) == 2
     # A bad option reaches the benchmark's own check, which names it; nothing is written.
     out = tmp_path / "memory.json"

@@ -163,6 +163,7 @@ def _plan(argv: Sequence[str]) -> int:
 BENCHMARKS = {  # istune bench <name>: module in istune.bench with main(argv)
     "memory": "memory_table",
     "time": "timing",
+    "frontier": "frontier",
     "probes": "probes",
     "gpu": "gpu_suite",
 }

@@ -88,15 +88,11 @@ def test_other_methods_match_cpu_measurement(method):
     assert relative_gap("ist", "sdpa", None, settings=dataclasses.replace(SETTINGS, method=method)) <= TOLERANCE
 
 
-IST_GC_REASON = "IST-aware checkpointing lands with the ckpt branch"
-
-
 @pytest.mark.parametrize("row_key, selected", [
     ("ist", [9, 11]), ("ist+recompute", [9, 11]),
-    # On main, transformers' checkpointing makes the embeddings' output require grad, so the layers below the
-    # lowest selected one keep their inputs (and recompute); the planner models the ckpt branch, where they do not.
-    # Here that is 11 layers' inputs: the measured peak is 21% above the prediction.
-    pytest.param("ist+gc", [11], marks=pytest.mark.xfail(strict=True, reason=IST_GC_REASON)),
+    # IST-aware checkpointing: the 11 layers below the lowest selected one keep nothing (without it, transformers'
+    # checkpointing kept their inputs because the embeddings' output requires grad: 21% above the prediction).
+    ("ist+gc", [11]),
 ])
 def test_prediction_matches_cpu_when_layer_0_is_not_selected(row_key, selected):
     # Many narrow layers, so that what the layers below the lowest selected one keep is a large part of the peak.

@@ -188,25 +188,43 @@ def _nan_trainer(tmp_path, nan_steps, max_steps):
                                train_dataset=TokenDataset(), callbacks=[ist])
 
 
-def test_a_nan_loss_skips_that_optimizer_step(tmp_path, caplog):
-    ist, trainer = _nan_trainer(tmp_path, {2}, max_steps=3)
+def test_a_nan_loss_reaches_the_optimizer_as_a_zero_gradient(tmp_path, caplog):
+    # The NaN check runs on the device (no host-device synchronisation in a step): a non-finite step's gradients
+    # are zeroed, so it trains exactly as a step whose loss is 0 * loss (all gradients zero) would.
+    ist, trainer = _nan_trainer(tmp_path / "nan", {2}, max_steps=3)
     snapshots = Snapshots()
     trainer.add_callback(snapshots)
     with caplog.at_level(logging.WARNING):
         trainer.train()
-    weights = snapshots.weights
-    assert "NaN/inf gradients at step 2" in caplog.text and "optimizer step skipped" in caplog.text
-    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])  # step 2 changed nothing
-    assert not all(torch.equal(weights[1][n], weights[2][n]) for n in weights[1])  # step 3 trained again
-    assert all(bool(torch.isfinite(p).all()) for p in weights[2].values())
+    assert "NaN/inf gradients at step 2" in caplog.text and "gradients were zeroed" in caplog.text
+    _, reference = _nan_trainer(tmp_path / "zero", set(), max_steps=3)
+    reference.compute_loss = _zero_loss_at(reference, step=2)
+    reference_snapshots = Snapshots()
+    reference.add_callback(reference_snapshots)
+    reference.train()
+    for got, expected in zip(snapshots.weights, reference_snapshots.weights):
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    assert not all(torch.equal(snapshots.weights[1][n], snapshots.weights[2][n]) for n in snapshots.weights[1])
+    assert all(bool(torch.isfinite(p).all()) for p in snapshots.weights[2].values())
+
+
+def _zero_loss_at(trainer, step):
+    compute_loss = trainer.compute_loss
+
+    def zero_at_step(model, inputs, *args, **kwargs):
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        return loss * 0.0 if trainer.state.global_step + 1 == step else loss
+
+    return zero_at_step
 
 
 def test_nan_losses_in_a_row_stop_training_with_finite_adapters(tmp_path):
     limit = hf.MAX_NON_FINITE_STEPS
     ist, trainer = _nan_trainer(tmp_path, set(range(1, 100)), max_steps=limit + 5)
-    with pytest.raises(FloatingPointError, match=f"{limit} steps in a row, training stopped"):
+    with pytest.raises(FloatingPointError, match=f"{limit} steps in a row \\(limit {limit}\\), training stopped"):
         trainer.train()
-    assert trainer.state.global_step == limit - 1
+    assert trainer.state.global_step == limit  # read when the Trainer logs (every step here), after step `limit`
     assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
 
 

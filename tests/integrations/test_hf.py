@@ -171,3 +171,23 @@ def test_memory_options_under_the_trainer(tmp_path):
     held = {p for p in trainer.optimizer.state}
     for position, layer in enumerate(ist.tuner.layers):
         assert all((p in held) == (position in ist.selected) for p in layer.parameters)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_trainer_gradient_checkpointing_is_ist_aware_and_trains_the_same(tmp_path, reentrant):
+    """gradient_checkpointing=True: same adapters as without it; the layers below the lowest selected one skipped."""
+    config = dict(update_layers=2, probe_interval=2)
+    plain = _trainer(tmp_path / "plain", [ISTCallback(ISTConfig(**config))])
+    plain.train()
+    ist = ISTCallback(ISTConfig(**config))
+    skipped = []
+    ist_watch = type("Watch", (TrainerCallback,), {
+        "on_step_end": lambda self, *a, **k: skipped.append(ist.tuner._checkpointing.skipped_calls)})()
+    checkpointed = _trainer(tmp_path / "ckpt", [ist, ist_watch], gradient_checkpointing=True,
+                            gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed.train()
+    expected = dict(plain.model.named_parameters())
+    for name, parameter in checkpointed.model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(parameter, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert skipped[-1] > 0  # some step's lowest selected layer was above layer 0, and the layers below it were skipped

@@ -131,6 +131,9 @@ def build(shape: Shape, variant: Variant, settings: Settings, device: str) -> tu
             args = AdapterArgs(method=variant.method, rank=settings.rank, alpha=2 * settings.rank,
                                bottleneck_size=settings.bottleneck_size)
             model = add_adapters(model, args, total_steps=settings.steps + 1)
+        if variant.checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()  # what the Trainer does for a peft model under checkpointing
     return model.train(), base_bytes
 
 

@@ -114,6 +114,8 @@ class Variant:
         method: ``full``, ``series``, ``parallel``, ``lora`` or ``lisa``.
         ist: None to train every layer (no tuner); else ISTConfig keyword arguments.
         baseline: key of the run this one's ratio is taken against.
+        checkpointing: transformers' gradient checkpointing on (non-reentrant), set up as the Trainer does
+            for a peft model (``enable_input_require_grads``); with IST it is IST-aware (istune.core.checkpointing).
     """
 
     key: str
@@ -121,6 +123,7 @@ class Variant:
     method: str
     ist: Optional[dict] = None
     baseline: Optional[str] = None
+    checkpointing: bool = False
 
 
 # The rows, in table order. Extra ISTConfig options are just more rows: a row whose options
@@ -142,6 +145,8 @@ VARIANTS: tuple[Variant, ...] = (
             "lora"),
     Variant("lora+ist:recompute+drop", "LoRA + IST, recompute + drop", "lora",
             {"recompute_unselected": True, "unselected_optimizer_state": "drop"}, "lora"),
+    Variant("lora:ckpt", "LoRA + gradient checkpointing", "lora", None, "lora", checkpointing=True),
+    Variant("lora+ist:ckpt", "LoRA + IST + gradient checkpointing", "lora", {}, "lora", checkpointing=True),
     Variant("full+ist:drop", "Full + IST, drop unselected state", "full",
             {"strategy": "random", "unselected_optimizer_state": "drop"}, "full"),
     Variant("full+ist:recompute+drop", "Full + IST, recompute + drop", "full",

@@ -22,6 +22,8 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     if "labels" not in batch:
         raise ValueError(f"The probe batch has no 'labels' (keys: {sorted(batch)}); IST's probes need the "
                          "training loss. Give batches with labels or pass loss_fn=... to SparseTuner.")
+    if "use_cache" not in batch and getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        batch = {**batch, "use_cache": False}  # a probe needs no KV cache: building one costs time and memory
     return model(**batch).loss
 
 

@@ -11,9 +11,12 @@ adapters and they get no gradient (``grad is None``): the optimizer never moves 
 no momentum, no weight decay. The optimizer itself must hold every adapter parameter
 (build it before the first ``begin_step``), so a layer chosen later can train.
 
-Two memory options act on the layers not selected (:mod:`istune.core.recompute`,
-:mod:`istune.core.optimizer_state`): ``recompute_unselected`` checkpoints their activations,
-``unselected_optimizer_state`` keeps, offloads or drops their optimizer state.
+Every step, the decoder blocks below the lowest selected layer run without autograd (they
+need no backward pass), and under transformers' gradient checkpointing the blocks from the
+lowest selected one upward are checkpointed (:mod:`istune.core.checkpointing`). Two memory
+options act on the layers not selected: ``recompute_unselected`` checkpoints their activations
+(without transformers' checkpointing), ``unselected_optimizer_state``
+(:mod:`istune.core.optimizer_state`) keeps, offloads or drops their optimizer state.
 
 Under torch.distributed every rank runs its own tuner; probe losses are averaged over
 ranks and the state is compared across ranks at the first step and at every importance
@@ -34,7 +37,7 @@ from istune.core import distributed, policy, sharding
 from istune.core.layers import AdapterLayer, find_adapter_layers
 from istune.core.optimizer_state import UnselectedOptimizerState
 from istune.core.probe import LossFn, default_loss, move_to_device, probe_mode
-from istune.core.recompute import UnselectedLayerRecompute
+from istune.core.checkpointing import LayerCheckpointing
 from istune.core.suppress import prepare_suppression, suppress_layers
 
 logger = logging.getLogger(__name__)
@@ -86,9 +89,7 @@ class SparseTuner:
                 raise ValueError(f"ISTConfig.unselected_optimizer_state={self.config.unselected_optimizer_state!r} "
                                  "needs the optimizer: pass SparseTuner(..., optimizer=optimizer).")
             self._optimizer_state = UnselectedOptimizerState(optimizer, self.config.unselected_optimizer_state)
-        self._recompute = None
-        if self.config.recompute_unselected:
-            self._recompute = UnselectedLayerRecompute([layer.block for layer in self.layers])
+        self._checkpointing = LayerCheckpointing(_all_blocks(model, self.layers), self.config.recompute_unselected)
         _warn_about_parameters_outside_layers(model, self.layers)
         self.probe_batches = probe_batches
         self.loss_fn = loss_fn or default_loss
@@ -128,8 +129,7 @@ class SparseTuner:
             if position not in selected:
                 for parameter in layer.parameters:
                     parameter.grad = None
-        if self._recompute is not None:
-            self._recompute.select(self.selected)
+        self._checkpointing.select([self.layers[j].index for j in self.selected])
         if self._optimizer_state is not None:
             self._optimizer_state.apply(
                 selected=[p for j, layer in enumerate(self.layers) if j in selected for p in layer.parameters],
@@ -137,6 +137,7 @@ class SparseTuner:
             )
         self.history.append({"event": "select", "step": self.step, "selected": list(self.selected)})
         if not self._synced_once:
+            _refuse_reentrant_checkpointing_under_ddp(self._checkpointing)
             self.check_in_sync()
             self._synced_once = True
         return self.selected
@@ -269,16 +270,32 @@ class SparseTuner:
         self._synced_once = False
 
     def close(self) -> None:
-        """Make every adapter parameter trainable again, remove the mask hook and the recompute wrappers."""
+        """Make every adapter parameter trainable again, remove the mask hook and the checkpointing wrappers."""
         if self._mask_hook is not None:
             self._mask_hook.remove()
             self._mask_hook = None
-        if self._recompute is not None:
-            self._recompute.remove()
-            self._recompute = None
+        if self._checkpointing is not None:
+            self._checkpointing.remove()
+            self._checkpointing = None
         for layer in self.layers:
             for parameter in layer.parameters:
                 parameter.requires_grad_(True)
+
+
+def _refuse_reentrant_checkpointing_under_ddp(checkpointing: LayerCheckpointing) -> None:
+    if distributed.world_size() > 1 and checkpointing.reentrant_in_use():
+        raise ValueError(
+            "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) fails "
+            "with 'Expected to mark a variable ready only once'. Use the non-reentrant variant: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) (Trainer: "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}, the default in transformers 5)."
+        )
+
+
+def _all_blocks(model: nn.Module, layers: list[AdapterLayer]) -> list[nn.Module]:
+    """Every block of the layer list the adapter layers belong to, those without adapters included."""
+    path = layers[0].name.rsplit(".", 1)[0]
+    return list(model.get_submodule(path))
 
 
 def _refuse_merged_adapters(layers: list[AdapterLayer]) -> None:

@@ -33,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from istune.config import ISTConfig
 from istune.core import distributed, sharding
+from istune.core.non_finite import NonFiniteSteps
 from istune.core.probe import ProbeSampler, default_loss, preserved_global_rng
 from istune.core.tuner import SparseTuner
 from istune.integrations import adalora, sharded_checkpoints
@@ -43,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 STATE_KEY = "istune"  # key of the IST state inside TrainerState.stateful_callbacks (saved with every checkpoint)
 LOG_FILE = "ist_log.jsonl"
-MAX_NON_FINITE_STEPS = 10  # consecutive optimizer steps skipped for NaN/inf gradients before training stops
+MAX_NON_FINITE_STEPS = 10  # consecutive optimizer steps with NaN/inf gradients before training stops
+HISTORY_FLUSH_EVENTS = 64  # selection and probe events kept in memory before they are appended to the log
 
 
 class ISTCallback(TrainerCallback):
@@ -87,8 +89,10 @@ class ISTCallback(TrainerCallback):
         self._steps_since_log = 0
         self._last_probe: Optional[dict] = None
         self._log_path: Optional[str] = None
-        self._non_finite_steps = 0
         self._sharded_optimizer = None  # under FSDP2: the optimizer whose per-layer state checkpoints record
+        self._non_finite = NonFiniteSteps(MAX_NON_FINITE_STEPS)
+        self._outside_parameters: list = []
+        self._adalora = False
 
     @property
     def importance(self) -> torch.Tensor:
@@ -137,7 +141,10 @@ class ISTCallback(TrainerCallback):
             self.tuner.probe_batches = self.sampler
         self._selection_counts = torch.zeros(self.tuner.num_layers)
         self._steps_since_log = 0
-        self._non_finite_steps = 0
+        self._non_finite = NonFiniteSteps(MAX_NON_FINITE_STEPS)
+        inside = {id(p) for layer in self.tuner.layers for p in layer.parameters}
+        self._outside_parameters = [p for p in model.parameters() if p.requires_grad and id(p) not in inside]
+        self._adalora = adalora.is_adalora(model)
         if state.global_step > 0:
             self._restore(state)
         self._log_path = os.path.join(args.output_dir, self.log_file) if state.is_world_process_zero else None
@@ -154,31 +161,34 @@ class ISTCallback(TrainerCallback):
         # A NaN/inf gradient would make every trained adapter NaN. fp16's GradScaler skips such steps itself.
         if args.fp16:
             return
-        gradients = [p.grad for p in model.parameters() if p.grad is not None]
-        if not gradients or bool(torch.stack([torch.isfinite(g).all() for g in gradients]).all()):
-            self._non_finite_steps = 0
-            return
-        self._non_finite_steps += 1
-        message = (f"IST: NaN/inf gradients at step {state.global_step + 1} (the training loss was NaN or inf: "
-                   "check the data, e.g. a batch whose labels are all -100, and the learning rate)")
-        if self._non_finite_steps >= MAX_NON_FINITE_STEPS:
-            raise FloatingPointError(f"{message}; {MAX_NON_FINITE_STEPS} steps in a row, training stopped before "
-                                     "the optimizer could apply them. The adapters and checkpoints are finite.")
-        logger.warning("%s; optimizer step skipped, the adapters are unchanged.", message)
-        for parameter in model.parameters():
-            parameter.grad = None
+        gradients = [p.grad for layer in self.tuner.layers for p in layer.parameters if p.grad is not None]
+        gradients += [p.grad for p in self._outside_parameters if p.grad is not None]
+        if gradients:
+            self._non_finite.zero_step_if_non_finite(gradients, state.global_step + 1)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # AdaLoRA reallocates ranks after backward and before zero_grad; the Trainer never calls it.
-        if adalora.is_adalora(model):
+        if self._adalora:
             adalora.update_and_allocate(model, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         record = self.tuner.end_step()
         if record is not None:
             self._last_probe = record
-        self._write_history()
-        state.stateful_callbacks[STATE_KEY] = self._export_state()
+        # The Trainer reads the loss from the device when it logs or saves, right after this event: only then are
+        # the NaN counters read (no extra host-device synchronisation), the log written, the state exported.
+        due = control.should_log or control.should_save or control.should_training_stop \
+            or state.global_step >= state.max_steps
+        if due or len(self.tuner.history) >= HISTORY_FLUSH_EVENTS:
+            self._write_history()
+        if due:
+            self._non_finite.report(state.global_step)
+            state.stateful_callbacks[STATE_KEY] = self._export_state()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:  # save_strategy="epoch": the checkpoint follows this event
+            self._write_history()
+            state.stateful_callbacks[STATE_KEY] = self._export_state()
 
     def on_save(self, args, state, control, **kwargs):
         # The IST state is in the checkpoint's trainer_state.json; add the selection log up to this step.

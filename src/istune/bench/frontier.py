@@ -1,0 +1,411 @@
+"""The memory-time frontier: LoRA, LoRA + gradient checkpointing, IST and its options, in the HF Trainer.
+
+    istune bench frontier                                   # LLaMA 12 x 768, batch 1 x 1024 (about 20 min, 2 cores)
+    istune bench frontier --size smollm2-135m               # SmolLM2-135M, batch 1 x 1024
+    istune bench frontier --size tiny                       # 8 x 256 LLaMA, 4 x 256 tokens (per-step overhead)
+    istune bench frontier --size test --rows lora,ist       # seconds: what the tests run
+
+Every row trains with transformers' ``Trainer`` (LoRA r=32, alpha 64, dropout 0.05 on
+q/k/v/up/down; fp32; random token ids; IST through ``ISTCallback``; "+ ckpt" rows set
+``gradient_checkpointing=True``, non-reentrant), on a model with random weights built from
+the size's config (SmolLM2: its real weights; memory and time depend on shapes only).
+
+- **Memory**: each row runs in its own process (``--memory-steps`` steps; the IST seed is
+  chosen so that one step selects layer 0, the worst case). Measured: the growth of the peak
+  resident set size (VmHWM, reset just before ``trainer.train()``) over the resident size
+  at that moment: activations, gradients, optimizer state and every temporary of training.
+- **Time**: rows interleaved in rounds (each round trains every row ``--steps`` steps with a
+  fresh Trainer; its first step is dropped). A step is the wall time between two
+  ``on_step_end`` events: the callback's work, probes included, is part of it. Reported:
+  median of the steps without an importance update, plus the median extra time of the
+  steps with one, divided by T_c.
+
+Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (memory against time, the frontier drawn:
+the rows no other row beats on both axes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from transformers import TrainerCallback
+
+REPO = Path(__file__).resolve().parents[3]
+DEFAULT_OUT = "benchmarks/results/frontier"
+PROBE_INTERVAL = 10  # T_c, the paper's default: the time of an importance update is amortised over it
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration: adapter method, IST fields (None: no IST) and the Trainer's gradient checkpointing."""
+
+    key: str
+    label: str
+    method: str  # "lora", "dora" or "full" (whole decoder layers, LISA-style)
+    ist: Optional[dict] = None
+    checkpointing: bool = False
+
+
+ROWS: dict[str, Row] = {row.key: row for row in (
+    Row("lora", "LoRA", "lora"),
+    Row("lora+ckpt", "LoRA + ckpt", "lora", checkpointing=True),
+    Row("ist", "LoRA + IST", "lora", {}),
+    Row("ist+recompute", "LoRA + IST, recompute unselected", "lora", {"recompute_unselected": True}),
+    Row("ist+ckpt", "LoRA + IST + ckpt", "lora", {}, checkpointing=True),
+    Row("random", "LoRA + random sparse", "lora", {"strategy": "random"}),
+    # LISA trains 2 whole layers per step; embeddings and head stay frozen here (LISA trains them too).
+    Row("lisa", "LISA-style (2 full layers)", "full", {"strategy": "random", "update_layers": 2}),
+    Row("dora", "DoRA", "dora"),
+    Row("dora+ckpt", "DoRA + ckpt", "dora", checkpointing=True),
+    Row("dora+ist", "DoRA + IST", "dora", {}),
+    Row("dora+ist+ckpt", "DoRA + IST + ckpt", "dora", {}, checkpointing=True),
+)}
+
+
+@dataclass(frozen=True)
+class Size:
+    """A model and batch: ``config`` (transformers config keyword arguments) or ``model`` (a loadable name)."""
+
+    name: str
+    description: str
+    batch_size: int
+    seq_len: int
+    steps: int  # per row per round
+    rounds: int
+    memory_steps: int
+    config: dict = field(default_factory=dict)
+    model: Optional[str] = None
+
+
+SIZES: dict[str, Size] = {size.name: size for size in (
+    Size("llama-12x768", "LLaMA architecture, 12 layers x 768 (MLP 2048, 12 heads, vocab 32000), SDPA", 1, 1024,
+         steps=5, rounds=2, memory_steps=3,
+         config=dict(num_hidden_layers=12, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
+                     num_key_value_heads=12, vocab_size=32000)),
+    Size("smollm2-135m", "SmolLM2-135M-Instruct (30 layers x 576), SDPA", 1, 1024, steps=5, rounds=2,
+         memory_steps=3, model="smollm2-135m"),
+    Size("tiny", "LLaMA architecture, 8 layers x 256 (MLP 688, 4 heads, vocab 32000), SDPA", 4, 256,
+         steps=31, rounds=3, memory_steps=3,
+         config=dict(num_hidden_layers=8, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=32000)),
+    Size("test", "LLaMA architecture, 4 layers x 32 (tests)", 2, 16, steps=3, rounds=1, memory_steps=2,
+         config=dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=128)),
+)}
+
+
+# ---- one row ---------------------------------------------------------------------------------
+
+
+def build_model(size: Size, row: Row) -> torch.nn.Module:
+    """The size's model (random weights from its config, or the named model) with the row's trainable parts."""
+    import transformers
+
+    from istune.recipe.methods import AdapterArgs, add_adapters
+
+    torch.manual_seed(0)
+    if size.model is not None:
+        from istune.recipe.models import load_model_and_tokenizer
+
+        model = load_model_and_tokenizer(size.model)[0]
+        model.set_attn_implementation("sdpa")
+    else:
+        config = transformers.LlamaConfig(**size.config, attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return add_adapters(model, AdapterArgs(method=row.method), total_steps=1000).train()
+
+
+class _TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, size: Size, vocab_size: int, examples: int):
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab_size, (examples, size.seq_len), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+class _StepClock(TrainerCallback):
+    """Notes the time of every ``on_step_end`` (listed last: after every other callback's work)."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.ends: list[float] = []
+
+    def on_train_begin(self, *args, **kwargs):
+        self.ends = [self.clock()]
+
+    def on_step_end(self, *args, **kwargs):
+        self.ends.append(self.clock())
+
+
+def ist_seed(row: Row, size: Size, num_layers: int) -> int:
+    """The IST seed whose first ``memory_steps`` draws select layer 0 (the step with the largest peak)."""
+    from istune.bench.memory_table import worst_case_seed
+    from istune.config import ISTConfig
+
+    config = ISTConfig(**row.ist)
+    count = config.resolve(num_layers).update_layers
+    return worst_case_seed(config.strategy, num_layers, count, 42, size.memory_steps)[0]
+
+
+def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, output_dir: str, clock=None):
+    """A Trainer for ``steps`` steps of ``row`` (ISTCallback with T_c = 10 for IST rows)."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from istune.config import ISTConfig
+    from istune.core.layers import find_adapter_layers
+    from istune.integrations.hf import ISTCallback
+
+    callbacks = []
+    if row.ist is not None:
+        seed = ist_seed(row, size, len(find_adapter_layers(model)))
+        config = ISTConfig(**row.ist, probe_interval=PROBE_INTERVAL, seed=seed)
+        callbacks.append(ISTCallback(config))
+    if clock is not None:
+        callbacks.append(clock)
+    args = TrainingArguments(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=size.batch_size, learning_rate=1e-4,
+        lr_scheduler_type="constant", logging_steps=10, report_to=[], save_strategy="no", disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(), seed=0, dataloader_num_workers=0,
+        activation_checkpointing=row.checkpointing, activation_checkpointing_kwargs={"use_reentrant": False})
+    dataset = _TokenDataset(size, model.config.vocab_size, steps * size.batch_size)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # no log lines on stdout (the memory runs report there)
+    return trainer
+
+
+def _rss_bytes(field_name: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field_name}")  # pragma: no cover
+
+
+def measure_memory_here(row: Row, size: Size) -> dict:
+    """Peak RSS growth of ``memory_steps`` Trainer steps of ``row``, in this process (Linux)."""
+    model = build_model(size, row)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = make_trainer(row, size, model, size.memory_steps, output_dir)
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")  # reset the peak resident set size (VmHWM) to the current one
+        before = _rss_bytes("VmRSS")
+        trainer.train()
+        peak = _rss_bytes("VmHWM")
+    return {"row": row.key, "rss_before_bytes": before, "peak_rss_bytes": peak, "growth_bytes": peak - before}
+
+
+def measure_memory(rows: list[Row], size: Size, progress: Callable[[str], None]) -> dict[str, dict]:
+    """Each row in its own Python process (so no row inherits another's allocator state)."""
+    results = {}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    for row in rows:
+        command = [sys.executable, "-m", "istune.bench.frontier", "--size", size.name, "--memory-of", row.key]
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"the memory run of row {row.key!r} failed:\n{done.stderr[-3000:]}")
+        results[row.key] = json.loads(done.stdout.strip().splitlines()[-1])
+        progress(f"memory {row.label}: {results[row.key]['growth_bytes'] / 1e9:.3f} GB")
+    return results
+
+
+def measure_time(rows: list[Row], size: Size, steps: int, rounds: int, progress: Callable[[str], None],
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, dict]:
+    """Interleaved rounds; per row the step-time summary (see the module docstring)."""
+    from istune.integrations.hf import ISTCallback
+
+    plain: dict[str, list[float]] = {row.key: [] for row in rows}
+    updates: dict[str, list[float]] = {row.key: [] for row in rows}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for index in range(rounds):
+            for row in rows:
+                step_clock = _StepClock(clock)
+                trainer = make_trainer(row, size, build_model(size, row), steps, output_dir, step_clock)
+                trainer.train()
+                durations = [b - a for a, b in zip(step_clock.ends, step_clock.ends[1:])]
+                probes = row.ist is not None and row.ist.get("strategy", "ist") == "ist"
+                for step, seconds in enumerate(durations[1:], start=2):  # step 1: warm-up
+                    if not (probes and step % PROBE_INTERVAL == 0):
+                        plain[row.key].append(seconds)
+                if probes:  # one importance update (N_c probe forwards), timed on its own
+                    ist = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ISTCallback))
+                    start = clock()
+                    ist.tuner.update_importance(ist.sampler())
+                    updates[row.key].append(clock() - start)
+            progress(f"time: round {index + 1}/{rounds} done")
+    results = {}
+    for row in rows:
+        step = statistics.median(plain[row.key])
+        update = statistics.median(updates[row.key]) if updates[row.key] else None
+        results[row.key] = {"step_s": step, "probe_update_s": update,
+                            "seconds_per_step": step + (update or 0.0) / PROBE_INTERVAL,
+                            "samples": {"steps": len(plain[row.key]), "probe_updates": len(updates[row.key])}}
+    return results
+
+
+# ---- results ---------------------------------------------------------------------------------
+
+
+def frontier_keys(rows: list[dict]) -> list[str]:
+    """Rows no other row beats on both memory and time (lower is better on both)."""
+    def beaten(a: dict) -> bool:
+        memory, seconds = a["memory_bytes"], a["seconds_per_step"]
+        return any(b is not a and b["memory_bytes"] <= memory and b["seconds_per_step"] <= seconds
+                   and (b["memory_bytes"] < memory or b["seconds_per_step"] < seconds) for b in rows)
+
+    return [r["key"] for r in rows if not beaten(r)]
+
+
+def combine(rows: list[Row], memory: dict[str, dict], times: dict[str, dict]) -> list[dict]:
+    combined = [{"key": row.key, "label": row.label, "method": row.method, "ist": row.ist,
+                 "checkpointing": row.checkpointing, "memory_bytes": memory[row.key]["growth_bytes"],
+                 "memory": memory[row.key], **times[row.key]} for row in rows]
+    by_key = {r["key"]: r for r in combined}
+    for reference in ("lora", "lora+ckpt"):
+        if reference in by_key:
+            for r in combined:
+                r[f"memory_vs_{reference}"] = r["memory_bytes"] / by_key[reference]["memory_bytes"]
+                r[f"time_vs_{reference}"] = r["seconds_per_step"] / by_key[reference]["seconds_per_step"]
+    on_frontier = set(frontier_keys(combined))
+    for r in combined:
+        r["on_frontier"] = r["key"] in on_frontier
+    return combined
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def ratio(r: dict, name: str) -> str:
+        return f"{r[name]:.2f}" if name in r else "–"
+
+    lines = ["| configuration | memory GB | vs LoRA | vs LoRA + ckpt | s/step | vs LoRA | vs LoRA + ckpt "
+             "| probe update s | frontier |", "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+    for r in rows:
+        probe = f"{r['probe_update_s']:.3f}" if r["probe_update_s"] is not None else "–"
+        lines.append(f"| {r['label']} | {r['memory_bytes'] / 1e9:.3f} | {ratio(r, 'memory_vs_lora')} "
+                     f"| {ratio(r, 'memory_vs_lora+ckpt')} | {r['seconds_per_step']:.3f} | {ratio(r, 'time_vs_lora')} "
+                     f"| {ratio(r, 'time_vs_lora+ckpt')} | {probe} | {'yes' if r['on_frontier'] else ''} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Memory against time, one point per row, the frontier as a line through its rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5.5))
+    for r in rows:
+        axes.scatter(r["seconds_per_step"], r["memory_bytes"] / 1e9, s=40,
+                     color="tab:red" if r["ist"] is not None else "tab:blue", marker="o" if r["on_frontier"] else "x")
+        axes.annotate(r["label"], (r["seconds_per_step"], r["memory_bytes"] / 1e9), fontsize=7,
+                      xytext=(4, 3), textcoords="offset points")
+    frontier = sorted((r for r in rows if r["on_frontier"]), key=lambda r: r["seconds_per_step"])
+    axes.step([r["seconds_per_step"] for r in frontier], [r["memory_bytes"] / 1e9 for r in frontier],
+              where="post", color="gray", linestyle="--", label="frontier (no row beats these on both)")
+    axes.set_xlabel("seconds per optimizer step (median, probes amortised)")
+    axes.set_ylabel("peak memory growth, GB (peak RSS)")
+    axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
+        figure.savefig(tmp.name, dpi=120)
+    plt.close(figure)
+    os.replace(tmp.name, path)
+
+
+def write_results(out: Path, meta: dict, settings: dict, rows: list[dict]) -> str:
+    from istune.bench.records import write_atomic
+
+    table = markdown_table(rows)
+    write_atomic(out.with_suffix(".json"), json.dumps({**meta, "settings": settings, "rows": rows}, indent=2))
+    plot(rows, out.with_suffix(".png"), f"{settings['description']}, batch {settings['batch_size']} x "
+                                        f"{settings['seq_len']}, fp32, HF Trainer")
+    write_atomic(out.with_suffix(".md"), (
+        f"# Memory and time per step: the frontier\n\n![frontier]({out.with_suffix('.png').name})\n\n"
+        f"Command: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, {meta['machine']}; "
+        f"load before the run: {settings['load']}.  \n{settings['description']}, batch {settings['batch_size']} x "
+        f"{settings['seq_len']} tokens, fp32, LoRA/DoRA r=32, alpha 64, dropout 0.05 on q/k/v/up/down, HF Trainer, "
+        f"IST defaults (N_u = 25%, T_c = {PROBE_INTERVAL}). Memory: growth of peak RSS over {settings['memory_steps']} "
+        f"steps, each row in its own process, IST's worst step (layer 0 selected) included. Time: medians over "
+        f"{settings['rounds']} interleaved rounds x {settings['steps'] - 1} timed steps "
+        f"({settings.get('clock', 'wall')} clock), probe updates amortised over T_c.\n\n{table}\n"))
+    return table
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="istune bench frontier", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="llama-12x768", help=f"one of {', '.join(SIZES)}")
+    parser.add_argument("--rows", default=None, help=f"comma-separated rows, default all: {', '.join(ROWS)}")
+    parser.add_argument("--steps", type=int, default=None, help="steps per row per round (default: the size's)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the size's)")
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
+                        help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared machine "
+                        "(with OMP_NUM_THREADS=1 it is the work done; it leaves out time spent waiting)")
+    parser.add_argument("--skip", default=None, choices=["memory", "time"], help="measure only the other one")
+    parser.add_argument("--out", default=None, help=f"results go to OUT.json/.md/.png; default {DEFAULT_OUT}-SIZE")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one row's memory run
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``istune bench frontier``: measure, print the table, write the results. Bad options raise ValueError."""
+    from istune.bench.records import run_metadata
+    from istune.recipe.options import parse_list
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = parse_args(argv)
+    if opts.size not in SIZES:
+        raise ValueError(f"--size={opts.size!r} is not a known size; use one of {', '.join(SIZES)}.")
+    size = SIZES[opts.size]
+    if opts.memory_of is not None:
+        print(json.dumps(measure_memory_here(ROWS[opts.memory_of], size)))
+        return 0
+    keys = parse_list("rows", opts.rows, allowed=ROWS) if opts.rows else list(ROWS)
+    steps, rounds = opts.steps or size.steps, opts.rounds or size.rounds
+    if steps < 2 or rounds < 1:  # the first step of a round is a warm-up
+        raise ValueError(f"--steps={steps} / --rounds={rounds}: use --steps >= 2 (the first step of a round is not "
+                         "timed) and --rounds >= 1.")
+    rows = [ROWS[key] for key in keys]
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"istune bench frontier: {size.description}, {len(rows)} rows; load {load}", flush=True)
+    show = lambda text: print(text, flush=True)  # noqa: E731
+    memory = measure_memory(rows, size, show) if opts.skip != "memory" else \
+        {row.key: {"growth_bytes": float("nan")} for row in rows}
+    times = measure_time(rows, size, steps, rounds, show, CLOCKS[opts.clock]) if opts.skip != "time" else \
+        {row.key: {"step_s": float("nan"), "probe_update_s": None, "seconds_per_step": float("nan")} for row in rows}
+    combined = combine(rows, memory, times)
+    settings = {"size": size.name, "description": size.description, "batch_size": size.batch_size,
+                "seq_len": size.seq_len, "steps": steps, "rounds": rounds, "memory_steps": size.memory_steps,
+                "threads": torch.get_num_threads(), "clock": opts.clock, "load": load, "load_after": " ".join(
+                    f"{x:.2f}" for x in os.getloadavg())}
+    out = Path(opts.out or f"{DEFAULT_OUT}-{size.name}")
+    table = write_results(out, run_metadata("-m istune bench frontier", argv, REPO), settings, combined)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""What each decoder layer saves for the backward pass in one IST step, and what it runs again.
+
+IST trains the layers S each step. The gradient of the lowest selected layer flows down
+to nothing: no layer below it trains, so a layer below needs no backward pass and autograd
+need save nothing for it. Every layer from the lowest selected one upward must pass the
+gradient down, so it keeps its activations (or recomputes them).
+
+:class:`LayerCheckpointing` wraps every block's ``forward`` and, per step (:meth:`select`):
+
+- **blocks below the lowest selected layer** run without autograd (``torch.no_grad``): no
+  saved activations, no backward, no recompute. Without this, transformers' gradient
+  checkpointing (under which peft and the Trainer make the embeddings' output require grad,
+  ``enable_input_require_grads``) recomputes and back-propagates through every one of them
+  for nothing. When a trainable parameter feeds the blocks from below (LISA-style
+  embeddings), they run as usual. Gradients with respect to the input embeddings
+  themselves are not computed below the lowest selected layer.
+- **blocks from the lowest selected layer upward**, under transformers' gradient
+  checkpointing (``gradient_checkpointing=True`` in the Trainer,
+  ``model.gradient_checkpointing_enable()``): checkpointed as transformers does it. Under
+  the reentrant variant the lowest selected block's input is made to require grad
+  (reentrant checkpointing computes parameter gradients only then), as peft's
+  ``enable_input_require_grads`` does at the embeddings.
+- **with** ``ISTConfig.recompute_unselected`` **and without transformers' checkpointing**:
+  the unselected blocks above the lowest selected one keep only their inputs and run their
+  forward again in the backward pass (non-reentrant :func:`torch.utils.checkpoint.checkpoint`,
+  RNG state restored so dropout draws the same masks); selected blocks keep their activations.
+
+Results are those of a run without any checkpointing (same losses, same gradients). A
+checkpointed block does not write to a KV cache (the replay would write it twice), as under
+transformers' own checkpointing; training has no use for the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class LayerCheckpointing:
+    """Wraps each decoder block's ``forward`` with the step's checkpointing policy (module docstring).
+
+    Args:
+        blocks: every decoder block, in layer order (``blocks[i]`` is block index i), adapters or not.
+        recompute_unselected: checkpoint the unselected blocks above the lowest selected one
+            when transformers' own checkpointing is off.
+
+    Call :meth:`select` with the block indices trained this step before the forward pass,
+    and :meth:`remove` to restore the original ``forward`` methods.
+
+    Attributes:
+        recomputed_calls: forwards run under istune's own checkpoint (once per forward, not per replay).
+        skipped_calls: forwards of blocks below the lowest selected one that got an input requiring grad
+            and ran without autograd (the first such block cuts the graph: the blocks after it get none).
+    """
+
+    def __init__(self, blocks: list[nn.Module], recompute_unselected: bool = False):
+        self.blocks = list(blocks)
+        self.recompute_unselected = recompute_unselected
+        self._lowest = 0  # blocks below this index need no backward this step
+        self._selected: frozenset[int] = frozenset(range(len(self.blocks)))
+        self._upstream_trainable = None
+        self.recomputed_calls = 0
+        self.skipped_calls = 0
+        # A forward already set on the instance (accelerate's device-map hooks do that) is wrapped and put back.
+        self._instance_forwards = [vars(block).get("forward") for block in self.blocks]
+        for index, block in enumerate(self.blocks):
+            block.forward = self._wrap(index, block, block.forward)
+
+    def select(self, selected_blocks: list[int]) -> None:
+        """Set this step's policy from the block indices whose parameters train."""
+        self._selected = frozenset(selected_blocks)
+        self._lowest = min(selected_blocks) if selected_blocks else len(self.blocks)
+        self._upstream_trainable = None  # does a trainable parameter feed the blocks from below? (first forward)
+
+    def reentrant_in_use(self) -> bool:
+        """True when transformers' checkpointing of some block is on, in torch's reentrant variant."""
+        return any(getattr(block, "gradient_checkpointing", False) and _reentrant(block) for block in self.blocks)
+
+    def remove(self) -> None:
+        """Give every block back the ``forward`` it had before."""
+        for block, forward in zip(self.blocks, self._instance_forwards):
+            if forward is None:
+                vars(block).pop("forward", None)
+            else:
+                block.forward = forward
+
+    def _wrap(self, index: int, block: nn.Module, forward: Callable) -> Callable:
+        @functools.wraps(forward)
+        def step_policy(*args: Any, **kwargs: Any):
+            if not (torch.is_grad_enabled() and block.training):
+                return forward(*args, **kwargs)  # probes and evaluation
+            gc_by_transformers = _checkpointed_by_transformers(block)
+            if index == self._lowest and gc_by_transformers and _reentrant(block):
+                args = _input_requiring_grad(args)
+            if not _needs_backward(args, kwargs):
+                return forward(*args, **kwargs)  # nothing below trains: autograd saves nothing anyway
+            if index < self._lowest:
+                if self._upstream_trainable is None:  # once per step: the model does not change within one
+                    self._upstream_trainable = _reaches_trainable_parameter(args, kwargs)
+                if not self._upstream_trainable:
+                    self.skipped_calls += 1
+                    with torch.no_grad():
+                        return forward(*args, **kwargs)
+                return forward(*args, **kwargs)
+            if not gc_by_transformers and self.recompute_unselected and index not in self._selected:
+                self.recomputed_calls += 1
+                if not getattr(block, "_can_checkpoint_with_cache", False):  # transformers' flag: reads the cache only
+                    args, kwargs = _without_cache(args, kwargs)
+                return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return forward(*args, **kwargs)  # under transformers' checkpointing: checkpointed by it
+
+        return step_policy
+
+
+def _checkpointed_by_transformers(block: nn.Module) -> bool:
+    """True when transformers' own gradient checkpointing wraps this block's call."""
+    return bool(getattr(block, "gradient_checkpointing", False)) and block.training
+
+
+def _reentrant(block: nn.Module) -> bool:
+    """True when the block's checkpoint function is torch's reentrant variant (its default when unspecified)."""
+    function = getattr(block, "_gradient_checkpointing_func", None)
+    if isinstance(function, functools.partial):
+        return bool(function.keywords.get("use_reentrant", True))
+    return function is checkpoint
+
+
+def _input_requiring_grad(args: tuple) -> tuple:
+    """``args`` with the hidden states (first positional argument) made a leaf that requires grad.
+
+    Reentrant checkpointing gives parameters gradients only when an input requires grad; below the
+    lowest selected block nothing ran autograd, so its input does not. The price is one B x T x d gradient.
+    """
+    if args and isinstance(args[0], torch.Tensor) and not args[0].requires_grad and args[0].is_floating_point():
+        return (args[0].detach().requires_grad_(True), *args[1:])
+    return args
+
+
+def _is_kv_cache(value: Any) -> bool:
+    """A transformers ``Cache`` (or a legacy look-alike): something a layer appends its keys and values to."""
+    return hasattr(value, "update") and hasattr(value, "get_seq_length")
+
+
+def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's arguments with every KV cache replaced by None and ``use_cache`` off."""
+    args = tuple(None if _is_kv_cache(value) else value for value in args)
+    kwargs = {name: None if _is_kv_cache(value) else value for name, value in kwargs.items()}
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def _tensors(args: tuple, kwargs: dict):
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            yield from (item for item in value if isinstance(item, torch.Tensor))
+
+
+def _needs_backward(args: tuple, kwargs: dict) -> bool:
+    """True when some input tensor requires grad: a layer below it trains (or the embeddings' output was made to)."""
+    return any(tensor.requires_grad for tensor in _tensors(args, kwargs))
+
+
+def _reaches_trainable_parameter(args: tuple, kwargs: dict) -> bool:
+    """True when the autograd graph of an input leads to a trainable parameter (e.g. trained embeddings).
+
+    A leaf that is not a parameter (the embeddings' output that ``enable_input_require_grads`` made
+    require grad, or ``inputs_embeds`` given that way) does not count.
+    """
+    seen = set()
+    pending = []
+    for tensor in _tensors(args, kwargs):
+        if tensor.requires_grad:
+            if tensor.grad_fn is None:
+                if isinstance(tensor, nn.Parameter):
+                    return True
+            else:
+                pending.append(tensor.grad_fn)
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if variable is not None:
+            if isinstance(variable, nn.Parameter):
+                return True
+            continue
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return False

@@ -1,0 +1,45 @@
+"""istune bench frontier on the test size: every output written, the frontier computed right, bad options refused."""
+
+import json
+
+import pytest
+
+from istune.bench import frontier
+
+
+def _row(key, memory, seconds):
+    return {"key": key, "memory_bytes": memory, "seconds_per_step": seconds}
+
+
+def test_frontier_keeps_the_rows_no_other_row_beats_on_both_axes():
+    rows = [_row("a", 10, 1.0), _row("b", 5, 2.0), _row("c", 6, 2.5), _row("d", 10, 1.5), _row("e", 4, 3.0)]
+    # c is beaten by b (less memory, less time); d by a (same memory, less time)
+    assert frontier.frontier_keys(rows) == ["a", "b", "e"]
+    assert frontier.frontier_keys([_row("a", 1, 1.0), _row("b", 1, 1.0)]) == ["a", "b"]  # ties beat nobody
+
+
+def test_the_test_size_writes_json_markdown_and_picture(tmp_path):
+    out = tmp_path / "frontier"
+    assert frontier.main(["--size", "test", "--rows", "lora,ist+ckpt", "--out", str(out)]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    rows = {row["key"]: row for row in record["rows"]}
+    assert list(rows) == ["lora", "ist+ckpt"]
+    for row in rows.values():
+        assert row["memory_bytes"] > 0 and row["seconds_per_step"] > 0
+        assert row["memory"]["peak_rss_bytes"] >= row["memory"]["rss_before_bytes"]
+    assert rows["lora"]["memory_vs_lora"] == 1.0 and rows["ist+ckpt"]["probe_update_s"] > 0
+    assert rows["ist+ckpt"]["checkpointing"] and rows["ist+ckpt"]["ist"] == {}
+    markdown = out.with_suffix(".md").read_text()
+    assert "| LoRA + IST + ckpt |" in markdown and "--size test" in markdown
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "huge"], "--size='huge' is not a known size"),
+    (["--size", "test", "--rows", "lora,bogus"], "bogus"),
+    (["--size", "test", "--steps", "1"], "--steps=1"),
+])
+def test_bad_options_are_refused_before_any_work(tmp_path, argv, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        frontier.main([*argv, "--out", str(tmp_path / "out")])
+    assert not list(tmp_path.iterdir())
