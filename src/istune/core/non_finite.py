@@ -39,11 +39,18 @@ class NonFiniteSteps:
 
     def zero_step_if_non_finite(self, gradients: list[torch.Tensor], step: int) -> None:
         """Make this step's gradients all zero when any entry of any of them is NaN/inf (no host sync)."""
+        # FSDP2 shards gradients as DTensors: check and zero each rank's shard, and agree on the flag.
+        sharded = any(_is_dtensor(gradient) for gradient in gradients)
+        gradients = [gradient.to_local() if _is_dtensor(gradient) else gradient for gradient in gradients]
         device = gradients[0].device
         if self._counters is None or self._counters.device != device:
             self._counters = torch.zeros(3, dtype=torch.int64, device=device)
         largest = torch.stack([norm.float() for norm in torch._foreach_norm(gradients, float("inf"))])
         non_finite = (~torch.isfinite(largest)).any()
+        if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = non_finite.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # queued, no host wait
+            non_finite = flag.bool()
         torch._foreach_mul_(gradients, (~non_finite).float())
         for gradient in gradients:
             gradient.nan_to_num_(0.0, 0.0, 0.0)  # NaN * 0 is NaN
@@ -72,3 +79,7 @@ class NonFiniteSteps:
                                      "Their gradients were zeroed before the optimizer saw them: the adapters and "
                                      "checkpoints are finite.")
         logger.warning("%s; those steps' gradients were zeroed: NaN/inf never reached the adapters.", message)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "to_local") and hasattr(tensor, "placements")
