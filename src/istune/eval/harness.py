@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -176,13 +177,19 @@ def run_harness(model: Any, tokenizer: Any, items: dict[str, Sequence[dict[str, 
 
     from istune.eval._modes import eval_mode, model_device
 
-    tasks = {name: build_task(name, harness_docs(name, rows)) for name, rows in items.items()}
-    names = {task.config.task: name for name, task in tasks.items()}
-    with eval_mode(model):
-        lm = HFLM(pretrained=_plain_model(model), tokenizer=tokenizer, batch_size=batch_size,
-                  device=str(model_device(model)))
-        output = evaluate(lm=lm, task_dict={"tasks": {t.config.task: t for t in tasks.values()}, "groups": {}},
-                          bootstrap_iters=0, log_samples=True)
+    lm_eval_logger = logging.getLogger("lm_eval")
+    level = lm_eval_logger.level
+    lm_eval_logger.setLevel(logging.ERROR)  # its per-task notes about custom datasets and passed-in models
+    try:
+        tasks = {name: build_task(name, harness_docs(name, rows)) for name, rows in items.items()}
+        names = {task.config.task: name for name, task in tasks.items()}
+        with eval_mode(model):
+            lm = HFLM(pretrained=_plain_model(model), tokenizer=tokenizer, batch_size=batch_size,
+                      device=str(model_device(model)))
+            output = evaluate(lm=lm, task_dict={"tasks": {t.config.task: t for t in tasks.values()}, "groups": {}},
+                              bootstrap_iters=0, log_samples=True)
+    finally:
+        lm_eval_logger.setLevel(level)
     summary: dict[str, Any] = {"tasks": {}, "loglikelihoods": {}}
     for lm_name, name in names.items():
         metrics = output["results"][lm_name]

@@ -3,7 +3,8 @@
 Every run of ``istune train`` evaluates the base model before the adapters go in,
 on the same seeded items; that half of the evaluation is the same every time.
 ``ResultCache`` keeps each part of such an evaluation (the held-out loss, and one
-task under one method) in ``<cache_root()>/eval/<key>.json`` and hands it back
+task under one method) in ``<cache_root()>/eval/<key>.json`` (``$ISTUNE_EVAL_CACHE``
+replaces the folder) and hands it back
 when the key matches. The key is a SHA-256 over
 
 * the model's identity: its resolved folder and, per file, name, size and
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 CACHE_VERSION = 1  # bump when the meaning of a cached entry changes
+EVAL_CACHE_ENV = "ISTUNE_EVAL_CACHE"  # replaces <cache_root()>/eval (the tests point it at a temporary folder)
 # Modules whose code decides a result; their source is part of every key.
 RESULT_MODULES = (
     "istune.eval.prompt",
@@ -137,14 +139,15 @@ class ResultCache:
 
     Args:
         identity: What makes the model's results what they are (see ``for_model``).
-        root: Cache folder; default ``<cache_root()>/eval``.
+        root: Cache folder; default ``$ISTUNE_EVAL_CACHE``, else ``<cache_root()>/eval``.
     """
 
     def __init__(self, identity: dict[str, Any], root: str | os.PathLike[str] | None = None):
         from istune.data.cache import cache_root
 
         self.identity = {**identity, "code": code_version()}
-        self.root = Path(root) if root is not None else cache_root() / "eval"
+        default = os.environ.get(EVAL_CACHE_ENV) or cache_root() / "eval"
+        self.root = Path(root if root is not None else default).expanduser()
         self.hits = 0
         self.misses = 0
 

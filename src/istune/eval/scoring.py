@@ -79,7 +79,8 @@ def option_logprobs(
         model: A causal LM returning ``logits`` of shape ``[batch, seq, vocab]``.
         tokenizer: Its tokenizer.
         pairs: ``(context, option)`` strings.
-        batch_size: Sequences (context + option) per forward pass.
+        batch_size: Sequences per forward pass: distinct contexts with ``share_context``
+            (their options then run together), else context + option pairs.
         delimiter: Put between context and option when neither has whitespace at the seam.
         progress: Show a tqdm bar over batches.
         desc: Label of the progress bar.
@@ -134,8 +135,8 @@ def _pairwise_sums(model, encoded, sums, batch_size, pad_id, progress, desc) -> 
 def _shared_context_sums(model, encoded, sums, batch_size, pad_id, progress, desc) -> None:
     """Each distinct context once, its KV cache copied per option; fills ``sums`` in place.
 
-    A batch holds whole groups (a context and all its options), at most ``batch_size``
-    options unless one group alone has more. Contexts are right-padded; options follow
+    A batch holds ``batch_size`` groups (a context and all its options): one forward
+    pass of the contexts, then one of all their options. Contexts are right-padded; options follow
     each context's last real token (``position_ids`` continue from it, the padded cache
     slots are masked). Logits are kept only at each context's last token (it predicts
     the option's first token) and at each option token but the last.
@@ -145,14 +146,7 @@ def _shared_context_sums(model, encoded, sums, batch_size, pad_id, progress, des
     for i, (context_ids, _, _) in enumerate(encoded):
         groups.setdefault(tuple(context_ids), []).append(i)
     ordered = sorted(groups.items(), key=lambda g: -(len(g[0]) + max(len(encoded[i][1]) for i in g[1])))
-    batches, current, size = [], [], 0
-    for group in ordered:
-        if current and size + len(group[1]) > batch_size:
-            batches.append(current)
-            current, size = [], 0
-        current.append(group)
-        size += len(group[1])
-    batches.append(current)
+    batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not progress):
         contexts = [list(context) for context, _ in batch]
         context_len = torch.tensor([len(c) for c in contexts])
@@ -242,7 +236,7 @@ def evaluate_scoring(
         tokenizer: Its tokenizer.
         items: Eval items with ``context`` (str), ``options`` (list of str) and ``label`` (int).
         task: Task name, used for labels and messages only.
-        batch_size: Sequences (context + one option) per forward pass.
+        batch_size: Items (contexts) per forward pass; their options run together after it.
         delimiter: Joins context and option (see module docstring).
         progress: Show a tqdm bar.
         share_context: Run each item's context once for all its options (see ``option_logprobs``).
