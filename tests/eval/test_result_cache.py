@@ -104,7 +104,7 @@ def test_evaluate_base_records_what_train_records(model_dir, capsys):
     model, tokenizer = load_model_and_tokenizer(model_dir)
     data = InstructionDataset(HELDOUT, tokenizer, 64, train_on_inputs=False)
     collate = CausalLMCollator(tokenizer)
-    reference = evaluate(model, tokenizer, ITEMS, data, collate, RunArgs(eval_batch_size=2))
+    reference = evaluate(model, tokenizer, ITEMS, data, collate, RunArgs(), 2)
     outputs = []
     for _ in range(2):  # computed, then from the cache
         base = evaluate_base(model, tokenizer, ITEMS, data, collate, method="both", batch_size=2, model_name=model_dir)
