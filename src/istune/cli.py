@@ -3,6 +3,7 @@
     istune train                              # embedded default: SmolLM2-135M, LoRA+IST on the commonsense mix
     istune train --config run.yaml --max_steps 200
     istune eval runs/istune                   # evaluate a trained output folder again
+    istune eval --model smollm2-135m --harness # any model (+ --adapter DIR); lm-eval's acc/acc_norm beside
     istune plot runs/istune                   # importance heat-map and per-step selection (PNG)
     istune plan --model huggyllama/llama-7b --batch_size 4 --seq_len 256   # predicted peak GPU memory, no GPU
     istune bench memory                       # peak memory, paper Table 1 layout (meta-device accounting)
@@ -129,15 +130,44 @@ def _train(argv: Sequence[str]) -> int:
 
 
 def _eval(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="istune eval", description="Evaluate the adapters in an output folder.")
-    parser.add_argument("run_dir", help="Output folder of `istune train`.")
-    parser.add_argument("--eval_tasks", default=None, help="Tasks ('all', 'none' or comma-separated); default: the run's.")
-    parser.add_argument("--eval_limit", type=int, default=None, help="Items per task; default: the run's.")
-    parser.add_argument("--eval_method", default=None, choices=["generate", "score", "both"])
+    parser = argparse.ArgumentParser(
+        prog="istune eval",
+        description="Evaluate a run folder again, or any model (with or without an adapter) on the commonsense tasks.",
+        epilog="examples:\n  istune eval runs/istune\n  istune eval --model smollm2-135m --eval_limit 50 --harness\n"
+               "  istune eval --model smollm2-135m --adapter runs/istune/adapter --output eval.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", nargs="?", help="Output folder of `istune train` (or use --model).")
+    parser.add_argument("--model", help="Hub id, local folder or 'smollm2-135m': evaluate this model instead of a run.")
+    parser.add_argument("--adapter", help="With --model: an adapter folder (a run's adapter/, a run folder, or a peft "
+                                          "adapter); without --model its base model is read from it.")
+    parser.add_argument("--eval_tasks", default=None, help="Tasks ('all' or comma-separated); default: the run's, or all.")
+    parser.add_argument("--eval_limit", type=int, default=None,
+                        help="Items per task (a seeded sample); default: the run's, or the full test sets.")
+    parser.add_argument("--eval_seed", type=int, default=0, help="Seed of the --eval_limit sample (with --model).")
+    parser.add_argument("--eval_method", default=None, choices=["generate", "score", "both"],
+                        help="Default: the run's, or both.")
+    parser.add_argument("--eval_batch_size", type=int, default=None, help="Prompts or sequences per forward pass.")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="Weights with --model ('auto': bfloat16 on a GPU that has it, else float32).")
+    parser.add_argument("--output", default=None, help="Results JSON (default: <run_dir>/eval.json; none with --model).")
+    parser.add_argument("--harness", action="store_true",
+                        help="Also score with lm-evaluation-harness (lm-eval 0.4.13) on the same items: acc, acc_norm.")
+    parser.add_argument("--no_cache", action="store_true", help="With --model alone: recompute, ignore cached results.")
     args = parser.parse_args(argv)
-    from istune.recipe.evaluate import evaluate_run
+    if (args.run_dir is None) == (args.model is None and args.adapter is None):
+        parser.error("give either a run folder or --model/--adapter, not both and not neither")
+    if args.run_dir is not None:
+        from istune.recipe.evaluate import evaluate_run
 
-    evaluate_run(args.run_dir, tasks=args.eval_tasks, limit=args.eval_limit, method=args.eval_method)
+        evaluate_run(args.run_dir, tasks=args.eval_tasks, limit=args.eval_limit, method=args.eval_method,
+                     batch_size=args.eval_batch_size, output=args.output, harness=args.harness)
+        return 0
+    from istune.recipe.evaluate import EvalArgs, evaluate_pretrained
+
+    given = {"eval_tasks": args.eval_tasks, "eval_method": args.eval_method, "eval_batch_size": args.eval_batch_size}
+    evaluate_pretrained(EvalArgs(model=args.model, adapter=args.adapter, eval_limit=args.eval_limit,
+                                 eval_seed=args.eval_seed, dtype=args.dtype, output=args.output, harness=args.harness,
+                                 cache=not args.no_cache, **{k: v for k, v in given.items() if v is not None}))
     return 0
 
 

@@ -119,3 +119,54 @@ def test_errors(tokenizer, item, error, message):
     model = UnigramLM(torch.zeros(len(tokenizer)))
     with pytest.raises(error, match=message):
         evaluate_scoring(model, tokenizer, [item], "piqa")
+
+
+SHARED_FAMILIES = ["llama", "gpt2", "opt", "gpt_neox", "qwen2", "gemma", "phi"]
+
+
+def no_fallback(monkeypatch):
+    from istune.eval import scoring
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the shared-context path fell back to one sequence per pair")
+
+    monkeypatch.setattr(scoring, "_pairwise_sums", fail)
+
+
+@pytest.mark.parametrize("family", SHARED_FAMILIES)
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_shared_context_gives_the_pairwise_scores(family, batch_size, monkeypatch):
+    """Each context once with its KV cache copied per option: same sums and predictions as pair by pair."""
+    from tests.tiny_models import tiny_model
+
+    model, tokenizer = tiny_model(family), make_tokenizer(add_bos=family == "llama")
+    items = ITEMS + [{"context": "a dog", "options": ["sat", "ran"], "label": 1}]  # one-token options only
+    before = evaluate_scoring(model, tokenizer, items, "piqa", batch_size=batch_size, share_context=False)
+    no_fallback(monkeypatch)
+    after = evaluate_scoring(model, tokenizer, items, "piqa", batch_size=batch_size)
+    for old, new in zip(before.records, after.records):
+        assert new["logprobs"] == pytest.approx(old["logprobs"], abs=1e-4)
+        assert {k: v for k, v in new.items() if k != "logprobs"} == {k: v for k, v in old.items() if k != "logprobs"}
+    assert (after.correct, after.metrics) == (before.correct, before.metrics)
+
+
+@pytest.mark.parametrize("method", ["lora", "bottleneck"])
+def test_shared_context_through_adapters(method, monkeypatch):
+    from tests.tiny_models import peft_model
+
+    model, tokenizer = peft_model("llama", method), make_tokenizer()
+    pairs = [(item["context"], option) for item in ITEMS for option in item["options"]]
+    before = option_logprobs(model, tokenizer, pairs, batch_size=4, share_context=False)
+    no_fallback(monkeypatch)
+    after = option_logprobs(model, tokenizer, pairs, batch_size=4)
+    assert [a[1:] for a in after] == [b[1:] for b in before]
+    assert [a[0] for a in after] == pytest.approx([b[0] for b in before], abs=1e-4)
+    assert model.training  # restored
+
+
+def test_a_model_without_cache_arguments_falls_back(tokenizer):
+    """The unigram stub takes only input_ids and attention_mask: scored pair by pair, same numbers."""
+    vocab = tokenizer.get_vocab()
+    model = UnigramLM(torch.log_softmax(torch.randn(len(vocab)), dim=-1))
+    pairs = [(item["context"], option) for item in ITEMS for option in item["options"]]
+    assert option_logprobs(model, tokenizer, pairs) == option_logprobs(model, tokenizer, pairs, share_context=False)

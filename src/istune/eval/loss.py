@@ -15,6 +15,8 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Any], collate_fn: Ca
 
     Every token counts once, whatever the batch it falls in, so the figure does not
     depend on ``batch_size``. The model's train/eval mode is restored afterwards.
+    Only the positions that predict a labelled token are projected onto the
+    vocabulary (``logits_to_keep``; a model without it computes them all).
     """
     if len(examples) == 0:
         raise ValueError("heldout_loss needs at least one example.")
@@ -27,14 +29,30 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Any], collate_fn: Ca
             for start in range(0, len(examples), batch_size):
                 batch = move_to_device(collate_fn([examples[i] for i in range(start, min(start + batch_size, len(examples)))]), device)
                 labels = batch.pop("labels")
-                logits = model(**batch).logits[:, :-1].float()
                 targets = labels[:, 1:]
-                losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                           ignore_index=-100, reduction="sum")
-                total += losses.item()
+                total += _summed_loss(model, batch, targets)
                 tokens += int((targets != -100).sum())
     finally:
         model.train(was_training)
     if tokens == 0:
         raise ValueError("heldout_loss: every label is -100; there is no token to score.")
     return total / tokens
+
+
+def _summed_loss(model: torch.nn.Module, batch: dict, targets: torch.Tensor) -> float:
+    """Summed cross-entropy of ``targets`` (labels shifted by one; -100 skipped) under ``model(**batch)``."""
+    labelled = targets != -100
+    keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    keep[:, :-1] = labelled  # position t predicts token t + 1
+    try:
+        logits = model(**batch, logits_to_keep=keep).logits.float()
+        logits = logits.reshape(-1, logits.shape[-1])  # the kept positions, row by row
+        kept_targets = targets[labelled]
+        if logits.shape[0] != kept_targets.shape[0]:
+            raise TypeError("logits_to_keep was ignored; an argument the model does not take")
+    except TypeError as error:
+        if "argument" not in str(error):
+            raise
+        logits = model(**batch).logits[:, :-1].float()
+        logits, kept_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    return torch.nn.functional.cross_entropy(logits, kept_targets, ignore_index=-100, reduction="sum").item()

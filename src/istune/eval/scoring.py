@@ -7,13 +7,16 @@ option ``j`` is the summed log-probability of its tokens given the context,
 
 and the prediction is ``argmax_j score_j``. Two length-normalized variants
 are reported beside it: per token (``score_j / num_tokens_j``) and per
-character (``score_j / len(continuation_j)``, lm-eval's ``acc_norm``).
+character (``score_j / len(continuation_j)``; the continuation includes the joining
+space, which lm-eval's ``acc_norm`` leaves out of the length).
 
 Context and option are tokenized separately and concatenated, so the
 option's tokens are exactly the tokens scored; whitespace at the end of the
 context is moved to the start of the option, and ``delimiter`` (a space by
 default) joins them when neither side has whitespace at the seam. Batches are
-right-padded with an attention mask.
+right-padded with an attention mask. The options of one context share its
+forward pass (a KV cache copied per option), and only the logits the sums use
+are projected onto the vocabulary; see ``option_logprobs``.
 
 Example::
 
@@ -60,17 +63,28 @@ def option_logprobs(
     delimiter: str = " ",
     progress: bool = False,
     desc: str = "score",
+    share_context: bool = True,
 ) -> list[tuple[float, int, int]]:
     """Summed log-probability of each option given its context.
+
+    With ``share_context`` (the default), pairs with the same context run it once:
+    the context goes through the model with a KV cache, the cache is copied for
+    each of its options, and the options run after it with their own positions;
+    only the logits the sums need are projected onto the vocabulary
+    (``logits_to_keep``). The result is the pairwise computation's up to float
+    rounding. A model whose forward lacks ``cache``, ``position_ids`` or
+    ``logits_to_keep`` (a TypeError) falls back to one sequence per pair.
 
     Args:
         model: A causal LM returning ``logits`` of shape ``[batch, seq, vocab]``.
         tokenizer: Its tokenizer.
         pairs: ``(context, option)`` strings.
-        batch_size: Sequences per forward pass.
+        batch_size: Sequences per forward pass: distinct contexts with ``share_context``
+            (their options then run together), else context + option pairs.
         delimiter: Put between context and option when neither has whitespace at the seam.
         progress: Show a tqdm bar over batches.
         desc: Label of the progress bar.
+        share_context: Run each distinct context once (see above).
 
     Returns:
         Per pair, in input order: ``(logprob_sum, num_option_tokens, num_option_chars)``.
@@ -78,31 +92,104 @@ def option_logprobs(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     encoded = [_encode(tokenizer, context, option, delimiter) for context, option in pairs]
-    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = model_device(model)
-    results: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(encoded)
+    sums: list[float] = [0.0] * len(encoded)
     with eval_mode(model):
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
-            batch = order[start : start + batch_size]
-            rows = [encoded[i][0] + encoded[i][1] for i in batch]
-            width = max(len(row) for row in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            option_mask = torch.zeros_like(ids, dtype=torch.bool)  # True at the option's tokens
-            for row_index, (i, row) in enumerate(zip(batch, rows)):
-                ids[row_index, : len(row)] = torch.tensor(row, dtype=torch.long)
-                mask[row_index, : len(row)] = 1
-                option_mask[row_index, len(encoded[i][0]) : len(row)] = True
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            # logits[:, t] predicts token t + 1: [batch, width - 1, vocab] against targets [batch, width - 1].
-            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-            targets = ids[:, 1:].to(logprobs.device)
-            token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            sums = (token_logprobs * option_mask[:, 1:].to(logprobs.device)).sum(dim=-1).tolist()
-            for i, total in zip(batch, sums):
-                results[i] = (total, len(encoded[i][1]), len(encoded[i][2]))
-    return results
+        try:
+            if share_context:
+                _shared_context_sums(model, encoded, sums, batch_size, pad_id, progress, desc)
+            else:
+                _pairwise_sums(model, encoded, sums, batch_size, pad_id, progress, desc)
+        except TypeError as error:  # the model's forward lacks an argument the shared path needs
+            if not share_context or "argument" not in str(error):
+                raise
+            _pairwise_sums(model, encoded, sums, batch_size, pad_id, progress, desc)
+    return [(total, len(option_ids), len(continuation)) for total, (_, option_ids, continuation) in zip(sums, encoded)]
+
+
+def _pairwise_sums(model, encoded, sums, batch_size, pad_id, progress, desc) -> None:
+    """One right-padded sequence per pair, longest first; fills ``sums`` in place."""
+    device = model_device(model)
+    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+        batch = order[start : start + batch_size]
+        rows = [encoded[i][0] + encoded[i][1] for i in batch]
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        option_mask = torch.zeros_like(ids, dtype=torch.bool)  # True at the option's tokens
+        for row_index, (i, row) in enumerate(zip(batch, rows)):
+            ids[row_index, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[row_index, : len(row)] = 1
+            option_mask[row_index, len(encoded[i][0]) : len(row)] = True
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        # logits[:, t] predicts token t + 1: [batch, width - 1, vocab] against targets [batch, width - 1].
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = ids[:, 1:].to(logprobs.device)
+        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        totals = (token_logprobs * option_mask[:, 1:].to(logprobs.device)).sum(dim=-1).tolist()
+        for i, total in zip(batch, totals):
+            sums[i] = total
+
+
+def _shared_context_sums(model, encoded, sums, batch_size, pad_id, progress, desc) -> None:
+    """Each distinct context once, its KV cache copied per option; fills ``sums`` in place.
+
+    A batch holds ``batch_size`` groups (a context and all its options): one forward
+    pass of the contexts, then one of all their options. Contexts are right-padded; options follow
+    each context's last real token (``position_ids`` continue from it, the padded cache
+    slots are masked). Logits are kept only at each context's last token (it predicts
+    the option's first token) and at each option token but the last.
+    """
+    device = model_device(model)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (context_ids, _, _) in enumerate(encoded):
+        groups.setdefault(tuple(context_ids), []).append(i)
+    ordered = sorted(groups.items(), key=lambda g: -(len(g[0]) + max(len(encoded[i][1]) for i in g[1])))
+    batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=not progress):
+        contexts = [list(context) for context, _ in batch]
+        context_len = torch.tensor([len(c) for c in contexts])
+        width = int(context_len.max())
+        ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, context in enumerate(contexts):
+            ids[row, : len(context)] = torch.tensor(context, dtype=torch.long)
+            mask[row, : len(context)] = 1
+        last = torch.zeros_like(ids, dtype=torch.bool)
+        last[torch.arange(len(contexts)), context_len - 1] = True
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                    logits_to_keep=last.to(device))
+        first = torch.log_softmax(out.logits.float().reshape(len(contexts), -1), dim=-1)  # [contexts, vocab]
+        members = [(row, i) for row, (_, indices) in enumerate(batch) for i in indices]
+        options = [encoded[i][1] for _, i in members]
+        rows = torch.tensor([row for row, _ in members])
+        totals = first[rows.to(first.device), torch.tensor([o[0] for o in options], device=first.device)]
+        if max(len(o) for o in options) > 1:
+            cache = getattr(out, "cache", None)
+            if cache is None or not hasattr(cache, "batch_select_indices"):
+                raise TypeError("model returned no KV cache; an argument the shared path needs is missing")
+            cache.batch_select_indices(rows.to(device))
+            option_width = max(len(o) for o in options)
+            option_ids = torch.full((len(options), option_width), pad_id, dtype=torch.long)
+            option_mask = torch.zeros_like(option_ids)
+            keep = torch.zeros_like(option_ids, dtype=torch.bool)  # positions whose logits predict an option token
+            for k, option in enumerate(options):
+                option_ids[k, : len(option)] = torch.tensor(option, dtype=torch.long)
+                option_mask[k, : len(option)] = 1
+                keep[k, : len(option) - 1] = True
+            positions = context_len[rows].unsqueeze(1) + torch.arange(option_width).unsqueeze(0)
+            full_mask = torch.cat([mask[rows], option_mask], dim=1)
+            logits = model(input_ids=option_ids.to(device), attention_mask=full_mask.to(device),
+                           position_ids=positions.to(device), cache=cache, use_cache=True,
+                           logits_to_keep=keep.to(device)).logits.float()
+            logprobs = torch.log_softmax(logits.reshape(int(keep.sum()), -1), dim=-1)  # kept positions, row-major
+            targets = option_ids[:, 1:][keep[:, :-1]].to(logprobs.device)
+            rest = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            owner = torch.arange(len(options)).unsqueeze(1).expand_as(keep)[keep].to(rest.device)
+            totals = totals.index_add(0, owner, rest)
+        for (_, i), total in zip(members, totals.tolist()):
+            sums[i] = total
 
 
 def check_scoring_items(items: Sequence[dict[str, Any]], task: str) -> None:
@@ -140,6 +227,7 @@ def evaluate_scoring(
     batch_size: int = 8,
     delimiter: str = " ",
     progress: bool = False,
+    share_context: bool = True,
 ) -> TaskResult:
     """Accuracy of ``model`` on multiple-choice ``items`` by option log-likelihood.
 
@@ -148,9 +236,10 @@ def evaluate_scoring(
         tokenizer: Its tokenizer.
         items: Eval items with ``context`` (str), ``options`` (list of str) and ``label`` (int).
         task: Task name, used for labels and messages only.
-        batch_size: Sequences (context + one option) per forward pass.
+        batch_size: Items (contexts) per forward pass; their options run together after it.
         delimiter: Joins context and option (see module docstring).
         progress: Show a tqdm bar.
+        share_context: Run each item's context once for all its options (see ``option_logprobs``).
 
     Returns:
         A ``TaskResult`` with method ``"score"``: ``accuracy`` from summed
@@ -163,7 +252,8 @@ def evaluate_scoring(
     pairs = [(item["context"], option) for item in items for option in item["options"]]
     scores = iter(
         option_logprobs(
-            model, tokenizer, pairs, batch_size=batch_size, delimiter=delimiter, progress=progress, desc=task
+            model, tokenizer, pairs, batch_size=batch_size, delimiter=delimiter, progress=progress, desc=task,
+            share_context=share_context,
         )
     )
     records = []

@@ -1,22 +1,142 @@
-"""`istune eval RUN_DIR`: evaluate the adapters of a finished run again, on the same held-out data and items."""
+"""Evaluation in the recipe layer: `istune eval` on a run folder or on any model and adapter, and the
+cached evaluation of the untuned model inside `istune train`.
+
+    istune eval runs/istune                                    # the run's adapters, on the run's items
+    istune eval --model smollm2-135m --eval_limit 50           # a bare model; its results are cached
+    istune eval --model smollm2-135m --adapter runs/istune/adapter --harness
+
+Every check that needs no model (paths, adapter folders, options) runs before the
+model loads. Results files are written whole or not at all.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
+EVAL_METHODS = ("generate", "score", "both")
+
+
+def method_list(method: str) -> list[str]:
+    """``"both"`` -> ``["generate", "score"]``; one method -> a list of it."""
+    if method not in EVAL_METHODS:
+        raise ValueError(f"--eval_method={method!r}: use 'generate', 'score' or 'both'.")
+    return ["generate", "score"] if method == "both" else [method]
+
+
+def parse_eval_tasks(text: str) -> list[str]:
+    """``'all'``, ``'none'`` or comma-separated task names -> canonical commonsense task names."""
+    from istune.data.commonsense_format import COMMONSENSE_TASKS, canonical_task
+
+    name = text.strip().lower()
+    if name == "none":
+        return []
+    if name == "all":
+        return list(COMMONSENSE_TASKS)
+    try:
+        return list(dict.fromkeys(canonical_task(task) for task in text.split(",") if task.strip()))
+    except ValueError as error:
+        raise ValueError(f"--eval_tasks={text!r}: {error}") from None
+
+
+# ----------------------------------------------------------------------------- evaluation with a cache
+
+def evaluate_parts(model, tokenizer, items: dict[str, list[dict]], methods: Sequence[str], batch_size: int,
+                   cache=None, progress: bool = True) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{method: {task: summary}}`` for each method and task; parts found in ``cache`` are not recomputed.
+
+    A summary is ``TaskResult.summary()``: accuracy, correct, total and, for scoring,
+    ``accuracy_per_token`` and ``accuracy_per_char``. The settings are those of
+    ``istune.eval.evaluate_tasks`` (default prompt, per-task generation budget,
+    greedy decoding, a space between context and option), so the numbers are the same.
+    """
+    from istune.eval.generation import check_generation_items, evaluate_generation
+    from istune.eval.result_cache import digest
+    from istune.eval.scoring import check_scoring_items, evaluate_scoring
+
+    for task, rows in items.items():  # every item checked before the first (slow) forward pass
+        if "generate" in methods:
+            check_generation_items(rows, task)
+        if "score" in methods:
+            check_scoring_items(rows, task)
+    parts: dict[str, dict[str, dict[str, Any]]] = {}
+    for method in methods:
+        parts[method] = {}
+        for task, rows in items.items():
+            part = {"method": method, "task": task, "items": digest(rows)}
+            part.update({"max_new_tokens": None, "num_beams": 1} if method == "generate" else {"delimiter": " "})
+            stored = cache.get(part) if cache is not None else None
+            if stored is None:
+                if method == "generate":
+                    result = evaluate_generation(model, tokenizer, rows, task, batch_size=batch_size, progress=progress)
+                else:
+                    result = evaluate_scoring(model, tokenizer, rows, task, batch_size=batch_size, progress=progress)
+                stored = result.to_dict()
+                if cache is not None:
+                    cache.put(part, stored)
+            parts[method][task] = {"accuracy": stored["accuracy"], "correct": stored["correct"],
+                                   "total": stored["total"], **stored["metrics"]}
+    return parts
+
+
+def evaluate_model(model, tokenizer, items: dict[str, list[dict]], heldout, collate, method: str, batch_size: int,
+                   cache=None) -> dict[str, Any]:
+    """Held-out loss (when ``heldout`` is given) and accuracy per task and method, as ``istune train`` records them:
+    ``{"heldout_loss": x, "<method>": {"tasks": {task: accuracy}, "average": mean}}``."""
+    from istune.eval.loss import heldout_loss
+    from istune.eval.result_cache import digest
+
+    result: dict[str, Any] = {}
+    if heldout is not None:
+        part = {"heldout_loss": digest([heldout[i] for i in range(len(heldout))])}
+        loss = cache.get(part) if cache is not None else None
+        if loss is None:
+            loss = heldout_loss(model, heldout, collate, batch_size)
+            if cache is not None:
+                cache.put(part, loss)
+        result["heldout_loss"] = loss
+    if items:
+        for method_name, tasks in evaluate_parts(model, tokenizer, items, method_list(method), batch_size, cache).items():
+            accuracies = {task: summary["accuracy"] for task, summary in tasks.items()}
+            result[method_name] = {"tasks": accuracies, "average": sum(accuracies.values()) / len(accuracies)}
+    return result
+
+
+def evaluate_base(model, tokenizer, items: dict[str, list[dict]], heldout, collate, *, method: str, batch_size: int,
+                  model_name: str, use_cache: bool = True) -> dict[str, Any]:
+    """``evaluate_model`` for the untuned model of ``istune train``, from the cache where it can be.
+
+    The cache is keyed by the model's files and load settings, the items, the method and
+    istune's evaluation code (see ``istune.eval.result_cache``); a repeated run finds it.
+    """
+    from istune.eval.result_cache import ResultCache
+
+    cache = ResultCache.for_model(model, model_name) if use_cache else None
+    if cache is None:
+        print("istune: evaluating the base model" + ("" if not use_cache else f" (no cache: {model_name!r} has no local files)"))
+    else:
+        print(f"istune: evaluating the base model (cached results in {cache.root})")
+    result = evaluate_model(model, tokenizer, items, heldout, collate, method, batch_size, cache)
+    if cache is not None:
+        print(f"istune: base model: {cache.hits} of {cache.hits + cache.misses} parts from the cache")
+    return result
+
+
+# ----------------------------------------------------------------------------- istune eval RUN_DIR
 
 def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int] = None,
-                 method: Optional[str] = None) -> dict:
-    """Load base model + adapters from ``run_dir``, evaluate, write ``eval.json`` there and print the table."""
+                 method: Optional[str] = None, batch_size: Optional[int] = None, output: Optional[str] = None,
+                 harness: bool = False) -> dict:
+    """Load base model + adapters from ``run_dir``, evaluate on the run's held-out data and items,
+    write ``eval.json`` there (or ``output``) and print the table."""
+    from istune.config import ISTConfig
     from istune.data import CausalLMCollator, InstructionDataset
-    from istune.recipe.methods import load_adapters
-    from istune.recipe.models import load_model_and_tokenizer
-    from istune.recipe.models import ModelArgs, loading_kwargs
-    from istune.recipe.train import (RunArgs, check_run, evaluate, format_results, load_eval_items, load_rows,
-                                     saved_training_value, write_json)
+    from istune.recipe.methods import AdapterArgs, load_adapters
+    from istune.recipe.models import ModelArgs, load_model_and_tokenizer, loading_kwargs
+    from istune.recipe.train import (RunArgs, check_run, format_results, load_eval_items, load_rows,
+                                     saved_training_value)
 
     folder = Path(run_dir)
     results_file = folder / "results.json"
@@ -25,18 +145,235 @@ def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int]
     saved = json.loads(results_file.read_text())
     overrides = {k: v for k, v in {"eval_tasks": tasks, "eval_limit": limit, "eval_method": method}.items() if v is not None}
     run = dataclasses.replace(RunArgs.from_saved(saved["run"]), overwrite=True, **overrides)
-    from istune.config import ISTConfig
-    from istune.recipe.methods import AdapterArgs
-
     task_names = check_run(run, AdapterArgs(**saved["adapter"]), ISTConfig(**saved["ist"]))
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--eval_batch_size={batch_size!r} must be at least 1.")
+    batch_size = batch_size or saved_training_value(saved, "per_device_eval_batch_size", 8)
+    out_path = _check_output(output) if output else folder / "eval.json"
+    if harness:
+        _check_harness(task_names)
     _, heldout_rows = load_rows(run, saved_training_value(saved, "seed"))
     items = load_eval_items(task_names, run.eval_limit, run.eval_seed)
     base, tokenizer = load_model_and_tokenizer(run.model, **loading_kwargs(ModelArgs(**saved.get("model_loading", {}))))
     model = load_adapters(base, folder / "adapter").eval()
     heldout = InstructionDataset(heldout_rows, tokenizer, run.cutoff_len, train_on_inputs=False)
-    batch_size = saved_training_value(saved, "per_device_eval_batch_size", 8)
-    results = {"run": saved["run"],
-               "tuned": evaluate(model, tokenizer, items, heldout, CausalLMCollator(tokenizer), run, batch_size)}
-    write_json(folder / "eval.json", results)
+    tuned = evaluate_model(model, tokenizer, items, heldout, CausalLMCollator(tokenizer), run.eval_method, batch_size)
+    results: dict[str, Any] = {"run": saved["run"], "tuned": tuned}
     print(format_results(results))
+    if harness:
+        from istune.eval.harness import run_harness
+
+        results["harness"] = _without_loglikelihoods(run_harness(model, tokenizer, items, batch_size))
+        print(format_harness(results["harness"]))
+    _write_json(out_path, results)
+    print(f"istune eval: wrote {out_path}")
     return results
+
+
+# ----------------------------------------------------------------------------- istune eval --model
+
+@dataclasses.dataclass
+class EvalArgs:
+    """What ``istune eval --model`` evaluates and how."""
+
+    model: Optional[str] = None
+    adapter: Optional[str] = None
+    eval_tasks: str = "all"
+    eval_limit: Optional[int] = None
+    eval_seed: int = 0
+    eval_method: str = "both"
+    eval_batch_size: int = 8
+    dtype: str = "auto"
+    output: Optional[str] = None
+    harness: bool = False
+    cache: bool = True
+
+
+@dataclasses.dataclass
+class AdapterFolder:
+    """A checked adapter folder: ``kind`` is ``"istune"`` (``save_adapters``) or ``"peft"``."""
+
+    path: Path
+    kind: str
+    base_model: Optional[str]
+
+
+def find_adapter(path: str) -> AdapterFolder:
+    """Check ``--adapter`` before anything loads: an istune ``adapter/`` folder (or a run folder holding
+    one) or a peft adapter folder, with the files its kind needs.
+
+    Raises:
+        ValueError: Naming the folder, what is missing and what would do.
+    """
+    from istune.adapters.model import CONFIG_NAME, WEIGHTS_NAME
+    from istune.recipe.methods import METHOD_FILE, AdapterArgs
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"--adapter={path!r}: no such folder; give an adapter folder (a run's adapter/, or a "
+                         "peft adapter with adapter_config.json).")
+    if not (folder / METHOD_FILE).is_file() and (folder / "adapter" / METHOD_FILE).is_file():
+        folder = folder / "adapter"  # a run folder
+    if (folder / METHOD_FILE).is_file():
+        try:
+            args = AdapterArgs(**json.loads((folder / METHOD_FILE).read_text()))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"--adapter={path!r}: {folder / METHOD_FILE} is not a valid method file ({error}).") from None
+        needed = {"series": [CONFIG_NAME, WEIGHTS_NAME], "parallel": [CONFIG_NAME, WEIGHTS_NAME],
+                  "full": ["config.json"]}.get(args.method, ["adapter_config.json"])
+        missing = [name for name in needed if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(f"--adapter={path!r}: {args.method} adapters need {missing} in {folder}; "
+                             "was the run interrupted before saving?")
+        results = folder.parent / "results.json"
+        base = json.loads(results.read_text()).get("run", {}).get("model") if results.is_file() else None
+        return AdapterFolder(folder, "istune", base)
+    if (folder / "adapter_config.json").is_file():
+        if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise ValueError(f"--adapter={path!r}: adapter_config.json but no adapter_model.safetensors/.bin in {folder}.")
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return AdapterFolder(folder, "peft", base)
+    raise ValueError(f"--adapter={path!r} holds neither {METHOD_FILE} (istune) nor adapter_config.json (peft); "
+                     "give a run's adapter/ folder or a peft adapter folder.")
+
+
+def load_adapter(base_model, adapter: AdapterFolder):
+    """``base_model`` with the adapters of ``adapter`` loaded, in inference mode."""
+    if adapter.kind == "istune":
+        from istune.recipe.methods import load_adapters
+
+        return load_adapters(base_model, adapter.path).eval()
+    import peft
+
+    return peft.PeftModel.from_pretrained(base_model, adapter.path).eval()
+
+
+def check_eval_args(args: EvalArgs) -> tuple[list[str], Optional[AdapterFolder], str]:
+    """Validate ``args`` without loading anything; return (tasks, adapter, model name)."""
+    from istune.recipe.models import DTYPES
+    adapter = find_adapter(args.adapter) if args.adapter else None
+    model = args.model or (adapter.base_model if adapter else None)
+    if not model:
+        raise ValueError("--model is required (a hub id, a local folder or 'smollm2-135m'); the adapter does not "
+                         "name its base model.")
+    local = Path(model).expanduser()
+    if (model.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
+        raise ValueError(f"--model={model!r}: no such folder; give a model folder, a hub id or 'smollm2-135m'.")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise ValueError(f"--eval_limit={args.eval_limit!r} must be at least 1 (leave it unset for the full test sets).")
+    if args.eval_batch_size < 1:
+        raise ValueError(f"--eval_batch_size={args.eval_batch_size!r} must be at least 1.")
+    method_list(args.eval_method)
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype={args.dtype!r}: use one of {', '.join(DTYPES)}.")
+    tasks = parse_eval_tasks(args.eval_tasks)
+    if not tasks:
+        raise ValueError(f"--eval_tasks={args.eval_tasks!r} leaves nothing to evaluate; name at least one task.")
+    if args.output:
+        _check_output(args.output)
+    if args.harness:
+        _check_harness(tasks)
+    return tasks, adapter, model
+
+
+def evaluate_pretrained(args: EvalArgs) -> dict[str, Any]:
+    """``istune eval --model``: accuracy of a model (and adapter) on the commonsense items; see ``EvalArgs``."""
+    from istune.eval.result_cache import ResultCache
+    from istune.recipe.models import load_model_and_tokenizer, resolve_dtype
+    from istune.recipe.train import load_eval_items
+
+    tasks, adapter, model_name = check_eval_args(args)
+    items = load_eval_items(tasks, args.eval_limit, args.eval_seed)
+    dtype = resolve_dtype(args.dtype)  # 'auto': bfloat16 on a GPU that has it, float32 otherwise
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype)
+    cache = None
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    elif args.cache:
+        cache = ResultCache.for_model(model, model_name)
+    print(f"istune eval: {model_name}" + (f" + {adapter.path}" if adapter else "") +
+          f" | {', '.join(tasks)} x {args.eval_limit or 'all'} | {args.eval_method}")
+    parts = evaluate_parts(model, tokenizer, items, method_list(args.eval_method), args.eval_batch_size, cache)
+    results: dict[str, Any] = {
+        "model": model_name, "adapter": str(adapter.path) if adapter else None, "dtype": str(dtype).removeprefix("torch."),
+        "eval_tasks": tasks, "eval_limit": args.eval_limit, "eval_seed": args.eval_seed, "eval_method": args.eval_method,
+    }
+    for method, summaries in parts.items():
+        results[method] = {"tasks": summaries,
+                           "average": sum(s["accuracy"] for s in summaries.values()) / len(summaries)}
+    if cache is not None:
+        results["cache"] = {"hits": cache.hits, "misses": cache.misses, "folder": str(cache.root)}
+    if args.harness:
+        from istune.eval.harness import run_harness
+
+        results["harness"] = _without_loglikelihoods(run_harness(model, tokenizer, items, args.eval_batch_size))
+    print(format_comparison(results))
+    if args.output:
+        _write_json(Path(args.output), results)
+        print(f"istune eval: wrote {args.output}")
+    return results
+
+
+# ----------------------------------------------------------------------------- tables and files
+
+def format_comparison(results: dict[str, Any]) -> str:
+    """One row per task: items, generation accuracy, option-scoring accuracy (sum, per char), lm-eval acc/acc_norm."""
+    columns = []  # (title, task -> fraction or None)
+    if "generate" in results:
+        columns.append(("generate", lambda t: results["generate"]["tasks"][t]["accuracy"]))
+    if "score" in results:
+        columns.append(("score", lambda t: results["score"]["tasks"][t]["accuracy"]))
+        columns.append(("score/char", lambda t: results["score"]["tasks"][t]["accuracy_per_char"]))
+    if "harness" in results:
+        columns.append(("lm-eval acc", lambda t: results["harness"]["tasks"][t]["acc"]))
+        columns.append(("lm-eval acc_norm", lambda t: results["harness"]["tasks"][t]["acc_norm"]))
+    tasks = results["eval_tasks"]
+    count = next(results[m]["tasks"] for m in ("generate", "score", "harness") if m in results)
+    lines = ["accuracy (%)", f"{'task':<14}{'n':>6}" + "".join(f"{title:>18}" for title, _ in columns)]
+    for task in tasks:
+        cells = [get(task) for _, get in columns]
+        lines.append(f"{task:<14}{count[task]['total']:>6}" +
+                     "".join(f"{'-' if v is None else f'{100 * v:.1f}':>18}" for v in cells))
+    averages = []
+    for title, get in columns:
+        values = [get(task) for task in tasks if get(task) is not None]
+        averages.append(sum(values) / len(values) if values else None)
+    lines.append(f"{'average':<14}{'':>6}" + "".join(f"{'-' if v is None else f'{100 * v:.1f}':>18}" for v in averages))
+    return "\n".join(lines)
+
+
+def format_harness(harness: dict[str, Any]) -> str:
+    """lm-eval's acc and acc_norm per task, in percent."""
+    lines = ["\nlm-evaluation-harness (%)", f"{'task':<14}{'n':>6}{'acc':>10}{'acc_norm':>10}"]
+    for task, row in harness["tasks"].items():
+        norm = "-" if row["acc_norm"] is None else f"{100 * row['acc_norm']:.1f}"
+        lines.append(f"{task:<14}{row['total']:>6}{100 * row['acc']:>10.1f}{norm:>10}")
+    return "\n".join(lines)
+
+
+def _without_loglikelihoods(harness: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in harness.items() if key != "loglikelihoods"}
+
+
+def _check_harness(tasks: list[str]) -> None:
+    from istune.eval.harness import check_harness_installed
+
+    try:
+        check_harness_installed()
+    except ModuleNotFoundError as error:
+        raise ValueError(str(error)) from None
+
+
+def _check_output(output: str) -> Path:
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--output={output!r} is a folder; give a file name such as {path / 'eval.json'}.")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"--output={output!r}: {path.parent} is not a folder.")
+    return path
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from istune.bench.records import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=2) + "\n")

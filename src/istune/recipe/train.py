@@ -241,13 +241,14 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
 
     say("istune: evaluating the tuned model")
     results["tuned"] = evaluate(model.eval(), tokenizer, items, heldout_set, collate, run, training.per_device_eval_batch_size)
-    if run.compare_base:
+    if run.compare_base:  # cached by (model files, items, method): a repeated run does not recompute it
+        from istune.recipe.evaluate import evaluate_base
+
         del trainer, model, callback
         _free_memory()
-        say("istune: evaluating the base model")
         base, _ = load_model_and_tokenizer(run.model, **load)
-        results["base"] = evaluate(base.eval(), tokenizer, items, heldout_set, collate, run,
-                                   training.per_device_eval_batch_size)
+        results["base"] = evaluate_base(base.eval(), tokenizer, items, heldout_set, collate, method=run.eval_method,
+                                        batch_size=training.per_device_eval_batch_size, model_name=run.model)
     results["total_seconds"] = time.time() - started
     write_json(output / "results.json", results)
     say(format_results(results))

@@ -1,0 +1,55 @@
+"""Held-out loss: logits only where a label is, the same number as over every position."""
+
+import pytest
+import torch
+
+from istune.data import CausalLMCollator, InstructionDataset
+from istune.eval.loss import heldout_loss
+
+from .conftest import make_tokenizer
+
+ROWS = [{"instruction": f"question a cat sat on the mat {'very ' * i}", "input": "",
+         "output": "the correct answer is " + ("true" if i % 2 else "false")} for i in range(5)]
+
+
+def full_logits_loss(model, examples, collate):
+    """Reference: cross-entropy over every position, -100 ignored, token-weighted."""
+    batch = collate([examples[i] for i in range(len(examples))])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**batch).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100).item()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox", "qwen2"])
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_loss_over_labelled_positions_only_equals_the_full_computation(family, batch_size):
+    from tests.tiny_models import tiny_model
+
+    model, tokenizer = tiny_model(family), make_tokenizer()
+    examples = InstructionDataset(ROWS, tokenizer, 64, train_on_inputs=False)
+    collate = CausalLMCollator(tokenizer)
+    assert heldout_loss(model, examples, collate, batch_size) == pytest.approx(
+        full_logits_loss(model, examples, collate), rel=1e-5)
+
+
+class NoKeepLM(torch.nn.Module):
+    """A model whose forward takes no logits_to_keep: the loss falls back to all positions."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_a_model_without_logits_to_keep_gives_the_same_loss():
+    from tests.tiny_models import tiny_model
+
+    inner, tokenizer = tiny_model("llama"), make_tokenizer()
+    examples = InstructionDataset(ROWS, tokenizer, 64, train_on_inputs=False)
+    collate = CausalLMCollator(tokenizer)
+    assert heldout_loss(NoKeepLM(inner), examples, collate, 2) == pytest.approx(heldout_loss(inner, examples, collate, 2),
+                                                                                 rel=1e-6)
