@@ -94,9 +94,9 @@ def quantized_peft_model(directory, bits: str, method: str = "lora", num_layers:
                     if bits == "4bit" else tf.BitsAndBytesConfig(load_in_8bit=True))
     model = tf.AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization, device_map="cpu",
                                                     dtype=torch.float32)
-    from istune.recipe.models import keep_4bit_layers_trainable
+    from istune.core.probe import keep_quantized_layers_trainable
 
-    keep_4bit_layers_trainable(model)  # no CPU repacking at eval-mode forwards (it drops gradients), as istune train
+    keep_quantized_layers_trainable(model)  # no CPU repacking at eval-mode forwards (it drops gradients), as istune train
     torch.manual_seed(seed + 1)
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=method == "dora",
                            init_lora_weights=False)

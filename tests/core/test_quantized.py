@@ -139,3 +139,13 @@ def test_dora_on_an_8bit_base_fails_without_ist_on_cpu(weights_dir):
         model(input_ids=ids)
         with pytest.raises(AttributeError, match="'NoneType' object has no attribute"):
             model(input_ids=ids)
+
+
+def test_sparse_tuner_turns_off_bitsandbytes_cpu_repacking_of_4bit_layers(weights_dir):
+    model = quantized_peft_model(weights_dir, "4bit", "lora")
+    layers4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers4
+    for module in layers4:  # as bitsandbytes sets it on a CPU with AVX512-BF16
+        module.support_avx512bf16_for_cpu = True
+    SparseTuner(model, ISTConfig(update_layers=1))
+    assert not any(module.support_avx512bf16_for_cpu for module in layers4)

@@ -114,11 +114,12 @@ def test_qlora_base_weights_are_4bit(tiny_llama_dir):
 def _lora_gradients(model_dir, forward_in_eval_first: bool, keep_trainable: bool):
     import peft
 
-    from istune.recipe.models import ModelArgs, keep_4bit_layers_trainable, load_model_and_tokenizer, loading_kwargs
+    from istune.core.probe import keep_quantized_layers_trainable
+    from istune.recipe.models import ModelArgs, load_model_and_tokenizer, loading_kwargs
 
     model, _ = load_model_and_tokenizer(str(model_dir), **loading_kwargs(ModelArgs(load_in_4bit=True)))
     if keep_trainable:
-        assert keep_4bit_layers_trainable(model) in (0, 14)  # 14 Linear4bit layers, where bitsandbytes would repack
+        assert keep_quantized_layers_trainable(model) in (0, 14)  # 14 Linear4bit layers, where bitsandbytes would repack
     torch.manual_seed(0)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                                        init_lora_weights=False))

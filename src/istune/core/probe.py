@@ -105,3 +105,21 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to_device(v, device) for v in batch)
     return batch
+
+
+def keep_quantized_layers_trainable(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; return how many layers were changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit``'s weight in place at
+    its first forward in eval mode without gradients -- an IST probe is such a forward, so is an
+    evaluation. Later training forwards then use a kernel without a backward: no gradient
+    reaches the layers below (measured: layer 0's LoRA got none). :class:`SparseTuner` calls
+    this when it starts; call it yourself right after loading if you evaluate the model before
+    training (a layer already repacked stays so).
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed

@@ -36,7 +36,7 @@ from istune.config import ISTConfig
 from istune.core import distributed, policy, sharding
 from istune.core.layers import AdapterLayer, find_adapter_layers
 from istune.core.optimizer_state import UnselectedOptimizerState
-from istune.core.probe import LossFn, default_loss, move_to_device, probe_mode
+from istune.core.probe import LossFn, default_loss, keep_quantized_layers_trainable, move_to_device, probe_mode
 from istune.core.checkpointing import LayerCheckpointing
 from istune.core.suppress import prepare_suppression, suppress_layers
 
@@ -79,6 +79,8 @@ class SparseTuner:
         self.counts = self.config.resolve(len(self.layers))
         _refuse_merged_adapters(self.layers)
         sharding.check_fsdp2(model, self.config, self.layers)  # what IST cannot do on an FSDP2-sharded model
+        if keep_quantized_layers_trainable(model):  # before the first eval-mode probe forward (bitsandbytes on CPU)
+            logger.info("IST: bitsandbytes' CPU repacking of 4-bit layers turned off; it would drop their gradients.")
         if self.config.strategy == "ist":
             prepare_suppression(model, self.layers)  # refuses what eq. 8 cannot suppress; keeps W0 of full layers
         if optimizer is not None:

@@ -98,22 +98,6 @@ def loading_kwargs(args: ModelArgs, device_index: int = 0) -> dict[str, Any]:
     return kwargs
 
 
-def keep_4bit_layers_trainable(model: torch.nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; return how many layers were changed.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit``'s weight in place at
-    its first forward in eval mode without gradients (an IST probe, an evaluation). Later
-    training forwards then use a kernel without a backward: no gradient reaches the layers
-    below (measured: layer 0's LoRA got none). Training therefore keeps the trainable layout.
-    """
-    changed = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
-
-
 def check_model_args(args: ModelArgs, method: str) -> None:
     """Refuse loading options that cannot train (before anything is loaded)."""
     if not args.quantized:

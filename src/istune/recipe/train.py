@@ -211,9 +211,9 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     if model_args.quantized:
         from peft import prepare_model_for_kbit_training
 
-        from istune.recipe.models import keep_4bit_layers_trainable
+        from istune.core.probe import keep_quantized_layers_trainable
 
-        keep_4bit_layers_trainable(model)
+        keep_quantized_layers_trainable(model)  # before any evaluation: bitsandbytes' CPU repacking drops gradients
 
         # Checkpointing only if asked (--gradient_checkpointing), non-reentrant unless told otherwise (DDP needs it).
         checkpointing = training.gradient_checkpointing or getattr(training, "activation_checkpointing", False)
