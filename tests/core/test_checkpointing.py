@@ -29,12 +29,7 @@ def _train_step(family, recompute, batch, seed=0, attention="sdpa"):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     tuner = SparseTuner(model, ISTConfig(strategy="fixed", layers=SELECTED, recompute_unselected=recompute),
                         optimizer=optimizer)
-    tuner.begin_step()
-    torch.manual_seed(seed)
-    loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return model, tuner, loss.detach(), grads
+    return (model, tuner, *_step_loss_and_grads(model, tuner, batch, seed))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -134,12 +129,17 @@ def _checkpointed_step(family, batch, attention="sdpa", reentrant=False, model=N
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()  # what peft and the Trainer do under checkpointing: the cause of the waste
     tuner = SparseTuner(model, ISTConfig(strategy="fixed", layers=selected))
+    return (model, tuner, *_step_loss_and_grads(model, tuner, batch, seed=0))
+
+
+def _step_loss_and_grads(model, tuner, batch, seed):
+    """One IST step's forward and backward: the loss and every parameter's gradient."""
     tuner.begin_step()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     loss = model(**batch).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return model, tuner, loss.detach(), grads
+    return loss.detach(), grads
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
