@@ -5,9 +5,9 @@
 
 Events per optimizer step (transformers 5.x): ``on_step_begin`` picks the layers and
 freezes the rest before the first micro-batch's forward, so gradient accumulation keeps
-one selection per optimizer step; ``on_pre_optimizer_step`` skips a step whose gradients
-are NaN/inf; ``on_step_end`` (after ``optimizer.step`` and ``zero_grad``) counts the step,
-runs the importance probes every T_c steps and puts the IST state into the TrainerState
+one selection per optimizer step; ``on_pre_optimizer_step`` zeroes, on the device, the
+gradients of a step that has a NaN/inf one (:mod:`istune.core.non_finite`); ``on_step_end``
+(after ``optimizer.step`` and ``zero_grad``) counts the step, runs the importance probes every T_c steps and puts the IST state into the TrainerState
 that every checkpoint saves.
 
 ``on_train_begin`` checks the setup before any step (:mod:`istune.integrations.trainer_checks`:
