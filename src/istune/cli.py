@@ -146,7 +146,10 @@ def _eval(argv: Sequence[str]) -> int:
     parser.add_argument("--eval_seed", type=int, default=0, help="Seed of the --eval_limit sample (with --model).")
     parser.add_argument("--eval_method", default=None, choices=["generate", "score", "both"],
                         help="Default: the run's, or both.")
-    parser.add_argument("--eval_batch_size", type=int, default=None, help="Prompts or sequences per forward pass.")
+    parser.add_argument("--eval_batch_size", type=int, default=None,
+                        help="Sequences per scoring (and held-out loss) pass. Default: the run's, or 8.")
+    parser.add_argument("--generation_batch_size", type=int, default=None,
+                        help="Prompts per generate call. Default: the run's, or 32.")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="Weights with --model ('auto': bfloat16 on a GPU that has it, else float32).")
     parser.add_argument("--output", default=None, help="Results JSON (default: <run_dir>/eval.json; none with --model).")
@@ -160,11 +163,13 @@ def _eval(argv: Sequence[str]) -> int:
         from istune.recipe.evaluate import evaluate_run
 
         evaluate_run(args.run_dir, tasks=args.eval_tasks, limit=args.eval_limit, method=args.eval_method,
-                     batch_size=args.eval_batch_size, output=args.output, harness=args.harness)
+                     batch_size=args.eval_batch_size, output=args.output, harness=args.harness,
+                     generation_batch_size=args.generation_batch_size)
         return 0
     from istune.recipe.evaluate import EvalArgs, evaluate_pretrained
 
-    given = {"eval_tasks": args.eval_tasks, "eval_method": args.eval_method, "eval_batch_size": args.eval_batch_size}
+    given = {"eval_tasks": args.eval_tasks, "eval_method": args.eval_method, "eval_batch_size": args.eval_batch_size,
+             "generation_batch_size": args.generation_batch_size}
     evaluate_pretrained(EvalArgs(model=args.model, adapter=args.adapter, eval_limit=args.eval_limit,
                                  eval_seed=args.eval_seed, dtype=args.dtype, output=args.output, harness=args.harness,
                                  cache=not args.no_cache, **{k: v for k, v in given.items() if v is not None}))

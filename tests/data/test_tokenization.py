@@ -142,3 +142,65 @@ def test_masking_with_the_real_smollm2_tokenizer():
     features = tokenize_example(example, tokenizer, cutoff_len=256, train_on_inputs=False)
     response = [t for t, label in zip(features["input_ids"], features["labels"]) if label != IGNORE_INDEX]
     assert tokenizer.decode(response).strip() == "the correct answer is true" + tokenizer.eos_token
+
+
+FEATURES = [
+    {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+    {"input_ids": [8, 9, 10, 11, 12], "attention_mask": [1] * 5, "labels": [8, 9, 10, 11, 12]},
+]
+
+
+def test_padding_free_packs_examples_into_one_row(char_tokenizer):
+    batch = CausalLMCollator(char_tokenizer, padding_free=True)(FEATURES)
+    assert sorted(batch) == ["input_ids", "labels", "position_ids"]  # no attention mask: the positions separate them
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    # Each example's first label is dropped: the first example's last token must not predict token 8.
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, 10, 11, 12]]
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_labelled_logits_keep_the_positions_that_predict_a_label(char_tokenizer, padding_free):
+    batch = CausalLMCollator(char_tokenizer, padding_free=padding_free, labelled_logits_only=True)(FEATURES)
+    labels, keep = batch["labels"], batch["logits_to_keep"]
+    assert keep.dtype == torch.bool and keep.shape == labels.shape
+    expected = [(row, t) for row in range(labels.shape[0]) for t in range(labels.shape[1] - 1)
+                if labels[row, t + 1] != IGNORE_INDEX]
+    assert keep.nonzero().tolist() == [list(position) for position in expected]
+    assert batch["shift_labels"].tolist() == [int(labels[row, t + 1]) for row, t in expected]
+
+
+def test_padding_free_with_pad_to_multiple_of_is_refused(char_tokenizer):
+    with pytest.raises(ValueError, match="pad_to_multiple_of=8 pads, padding_free=True does not"):
+        CausalLMCollator(char_tokenizer, 8, padding_free=True)
+
+
+def _loss_and_gradients(model, batch):
+    model.zero_grad()
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen2"])
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_packed_and_labelled_batches_give_the_padded_loss_and_gradients(char_tokenizer, family, train_on_inputs):
+    from tests.tiny_models import peft_model
+
+    rows = [WITH_INPUT, NO_INPUT, {"instruction": "Name a colour.", "input": "", "output": "blue"}]
+    features = [tokenize_example(row, char_tokenizer, 256, train_on_inputs) for row in rows]
+    for feature in features:  # the tiny models' vocabulary has 100 ids
+        feature["input_ids"] = [i % 100 for i in feature["input_ids"]]
+        feature["labels"] = [i if i == IGNORE_INDEX else i % 100 for i in feature["labels"]]
+    model = peft_model(family)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    reference_loss, reference_grads = _loss_and_gradients(model, CausalLMCollator(char_tokenizer)(features))
+    for options in ({"padding_free": True}, {"labelled_logits_only": True},
+                    {"padding_free": True, "labelled_logits_only": True}):
+        loss, grads = _loss_and_gradients(model, CausalLMCollator(char_tokenizer, **options)(features))
+        assert loss == pytest.approx(reference_loss, rel=1e-5), options
+        assert grads.keys() == reference_grads.keys() and len(grads) > 0
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=f"{options} {name}")

@@ -53,3 +53,15 @@ def test_a_model_without_logits_to_keep_gives_the_same_loss():
     collate = CausalLMCollator(tokenizer)
     assert heldout_loss(NoKeepLM(inner), examples, collate, 2) == pytest.approx(heldout_loss(inner, examples, collate, 2),
                                                                                  rel=1e-6)
+
+
+@pytest.mark.parametrize("options", [{"padding_free": True}, {"labelled_logits_only": True},
+                                     {"padding_free": True, "labelled_logits_only": True}])
+def test_packed_and_labelled_batches_give_the_same_held_out_loss(options):
+    from tests.tiny_models import tiny_model
+
+    model, tokenizer = tiny_model("llama"), make_tokenizer()
+    model.config.use_cache = True  # heldout_loss must turn the cache off for packed rows itself
+    examples = InstructionDataset(ROWS, tokenizer, 64, train_on_inputs=False)
+    assert heldout_loss(model, examples, CausalLMCollator(tokenizer, **options), 3) == pytest.approx(
+        heldout_loss(model, examples, CausalLMCollator(tokenizer), 3), rel=1e-5)

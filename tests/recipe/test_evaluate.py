@@ -44,6 +44,16 @@ def test_bare_model_then_cache(model_dir, tmp_path, capsys):
     assert "cache" not in json.loads(out.read_text())
 
 
+def test_generation_batch_size_changes_the_batching_not_the_answers(model_dir, tmp_path):
+    responses = []
+    for size in ("1", "3"):
+        out = tmp_path / f"eval{size}.json"
+        assert main(eval_args(model_dir, out, "--eval_limit", "3", "--eval_method", "generate", "--no_cache",
+                              "--generation_batch_size", size)) == 0
+        responses.append(json.loads(out.read_text())["generate"])
+    assert responses[0] == responses[1]
+
+
 def test_peft_and_istune_adapter_folders(model_dir, tmp_path):
     import peft
 
@@ -77,6 +87,7 @@ def test_peft_and_istune_adapter_folders(model_dir, tmp_path):
         (["--eval_limit", "0"], "--eval_limit=0"),
         (["--eval_tasks", "mmlu"], "--eval_tasks='mmlu'"),
         (["--eval_batch_size", "0"], "--eval_batch_size=0"),
+        (["--generation_batch_size", "0"], "--generation_batch_size=0 must be at least 1"),
     ],
 )
 def test_bad_input_is_refused_before_the_model_loads(model_dir, tmp_path, capsys, monkeypatch, extra, message):

@@ -102,3 +102,36 @@ def test_converted_model_matches_the_gguf_model(tmp_path, monkeypatch):
     assert model.config.num_hidden_layers == 30 and tokenizer.pad_token is not None
     monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("converted twice"))
     assert models.resolve_model_path() == str(folder)
+
+
+@pytest.mark.parametrize("family,packs", [("llama", True), ("gpt2", True), ("gpt_neox", True), ("phi", True),
+                                          ("opt", False), ("bloom", False)])
+def test_batch_layouts_are_tried_on_the_model(family, packs):
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model(family).train()
+    reasons = models.batch_layout_unsupported(model)
+    assert model.training  # the check runs in eval mode and gives the mode back
+    assert reasons["labelled_logits_only"] is None
+    if packs:
+        assert reasons["padding_free"] is None
+    else:  # OPT reads positions from the attention mask, Bloom's ALiBi ignores them: packed examples would mix
+        assert reasons["padding_free"].startswith("packed examples see each other")
+
+
+class FullLogitsLM(torch.nn.Module):
+    """A causal LM whose forward ignores logits_to_keep (an older or remote-code model)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, labels=None, logits_to_keep=None, shift_labels=None, **kwargs):
+        return self.inner(input_ids=input_ids, labels=labels, **kwargs)
+
+
+def test_a_model_that_ignores_logits_to_keep_keeps_every_logit():
+    from tests.tiny_models import tiny_model
+
+    reasons = models.batch_layout_unsupported(FullLogitsLM(tiny_model("llama")), padding_free=False)
+    assert reasons == {"labelled_logits_only": "its forward keeps 3 logit rows of 2 asked, loss off by 0.0e+00 (relative)"}

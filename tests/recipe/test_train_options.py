@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from istune.cli import _parse_train, main
 from istune.recipe import training_args
@@ -51,6 +52,7 @@ def test_istune_copies_of_trainer_options_are_gone(capsys):
     (["--fp16", "--bf16"], "--fp16=True and --bf16=True: choose one mixed precision"),
     (["--dtype", "float8"], "--dtype='float8' is not a weight dtype; use one of auto, bfloat16, float16, float32"),
     (["--max_steps", "0"], "--max_steps=0 must be at least 1, or -1 with --num_train_epochs above 0"),
+    (["--generation_batch_size", "0"], "--generation_batch_size=0 must be at least 1"),
 ])
 def test_bad_input_is_refused_before_the_model_loads(tiny_llama_dir, data_file, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
@@ -88,7 +90,7 @@ def test_held_out_loss_during_training(tiny_llama_dir, data_file, tmp_path):
 @pytest.mark.parametrize("quantization", ["--load_in_4bit", "--load_in_8bit"])
 def test_qlora_trains_the_selected_layers_and_reloads(tiny_llama_dir, data_file, tmp_path, quantization):
     out = tmp_path / "run"
-    assert main(train_args(tiny_llama_dir, data_file, out, quantization, "--gradient_checkpointing",
+    assert main(train_args(tiny_llama_dir, data_file, out, quantization, "--activation_checkpointing",
                            "--learning_rate", "1e-2")) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["model_loading"][quantization[2:]] is True
@@ -139,3 +141,32 @@ def test_4bit_layers_pass_gradients_after_an_eval_forward(tiny_llama_dir):
     assert after_probe.keys() == reference.keys() and len(reference) == 12  # 2 layers x 3 modules x (A, B)
     for name in reference:
         torch.testing.assert_close(after_probe[name], reference[name], rtol=0, atol=0)
+
+
+def test_packed_labelled_batches_train_as_padded_ones(tiny_llama_dir, data_file, tmp_path):
+    """--padding_free and --labelled_logits_only (the defaults) change the work, not the training."""
+    runs = {}
+    for layout in ("true", "false"):
+        out = tmp_path / layout
+        assert main(train_args(tiny_llama_dir, data_file, out, "--padding_free", layout, "--labelled_logits_only",
+                               layout, "--lora_dropout", "0", "--compare_base", "false")) == 0
+        runs[layout] = json.loads((out / "results.json").read_text())
+        runs[layout]["adapter_weights"] = load_file(out / "adapter" / "adapter_model.safetensors")
+    packed, padded = runs["true"], runs["false"]
+    assert packed["batch_layout"] == {"padding_free": True, "labelled_logits_only": True}
+    assert padded["batch_layout"] == {"padding_free": False, "labelled_logits_only": False}
+    losses = lambda run: [entry["loss"] for entry in run["log_history"] if "loss" in entry]  # noqa: E731
+    assert losses(packed) == pytest.approx(losses(padded), rel=1e-4)
+    assert packed["importance"] == pytest.approx(padded["importance"], rel=1e-3, abs=1e-6)
+    assert packed["tuned"]["heldout_loss"] == pytest.approx(padded["tuned"]["heldout_loss"], rel=1e-4)
+    for name, weight in padded["adapter_weights"].items():
+        torch.testing.assert_close(packed["adapter_weights"][name], weight, rtol=1e-3, atol=1e-5)
+
+
+def test_label_smoothing_keeps_every_logit(tiny_llama_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_llama_dir, data_file, out, "--label_smoothing_factor", "0.1", "--max_steps", "1",
+                           "--compare_base", "false")) == 0
+    assert json.loads((out / "results.json").read_text())["batch_layout"] == {"padding_free": True,
+                                                                             "labelled_logits_only": False}
+    assert "--labelled_logits_only off: --label_smoothing_factor=0.1 needs every logit." in capsys.readouterr().out

@@ -189,7 +189,7 @@ def frozen_trajectories(run_dir: str, configs: list[tuple[str, dict]], seeds: li
                 raise ValueError(f"{path} was made with other settings ({saved.get('settings')}); use another --out "
                                  "or delete it.")
             if loaded is None:
-                loaded = load_run(Path(run_dir))
+                loaded = load_run(Path(run_dir), packed=True)  # full probes only: packed batches, same losses
                 checksum = adapter_checksum(loaded[0])
             model, config, source, _ = loaded
             result = importance_run(model, dataclasses.replace(config, **overrides), REFERENCE, seed, source, updates)

@@ -299,12 +299,17 @@ def make_adapters_trainable(model: torch.nn.Module) -> int:
     return count
 
 
-def load_run(folder: Path) -> tuple[torch.nn.Module, ISTConfig, ProbeSource, dict]:
-    """Base model + adapters of an ``istune train`` output folder, its IST config and its training data."""
+def load_run(folder: Path, packed: bool = False) -> tuple[torch.nn.Module, ISTConfig, ProbeSource, dict]:
+    """Base model + adapters of an ``istune train`` output folder, its IST config and its training data.
+
+    ``packed``: probe batches as ``istune train`` collates them by default (padding-free, logits of the
+    labelled positions only, where the model allows): the same losses, less work. The probe
+    variants that cut batches (``truncate_batch``) need the padded layout, the default.
+    """
     from istune.data import CausalLMCollator, InstructionDataset
     from istune.recipe.methods import AdapterArgs, load_adapters
     from istune.recipe.models import load_model_and_tokenizer
-    from istune.recipe.train import RunArgs, load_rows, saved_training_value
+    from istune.recipe.train import RunArgs, batch_layout, load_rows, saved_training_value
 
     results = folder / "results.json"
     if not results.is_file() or not (folder / "adapter").is_dir():
@@ -322,7 +327,8 @@ def load_run(folder: Path) -> tuple[torch.nn.Module, ISTConfig, ProbeSource, dic
     train_rows, _ = load_rows(run, saved_training_value(saved, "seed"))
     dataset = InstructionDataset(train_rows, tokenizer, run.cutoff_len, run.train_on_inputs)
     batch_size = saved_training_value(saved, "per_device_train_batch_size")
-    source = ProbeSource(dataset, CausalLMCollator(tokenizer), batch_size)  # full probe = the training batch
+    layout = batch_layout(run, model) if packed else {}
+    source = ProbeSource(dataset, CausalLMCollator(tokenizer, **layout), batch_size)  # full probe = the training batch
     described = {"run": str(folder), "model": run.model, "method": adapter.method,
                  "train_steps": saved_training_value(saved, "max_steps"),
                  "training_importance": saved.get("importance")}  # what IST learned while the adapters trained

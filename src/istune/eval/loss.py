@@ -17,6 +17,7 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Any], collate_fn: Ca
     depend on ``batch_size``. The model's train/eval mode is restored afterwards.
     Only the positions that predict a labelled token are projected onto the
     vocabulary (``logits_to_keep``; a model without it computes them all).
+    Padded and padding-free batches (``CausalLMCollator(padding_free=True)``) both work.
     """
     if len(examples) == 0:
         raise ValueError("heldout_loss needs at least one example.")
@@ -29,6 +30,8 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Any], collate_fn: Ca
             for start in range(0, len(examples), batch_size):
                 batch = move_to_device(collate_fn([examples[i] for i in range(start, min(start + batch_size, len(examples)))]), device)
                 labels = batch.pop("labels")
+                for key in ("logits_to_keep", "shift_labels"):  # a collator's own selection; replaced below
+                    batch.pop(key, None)
                 targets = labels[:, 1:]
                 total += _summed_loss(model, batch, targets)
                 tokens += int((targets != -100).sum())
@@ -42,6 +45,8 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Any], collate_fn: Ca
 def _summed_loss(model: torch.nn.Module, batch: dict, targets: torch.Tensor) -> float:
     """Summed cross-entropy of ``targets`` (labels shifted by one; -100 skipped) under ``model(**batch)``."""
     labelled = targets != -100
+    if "position_ids" in batch and "attention_mask" not in batch:
+        batch["use_cache"] = False  # packed rows: a KV cache would hide the restarting positions from the mask
     keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
     keep[:, :-1] = labelled  # position t predicts token t + 1
     try:

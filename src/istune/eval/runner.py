@@ -45,6 +45,7 @@ def evaluate_tasks(
     limit: int | None = None,
     batch_size: int = 8,
     *,
+    generation_batch_size: int | None = None,
     prompt_fn: Callable[[dict[str, Any]], str] | None = None,
     max_new_tokens: int | None = None,
     num_beams: int = 1,
@@ -62,6 +63,9 @@ def evaluate_tasks(
         method: ``"generate"``, ``"score"``, or a sequence of both.
         limit: Evaluate only the first ``limit`` items of each task (quick checks).
         batch_size: Prompts (generate) or sequences (score) per forward pass.
+        generation_batch_size: Prompts per ``generate`` call, if not ``batch_size``
+            (decoding reads every weight once per token for the whole batch, so it
+            pays to batch more prompts than scoring does sequences).
         prompt_fn: Item to prompt text for generation; default the training template.
         max_new_tokens: Generation budget; default per task (32 commonsense, 256 math).
         num_beams: 1 for greedy decoding, more for beam search.
@@ -102,7 +106,7 @@ def evaluate_tasks(
                     items,
                     name,
                     prompt_fn=prompt_fn,
-                    batch_size=batch_size,
+                    batch_size=generation_batch_size or batch_size,
                     max_new_tokens=max_new_tokens,
                     num_beams=num_beams,
                     tolerance=tolerance,

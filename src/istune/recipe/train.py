@@ -45,10 +45,19 @@ class RunArgs:
     overwrite: bool = field(default=False, metadata={"help": "Allow writing into an --output_dir that already holds a run."})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per example (LLM-Adapters' cutoff_len)."})
     train_on_inputs: bool = field(default=False, metadata={"help": "Put the prompt tokens in the loss too (LLM-Adapters' default)."})
+    padding_free: bool = field(default=True, metadata={"help": "Pack each batch's examples into one row instead of padding them "
+                               "(TRL's padding_free): the same loss, no work on padding. Off, with the reason, for a model "
+                               "or attention kernel not known to keep packed examples apart."})
+    labelled_logits_only: bool = field(default=True, metadata={"help": "Project onto the vocabulary only the positions that "
+                                       "predict a labelled token (with the prompt masked, the answer): the same loss, less "
+                                       "work and memory. Off, with the reason, where the model or --label_smoothing_factor "
+                                       "needs every position's logits."})
     eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation sample (kept apart from --seed so runs compare on the same items)."})
     eval_tasks: str = field(default="all", metadata={"help": "Comma-separated commonsense tasks to evaluate after training, 'all' or 'none'."})
     eval_limit: Optional[int] = field(default=24, metadata={"help": "Items per task (a seeded sample); the whole test sets if unset."})
     eval_method: str = field(default="both", metadata={"help": "'generate' (LLM-Adapters protocol), 'score' (option log-likelihood) or 'both'."})
+    generation_batch_size: int = field(default=32, metadata={"help": "Prompts per generate call in the evaluation "
+                                       "(--per_device_eval_batch_size is the scoring and held-out loss batch)."})
     compare_base: bool = field(default=True, metadata={"help": "Also evaluate the base model, without adapters."})
 
     @classmethod
@@ -75,7 +84,7 @@ def check_run(run: RunArgs, adapter: Optional[AdapterArgs] = None, ist: Optional
     """Validate the data and evaluation options; return the eval task names."""
     from istune.data.commonsense_format import COMMONSENSE_TASKS, canonical_task
 
-    require_at_least_one(run, ("cutoff_len", "heldout_samples"))
+    require_at_least_one(run, ("cutoff_len", "heldout_samples", "generation_batch_size"))
     for name in ("train_samples", "eval_limit"):
         if getattr(run, name) is not None and getattr(run, name) < 1:
             raise ValueError(f"--{name}={getattr(run, name)!r} must be at least 1 (leave it unset for all).")
@@ -164,7 +173,8 @@ def evaluate(model, tokenizer, items: dict[str, list[dict]], heldout, collate, r
     result: dict[str, Any] = {"heldout_loss": heldout_loss(model, heldout, collate, batch_size)}
     if items:
         methods = ["generate", "score"] if run.eval_method == "both" else [run.eval_method]
-        evaluated = evaluate_tasks(model, tokenizer, items, method=methods, batch_size=batch_size, progress=True)
+        evaluated = evaluate_tasks(model, tokenizer, items, method=methods, batch_size=batch_size,
+                                   generation_batch_size=run.generation_batch_size, progress=True)
         for method, summary in evaluated.items():
             result[method] = {"tasks": {t: s["accuracy"] for t, s in summary["tasks"].items()}, "average": summary["average"]}
     return result
@@ -200,7 +210,8 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     load = loading_kwargs(model_args, training.local_process_index)
     with training.main_process_first(desc="model"):
         model, tokenizer = load_model_and_tokenizer(run.model, **load)
-    collate = CausalLMCollator(tokenizer)
+    layout = batch_layout(run, model, training, say)
+    collate = CausalLMCollator(tokenizer, **layout)
     train_set = InstructionDataset(train_rows, tokenizer, run.cutoff_len, run.train_on_inputs)
     heldout_set = InstructionDataset(heldout_rows, tokenizer, run.cutoff_len, train_on_inputs=False)
     say(f"istune: {run.model} ({load['dtype']}{', ' + _quantization(model_args) if model_args.quantized else ''}) | "
@@ -215,7 +226,7 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
 
         keep_quantized_layers_trainable(model)  # before any evaluation: bitsandbytes' CPU repacking drops gradients
 
-        # Checkpointing only if asked (--gradient_checkpointing), non-reentrant unless told otherwise (DDP needs it).
+        # Checkpointing only if asked (--activation_checkpointing, alias --gradient_checkpointing), non-reentrant unless told otherwise (DDP needs it).
         checkpointing = training.gradient_checkpointing or getattr(training, "activation_checkpointing", False)
         kwargs = training.gradient_checkpointing_kwargs or getattr(training, "activation_checkpointing_kwargs", None)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
@@ -230,7 +241,7 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     train_started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     results: dict[str, Any] = {**record, "training": _jsonable(training.to_dict()),
-                               "train_seconds": time.time() - train_started,
+                               "batch_layout": layout, "train_seconds": time.time() - train_started,
                                "importance": callback.importance.tolist(),
                                "log_history": trainer.state.log_history}
     if not main:
@@ -248,11 +259,30 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
         _free_memory()
         base, _ = load_model_and_tokenizer(run.model, **load)
         results["base"] = evaluate_base(base.eval(), tokenizer, items, heldout_set, collate, method=run.eval_method,
-                                        batch_size=training.per_device_eval_batch_size, model_name=run.model)
+                                        batch_size=training.per_device_eval_batch_size, model_name=run.model,
+                                        generation_batch_size=run.generation_batch_size)
     results["total_seconds"] = time.time() - started
     write_json(output / "results.json", results)
     say(format_results(results))
     return results
+
+
+def batch_layout(run: RunArgs, model, training=None, say=print) -> dict[str, bool]:
+    """``CausalLMCollator`` options from --padding_free and --labelled_logits_only, each turned off (and said
+    why) where this model, tried on two short rows, or the Trainer's options (if given) cannot use it."""
+    from istune.recipe.models import batch_layout_unsupported
+
+    layout = {"padding_free": run.padding_free, "labelled_logits_only": run.labelled_logits_only}
+    reasons = batch_layout_unsupported(model, **layout) if any(layout.values()) else {}
+    if run.labelled_logits_only and getattr(training, "label_smoothing_factor", 0):
+        reasons["labelled_logits_only"] = f"--label_smoothing_factor={training.label_smoothing_factor} needs every logit"
+    for name, reason in reasons.items():
+        if reason:
+            layout[name] = False
+            say(f"istune: --{name} off: {reason}.")
+    if layout["padding_free"]:
+        model.config.use_cache = False  # a KV cache would hide the restarting positions from the attention mask
+    return layout
 
 
 def _total_steps(training, train_examples: int) -> int:
