@@ -210,8 +210,6 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     load = loading_kwargs(model_args, training.local_process_index)
     with training.main_process_first(desc="model"):
         model, tokenizer = load_model_and_tokenizer(run.model, **load)
-    layout = batch_layout(run, model, training, say)
-    collate = CausalLMCollator(tokenizer, **layout)
     train_set = InstructionDataset(train_rows, tokenizer, run.cutoff_len, run.train_on_inputs)
     heldout_set = InstructionDataset(heldout_rows, tokenizer, run.cutoff_len, train_on_inputs=False)
     say(f"istune: {run.model} ({load['dtype']}{', ' + _quantization(model_args) if model_args.quantized else ''}) | "
@@ -231,6 +229,8 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
         kwargs = training.gradient_checkpointing_kwargs or getattr(training, "activation_checkpointing_kwargs", None)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=kwargs or {"use_reentrant": False})
+    layout = batch_layout(run, model, training, say)  # after keep_quantized_layers_trainable: it runs eval forwards
+    collate = CausalLMCollator(tokenizer, **layout)
     model = add_adapters(model, adapter, total_steps=_total_steps(training, len(train_set)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
