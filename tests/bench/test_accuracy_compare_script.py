@@ -1,11 +1,17 @@
-"""benchmarks/accuracy_compare.py: the report from saved runs, checked against numbers worked out by hand."""
+"""benchmarks/accuracy_compare.py: the report from saved runs, checked against numbers worked out by hand;
+the arms trained on a tiny random LLaMA (importance updates made, IST logs kept, resumption)."""
 
 import json
 import math
 
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from istune.analysis import cli as analysis_cli
+from istune.analysis.reproducibility import log_trajectory, parse_log_groups
 from tests.bench import load_benchmark_script
+from tests.eval.conftest import make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +74,7 @@ def test_report_compares_means_over_the_seeds_every_strategy_has(accuracy_compar
 
     table = accuracy_compare.report(tmp_path)
 
-    assert table.startswith("Means over seed 1 ± 95% CI; runs without every strategy left out: all-seed2.")
+    assert table.startswith("Means over seed 1 ± 95% CI; runs without every arm left out: all-seed2.")
     assert _row(table, "all")[1:3] == ["1", "0.2000 ± nan"]
 
 
@@ -86,11 +92,19 @@ def test_per_task_table_puts_the_base_model_beside_the_strategies(accuracy_compa
     assert _row(table, "average")[1:] == ["25.0", "87.5", "12.5"]
 
 
-@pytest.mark.parametrize("flag, value, message", [("--strategies", "ist,lisa", "unknown 'lisa'; use a comma-separated list of all"),
-                                                    ("--seeds", "1,two", "'two' is not an int")])
-def test_bad_options_are_refused_before_any_work(accuracy_compare, tmp_path, capsys, flag, value, message):
+@pytest.mark.parametrize("options, message", [
+    (["--arms", "ist,lisa"], "--arms='ist,lisa': unknown 'lisa'; use a comma-separated list of all, random, ist, ist-tc2, ist-spread"),
+    (["--strategies", "ist,lisa"], "--strategies='ist,lisa': unknown 'lisa'"),
+    (["--arms", "ist", "--strategies", "ist"], "--strategies is the old name of --arms; give only --arms"),
+    (["--seeds", "1,two"], "'two' is not an int"),
+    (["--seeds", "1,1"], "--seeds='1,1' repeats a value"),
+    (["--eval_limit", "0"], "--eval_limit=0 must be at least 1"),
+    (["--spread_mu", "0"], "--spread_mu=0.0 must be a finite number above 0"),
+    (["--tasks", "boolq,mmlu"], "--tasks='boolq,mmlu': unknown 'mmlu'"),
+])
+def test_bad_options_are_refused_before_any_work(accuracy_compare, tmp_path, capsys, options, message):
     with pytest.raises(SystemExit):
-        accuracy_compare.main(["--out", str(tmp_path / "out"), flag, value])
+        accuracy_compare.main(["--out", str(tmp_path / "out"), *options])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -105,3 +119,103 @@ def test_a_base_model_scored_on_other_items_is_refused(accuracy_compare, tmp_pat
 def test_report_without_saved_runs_says_what_to_do(accuracy_compare, tmp_path):
     with pytest.raises(FileNotFoundError, match="without --report_only first"):
         accuracy_compare.report(tmp_path)
+
+
+def test_report_pairs_every_arm_present_and_reads_runs_saved_before_arms(accuracy_compare, tmp_path):
+    T, F = True, False
+    for seed in (1, 2):
+        _save_run(tmp_path, "all", seed, 0.20, [T, F, T, F], [T, T, F, F])  # the old format: "strategy" only
+        for arm, loss in (("ist-tc2", 0.17), ("ist-spread", 0.16)):
+            _save_run(tmp_path, arm, seed, loss, [T, T, T, F], [T, T, F, F])
+            run = json.loads((tmp_path / "runs" / f"{arm}-seed{seed}.json").read_text())
+            run.update(arm=arm, strategy="ist", importance_updates=150 + seed,
+                       ist_config={"strategy": "ist", "probe_interval": 2, "mu": 0.1 if arm == "ist-spread" else 10.0,
+                                   "reward_scale": "spread" if arm == "ist-spread" else "paper"})
+            (tmp_path / "runs" / f"{arm}-seed{seed}.json").write_text(json.dumps(run))
+
+    table = accuracy_compare.report(tmp_path)
+
+    comparisons = [line.split("|")[1].strip() for line in table.splitlines() if " − " in line]
+    assert comparisons == ["ist-tc2 − all", "ist-spread − ist-tc2"]  # only the pairs whose arms both ran
+    assert _row(table, "ist-tc2 − all")[2].startswith("-0.0300 ± ")
+    assert _row(table, "ist-spread − ist-tc2")[2].startswith("-0.0100 ± ")
+    assert _row(table, "ist-tc2")[6] == "151, 152" and _row(table, "all")[6] == "n/a"
+    assert "- `ist-spread`: LoRA + IST, T_c = 2, spread-scaled rewards (T_c = 2, μ = 0.1, rewards: spread)" in table
+
+
+# ---- training the arms on a tiny model ----------------------------------------------------------
+
+TINY = ["--tasks", "boolq", "--eval_limit", "2", "--heldout", "4", "--batch_size", "2", "--rank", "2",
+        "--cutoff_len", "48", "--curve_every", "5", "--max_steps", "10"]
+
+
+@pytest.fixture
+def tiny_study(accuracy_compare, monkeypatch):
+    """The script on a 4-layer random LLaMA and 40 short training rows; returns the (arm, seed) runs trained."""
+    tokenizer = make_tokenizer()
+
+    def load(name):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                             pad_token_id=0, bos_token_id=2, eos_token_id=3)
+        return LlamaForCausalLM(config), tokenizer
+
+    def rows(run, seed):
+        made = [{"instruction": f"question {i % 7} ?", "input": "", "output": f"the answer is {'true' if i % 2 else 'false'}",
+                 "answer": "true" if i % 2 else "false"} for i in range(40)]
+        return made[run.heldout_samples:run.heldout_samples + run.train_samples], made[:run.heldout_samples]
+
+    trained = []
+    original = accuracy_compare.run_one
+
+    def run_one(arm, seed, opts, folder):
+        trained.append((arm, seed))
+        return original(arm, seed, opts, folder)
+
+    monkeypatch.setattr(accuracy_compare, "load_model_and_tokenizer", load)
+    monkeypatch.setattr(accuracy_compare, "load_rows", rows)
+    monkeypatch.setattr(accuracy_compare, "run_one", run_one)
+    return trained
+
+
+def test_arms_make_their_importance_updates_keep_their_logs_and_resume(accuracy_compare, tiny_study, tmp_path):
+    out = tmp_path / "study"
+    options = ["--out", str(out), "--arms", "ist,ist-tc2", "--seeds", "1,2", *TINY]
+
+    accuracy_compare.main(options)
+
+    assert tiny_study == [("ist", 1), ("ist-tc2", 1), ("ist", 2), ("ist-tc2", 2)]  # seed by seed
+    runs = {(a, k): json.loads((out / "runs" / f"{a}-seed{k}.json").read_text()) for a, k in tiny_study}
+    for seed in (1, 2):
+        assert runs[("ist", seed)]["importance_updates"] == 10 // 10  # T_c = 10
+        assert runs[("ist-tc2", seed)]["importance_updates"] == 10 // 2  # T_c = 2
+        assert runs[("ist-tc2", seed)]["ist_config"]["probe_interval"] == 2
+        assert runs[("ist-tc2", seed)]["batch_layout"] == {"padding_free": True, "labelled_logits_only": True}
+        assert [step for step, _ in runs[("ist", seed)]["curve"]] == [0, 5, 10]
+    # Each run's IST log stays in its folder, in the form `istune analyze reproducibility --logs` reads.
+    folders = f"{out}/runs/ist-tc2-seed1,{out}/runs/ist-tc2-seed2"
+    [(label, paths)] = parse_log_groups(f"ist-tc2:{folders}")
+    trajectories = [log_trajectory(path) for path in paths]
+    assert label == "ist-tc2" and [len(t) for t in trajectories] == [5, 5]
+    assert trajectories[0][-1] == pytest.approx(runs[("ist-tc2", 1)]["importance"])
+    analysis_cli.main(["reproducibility", "--logs", f"ist-tc2:{folders}", "--every", "1", "--out", str(tmp_path / "repro")])
+    study = json.loads((tmp_path / "repro" / "reproducibility.json").read_text())
+    assert [row["updates"] for row in study["groups"][0]["rows"]] == [1, 2, 3, 4, 5]
+    results = (out / "results.md").read_text()
+    assert "| ist-tc2 − ist | 2 |" in results and "− random" not in results  # pairs of the arms present only
+
+    tiny_study.clear()
+    accuracy_compare.main(options)  # everything saved: nothing trains again
+    assert tiny_study == []
+
+
+def test_a_saved_run_made_with_other_options_is_refused(accuracy_compare, tmp_path, capsys):
+    _save_run(tmp_path, "ist-tc2", 1, 0.2, [True] * 4, [False] * 4)
+    run = json.loads((tmp_path / "runs" / "ist-tc2-seed1.json").read_text())
+    run["options"] = {"max_steps": 150}
+    (tmp_path / "runs" / "ist-tc2-seed1.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit):
+        accuracy_compare.main(["--out", str(tmp_path), "--arms", "ist-tc2", "--seeds", "1"])
+    assert "ist-tc2-seed1.json was made with --max_steps=150, this call has --max_steps=300" in capsys.readouterr().err
+    assert not (tmp_path / "base.json").exists()
