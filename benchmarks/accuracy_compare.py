@@ -319,7 +319,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cutoff_len", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=256, help="Held-out training-mix examples for the loss curve.")
     parser.add_argument("--curve_every", type=int, default=25, help="Held-out loss every this many steps.")
-    parser.add_argument("--tasks", default=",".join(COMMONSENSE_TASKS))
+    parser.add_argument("--tasks", default="boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa",
+                        help="Comma-separated commonsense tasks (default: all eight, in the earlier studies' order).")
     parser.add_argument("--eval_limit", type=int, default=100, help="Items per task (a seeded sample, the same for every run).")
     parser.add_argument("--report_only", action="store_true")
     return parser
