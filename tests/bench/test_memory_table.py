@@ -1,5 +1,7 @@
-"""istune.bench.memory_table: meta against CPU, worst-case IST steps, exact bytes, CLI errors, output files."""
+"""istune.bench.memory_table: meta against CPU (SDPA and eager), worst-case IST steps, exact bytes, CLI errors,
+output files with the eager column."""
 
+import dataclasses
 import json
 import re
 
@@ -12,7 +14,7 @@ from istune.bench.memory_table import VARIANTS, Settings, Variant, check_meta, m
 from istune.bench.shapes import SHAPES
 
 FLOAT = 4  # bytes per float32
-TINY = Settings(seq_len=16, steps=2, rank=4, bottleneck_size=8)  # seconds per run
+TINY = Settings(seq_len=16, steps=2, rank=4, bottleneck_size=8, extra_attentions=())  # seconds per run
 ROWS = {v.key: v for v in VARIANTS}
 
 
@@ -25,20 +27,65 @@ def llama_parameters(shape) -> int:
     return s["num_hidden_layers"] * layer + 2 * vocab * hidden + hidden  # embeddings, head (untied), final norm
 
 
-@pytest.mark.parametrize("shape, keys", [
-    ("tiny-llama", ["full", "lora+ist", "lisa"]),
-    ("tiny-gpt2", ["lora", "full+ist:drop"]),
+@pytest.mark.parametrize("shape, attention, keys", [
+    ("tiny-llama", "eager", ["full", "lora+ist", "lisa"]),
+    ("tiny-gpt2", "eager", ["lora", "full+ist:drop"]),
+    ("tiny-llama", "sdpa", ["full", "lora+ist", "lora:ckpt"]),
+    ("tiny-gpt2", "sdpa", ["lora", "lora+ist:recompute"]),
 ])
-def test_meta_device_agrees_with_cpu(shape, keys):
+def test_meta_device_agrees_with_cpu(shape, attention, keys):
     rows = [ROWS[k] for k in keys]
-    records = check_meta([shape], rows, TINY, device="cpu")
+    records = check_meta([shape], rows, dataclasses.replace(TINY, attention=attention), device="cpu")
 
-    assert [r["variant"] for r in records] == [v.key for v in rows]
+    assert [(r["variant"], r["attention"]) for r in records] == [(v.key, attention) for v in rows]
     for r in records:
         assert r["agrees"], r
         assert r["relative_difference"] <= 1e-3 and r["relative_difference_mean"] <= 1e-3
-        # the only difference: AdamW's step counters, CPU scalars counted only when the parameters are on the CPU
-        assert 0 <= r["measured_peak_bytes"] - r["meta_peak_bytes"] < 2000
+        # the only differences: AdamW's step counters (CPU scalars, counted only when the parameters are on the CPU)
+        # and, with SDPA, the meta flash kernel's RNG state (24 bytes per layer)
+        assert abs(r["measured_peak_bytes"] - r["meta_peak_bytes"]) < 2000
+        # the CPU's flash kernel has no dropout: GPT-2's SDPA rows are checked with attention dropout off
+        assert r["attention_dropout_off"] == (attention == "sdpa" and shape == "tiny-gpt2")
+
+
+def attention_bytes_per_layer(shape, seq_len: int) -> tuple[int, int]:
+    """What one LLaMA layer keeps for the backward pass of its attention core (float32, batch 1), counted from
+    the sizes: eager, and SDPA's fused kernel. Both keep the queries and the output's transposed copy."""
+    s = shape.sizes
+    heads, kv_heads = s["num_attention_heads"], s["num_key_value_heads"]
+    head_dim = s["hidden_size"] // heads
+    eager = heads * seq_len * seq_len + 2 * heads * seq_len * head_dim  # probabilities; K and V repeated to H heads
+    fused = 2 * kv_heads * seq_len * head_dim + heads * seq_len * head_dim + heads * seq_len  # K, V; output; LSE
+    return FLOAT * eager, FLOAT * fused
+
+
+def test_sdpa_on_meta_keeps_what_the_cpu_flash_kernel_keeps_and_no_attention_matrix():
+    shape, settings = SHAPES["tiny-llama"], dataclasses.replace(TINY, seq_len=128, steps=1)
+    sdpa_meta = measure(shape, ROWS["lora"], settings)
+    sdpa_cpu = measure(shape, ROWS["lora"], settings, device="cpu")  # torch's fused flash kernel, on real tensors
+    eager_meta = measure(shape, ROWS["lora"], dataclasses.replace(settings, attention="eager"))
+    layers, rng_state = shape.num_layers, 24  # the meta flash kernel's philox seed and offset (uint64: 2 + 1)
+
+    eager, fused = attention_bytes_per_layer(shape, 128)
+    assert eager_meta["peak_bytes"] - sdpa_meta["peak_bytes"] == layers * (eager - fused - rng_state)
+    assert sdpa_meta["peak_phase"] == eager_meta["peak_phase"] == sdpa_cpu["peak_phase"] == "backward"
+    assert sdpa_cpu["peak_breakdown"]["activations"] == sdpa_meta["peak_breakdown"]["activations"] - layers * rng_state
+    assert sdpa_cpu["peak_bytes"] == pytest.approx(sdpa_meta["peak_bytes"], rel=1e-4)
+
+
+def test_gpt2_sdpa_with_attention_dropout_on_the_cpu_keeps_more_than_the_fused_kernel():
+    # Why --check turns GPT-2's attention dropout off for SDPA: with it, the CPU runs SDPA's math fallback.
+    shape, settings = SHAPES["tiny-gpt2"], dataclasses.replace(TINY, seq_len=64, steps=1)
+    no_dropout, changed = memory_table.without_attention_dropout(shape)
+    fused_cpu = measure(no_dropout, ROWS["lora"], settings, device="cpu")["peak_bytes"]
+    math_cpu = measure(shape, ROWS["lora"], settings, device="cpu")["peak_bytes"]
+    fused_meta = measure(shape, ROWS["lora"], settings)["peak_bytes"]  # the stand-in: dropout changes no bytes
+    eager_meta = measure(shape, ROWS["lora"], dataclasses.replace(settings, attention="eager"))["peak_bytes"]
+
+    assert changed and shape.config().attn_pdrop > 0 and no_dropout.config().attn_pdrop == 0
+    assert fused_meta == pytest.approx(fused_cpu, rel=1e-4)
+    assert math_cpu > eager_meta > fused_meta
+    assert memory_table.without_attention_dropout(SHAPES["tiny-llama"]) == (SHAPES["tiny-llama"], False)
 
 
 @pytest.mark.parametrize("key", ["lora+ist", "parallel+ist", "full+ist"])
@@ -123,7 +170,8 @@ OK_ARGS = ["--shapes", "tiny-llama", "--methods", "lora", "--seq_len", "16", "--
     (["--steps", "0"], "--steps"),
     (["--dtype", "float8"], "--dtype"),
     (["--attention", "flash"], "--attention"),
-    (["--attention", "sdpa"], "--attention"),  # on the meta device
+    (["--attention", "sdpa,sdpa"], "--attention"),
+    (["--attention", "sdpa,flash"], "--attention"),
     (["--device", "tpu"], "--device"),
     (["--methods", "lisa", "--lisa_layers", "5"], "--lisa_layers"),
     (["--check", "--check_shapes", "nope"], "--check_shapes"),
@@ -165,12 +213,36 @@ def test_main_writes_json_and_markdown_atomically(tmp_path, monkeypatch):
     assert "| LoRA | LoRA + IST | ratio |" in text and f"| {ratio:.2f} |" in text
 
 
+def test_every_row_has_an_eager_column_beside_sdpa(tmp_path):
+    out = tmp_path / "memory.json"
+    assert memory_table.main([*OK_ARGS, "--seq_len", "64", "--out", str(out)]) == 0  # default: --attention sdpa,eager
+    saved = json.loads(out.read_text())
+    runs = saved["runs"]["tiny-llama"]
+    settings = dataclasses.replace(TINY, seq_len=64, steps=1, rank=32, bottleneck_size=256)
+    text = out.with_suffix(".md").read_text()
+
+    assert saved["meta"]["settings"]["attention"] == "sdpa" and saved["meta"]["settings"]["extra_attentions"] == ["eager"]
+    assert "| shape | row | sdpa GB | ratio | eager GB | ratio | eager / sdpa |" in text
+    for key in ("lora", "lora+ist"):
+        eager = measure(SHAPES["tiny-llama"], ROWS[key], dataclasses.replace(settings, attention="eager"))
+        assert runs[key]["attention"] == "sdpa"
+        assert runs[key]["peak_bytes"] == measure(SHAPES["tiny-llama"], ROWS[key], settings)["peak_bytes"]
+        assert runs[key]["extra_attention"]["eager"]["peak_bytes"] == eager["peak_bytes"] > runs[key]["peak_bytes"]
+        ratio = eager["peak_bytes"] / runs[key]["peak_bytes"]
+        assert re.search(rf"\| tiny-llama \| {re.escape(ROWS[key].label)} \|.*\| {ratio:.2f} \|\n", text)
+
+    assert memory_table.main([*OK_ARGS, "--attention", "sdpa", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"]["tiny-llama"]["lora"]["extra_attention"] == {}
+    assert "eager GB" not in out.with_suffix(".md").read_text()
+
+
 def test_check_puts_the_agreement_in_the_output(tmp_path):
     out = tmp_path / "t.json"
     assert memory_table.main([*OK_ARGS, "--methods", "lisa", "--out", str(out), "--check",
                               "--check_shapes", "tiny-llama", "--check_seq_len", "16"]) == 0
     saved = json.loads(out.read_text())
-    assert [(r["shape"], r["variant"], r["agrees"]) for r in saved["check"]] == [("tiny-llama", "lisa", True)]
+    assert [(r["shape"], r["attention"], r["variant"], r["agrees"]) for r in saved["check"]] == [
+        ("tiny-llama", "sdpa", "lisa", True), ("tiny-llama", "eager", "lisa", True)]
     assert "## Meta device against a measured run" in out.with_suffix(".md").read_text()
 
 

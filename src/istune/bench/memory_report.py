@@ -67,6 +67,25 @@ def extras_table(runs: dict[str, dict[str, dict]]) -> list[str]:
     return lines
 
 
+def attention_table(runs: dict[str, dict[str, dict]], attention: str, extras: list[str]) -> list[str]:
+    """Every row's worst-case peak with the table's attention and, beside it, with each extra attention."""
+    head = ["shape", "row", f"{attention} GB", "ratio"]
+    for extra in extras:
+        head += [f"{extra} GB", "ratio", f"{extra} / {attention}"]
+    lines = _head(head, left=2)
+    for shape, by_key in runs.items():
+        for key, run in by_key.items():
+            base = by_key.get(run["baseline"])
+            cells = [shape, run["label"], gb(run["peak_bytes"]),
+                     f"{run['peak_bytes'] / base['peak_bytes']:.2f}" if base else ""]
+            for extra in extras:
+                peak = run["extra_attention"][extra]["peak_bytes"]
+                base_peak = base["extra_attention"][extra]["peak_bytes"] if base else None
+                cells += [gb(peak), f"{peak / base_peak:.2f}" if base else "", f"{peak / run['peak_bytes']:.2f}"]
+            lines.append(_row(cells))
+    return lines
+
+
 def steps_table(runs: dict[str, dict[str, dict]]) -> list[str]:
     """Sparse rows: worst-case and mean step peaks (ratio to the plain method) and every step's selection."""
     lines = _head(["shape", "row", "N_u of N_L", "worst step GB", "ratio", "mean step GB", "ratio",
@@ -121,10 +140,11 @@ def paper_table(runs: dict[str, dict[str, dict]]) -> list[str]:
 
 
 def check_table(records: list[dict]) -> list[str]:
-    lines = _head(["shape", "row", "measured peak (bytes)", "meta peak (bytes)", "difference",
-                   "measured mean step", "meta mean step", "difference", "within 0.1 percent"], left=2)
+    lines = _head(["shape", "attention", "row", "measured peak (bytes)", "meta peak (bytes)", "difference",
+                   "measured mean step", "meta mean step", "difference", "within 0.1 percent"], left=3)
     for r in records:
-        lines.append(_row([r["shape"], f"{r['label']} ({r['device']})", str(r["measured_peak_bytes"]),
+        attention = r.get("attention", "eager") + (", attention dropout off" if r.get("attention_dropout_off") else "")
+        lines.append(_row([r["shape"], attention, f"{r['label']} ({r['device']})", str(r["measured_peak_bytes"]),
                            str(r["meta_peak_bytes"]), f"{r['relative_difference']:.2e}",
                            f"{r['measured_mean_step_peak_bytes']:.0f}", f"{r['meta_mean_step_peak_bytes']:.0f}",
                            f"{r['relative_difference_mean']:.2e}", "yes" if r["agrees"] else "NO"]))
@@ -134,6 +154,13 @@ def check_table(records: list[dict]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     meta, runs, settings = result["meta"], result["runs"], result["meta"]["settings"]
     n_steps = settings["steps"]
+    other_attentions = list(settings.get("extra_attentions", []))
+    attention = f"{settings['attention']} attention"
+    if settings["attention"] == "sdpa" and meta["device"] == "meta":
+        attention += (" (on the meta device as the fused GPU kernel keeps it: output and log-sum-exp, no attention "
+                      "matrix; `istune.bench.meta_kernels.fused_sdpa_on_meta`)")
+    if other_attentions:
+        attention += f"; every row measured with {' and '.join(other_attentions)} attention too (its own column)"
     lines = [
         "# Peak training memory per model shape and method, with and without IST"
         + (f" on a {settings['quantize']} base (QLoRA)" if settings.get("quantize", "none") != "none"
@@ -147,7 +174,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- device: {meta['device']} (meta: tensors with shapes and no data; the tracker counts the same storages "
         "as on a real device, without allocating them)",
         f"- setting: random weights, {settings['dtype']}, batch {settings['batch_size']} × {settings['seq_len']} "
-        f"tokens, {settings['attention']} attention, dropout as configured (train mode), AdamW "
+        f"tokens, {attention}, dropout as configured (train mode), AdamW "
         f"({settings['optimizer_impl']}); LoRA r={settings['rank']} (alpha {2 * settings['rank']}, on q/k/v/up/down "
         f"for LLaMA, every linear layer for GPT-2); series/parallel bottleneck {settings['bottleneck_size']} (the "
         "paper's Table 9 placement); IST N_u = 25 percent of the layers; LISA: "
@@ -162,7 +189,7 @@ def markdown(result: dict[str, Any]) -> str:
         "included: the CUDA context, allocator rounding and fragmentation, kernels' workspaces; a GPU's "
         "`max_memory_allocated` is somewhat higher, `nvidia-smi` higher still.",
         "",
-        "## Peak memory (GB); IST: the worst-case step",
+        f"## Peak memory (GB), {settings['attention']} attention; IST: the worst-case step",
         "",
         *main_table(runs),
         "",
@@ -174,6 +201,11 @@ def markdown(result: dict[str, Any]) -> str:
     extras = extras_table(runs)
     if extras:
         lines += ["", "## Further IST options (GB; ratio to the plain method)", "", *extras]
+    if other_attentions:
+        lines += ["", f"## {settings['attention']} and {' and '.join(other_attentions)} attention, every row (GB; "
+                  "ratio to the plain method)", "", *attention_table(runs, settings["attention"], other_attentions), "",
+                  "Eager attention keeps each layer's (batch × heads × tokens × tokens) attention probabilities for the "
+                  "backward pass; SDPA's fused kernel keeps its output and one log-sum-exp per query row."]
     if meta["skipped_variants"]:
         lines += ["", "Skipped (this ISTConfig has no such option): " + ", ".join(meta["skipped_variants"]) + "."]
     lines += ["", "## Sparse rows: worst-case and mean step", "", *steps_table(runs), "",
@@ -189,8 +221,13 @@ def markdown(result: dict[str, Any]) -> str:
                   "ratios."]
     if result["check"]:
         lines += ["", "## Meta device against a measured run", "", *check_table(result["check"]), "",
-                  f"Small shapes at {meta['check_seq_len']} tokens, every row, on both devices. The few bytes of "
-                  "difference are AdamW's step counters: CPU scalars, counted when the parameters are on the CPU."]
+                  f"Small shapes at {meta['check_seq_len']} tokens, every row and attention, on both devices. The few "
+                  "bytes of difference are AdamW's step counters (CPU scalars, counted when the parameters are on the "
+                  "CPU) and, for SDPA, the 24-byte RNG state per layer that the meta stand-in keeps as the GPU kernel "
+                  "does and the CPU kernel does not. torch's CPU flash kernel has no dropout: with attention dropout "
+                  "(GPT-2) the CPU runs SDPA's math fallback, which keeps the attention probabilities and the dropout "
+                  "mask; a GPU's fused kernels apply dropout inside the kernel and the stand-in keeps the same bytes "
+                  "with or without it, so SDPA rows of such shapes are checked with attention dropout off."]
     lines += ["", "## How it was measured", "", *NOTES, ""]
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ Run (from the repository root; all four paper shapes take a few minutes on the m
     .venv/bin/python -m istune.bench.memory_table                      # every shape and method, meta device
     .venv/bin/python -m istune.bench.memory_table --shapes gpt2-small --methods lora --device cpu
     .venv/bin/python -m istune.bench.memory_table --check              # also check meta against a CPU run
+    .venv/bin/python -m istune.bench.memory_table --attention sdpa     # no eager column (half the runs)
     .venv/bin/python -m istune.bench.memory_table --quantize 4bit --device cpu --shapes llama-12x768 \\
         --methods lora --seq_len 512 --out benchmarks/results/qlora_memory.json    # QLoRA: a 4-bit base
 
@@ -17,7 +18,24 @@ live tensor storages and splits the peak into weights / gradients / optimizer st
 activations / other. On the ``meta`` device (the default) tensors have shapes but no data,
 so the tracker sees the same storages as on a real device without allocating any memory:
 LLaMA-13B full fine-tuning is measured in seconds. ``--check`` runs small shapes on both
-the CPU and the meta device and requires the peaks to agree within 0.1 percent.
+the CPU and the meta device, for each attention measured, and requires the peaks to agree
+within 0.1 percent.
+
+Attention: SDPA (transformers' default) is the table's, and every row is measured with eager
+attention too, an extra column (``--attention sdpa``: without it; ``--attention eager``: eager
+alone). Eager keeps each layer's ``(B, H, L, L)`` attention probabilities for the backward
+pass; SDPA's fused kernels (flash or memory-efficient on a GPU, flash on a CPU) keep their
+output and one log-sum-exp per query row. On the meta device SDPA would run its math
+decomposition, which keeps the matrix as eager does, so meta rows run inside the planner's
+stand-in :func:`istune.bench.meta_kernels.fused_sdpa_on_meta` (what the fused GPU kernel
+saves, plus the meta kernel's 24-byte RNG state per layer). SDPA batches carry no mask: an
+all-ones one is dropped by transformers anyway, which then passes ``is_causal``.
+
+SDPA in ``--check``: torch's CPU flash kernel has no dropout, so with attention dropout (GPT-2:
+``attn_pdrop`` 0.1) the CPU runs SDPA's math fallback, which keeps the probabilities and the
+dropout mask (more than eager). A GPU's fused kernels apply dropout inside the kernel, and the
+stand-in keeps the same bytes with or without it; so ``--check`` runs SDPA rows of such shapes
+without attention dropout on both devices (its table says so). Eager rows run as they are.
 
 What each run is:
 
@@ -47,6 +65,7 @@ What each run is:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -61,6 +80,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from istune.bench.memory import MemoryTracker
 from istune.bench.memory_report import check_table, gb, markdown
+from istune.bench.meta_kernels import fused_sdpa_on_meta
 from istune.bench.records import run_metadata, write_atomic
 from istune.bench.shapes import SHAPES, VARIANTS, Shape, Variant
 from istune.config import ISTConfig
@@ -70,14 +90,15 @@ from istune.core.tuner import SparseTuner
 from istune.recipe.methods import AdapterArgs, add_adapters
 
 __all__ = ["METHODS", "Settings", "VARIANTS", "Variant", "build_parser", "check_meta", "main", "measure",
-           "variants_for"]
+           "measure_row", "variants_for"]
 
 REPO = Path(__file__).resolve().parents[3]
 PAPER_SHAPES = ("gpt2-small", "tinyllama-1.1b", "llama-7b", "llama-13b")
 METHODS = ("full", "series", "parallel", "lora", "lisa")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("meta", "cpu", "cuda")
-ATTENTIONS = ("eager", "sdpa")
+ATTENTIONS = ("sdpa", "eager")
+ATTENTION_DROPOUT = {"gpt2": "attn_pdrop", "llama": "attention_dropout"}  # the config field, per Shape.family
 OPTIMIZER_IMPLS = ("foreach", "for-loop")
 QUANTIZATIONS = ("none", "4bit")
 ADAPTER_METHODS = ("series", "parallel", "lora")  # what --quantize can be combined with
@@ -91,7 +112,8 @@ class Settings:
     seq_len: int = 1024  # the paper: prompts of up to 1024 tokens
     batch_size: int = 1  # the paper: mini-batch 1
     dtype: str = "float32"
-    attention: str = "eager"  # the paper left flash attention out
+    attention: str = "sdpa"  # transformers' default; the paper left flash attention out: see extra_attentions
+    extra_attentions: tuple[str, ...] = ("eager",)  # each row measured with these too: a peak column each
     steps: int = 4  # measured steps per run, after one unmeasured warm-up step
     rank: int = 32  # LoRA rank (the paper: 32)
     bottleneck_size: int = 256  # series/parallel bottleneck (the paper: 256)
@@ -111,6 +133,11 @@ def variants_for(methods: list[str]) -> tuple[list[Variant], list[Variant]]:
 
 
 # ------------------------------------------------------------------------------ one run
+
+
+def attention_kernels(settings: Settings, device: str) -> contextlib.AbstractContextManager:
+    """SDPA on the meta device as the fused GPU kernel keeps it (no attention matrix); elsewhere nothing changes."""
+    return fused_sdpa_on_meta() if settings.attention == "sdpa" and device == "meta" else contextlib.nullcontext()
 
 
 def build(shape: Shape, variant: Variant, settings: Settings, device: str) -> tuple[torch.nn.Module, int]:
@@ -149,11 +176,20 @@ def _quantized(model: torch.nn.Module, settings: Settings, device: str) -> torch
 
 
 def make_batch(vocab_size: int, settings: Settings, device: str) -> dict[str, Any]:
-    """Random token ids as a training batch: ``(batch_size, seq_len)`` ids, labels = ids, all attended."""
+    """Random token ids as a training batch: ``(batch_size, seq_len)`` ids, labels = ids, all attended, no KV cache.
+
+    Eager attention gets an explicit all-ones mask, as in training (without one, transformers inspects the
+    position ids' values, which meta tensors lack). SDPA gets none: given an all-ones mask, transformers reads its
+    values, finds no padding and drops it, so the fused kernel runs with ``is_causal`` exactly as without one
+    (on the meta device the values cannot be read). ``settings`` needs ``batch_size``, ``seq_len``, ``seed`` and
+    ``attention`` (the planner's settings have them too).
+    """
     ids = torch.randint(0, vocab_size, (settings.batch_size, settings.seq_len),
                         generator=torch.Generator().manual_seed(settings.seed)).to(device)
-    # An explicit mask and no KV cache, as in training; without them transformers inspects values (no meta).
-    return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+    if settings.attention != "sdpa":
+        batch["attention_mask"] = torch.ones_like(ids)
+    return batch
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> None:
@@ -195,7 +231,13 @@ def ist_config(variant: Variant, settings: Settings, num_layers: int) -> tuple[I
 
 
 def measure(shape: Shape, variant: Variant, settings: Settings, device: str = "meta") -> dict[str, Any]:
-    """Train ``settings.steps`` steps of one row inside a MemoryTracker; return the measurement (bytes)."""
+    """Train ``settings.steps`` steps of one row with ``settings.attention`` inside a MemoryTracker; return the
+    measurement (bytes). ``settings.extra_attentions`` are not measured here (see :func:`measure_row`)."""
+    with attention_kernels(settings, device):
+        return _measure(shape, variant, settings, device)
+
+
+def _measure(shape: Shape, variant: Variant, settings: Settings, device: str) -> dict[str, Any]:
     start = time.perf_counter()
     model, base_bytes = build(shape, variant, settings, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -237,7 +279,7 @@ def measure(shape: Shape, variant: Variant, settings: Settings, device: str = "m
     trained = sum(layer_params[j] for j in worst["selected"]) + outside if tuner else sum(p.numel() for p in trainable)
     return {
         "shape": shape.name, "variant": variant.key, "label": variant.label, "method": variant.method,
-        "baseline": variant.baseline, "device": device,
+        "baseline": variant.baseline, "device": device, "attention": settings.attention,
         "ist_config": config.to_dict() if config else None,
         "num_layers": shape.num_layers, "update_layers": len(worst["selected"]),
         "params_total": sum(p.numel() for p in model.parameters()),
@@ -257,23 +299,59 @@ def measure(shape: Shape, variant: Variant, settings: Settings, device: str = "m
     }
 
 
+def measure_row(shape: Shape, variant: Variant, settings: Settings, device: str = "meta") -> dict[str, Any]:
+    """:func:`measure` with ``settings.attention``, and again with each of ``settings.extra_attentions``.
+
+    The extra measurements go into the run's ``extra_attention`` (keyed by attention): worst-case
+    and mean step peaks, the worst step's phase and breakdown. The layer draws are the same.
+    """
+    run = measure(shape, variant, settings, device)
+    run["extra_attention"] = {}
+    for attention in settings.extra_attentions:
+        other = measure(shape, variant, dataclasses.replace(settings, attention=attention, extra_attentions=()),
+                        device)
+        run["extra_attention"][attention] = {key: other[key] for key in (
+            "peak_bytes", "mean_step_peak_bytes", "peak_phase", "peak_breakdown", "worst_step", "seconds")}
+    return run
+
+
+def without_attention_dropout(shape: Shape) -> tuple[Shape, bool]:
+    """``shape`` with attention dropout 0, and whether that changed it.
+
+    The CPU runs SDPA's fused (flash) kernel only without dropout; with dropout it runs the math
+    fallback, which keeps the attention probabilities and the dropout mask. A GPU's fused kernels
+    take dropout, and the meta stand-in keeps the same bytes either way, so the CPU check of SDPA
+    rows runs without it.
+    """
+    field = ATTENTION_DROPOUT[shape.family]
+    if getattr(shape.config(), field) == 0:
+        return shape, False
+    return dataclasses.replace(shape, sizes={**shape.sizes, field: 0.0}), True
+
+
 def check_meta(shape_names: list[str], variants: list[Variant], settings: Settings,
                device: str = "cpu") -> list[dict[str, Any]]:
-    """Run every row on ``device`` and on the meta device; how far apart the peaks are.
+    """Run every row on ``device`` and on the meta device, for each attention measured; how far apart the peaks are.
 
-    Returns one record per (shape, row): both peaks, the worst-case and mean, their relative
-    difference and ``agrees`` (within ``CHECK_TOLERANCE``).
+    SDPA rows on the CPU run without attention dropout (:func:`without_attention_dropout`; the
+    record's ``attention_dropout_off`` says so). Returns one record per (shape, attention, row): both
+    peaks, the worst-case and mean, their relative difference and ``agrees`` (within ``CHECK_TOLERANCE``).
     """
     records = []
-    for name in shape_names:
+    for name, attention in ((n, a) for n in shape_names for a in (settings.attention, *settings.extra_attentions)):
+        one = dataclasses.replace(settings, attention=attention, extra_attentions=())
+        shape, dropout_off = SHAPES[name], False
+        if attention == "sdpa" and device == "cpu":
+            shape, dropout_off = without_attention_dropout(shape)
         for variant in variants:
-            measured = measure(SHAPES[name], variant, settings, device)
-            predicted = measure(SHAPES[name], variant, settings, "meta")
+            measured = measure(shape, variant, one, device)
+            predicted = measure(shape, variant, one, "meta")
             worst = abs(predicted["peak_bytes"] - measured["peak_bytes"]) / measured["peak_bytes"]
             mean = abs(predicted["mean_step_peak_bytes"] - measured["mean_step_peak_bytes"]) / measured[
                 "mean_step_peak_bytes"]
             records.append({
                 "shape": name, "variant": variant.key, "label": variant.label, "device": device,
+                "attention": attention, "attention_dropout_off": dropout_off,
                 "measured_peak_bytes": measured["peak_bytes"], "meta_peak_bytes": predicted["peak_bytes"],
                 "measured_mean_step_peak_bytes": measured["mean_step_peak_bytes"],
                 "meta_mean_step_peak_bytes": predicted["mean_step_peak_bytes"],
@@ -281,7 +359,7 @@ def check_meta(shape_names: list[str], variants: list[Variant], settings: Settin
                 "allocator_peak_bytes": measured["allocator_peak_bytes"],
                 "agrees": max(worst, mean) <= CHECK_TOLERANCE,
             })
-            print(f"check {name:12s} {variant.label:35s} {device} {measured['peak_bytes']} B, meta "
+            print(f"check {name:12s} {attention:5s} {variant.label:35s} {device} {measured['peak_bytes']} B, meta "
                   f"{predicted['peak_bytes']} B: {worst:.1e} apart", flush=True)
     return records
 
@@ -299,9 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (the paper: up to 1024)")
     parser.add_argument("--batch_size", type=int, default=1, help="sequences per step (the paper: 1)")
     parser.add_argument("--dtype", default="float32", help=f"parameter dtype, one of {', '.join(DTYPES)}")
-    parser.add_argument("--attention", default="eager",
-                        help="attention kernel: eager (the paper: no flash attention) or sdpa (cpu and cuda only: "
-                        "the meta device runs SDPA's math fallback, which is eager's memory)")
+    parser.add_argument("--attention", default="sdpa,eager",
+                        help="comma list of attention kernels: the first is the table's, each further one adds a "
+                        "peak column per row (default: sdpa, with eager beside it). sdpa: what the fused kernel keeps "
+                        "(on the meta device through the planner's stand-in); eager: also the (B, H, L, L) "
+                        "attention probabilities (the paper: no flash attention)")
     parser.add_argument("--steps", type=int, default=4,
                         help="measured optimizer steps per run, after one unmeasured warm-up step")
     parser.add_argument("--device", default="meta",
@@ -324,8 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/memory_table.json"),
                         help="JSON result; the markdown goes beside it with the suffix .md")
     parser.add_argument("--check", action="store_true",
-                        help="first run --check_shapes on --check_device and on meta for every row, require the peaks "
-                        "to agree within 0.1 percent, and put the agreement in the output")
+                        help="first run --check_shapes on --check_device and on meta for every row and attention, "
+                        "require the peaks to agree within 0.1 percent, and put the agreement in the output (SDPA on "
+                        "the CPU: attention dropout off, as its fused kernel has none)")
     parser.add_argument("--check_shapes", default="tiny-llama,tiny-gpt2",
                         help="comma list of the (small) shapes --check runs")
     parser.add_argument("--check_seq_len", type=int, default=128, help="tokens per sequence in --check runs")
@@ -347,8 +428,8 @@ def _one_of(option: str, value: str, known) -> None:
         raise ValueError(f"{option}={value!r} is not one of {', '.join(known)}; use one of those.")
 
 
-def validate(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
-    """Check every option before any work; return the shapes, methods and check shapes.
+def validate(args: argparse.Namespace) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Check every option before any work; return the shapes, methods, check shapes and attentions.
 
     Raises:
         ValueError: naming the option, its value and what to give instead.
@@ -361,7 +442,9 @@ def validate(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]
         if value < 1:
             raise ValueError(f"--{option}={value} must be a positive integer.")
     _one_of("--dtype", args.dtype, DTYPES)
-    _one_of("--attention", args.attention, ATTENTIONS)
+    attentions = _names("--attention", args.attention, ATTENTIONS)
+    if len(set(attentions)) < len(attentions):
+        raise ValueError(f"--attention={args.attention!r} names an attention twice; give each once (e.g. sdpa,eager).")
     _one_of("--device", args.device, DEVICES)
     _one_of("--optimizer_impl", args.optimizer_impl, OPTIMIZER_IMPLS)
     _one_of("--quantize", args.quantize, QUANTIZATIONS)
@@ -377,9 +460,6 @@ def validate(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]
     if "cuda" in (args.device, args.check_device if args.check else None) and not torch.cuda.is_available():
         option = "--device" if args.device == "cuda" else "--check_device"
         raise ValueError(f"{option}=cuda, but this torch sees no CUDA device; use meta (no memory needed) or cpu.")
-    if args.attention == "sdpa" and (args.device == "meta" or args.check):
-        raise ValueError("--attention=sdpa cannot be measured on the meta device (it runs SDPA's math fallback, "
-                         "with eager attention's memory); use --device cpu or cuda without --check, or eager.")
     if "lisa" in methods:
         for name in shapes + check_shapes:
             if args.lisa_layers > SHAPES[name].num_layers:
@@ -387,21 +467,23 @@ def validate(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]
                                  f"shape {name!r}; use at most {SHAPES[name].num_layers}.")
     if args.out.suffix != ".json":
         raise ValueError(f"--out={str(args.out)!r} must end in .json (the markdown goes beside it as .md).")
-    return shapes, methods, check_shapes
+    return shapes, methods, check_shapes, attentions
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the table; return 0, or 1 when ``--check`` finds the meta device off (nothing is written then)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    shapes, methods, check_shapes = validate(args)
-    settings = Settings(seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, attention=args.attention,
+    shapes, methods, check_shapes, attentions = validate(args)
+    settings = Settings(seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, attention=attentions[0],
+                        extra_attentions=tuple(attentions[1:]),
                         steps=args.steps, rank=args.rank, bottleneck_size=args.bottleneck_size, seed=args.seed,
                         lisa_layers=args.lisa_layers, lisa_embeddings=args.lisa_embeddings,
                         optimizer_impl=args.optimizer_impl, quantize=args.quantize)
     variants, skipped = variants_for(methods)
     print(f"memory table: shapes {', '.join(shapes)}; rows {', '.join(v.key for v in variants)}; device "
-          f"{args.device}; batch {settings.batch_size} x {settings.seq_len} tokens, {settings.dtype}"
+          f"{args.device}; batch {settings.batch_size} x {settings.seq_len} tokens, {settings.dtype}; attention "
+          f"{', '.join(attentions)}"
           f"{', base in ' + settings.quantize if settings.quantize != 'none' else ''}", flush=True)
     check = None
     if args.check:
@@ -415,10 +497,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in shapes:
         runs[name] = {}
         for variant in variants:
-            run = measure(SHAPES[name], variant, settings, args.device)
+            run = measure_row(SHAPES[name], variant, settings, args.device)
             runs[name][variant.key] = run
+            extra = "".join(f", {attention} {gb(other['peak_bytes'])} GB"
+                            for attention, other in run["extra_attention"].items())
             print(f"{name:15s} {variant.label:35s} peak {gb(run['peak_bytes'])} GB (mean step "
-                  f"{gb(run['mean_step_peak_bytes'])}), {run['seconds']} s", flush=True)
+                  f"{gb(run['mean_step_peak_bytes'])}){extra}, {run['seconds']} s", flush=True)
     meta = {**run_metadata("-m istune.bench.memory_table", argv, REPO), "settings": dataclasses.asdict(settings),
             "device": args.device, "check_seq_len": args.check_seq_len if args.check else None,
             "shapes": {name: SHAPES[name].description for name in shapes},

@@ -232,9 +232,7 @@ def predict(config, row: Row, settings: PlanSettings, selected: Optional[list[in
             _enable_checkpointing(model, ist=row.ist is not None)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=settings.optimizer_impl == "foreach")
-        batch = make_batch(model.config.vocab_size, settings, "meta")
-        if settings.attention == "sdpa":  # no padding: transformers passes is_causal and no mask, as on a GPU
-            del batch["attention_mask"]  # (given a mask, it reads the mask's values, which meta tensors lack)
+        batch = make_batch(model.config.vocab_size, settings, "meta")  # SDPA: no mask (no padding: is_causal)
         train_step(model, optimizer, batch)  # AdamW state for every layer, as late in a long run
         tuner = None
         if row.ist is not None:

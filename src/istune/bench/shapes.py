@@ -7,7 +7,7 @@ meta device, even: no memory at all) measures the same as the pretrained one.
 
 Example::
 
-    config = SHAPES["llama-7b"].config(attention="eager", seq_len=1024)
+    config = SHAPES["llama-7b"].config(attention="sdpa", seq_len=1024)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
 """
@@ -47,7 +47,7 @@ class Shape:
     def num_layers(self) -> int:
         return self.sizes["n_layer"] if self.family == "gpt2" else self.sizes["num_hidden_layers"]
 
-    def config(self, attention: str = "eager", seq_len: int = 1024) -> transformers.PretrainedConfig:
+    def config(self, attention: str = "sdpa", seq_len: int = 1024) -> transformers.PretrainedConfig:
         """The transformers config of this shape, with ``attention`` as its attention implementation.
 
         GPT-2 has learned positions: ``n_positions`` is raised to ``seq_len`` when that is longer.
