@@ -125,6 +125,16 @@ def test_full_fine_tuning_gradients_and_adamw_state_are_three_times_the_weights(
     assert grads_and_state == pytest.approx(3 * run["peak_breakdown"]["weights"], rel=1e-3)
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_4bit_base_keeps_the_attention_asked_for(attention):
+    # The 4-bit model is saved and reloaded; config.json does not hold the attention, so it must be passed again.
+    pytest.importorskip("bitsandbytes")
+    settings = dataclasses.replace(TINY, quantize="4bit", attention=attention)
+    model, _ = memory_table.build(SHAPES["tiny-llama"], ROWS["lora"], settings, "cpu")
+    assert model.config._attn_implementation == attention
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
 @pytest.mark.parametrize("embeddings", [True, False])
 def test_lisa_trains_only_its_layers(embeddings):
     shape = SHAPES["tiny-llama"]
