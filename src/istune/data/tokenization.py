@@ -103,8 +103,7 @@ class CausalLMCollator:
     for each example and no ``attention_mask``; transformers' attention then keeps the
     examples apart (a block-diagonal causal mask, built from the restarting positions).
     The first label of each example is -100, so no example predicts the next one's first
-    token. No padding is computed: on the commonsense mix a padded batch of 4 is about
-    1.5 times its real tokens. The model must run without a KV cache
+    token. No padding is computed. The model must run without a KV cache
     (``config.use_cache=False``, which the Trainer sets), or the positions are not read.
 
     Labelled logits only (``labelled_logits_only=True``): also ``logits_to_keep``, a boolean
