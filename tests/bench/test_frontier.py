@@ -43,3 +43,28 @@ def test_bad_options_are_refused_before_any_work(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         frontier.main([*argv, "--out", str(tmp_path / "out")])
     assert not list(tmp_path.iterdir())
+
+
+def test_time_runs_draw_layers_as_in_training_and_memory_runs_take_the_worst_case(monkeypatch):
+    from istune.core.layers import find_adapter_layers
+    from istune.integrations.hf import ISTCallback
+
+    size, row = frontier.SIZES["test"], frontier.ROWS["ist+ckpt"]
+    seeds = []
+    make_trainer = frontier.make_trainer
+
+    def recording(*args, **kwargs):
+        trainer = make_trainer(*args, **kwargs)
+        seeds.extend(c.config.seed for c in trainer.callback_handler.callbacks if isinstance(c, ISTCallback))
+        return trainer
+
+    monkeypatch.setattr(frontier, "make_trainer", recording)
+    times = frontier.measure_time([frontier.ROWS["lora"], row], size, steps=2, rounds=2, progress=lambda _: None)
+    # time: the training draws (ISTConfig's default seed, the next one in round 2), not the memory runs' layer-0 seed
+    # (43 on this size: with the worst seed in both rounds this would read [43, 43])
+    assert seeds == [frontier.TIME_SEED, frontier.TIME_SEED + 1]
+    assert times["ist+ckpt"]["samples"] == {"steps": 2, "probe_updates": 2}
+    worst = frontier.ist_seed(row, size, len(find_adapter_layers(frontier.build_model(size, row))))
+    trainer = make_trainer(row, size, frontier.build_model(size, row), 1, "unused")
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ISTCallback))
+    assert callback.config.seed == worst  # memory: the seed whose first steps select layer 0

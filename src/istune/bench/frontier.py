@@ -1,6 +1,6 @@
 """The memory-time frontier: LoRA, LoRA + gradient checkpointing, IST and its options, in the HF Trainer.
 
-    istune bench frontier                                   # LLaMA 12 x 768, batch 1 x 1024 (about 20 min, 2 cores)
+    istune bench frontier                                   # LLaMA 12 x 768, batch 1 x 1024 (about 25 min, 2 cores)
     istune bench frontier --size smollm2-135m               # SmolLM2-135M, batch 1 x 1024
     istune bench frontier --size tiny                       # 8 x 256 LLaMA, 4 x 256 tokens (per-step overhead)
     istune bench frontier --size test --rows lora,ist       # seconds: what the tests run
@@ -16,9 +16,11 @@ the size's config (SmolLM2: its real weights; memory and time depend on shapes o
   at that moment: activations, gradients, optimizer state and every temporary of training.
 - **Time**: rows interleaved in rounds (each round trains every row ``--steps`` steps with a
   fresh Trainer; its first step is dropped). A step is the wall time between two
-  ``on_step_end`` events: the callback's work, probes included, is part of it. Reported:
-  median of the steps without an importance update, plus the median extra time of the
-  steps with one, divided by T_c.
+  ``on_step_end`` events: the callback's work, probes included, is part of it. IST rows draw
+  their layers as in training (seed 42 + round, the same draws for every IST row of a round;
+  not the memory runs' worst case), and an IST step's time depends on the lowest layer it
+  selects, so the **mean** is reported: mean of the steps without an importance update, plus
+  the mean time of one update divided by T_c.
 
 Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (memory against time, the frontier drawn:
 the rows no other row beats on both axes).
@@ -44,6 +46,7 @@ from transformers import TrainerCallback
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_OUT = "benchmarks/results/frontier"
 PROBE_INTERVAL = 10  # T_c, the paper's default: the time of an importance update is amortised over it
+TIME_SEED = 42  # IST's seed in round 0 of the time runs (ISTConfig's default); round k uses TIME_SEED + k
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class Size:
 
 SIZES: dict[str, Size] = {size.name: size for size in (
     Size("llama-12x768", "LLaMA architecture, 12 layers x 768 (MLP 2048, 12 heads, vocab 32000), SDPA", 1, 1024,
-         steps=5, rounds=2, memory_steps=3,
+         steps=11, rounds=2, memory_steps=3,
          config=dict(num_hidden_layers=12, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
                      num_key_value_heads=12, vocab_size=32000)),
     Size("smollm2-135m", "SmolLM2-135M-Instruct (30 layers x 576), SDPA", 1, 1024, steps=5, rounds=2,
@@ -165,8 +168,12 @@ def ist_seed(row: Row, size: Size, num_layers: int) -> int:
     return worst_case_seed(config.strategy, num_layers, count, 42, size.memory_steps)[0]
 
 
-def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, output_dir: str, clock=None):
-    """A Trainer for ``steps`` steps of ``row`` (ISTCallback with T_c = 10 for IST rows)."""
+def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, output_dir: str, clock=None,
+                 seed: Optional[int] = None):
+    """A Trainer for ``steps`` steps of ``row`` (ISTCallback with T_c = 10 for IST rows).
+
+    ``seed``: IST's seed; default the one whose first steps select layer 0 (the memory runs' worst case).
+    """
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from istune.config import ISTConfig
@@ -175,7 +182,8 @@ def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, outpu
 
     callbacks = []
     if row.ist is not None:
-        seed = ist_seed(row, size, len(find_adapter_layers(model)))
+        if seed is None:
+            seed = ist_seed(row, size, len(find_adapter_layers(model)))
         config = ISTConfig(**row.ist, probe_interval=PROBE_INTERVAL, seed=seed)
         callbacks.append(ISTCallback(config))
     if clock is not None:
@@ -237,7 +245,9 @@ def measure_time(rows: list[Row], size: Size, steps: int, rounds: int, progress:
         for index in range(rounds):
             for row in rows:
                 step_clock = _StepClock(clock)
-                trainer = make_trainer(row, size, build_model(size, row), steps, output_dir, step_clock)
+                # IST's seed: the same selections for every IST row of a round, other ones in the next round
+                trainer = make_trainer(row, size, build_model(size, row), steps, output_dir, step_clock,
+                                       seed=TIME_SEED + index)
                 trainer.train()
                 durations = [b - a for a, b in zip(step_clock.ends, step_clock.ends[1:])]
                 probes = row.ist is not None and row.ist.get("strategy", "ist") == "ist"
@@ -252,8 +262,8 @@ def measure_time(rows: list[Row], size: Size, steps: int, rounds: int, progress:
             progress(f"time: round {index + 1}/{rounds} done")
     results = {}
     for row in rows:
-        step = statistics.median(plain[row.key])
-        update = statistics.median(updates[row.key]) if updates[row.key] else None
+        step = statistics.fmean(plain[row.key])
+        update = statistics.fmean(updates[row.key]) if updates[row.key] else None
         results[row.key] = {"step_s": step, "probe_update_s": update,
                             "seconds_per_step": step + (update or 0.0) / PROBE_INTERVAL,
                             "samples": {"steps": len(plain[row.key]), "probe_updates": len(updates[row.key])}}
@@ -319,7 +329,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     frontier = sorted((r for r in rows if r["on_frontier"]), key=lambda r: r["seconds_per_step"])
     axes.step([r["seconds_per_step"] for r in frontier], [r["memory_bytes"] / 1e9 for r in frontier],
               where="post", color="gray", linestyle="--", label="frontier (no row beats these on both)")
-    axes.set_xlabel("seconds per optimizer step (median, probes amortised)")
+    axes.set_xlabel("seconds per optimizer step (mean, probes amortised)")
     axes.set_ylabel("peak memory growth, GB (peak RSS)")
     axes.set_title(title, fontsize=9)
     axes.legend(fontsize=8)
@@ -344,9 +354,10 @@ def write_results(out: Path, meta: dict, settings: dict, rows: list[dict]) -> st
         f"load before the run: {settings['load']}.  \n{settings['description']}, batch {settings['batch_size']} x "
         f"{settings['seq_len']} tokens, fp32, LoRA/DoRA r=32, alpha 64, dropout 0.05 on q/k/v/up/down, HF Trainer, "
         f"IST defaults (N_u = 25%, T_c = {PROBE_INTERVAL}). Memory: growth of peak RSS over {settings['memory_steps']} "
-        f"steps, each row in its own process, IST's worst step (layer 0 selected) included. Time: medians over "
+        f"steps, each row in its own process, IST's worst step (layer 0 selected) included. Time: means over "
         f"{settings['rounds']} interleaved rounds x {settings['steps'] - 1} timed steps "
-        f"({settings.get('clock', 'wall')} clock), probe updates amortised over T_c.\n\n{table}\n"))
+        f"({settings.get('clock', 'wall')} clock; IST rows draw layers as in training, seed {TIME_SEED} + round), "
+        f"probe updates amortised over T_c.\n\n{table}\n"))
     return table
 
 
