@@ -61,13 +61,16 @@ def attention_bytes_per_layer(shape, seq_len: int) -> tuple[int, int]:
 
 def test_sdpa_on_meta_keeps_what_the_cpu_flash_kernel_keeps_and_no_attention_matrix():
     shape, settings = SHAPES["tiny-llama"], dataclasses.replace(TINY, seq_len=128, steps=1)
-    sdpa_meta = measure(shape, ROWS["lora"], settings)
+    sdpa_meta = measure(shape, ROWS["lora"], settings, kernels="cpu")  # the CPU's kernels: fp32 and GQA fused
     sdpa_cpu = measure(shape, ROWS["lora"], settings, device="cpu")  # torch's fused flash kernel, on real tensors
     eager_meta = measure(shape, ROWS["lora"], dataclasses.replace(settings, attention="eager"))
+    gpu_meta = measure(shape, ROWS["lora"], settings)  # a GPU's kernels (the default): fp32 + GQA runs the math one
     layers, rng_state = shape.num_layers, 24  # the meta flash kernel's philox seed and offset (uint64: 2 + 1)
 
     eager, fused = attention_bytes_per_layer(shape, 128)
+    assert shape.sizes["num_key_value_heads"] < shape.sizes["num_attention_heads"]  # grouped KV heads
     assert eager_meta["peak_bytes"] - sdpa_meta["peak_bytes"] == layers * (eager - fused - rng_state)
+    assert gpu_meta["peak_bytes"] == eager_meta["peak_bytes"]
     assert sdpa_meta["peak_phase"] == eager_meta["peak_phase"] == sdpa_cpu["peak_phase"] == "backward"
     assert sdpa_cpu["peak_breakdown"]["activations"] == sdpa_meta["peak_breakdown"]["activations"] - layers * rng_state
     assert sdpa_cpu["peak_bytes"] == pytest.approx(sdpa_meta["peak_bytes"], rel=1e-4)
@@ -226,10 +229,11 @@ def test_main_writes_json_and_markdown_atomically(tmp_path, monkeypatch):
 def test_every_row_has_an_eager_column_beside_sdpa(tmp_path, monkeypatch):
     monkeypatch.setattr(memory_table, "VARIANTS", (ROWS["lora"], ROWS["lora+ist"]))  # two rows are enough
     out = tmp_path / "memory.json"
-    assert memory_table.main([*OK_ARGS, "--seq_len", "64", "--out", str(out)]) == 0  # default: --attention sdpa,eager
-    saved = json.loads(out.read_text())
+    # bfloat16: in float32 a GPU's SDPA runs the math kernel for tiny-llama's grouped KV heads, the same bytes as eager
+    assert memory_table.main([*OK_ARGS, "--seq_len", "64", "--dtype", "bfloat16", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())  # default: --attention sdpa,eager
     runs = saved["runs"]["tiny-llama"]
-    settings = dataclasses.replace(TINY, seq_len=64, steps=1, rank=32, bottleneck_size=256)
+    settings = dataclasses.replace(TINY, seq_len=64, steps=1, rank=32, bottleneck_size=256, dtype="bfloat16")
     text = out.with_suffix(".md").read_text()
 
     assert saved["meta"]["settings"]["attention"] == "sdpa" and saved["meta"]["settings"]["extra_attentions"] == ["eager"]

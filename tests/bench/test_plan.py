@@ -28,7 +28,8 @@ def tiny_config() -> tf.LlamaConfig:
                           num_key_value_heads=2, vocab_size=128)
 
 
-SETTINGS = planner.PlanSettings(batch_size=2, seq_len=64, dtype="float32", rank=8, update_layers=2)
+# kernels="cpu": these predictions are compared with CPU runs, whose flash kernel takes fp32 and grouped KV heads.
+SETTINGS = planner.PlanSettings(batch_size=2, seq_len=64, dtype="float32", rank=8, update_layers=2, kernels="cpu")
 
 
 def measure_on_cpu(config, row: planner.Row, settings: planner.PlanSettings, selected: list[int]) -> int:
@@ -100,6 +101,33 @@ def test_prediction_matches_cpu_when_layer_0_is_not_selected(row_key, selected):
                             num_key_value_heads=2, vocab_size=128)
     settings = dataclasses.replace(SETTINGS, seq_len=128, update_layers=len(selected))
     assert relative_gap(row_key, "sdpa", selected, config, settings) <= TOLERANCE
+
+
+def test_fp32_sdpa_with_grouped_kv_heads_is_planned_as_the_gpus_math_kernel():
+    """On CUDA, fp32 SDPA with enable_gqa runs the math kernel, which keeps what eager attention keeps."""
+    config, row = tiny_config(), ROWS["lora"]  # 4 heads, 2 KV heads
+    peak = {(dtype, attention, kernels): planner.predict(config, row, dataclasses.replace(
+        SETTINGS, dtype=dtype, attention=attention, kernels=kernels))["peak_bytes"]
+        for dtype, attention, kernels in [("float32", "sdpa", "cuda"), ("float32", "sdpa", "cpu"),
+                                          ("float32", "eager", "cuda"), ("bfloat16", "sdpa", "cuda"),
+                                          ("bfloat16", "sdpa", "cpu")]}
+    probabilities = config.num_hidden_layers * SETTINGS.batch_size * config.num_attention_heads \
+        * SETTINGS.seq_len ** 2 * 4  # each layer's (B, H, L, L) fp32 probabilities
+    gpu_fp32, cpu_fp32, eager = peak["float32", "sdpa", "cuda"], peak["float32", "sdpa", "cpu"], peak["float32", "eager", "cuda"]
+    # The math kernel keeps the probabilities, the fused one does not (it keeps its own small log-sum-exp instead).
+    assert gpu_fp32 - cpu_fp32 >= 0.9 * probabilities
+    assert abs(gpu_fp32 - eager) / eager < 0.05  # ... as eager attention keeps them (eager adds one causal mask)
+    assert peak["bfloat16", "sdpa", "cuda"] == peak["bfloat16", "sdpa", "cpu"]  # 16-bit: flash attention on a GPU
+
+
+def test_the_plan_header_names_the_math_kernel_fallback():
+    config = tiny_config()
+    fp32 = dataclasses.replace(SETTINGS, kernels="cuda")
+    results = [planner.predict(config, ROWS["lora"], fp32)]
+    assert "math kernel" in planner._header("src", config, fp32, results)
+    for settings, cfg in [(dataclasses.replace(fp32, dtype="bfloat16"), config), (SETTINGS, config),
+                          (fp32, tf.LlamaConfig(**{**config.to_diff_dict(), "num_key_value_heads": 4}))]:
+        assert "math kernel" not in planner._header("src", cfg, settings, results)
 
 
 # ------------------------------------------------------------------------------ 4-bit (QLoRA)

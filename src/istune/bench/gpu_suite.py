@@ -199,7 +199,8 @@ def _predict(row: SuiteRow, settings: SuiteSettings, config) -> Optional[dict]:
     plan_row = next(r for r in ROWS if r.key == row.plan_row)
     result = predict(config, plan_row, PlanSettings(batch_size=settings.batch_size, seq_len=settings.seq_len,
                                                     dtype=settings.dtype, method=row.method, rank=settings.rank,
-                                                    optimizer_impl="foreach"))  # the suite's AdamW
+                                                    optimizer_impl="foreach",  # the suite's AdamW
+                                                    kernels="cpu" if settings.device == "cpu" else "cuda"))
     return {"row": row.plan_row, "peak_bytes": result["peak_bytes"], "budget_bytes": result["budget_bytes"],
             "seconds": result["seconds"]}
 

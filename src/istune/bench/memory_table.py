@@ -30,7 +30,11 @@ output and one log-sum-exp per query row. On the meta device SDPA would run its 
 decomposition, which keeps the matrix as eager does, so meta rows run inside the planner's
 stand-in :func:`istune.bench.meta_kernels.fused_sdpa_on_meta` (what the fused GPU kernel
 saves, plus the meta kernel's 24-byte RNG state per layer). SDPA batches carry no mask: an
-all-ones one is dropped by transformers anyway, which then passes ``is_causal``.
+all-ones one is dropped by transformers anyway, which then passes ``is_causal``. One exception:
+fp32 with grouped KV heads (TinyLLaMA's 4 KV heads) keeps the attention matrix under SDPA too,
+because on a GPU that call falls back to the math kernel (:mod:`istune.bench.meta_kernels`);
+``--check`` predicts with the kernels of the device it compares with (the CPU's flash kernel
+takes fp32 and GQA).
 
 SDPA in ``--check``: torch's CPU flash kernel has no dropout, so with attention dropout (GPT-2:
 ``attn_pdrop`` 0.1) the CPU runs SDPA's math fallback, which keeps the probabilities and the
@@ -136,9 +140,11 @@ def variants_for(methods: list[str]) -> tuple[list[Variant], list[Variant]]:
 # ------------------------------------------------------------------------------ one run
 
 
-def attention_kernels(settings: Settings, device: str) -> contextlib.AbstractContextManager:
-    """SDPA on the meta device as the fused GPU kernel keeps it (no attention matrix); elsewhere nothing changes."""
-    return fused_sdpa_on_meta() if settings.attention == "sdpa" and device == "meta" else contextlib.nullcontext()
+def attention_kernels(settings: Settings, device: str, kernels: str = "cuda") -> contextlib.AbstractContextManager:
+    """SDPA on the meta device as ``kernels``' device keeps it (fused: no attention matrix); elsewhere nothing changes."""
+    if settings.attention == "sdpa" and device == "meta":
+        return fused_sdpa_on_meta(kernels)
+    return contextlib.nullcontext()
 
 
 def build(shape: Shape, variant: Variant, settings: Settings, device: str) -> tuple[torch.nn.Module, int]:
@@ -232,10 +238,12 @@ def ist_config(variant: Variant, settings: Settings, num_layers: int) -> tuple[I
     return ISTConfig(**options, seed=seed), schedule
 
 
-def measure(shape: Shape, variant: Variant, settings: Settings, device: str = "meta") -> dict[str, Any]:
+def measure(shape: Shape, variant: Variant, settings: Settings, device: str = "meta",
+            kernels: str = "cuda") -> dict[str, Any]:
     """Train ``settings.steps`` steps of one row with ``settings.attention`` inside a MemoryTracker; return the
-    measurement (bytes). ``settings.extra_attentions`` are not measured here (see :func:`measure_row`)."""
-    with attention_kernels(settings, device):
+    measurement (bytes). ``settings.extra_attentions`` are not measured here (see :func:`measure_row`).
+    ``kernels``: on the meta device, whose SDPA kernels to stand in for (a GPU's, or the CPU's for ``--check``)."""
+    with attention_kernels(settings, device, kernels):
         return _measure(shape, variant, settings, device)
 
 
@@ -347,7 +355,7 @@ def check_meta(shape_names: list[str], variants: list[Variant], settings: Settin
             shape, dropout_off = without_attention_dropout(shape)
         for variant in variants:
             measured = measure(shape, variant, one, device)
-            predicted = measure(shape, variant, one, "meta")
+            predicted = measure(shape, variant, one, "meta", kernels=device)  # the kernels of the device compared
             worst = abs(predicted["peak_bytes"] - measured["peak_bytes"]) / measured["peak_bytes"]
             mean = abs(predicted["mean_step_peak_bytes"] - measured["mean_step_peak_bytes"]) / measured[
                 "mean_step_peak_bytes"]

@@ -12,6 +12,15 @@ counts the tensors it keeps. Two kernels need a stand-in there:
   The planner's batches have no padding and no mask, so transformers passes ``is_causal``
   as it does on a real device; its check for packed sequences (which reads values) is
   answered "none" for meta tensors.
+
+  **Except fp32 with grouped KV heads on a GPU.** With no mask, transformers (5.x,
+  ``use_gqa_in_sdpa``) passes ``enable_gqa=True`` for a model with fewer KV heads than query
+  heads (SmolLM2, TinyLLaMA, LLaMA-3). On CUDA, flash attention takes only fp16/bf16 and the
+  memory-efficient and cuDNN kernels take no GQA broadcast, so an fp32 call falls back to the
+  math kernel, which keeps the ``(B, H, L, L)`` attention probabilities (and K/V repeated to
+  H heads) as eager attention does (pytorch/pytorch#181528 adds a warning for exactly this).
+  With ``kernels="cuda"`` (the planner's default) the stand-in keeps what that math kernel
+  keeps; ``kernels="cpu"`` models torch's CPU flash kernel, which takes fp32 and GQA.
 - **bitsandbytes 4-bit (QLoRA).** :class:`Meta4bitLinear` holds the storage bitsandbytes
   holds for an nf4 weight and runs a matmul that saves what
   ``bitsandbytes.autograd._functions.MatMul4Bit`` saves (nothing but the packed weight),
@@ -42,7 +51,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["Meta4bitLinear", "fused_sdpa_on_meta", "nf4_bytes", "quantize_linear_layers"]
+__all__ = ["KERNEL_DEVICES", "Meta4bitLinear", "fused_sdpa_on_meta", "nf4_bytes", "quantize_linear_layers",
+           "sdpa_falls_back_to_math"]
 
 NF4_BLOCK = 64  # bitsandbytes' default blocksize for 4-bit weights
 NESTED_BLOCK = 256  # double quantization: absmaxes per second-level block
@@ -61,16 +71,28 @@ def nf4_bytes(numel: int, double_quant: bool = True) -> int:
 # ------------------------------------------------------------------------------ SDPA
 
 
+KERNEL_DEVICES = ("cuda", "cpu")  # whose SDPA kernel choice the meta device stands in for
+
+
+def sdpa_falls_back_to_math(query: torch.Tensor, key: torch.Tensor, enable_gqa: bool, kernels: str) -> bool:
+    """True when SDPA on ``kernels``' device runs its math kernel for this call (module docstring)."""
+    grouped = enable_gqa and query.shape[-3] != key.shape[-3]
+    return kernels == "cuda" and grouped and query.dtype == torch.float32
+
+
 @contextlib.contextmanager
-def fused_sdpa_on_meta() -> Iterator[None]:
-    """Inside the block, SDPA on meta tensors keeps what the fused GPU kernel keeps (not the attention matrix)."""
+def fused_sdpa_on_meta(kernels: str = "cuda") -> Iterator[None]:
+    """Inside the block, SDPA on meta tensors keeps what ``kernels``' device keeps: the fused kernel's output and
+    log-sum-exp, not the attention matrix (except where that device falls back to the math kernel)."""
+    if kernels not in KERNEL_DEVICES:
+        raise ValueError(f"kernels={kernels!r}: use one of {', '.join(KERNEL_DEVICES)}.")
     original = torch.nn.functional.scaled_dot_product_attention
 
     def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, enable_gqa=False):
-        if query.device.type != "meta":
+        if query.device.type != "meta" or sdpa_falls_back_to_math(query, key, enable_gqa, kernels):
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                            scale=scale, enable_gqa=enable_gqa)
+                            scale=scale, enable_gqa=enable_gqa)  # on meta: the math decomposition
         causal = is_causal or attn_mask is not None  # no padding in planned batches: the mask is the causal one
         output = torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, dropout_p, causal and query.shape[-2] > 1, False, scale=scale)

@@ -22,7 +22,9 @@ What it counts, per row:
 - the activations autograd saves, the logits and the loss's float32 copies, and every
   temporary alive at the peak (the backward's gradients, AdamW's foreach temporaries);
 - SDPA attention as the fused GPU kernel keeps it (output and log-sum-exp, no attention
-  matrix); ``--attn_implementation eager`` keeps the ``(B, H, L, L)`` probabilities.
+  matrix); ``--attn_implementation eager`` keeps the ``(B, H, L, L)`` probabilities. So does
+  SDPA in float32 on a model with grouped KV heads (SmolLM2, TinyLLaMA, LLaMA-3): there a GPU
+  runs SDPA's math kernel (:mod:`istune.bench.meta_kernels`); the plan's header says so.
 
 IST's peak over a run is its worst step: the one whose selection holds layer 0 (everything
 above the lowest selected layer takes part in the backward pass; any run of more than a few
@@ -60,6 +62,7 @@ from typing import Any, Optional
 
 import torch
 
+from istune.bench.meta_kernels import KERNEL_DEVICES
 from istune.bench.records import write_atomic
 
 __all__ = ["PlanSettings", "ROWS", "Row", "main", "plan", "predict", "predict_recipe", "worst_case_selection"]
@@ -125,6 +128,7 @@ class PlanSettings:
     update_layers: Optional[int] = None
     optimizer_impl: str = "foreach"  # AdamW's default on CUDA
     seed: int = 0  # of the random token ids (their values do not change the memory)
+    kernels: str = "cuda"  # whose SDPA kernel choice to model: a GPU's, or "cpu" (what the tests measure against)
 
 
 def validate_settings(settings: PlanSettings) -> None:
@@ -139,6 +143,8 @@ def validate_settings(settings: PlanSettings) -> None:
         raise ValueError(f"--method={settings.method!r} cannot be planned; use one of {', '.join(PLAN_METHODS)}.")
     if settings.attention not in ATTENTIONS:
         raise ValueError(f"--attn_implementation={settings.attention!r} is not one of {', '.join(ATTENTIONS)}.")
+    if settings.kernels not in KERNEL_DEVICES:
+        raise ValueError(f"kernels={settings.kernels!r}: use one of {', '.join(KERNEL_DEVICES)}.")
     if settings.optimizer_impl not in ("foreach", "for-loop"):
         raise ValueError(f"--optimizer_impl={settings.optimizer_impl!r}: use foreach (CUDA's default) or for-loop.")
     if not 0 <= settings.lora_dropout < 1:
@@ -223,7 +229,7 @@ def predict(config, row: Row, settings: PlanSettings, selected: Optional[list[in
     from istune.core.tuner import SparseTuner
 
     started = time.perf_counter()
-    sdpa = fused_sdpa_on_meta() if settings.attention == "sdpa" else contextlib.nullcontext()
+    sdpa = fused_sdpa_on_meta(settings.kernels) if settings.attention == "sdpa" else contextlib.nullcontext()
     with sdpa, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's and transformers' notes about meta tensors and dtypes
         model = build_model(config, settings)
@@ -324,10 +330,25 @@ def _header(source: str, config, settings: PlanSettings, results: list[dict]) ->
     ist = [r for r in results if r["row"].startswith("ist")]
     n_u = f"; IST trains N_u = {len(ist[0]['selected'])} of N_L = {ist[0]['num_layers']} layers, worst step " \
           f"(layers {ist[0]['selected']})" if ist else ""
+    math = ("\nSDPA in float32 with grouped KV heads: a GPU runs its math kernel here, which keeps the (B, H, L, L) "
+            "attention probabilities as eager attention does (flash attention takes only 16-bit inputs; the "
+            "memory-efficient kernel takes no grouped heads); --dtype bfloat16, or the Trainer's bf16 autocast (not "
+            "modelled here), avoids it."
+            if _sdpa_math_on_gpu(config, settings) else "")
     return (f"{source}\n{getattr(config, 'model_type', '?')}, {counts['params_total'] / 1e9:.2f}B parameters "
             f"(adapters included); "
             f"{settings.method} r={settings.rank}, {counts['params_trainable'] / 1e6:.1f}M trainable; weights "
-            f"{weights}; batch {settings.batch_size} x {settings.seq_len} tokens; attention {settings.attention}{n_u}")
+            f"{weights}; batch {settings.batch_size} x {settings.seq_len} tokens; attention {settings.attention}{n_u}"
+            f"{math}")
+
+
+def _sdpa_math_on_gpu(config, settings: PlanSettings) -> bool:
+    """True when the planned run's SDPA falls back to the math kernel on a GPU (fp32, grouped KV heads)."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    compute = "float32" if settings.load_in_4bit else settings.dtype  # 4-bit: hidden states flow in float32
+    return (settings.attention == "sdpa" and settings.kernels == "cuda" and compute == "float32"
+            and isinstance(heads, int) and kv_heads != heads)
 
 
 FOOTNOTE = ("Peak = tensor bytes at the worst moment of a step (what torch.cuda.max_memory_allocated reports). "
