@@ -88,6 +88,15 @@ class ISTConfig:
                   "and run their forward again in the backward pass. Saves most of their activation memory for "
                   "one more forward of those layers (not in the paper)."},
     )
+    stored_layers: Optional[int] = field(
+        default=None,
+        metadata={"help": "Of the layers that run the backward pass this step (the lowest layer in S and every one "
+                  "above it), how many keep their activations; the others keep only their inputs and run their "
+                  "forward again in the backward pass (layers not in S are stored first: they keep less). Works "
+                  "with and without the Trainer's gradient checkpointing: 0 recomputes them all, a larger number "
+                  "trades memory for time. Default: leave it to gradient checkpointing and recompute_unselected "
+                  "(not in the paper)."},
+    )
     unselected_optimizer_state: str = field(
         default="keep",
         metadata={"help": "Optimizer state (e.g. Adam moments) of layers not in S: 'keep' (the paper), 'offload' "
@@ -119,6 +128,12 @@ class ISTConfig:
         if self.recompute_unselected and self.strategy == "all":
             _fail("recompute_unselected", True, "strategy 'all' trains every layer, so no layer is unselected; "
                   "use the model's gradient checkpointing instead, or a sparse strategy")
+        if self.stored_layers is not None:
+            if isinstance(self.stored_layers, bool) or not isinstance(self.stored_layers, int) or self.stored_layers < 0:
+                _fail("stored_layers", self.stored_layers, "use a number of layers >= 0, or leave it unset")
+            if self.recompute_unselected:
+                _fail("stored_layers", self.stored_layers, "recompute_unselected=True already decides which layers "
+                      "are recomputed (those not in S); set only one of the two")
         if self.unselected_optimizer_state not in OPTIMIZER_STATE_POLICIES:
             _fail("unselected_optimizer_state", self.unselected_optimizer_state,
                   f"use one of {', '.join(repr(p) for p in OPTIMIZER_STATE_POLICIES)}")

@@ -68,3 +68,18 @@ def test_time_runs_draw_layers_as_in_training_and_memory_runs_take_the_worst_cas
     trainer = make_trainer(row, size, frontier.build_model(size, row), 1, "unused")
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ISTCallback))
     assert callback.config.seed == worst  # memory: the seed whose first steps select layer 0
+
+
+def test_memory_runs_of_stored_layers_rows_hold_both_worst_steps():
+    # With stored_layers = M the largest peak is the step that selects layer 0 or, as likely, the one whose lowest
+    # selected layer is N_L - M (every block running backward stored, the selected ones included): the draws hold both.
+    from istune.bench.memory_table import draw_schedule
+
+    size, row = frontier.SIZES["llama-12x768"], frontier.ROWS["ist+stored8"]
+    seed = frontier.ist_seed(row, size, 12)
+    lowest = {min(s) for s in draw_schedule("ist", 12, 3, seed, size.memory_steps)}
+    assert {0, 12 - 8} <= lowest
+    plain = frontier.ist_seed(frontier.ROWS["ist"], size, 12)
+    assert 0 in {min(s) for s in draw_schedule("ist", 12, 3, plain, size.memory_steps)}
+    assert frontier.ist_seed(row, frontier.SIZES["test"], 4) == frontier.ist_seed(frontier.ROWS["ist"],
+                                                                                  frontier.SIZES["test"], 4)

@@ -2,7 +2,8 @@
 
 Blocks below the lowest selected layer run without autograd; under transformers' gradient
 checkpointing the others are checkpointed by it; `recompute_unselected` checkpoints the
-unselected ones without it.
+unselected ones without it; `stored_layers` keeps the activations of that many of them and
+recomputes the rest, with or without it.
 """
 
 import pytest
@@ -244,6 +245,99 @@ def test_blocks_without_adapters_below_the_lowest_selected_layer_are_skipped_too
     tuner.begin_step()
     model(**_batch()).loss.backward()
     assert tuner._checkpointing.skipped_calls == 1  # block 0 (no adapters, below block 2) ran without autograd
+
+
+# ---- stored_layers: how many blocks from the lowest selected one upward keep their activations ----------
+
+# SELECTED = [1, 3]: blocks 1, 2, 3 run the backward pass. The top block (3) first, then unselected ones (2), then 1.
+STORED_FIRST = [3, 2, 1]
+
+
+def _stored_layers_step(family, batch, stored, transformers_checkpointing, reentrant=False, model=None):
+    model = model if model is not None else peft_model(family, "lora", num_layers=NUM_LAYERS)
+    if transformers_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()  # as the Trainer does for a peft model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tuner = SparseTuner(model, ISTConfig(strategy="fixed", layers=SELECTED, stored_layers=stored), optimizer=optimizer)
+    return (model, tuner, *_step_loss_and_grads(model, tuner, batch, seed=0))
+
+
+@pytest.mark.parametrize("transformers_checkpointing", [False, True])
+@pytest.mark.parametrize("stored", [0, 1, 2, 3])
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_stored_layers_gives_the_same_loss_and_gradients_with_dropout(family, stored, transformers_checkpointing):
+    batch = _batch()
+    _, _, loss, grads = _train_step(family, False, batch)  # no checkpointing at all
+    model, tuner, stored_loss, stored_grads = _stored_layers_step(family, batch, stored, transformers_checkpointing)
+    checkpointing = tuner._checkpointing
+    assert checkpointing.stored == frozenset(STORED_FIRST[:stored])
+    # without transformers' checkpointing istune recomputes the blocks it does not store; with it, transformers does
+    assert checkpointing.recomputed_calls == (0 if transformers_checkpointing else 3 - stored)
+    assert checkpointing.skipped_calls == (1 if transformers_checkpointing else 0)  # block 0: no backward
+    assert stored_loss == loss
+    assert stored_grads.keys() == grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(stored_grads[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    blocks = checkpointing.blocks
+    flags = [block.gradient_checkpointing for block in blocks]
+    assert flags == [transformers_checkpointing and j not in STORED_FIRST[:stored] for j in range(NUM_LAYERS)]
+    tuner.close()  # the stored blocks' checkpointing flags come back
+    assert [block.gradient_checkpointing for block in blocks] == [transformers_checkpointing] * NUM_LAYERS
+
+
+@pytest.mark.parametrize("stored", [0, 3])  # the lowest selected block (1) recomputed, or stored
+def test_stored_layers_under_reentrant_checkpointing_trains_the_lowest_selected_layer(stored):
+    batch = _batch()
+    _, _, loss, grads = _train_step("llama", False, batch)
+    _, tuner, stored_loss, stored_grads = _stored_layers_step("llama", batch, stored, True, reentrant=True)
+    assert tuner._checkpointing.reentrant_in_use()  # also when every block that runs backward is stored
+    assert stored_loss == loss and stored_grads.keys() == grads.keys()
+    assert any(".layers.1." in name for name in grads)
+    for name in grads:
+        torch.testing.assert_close(stored_grads[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_stored_blocks_run_once_under_transformers_checkpointing_and_the_others_twice():
+    batch = _batch()
+    once = peft_model("llama", "lora", num_layers=NUM_LAYERS)
+    once_calls, _ = _count_work(once)
+    with torch.no_grad():
+        once(**batch)
+    model = peft_model("llama", "lora", num_layers=NUM_LAYERS)
+    calls, output_requires_grad = _count_work(model)
+    _stored_layers_step("llama", batch, 2, True, model=model)  # blocks 3, 2 stored; 1 recomputed; 0 skipped
+    assert [c > o for c, o in zip(calls, once_calls)] == [False, True, False, False]
+    assert calls[0] == once_calls[0] and calls[2:] == once_calls[2:]
+    assert output_requires_grad == [False, True, True, True]
+
+
+def test_stored_layers_sets_the_peak_between_full_recompute_and_none():
+    # GPT-2 with eager attention: long sequences make each block's activations large. Layer 0 selected: all four
+    # blocks run backward; each stored block adds its activations to the peak, each recomputed one only its input.
+    # Except the top block: the backward frees its activations before any recompute, and recomputing it would
+    # rebuild the same bytes at that moment, so storing it costs nothing at the peak.
+    batch = _batch(length=96)
+    peaks = []
+    for stored in (0, 1, 2, 3, 4):
+        model = peft_model("gpt2", "lora", num_layers=NUM_LAYERS)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        tuner = SparseTuner(model, ISTConfig(strategy="fixed", layers=[0], stored_layers=stored), optimizer=optimizer)
+        with MemoryTracker(model, optimizer) as tracker:
+            tuner.begin_step()
+            model(**batch).loss.backward()
+        peaks.append(tracker.report()["peak_bytes"])
+        assert tuner._checkpointing.stored == frozenset([3, 2, 1, 0][:stored])  # block 0 (selected) stored last
+    assert peaks[1] == peaks[0] and all(a < b for a, b in zip(peaks[1:], peaks[2:])), peaks
+
+
+def test_config_checks_stored_layers():
+    for value in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"stored_layers={value!r}.*>= 0"):
+            ISTConfig(stored_layers=value)
+    with pytest.raises(ValueError, match="stored_layers=2.*recompute_unselected=True.*only one"):
+        ISTConfig(stored_layers=2, recompute_unselected=True)
+    assert ISTConfig(strategy="all", stored_layers=0).stored_layers == 0  # plain per-layer checkpointing
 
 
 def test_reentrant_checkpointing_under_ddp_is_refused_before_the_first_step(monkeypatch):

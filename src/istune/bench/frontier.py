@@ -66,6 +66,9 @@ ROWS: dict[str, Row] = {row.key: row for row in (
     Row("ist", "LoRA + IST", "lora", {}),
     Row("ist+recompute", "LoRA + IST, recompute unselected", "lora", {"recompute_unselected": True}),
     Row("ist+ckpt", "LoRA + IST + ckpt", "lora", {}, checkpointing=True),
+    # stored_layers: of the layers that run backward, this many keep their activations (the top one, then unselected)
+    Row("ist+ckpt+stored3", "LoRA + IST + ckpt, 3 layers stored", "lora", {"stored_layers": 3}, checkpointing=True),
+    Row("ist+stored8", "LoRA + IST, 8 layers stored", "lora", {"stored_layers": 8}),
     Row("random", "LoRA + random sparse", "lora", {"strategy": "random"}),
     # LISA trains 2 whole layers per step; embeddings and head stay frozen here (LISA trains them too).
     Row("lisa", "LISA-style (2 full layers)", "full", {"strategy": "random", "update_layers": 2}),
@@ -159,13 +162,21 @@ class _StepClock(TrainerCallback):
 
 
 def ist_seed(row: Row, size: Size, num_layers: int) -> int:
-    """The IST seed whose first ``memory_steps`` draws select layer 0 (the step with the largest peak)."""
+    """The IST seed whose first ``memory_steps`` draws hold the step with the largest peak.
+
+    That is a step that selects layer 0 (every block runs the backward pass). With ``stored_layers = M``
+    it may instead be the step whose lowest selected layer is N_L - M: then every block that runs the
+    backward pass is stored, the selected ones (which keep more) included. The draws hold both.
+    """
     from istune.bench.memory_table import worst_case_seed
     from istune.config import ISTConfig
 
     config = ISTConfig(**row.ist)
     count = config.resolve(num_layers).update_layers
-    return worst_case_seed(config.strategy, num_layers, count, 42, size.memory_steps)[0]
+    lowest = (0,)
+    if config.stored_layers is not None and count <= config.stored_layers < num_layers:
+        lowest = (0, num_layers - config.stored_layers)
+    return worst_case_seed(config.strategy, num_layers, count, 42, size.memory_steps, lowest=lowest)[0]
 
 
 def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, output_dir: str, clock=None,

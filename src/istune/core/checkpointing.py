@@ -24,6 +24,17 @@ gradient down, so it keeps its activations (or recomputes them).
   the unselected blocks above the lowest selected one keep only their inputs and run their
   forward again in the backward pass (non-reentrant :func:`torch.utils.checkpoint.checkpoint`,
   RNG state restored so dropout draws the same masks); selected blocks keep their activations.
+- **with** ``ISTConfig.stored_layers = M``, with or without transformers' checkpointing: of
+  the blocks from the lowest selected one upward, M keep their activations and the others are
+  recomputed (by transformers' checkpointing where it is on, else as above). The top block is
+  stored first: the backward pass starts there, so its activations are freed before any
+  recompute, and a recompute of it would rebuild the same bytes at that moment (storing it
+  costs no peak memory). Then unselected blocks, from the top: a frozen block keeps less than
+  a trained one (no adapter inputs for weight gradients) and costs the same forward to
+  recompute, so storing it buys the same time for less memory. A stored block's ``gradient_checkpointing`` flag is off for
+  the step (restored at the next :meth:`~LayerCheckpointing.select` and at
+  :meth:`~LayerCheckpointing.remove`), which works whichever transformers version wraps the
+  call.
 
 Results are those of a run without any checkpointing (same losses, same gradients). A
 checkpointed block does not write to a KV cache (the replay would write it twice), as under
@@ -33,7 +44,7 @@ transformers' own checkpointing; training has no use for the cache.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -47,6 +58,9 @@ class LayerCheckpointing:
         blocks: every decoder block, in layer order (``blocks[i]`` is block index i), adapters or not.
         recompute_unselected: checkpoint the unselected blocks above the lowest selected one
             when transformers' own checkpointing is off.
+        stored_layers: how many blocks from the lowest selected one upward keep their activations
+            (the top block, then unselected ones from the top); the others are recomputed. None: leave it to
+            transformers' checkpointing and ``recompute_unselected``.
 
     Call :meth:`select` with the block indices trained this step before the forward pass,
     and :meth:`remove` to restore the original ``forward`` methods.
@@ -55,13 +69,18 @@ class LayerCheckpointing:
         recomputed_calls: forwards run under istune's own checkpoint (once per forward, not per replay).
         skipped_calls: forwards of blocks below the lowest selected one that got an input requiring grad
             and ran without autograd (the first such block cuts the graph: the blocks after it get none).
+        stored: the block indices that keep their activations this step under ``stored_layers``.
     """
 
-    def __init__(self, blocks: list[nn.Module], recompute_unselected: bool = False):
+    def __init__(self, blocks: list[nn.Module], recompute_unselected: bool = False,
+                 stored_layers: Optional[int] = None):
         self.blocks = list(blocks)
         self.recompute_unselected = recompute_unselected
+        self.stored_layers = stored_layers
         self._lowest = 0  # blocks below this index need no backward this step
-        self._selected: frozenset[int] = frozenset(range(len(self.blocks)))
+        self._recomputed: frozenset[int] = frozenset()  # blocks istune checkpoints when transformers does not
+        self.stored: frozenset[int] = frozenset()
+        self._unflagged: list[int] = []  # blocks whose transformers checkpointing flag is off for this step
         self._upstream_trainable = None
         self.recomputed_calls = 0
         self.skipped_calls = 0
@@ -72,21 +91,43 @@ class LayerCheckpointing:
 
     def select(self, selected_blocks: list[int]) -> None:
         """Set this step's policy from the block indices whose parameters train."""
-        self._selected = frozenset(selected_blocks)
+        selected = frozenset(selected_blocks)
         self._lowest = min(selected_blocks) if selected_blocks else len(self.blocks)
         self._upstream_trainable = None  # does a trainable parameter feed the blocks from below? (first forward)
+        running = range(self._lowest, len(self.blocks))  # the blocks that run the backward pass
+        if self.stored_layers is None:
+            self.stored = frozenset()
+            self._recomputed = frozenset(i for i in running if i not in selected) if self.recompute_unselected \
+                else frozenset()
+        else:
+            top = len(self.blocks) - 1  # storing it costs no peak memory (module docstring)
+            top_down = sorted(running, key=lambda i: (i != top, i in selected, -i))  # then unselected, from the top
+            self.stored = frozenset(top_down[:self.stored_layers])
+            self._recomputed = frozenset(running) - self.stored
+        self._restore_flags()
+        for index in sorted(self.stored):  # kept out of transformers' checkpointing for this step
+            if getattr(self.blocks[index], "gradient_checkpointing", False):
+                self.blocks[index].gradient_checkpointing = False
+                self._unflagged.append(index)
 
     def reentrant_in_use(self) -> bool:
         """True when transformers' checkpointing of some block is on, in torch's reentrant variant."""
-        return any(getattr(block, "gradient_checkpointing", False) and _reentrant(block) for block in self.blocks)
+        return any((getattr(block, "gradient_checkpointing", False) or index in self._unflagged) and _reentrant(block)
+                   for index, block in enumerate(self.blocks))
 
     def remove(self) -> None:
-        """Give every block back the ``forward`` it had before."""
+        """Give every block back the ``forward`` and the checkpointing flag it had before."""
+        self._restore_flags()
         for block, forward in zip(self.blocks, self._instance_forwards):
             if forward is None:
                 vars(block).pop("forward", None)
             else:
                 block.forward = forward
+
+    def _restore_flags(self) -> None:
+        for index in self._unflagged:
+            self.blocks[index].gradient_checkpointing = True
+        self._unflagged = []
 
     def _wrap(self, index: int, block: nn.Module, forward: Callable) -> Callable:
         @functools.wraps(forward)
@@ -96,9 +137,9 @@ class LayerCheckpointing:
             gc_by_transformers = _checkpointed_by_transformers(block)
             if index == self._lowest and gc_by_transformers and _reentrant(block):
                 args = _input_requiring_grad(args)
-            if not _needs_backward(args, kwargs):
-                return forward(*args, **kwargs)  # nothing below trains: autograd saves nothing anyway
             if index < self._lowest:
+                if not _needs_backward(args, kwargs):
+                    return forward(*args, **kwargs)  # nothing below trains: autograd saves nothing anyway
                 if self._upstream_trainable is None:  # once per step: the model does not change within one
                     self._upstream_trainable = _reaches_trainable_parameter(args, kwargs)
                 if not self._upstream_trainable:
@@ -106,7 +147,7 @@ class LayerCheckpointing:
                     with torch.no_grad():
                         return forward(*args, **kwargs)
                 return forward(*args, **kwargs)
-            if not gc_by_transformers and self.recompute_unselected and index not in self._selected:
+            if not gc_by_transformers and index in self._recomputed:
                 self.recomputed_calls += 1
                 if not getattr(block, "_can_checkpoint_with_cache", False):  # transformers' flag: reads the cache only
                     args, kwargs = _without_cache(args, kwargs)

@@ -13,10 +13,12 @@ no momentum, no weight decay. The optimizer itself must hold every adapter param
 
 Every step, the decoder blocks below the lowest selected layer run without autograd (they
 need no backward pass), and under transformers' gradient checkpointing the blocks from the
-lowest selected one upward are checkpointed (:mod:`istune.core.checkpointing`). Two memory
-options act on the layers not selected: ``recompute_unselected`` checkpoints their activations
-(without transformers' checkpointing), ``unselected_optimizer_state``
-(:mod:`istune.core.optimizer_state`) keeps, offloads or drops their optimizer state.
+lowest selected one upward are checkpointed (:mod:`istune.core.checkpointing`). Memory
+options: ``recompute_unselected`` checkpoints the activations of the layers not selected
+(without transformers' checkpointing); ``stored_layers`` says how many of the layers that run
+the backward pass keep their activations, the others being recomputed (with or without it);
+``unselected_optimizer_state`` (:mod:`istune.core.optimizer_state`) keeps, offloads or drops
+the optimizer state of the layers not selected.
 
 Under torch.distributed every rank runs its own tuner; probe losses are averaged over
 ranks and the state is compared across ranks at the first step and at every importance
@@ -91,7 +93,8 @@ class SparseTuner:
                 raise ValueError(f"ISTConfig.unselected_optimizer_state={self.config.unselected_optimizer_state!r} "
                                  "needs the optimizer: pass SparseTuner(..., optimizer=optimizer).")
             self._optimizer_state = UnselectedOptimizerState(optimizer, self.config.unselected_optimizer_state)
-        self._checkpointing = LayerCheckpointing(_all_blocks(model, self.layers), self.config.recompute_unselected)
+        self._checkpointing = LayerCheckpointing(_all_blocks(model, self.layers), self.config.recompute_unselected,
+                                                 self.config.stored_layers)
         _warn_about_parameters_outside_layers(model, self.layers)
         self.probe_batches = probe_batches
         self.loss_fn = loss_fn or default_loss
