@@ -302,3 +302,33 @@ def test_a_recipe_file_is_planned_and_its_comment_filled(gc, row_key, monkeypatc
     assert result["row"] == row_key and result["peak_bytes"] == planner.predict(tiny_config(), row, settings)["peak_bytes"]
     assert cli.main(["plan", "--recipe", str(path), "--fill"]) == 0  # filled again: replaced, not added
     assert sum(line.startswith(planner.COMMENT_PREFIX) for line in path.read_text().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------ stored_layers
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_stored_layers_is_planned_at_the_larger_of_its_two_worst_steps_and_matches_cpu(checkpointing):
+    config, stored = tiny_config(), 3  # 6 layers, N_u = 2
+    row = next(r for r in planner.stored_rows(stored) if r.checkpointing == checkpointing)
+    candidates = planner.worst_case_selections(6, 2, stored)
+    assert candidates == [[0, 5], [3, 5]]  # layer 0 selected; or every block that runs backward stored
+    assert planner.worst_case_selections(6, 2) == [[0, 5]] == planner.worst_case_selections(6, 2, 6)
+    peaks = [planner.predict(config, row, SETTINGS, selected=layers)["peak_bytes"] for layers in candidates]
+    predicted = planner.predict(config, row, SETTINGS)
+    assert predicted["peak_bytes"] == max(peaks) and predicted["selected"] == candidates[peaks.index(max(peaks))]
+    measured = max(measure_on_cpu(config, row, SETTINGS, layers) for layers in candidates)
+    assert abs(predicted["peak_bytes"] - measured) / measured <= TOLERANCE
+
+
+def test_plan_takes_stored_layers_from_the_command_line_and_from_a_recipe(tmp_path, capsys):
+    from istune import cli
+
+    assert cli.main(["plan", "--model", "smollm2-135m", "--stored_layers", "-1"]) == 2
+    assert "stored_layers=-1" in capsys.readouterr().err
+    values = {"model": "m", "gradient_checkpointing": True, "stored_layers": 4, "unselected_optimizer_state": "drop"}
+    _, _, row = planner.recipe_settings(values)
+    assert (row.key, row.checkpointing, row.ist) == (
+        "ist+gc+stored:drop", True, {"stored_layers": 4, "unselected_optimizer_state": "drop"})
+    _, _, row = planner.recipe_settings({"model": "m", "stored_layers": 2})
+    assert (row.key, row.checkpointing, row.ist) == ("ist+stored", False, {"stored_layers": 2})

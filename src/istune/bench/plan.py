@@ -56,7 +56,7 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -199,6 +199,23 @@ def worst_case_selection(num_layers: int, update_layers: int) -> list[int]:
     return [0] + list(range(num_layers - update_layers + 1, num_layers))
 
 
+def worst_case_selections(num_layers: int, update_layers: int, stored_layers: Optional[int] = None) -> list[list[int]]:
+    """The steps whose peak can be the largest: :func:`worst_case_selection`, and with ``stored_layers = M``
+    (N_u <= M < N_L) also the step whose lowest selected layer is N_L − M, where every block that runs the
+    backward pass is stored, the selected ones (which keep more) included."""
+    selections = [worst_case_selection(num_layers, update_layers)]
+    if stored_layers is not None and update_layers <= stored_layers < num_layers:
+        selections.append([num_layers - stored_layers] + list(range(num_layers - update_layers + 1, num_layers)))
+    return selections
+
+
+def stored_rows(stored_layers: int) -> tuple[Row, ...]:
+    """The IST rows with ``stored_layers`` (``istune plan --stored_layers M``), with and without checkpointing."""
+    return (Row("ist+stored", f"{{method}} + IST, stored_layers={stored_layers}", {"stored_layers": stored_layers}),
+            Row("ist+gc+stored", f"{{method}} + IST + gradient checkpointing, stored_layers={stored_layers}",
+                {"stored_layers": stored_layers}, checkpointing=True))
+
+
 def _enable_checkpointing(model: torch.nn.Module, ist: bool) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -215,12 +232,26 @@ def predict(config, row: Row, settings: PlanSettings, selected: Optional[list[in
         row: the configuration (:data:`ROWS`).
         settings: batch, sequence, dtype, method, ...
         selected: IST rows: the layers trained in the measured step. Default: the worst case
-            (:func:`worst_case_selection`).
+            (the largest peak of :func:`worst_case_selections`).
 
     Returns:
         dict with ``peak_bytes``, ``peak_breakdown`` (weights / gradients / optimizer /
         activations / other), ``peak_phase``, ``selected``, ``num_layers``, parameter counts.
     """
+    from istune.config import ISTConfig
+
+    started = time.perf_counter()
+    if row.ist is None or selected is not None:
+        return _predict(config, row, settings, selected, started)
+    num_layers = config.num_hidden_layers
+    counts = ISTConfig(update_fraction=settings.update_fraction,
+                       update_layers=settings.update_layers).resolve(num_layers)
+    candidates = worst_case_selections(num_layers, counts.update_layers, row.ist.get("stored_layers"))
+    return max((_predict(config, row, settings, layers, started) for layers in candidates),
+               key=lambda result: result["peak_bytes"])
+
+
+def _predict(config, row: Row, settings: PlanSettings, selected: Optional[list[int]], started: float) -> dict:
     from istune.bench.memory import MemoryTracker
     from istune.bench.memory_table import make_batch, train_step
     from istune.bench.meta_kernels import fused_sdpa_on_meta
@@ -228,7 +259,6 @@ def predict(config, row: Row, settings: PlanSettings, selected: Optional[list[in
     from istune.core.layers import find_adapter_layers
     from istune.core.tuner import SparseTuner
 
-    started = time.perf_counter()
     sdpa = fused_sdpa_on_meta(settings.kernels) if settings.attention == "sdpa" else contextlib.nullcontext()
     with sdpa, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's and transformers' notes about meta tensors and dtypes
@@ -397,6 +427,10 @@ def recipe_settings(values: dict) -> tuple[str, PlanSettings, Row]:
         key = "ist" + ("+gc" if checkpointing else "+recompute" if ist.get("recompute_unselected") else "")
         key += ":drop" if ist.get("unselected_optimizer_state") else ""
         row = next(r for r in ROWS if r.key == key)
+        if values.get("stored_layers") is not None:  # the row with it, and the recipe's other IST options
+            stored = next(r for r in stored_rows(values["stored_layers"]) if r.checkpointing == checkpointing)
+            row = replace(stored, key=stored.key + key[len("ist+gc" if checkpointing else "ist"):],
+                          ist={**ist, **stored.ist})
     return str(model), PlanSettings(**options), row
 
 
@@ -462,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.25)")
     parser.add_argument("--update_layers", type=int, default=None, help="N_u as a layer count")
     parser.add_argument("--rows", default=",".join(ROW_KEYS), help=f"comma list of rows, from: {', '.join(ROW_KEYS)}")
+    parser.add_argument("--stored_layers", type=int, default=None,
+                        help="also plan IST with ISTConfig.stored_layers = M (M of the layers that run backward keep "
+                        "their activations, the others are recomputed), with and without gradient checkpointing")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the predictions to this JSON file, and the table as Markdown beside it")
     parser.add_argument("--recipe", type=Path, default=None,
@@ -502,7 +539,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     config, source = resolve_model_config(args.model)
     check_layer_counts(config, settings)
     print(f"istune plan: {args.model}: predicting {len(rows)} rows on the meta device ...", file=sys.stderr)
-    results = plan(config, settings, tuple(r for r in ROWS if r.key in rows), progress=True)
+    planned = tuple(r for r in ROWS if r.key in rows)
+    if args.stored_layers is not None:
+        from istune.config import ISTConfig
+
+        ISTConfig(stored_layers=args.stored_layers)  # a bad value: the named error, before any model is built
+        planned += stored_rows(args.stored_layers)
+    results = plan(config, settings, planned, progress=True)
     text = _header(source, config, settings, results) + "\n\n" + table(results, settings) + "\n\n" + FOOTNOTE
     print(text)
     if args.json is not None:

@@ -27,14 +27,15 @@ gradient down, so it keeps its activations (or recomputes them).
 - **with** ``ISTConfig.stored_layers = M``, with or without transformers' checkpointing: of
   the blocks from the lowest selected one upward, M keep their activations and the others are
   recomputed (by transformers' checkpointing where it is on, else as above). The top block is
-  stored first: the backward pass starts there, so its activations are freed before any
-  recompute, and a recompute of it would rebuild the same bytes at that moment (storing it
-  costs no peak memory). Then unselected blocks, from the top: a frozen block keeps less than
-  a trained one (no adapter inputs for weight gradients) and costs the same forward to
-  recompute, so storing it buys the same time for less memory. A stored block's ``gradient_checkpointing`` flag is off for
-  the step (restored at the next :meth:`~LayerCheckpointing.select` and at
-  :meth:`~LayerCheckpointing.remove`), which works whichever transformers version wraps the
-  call.
+  stored first: the backward pass of the blocks starts there, so its activations are freed
+  before any recompute, and a recompute of it would rebuild the same bytes at that moment.
+  Storing it adds to the peak only where the peak comes earlier (the loss and the LM head's
+  backward, with a large vocabulary). Then unselected blocks, from the top: a frozen block
+  keeps less than a trained one (no adapter inputs for weight gradients) and costs the same
+  forward to recompute, so storing it buys the same time for less memory. A stored block's
+  ``gradient_checkpointing`` flag is off for the step (restored at the next
+  :meth:`~LayerCheckpointing.select` and at :meth:`~LayerCheckpointing.remove`), which works
+  whichever transformers version wraps the call.
 
 Results are those of a run without any checkpointing (same losses, same gradients). A
 checkpointed block does not write to a KV cache (the replay would write it twice), as under
