@@ -70,16 +70,24 @@ def test_time_runs_draw_layers_as_in_training_and_memory_runs_take_the_worst_cas
     assert callback.config.seed == worst  # memory: the seed whose first steps select layer 0
 
 
-def test_memory_runs_of_stored_layers_rows_hold_both_worst_steps():
-    # With stored_layers = M the largest peak is the step that selects layer 0 or, as likely, the one whose lowest
-    # selected layer is N_L - M (every block running backward stored, the selected ones included): the draws hold both.
-    from istune.bench.memory_table import draw_schedule
+def test_stored_layers_rows_measure_memory_at_both_worst_steps():
+    # With stored_layers = M the largest peak is the step that selects layer 0 or the one whose lowest selected layer
+    # is N_L - M (every block running backward stored, the selected ones included); draws rarely hit the second.
+    from istune.integrations.hf import ISTCallback
 
-    size, row = frontier.SIZES["llama-12x768"], frontier.ROWS["ist+stored8"]
-    seed = frontier.ist_seed(row, size, 12)
-    lowest = {min(s) for s in draw_schedule("ist", 12, 3, seed, size.memory_steps)}
-    assert {0, 12 - 8} <= lowest
-    plain = frontier.ist_seed(frontier.ROWS["ist"], size, 12)
-    assert 0 in {min(s) for s in draw_schedule("ist", 12, 3, plain, size.memory_steps)}
-    assert frontier.ist_seed(row, frontier.SIZES["test"], 4) == frontier.ist_seed(frontier.ROWS["ist"],
-                                                                                  frontier.SIZES["test"], 4)
+    size, row = frontier.SIZES["test"], frontier.ROWS["ist+ckpt+stored3"]  # 4 layers, N_u = 1, M = 3
+    assert frontier.stored_worst_step(row, 4) == [1]
+    assert frontier.stored_worst_step(row, 3) is None and frontier.stored_worst_step(frontier.ROWS["ist"], 4) is None
+    assert frontier.stored_worst_step(frontier.ROWS["ist+stored8"], 30) == [22, 23, 24, 25, 26, 27, 28, 29]
+
+    trainer = frontier.make_trainer(row, size, frontier.build_model(size, row), 1, "unused", layers=[1])
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ISTCallback))
+    assert (callback.config.strategy, callback.config.layers, callback.config.stored_layers) == ("fixed", [1], 3)
+
+    memory = frontier.measure_memory([row], size, progress=lambda _: None)[row.key]  # two processes
+    assert [run["fixed_layers"] for run in memory["runs"]] == [None, [1]]
+    assert memory["growth_bytes"] == max(run["growth_bytes"] for run in memory["runs"]) > 0
+    assert frontier.measure_memory_here(row, frontier.SIZES["test"], stored_worst=True)["fixed_layers"] == [1]
+    few = frontier.ROWS["ist+stored8"]  # M >= N_L = 4: no second worst step, no second run
+    assert frontier.measure_memory_here(few, size, stored_worst=True) == {"row": few.key, "fixed_layers": None,
+                                                                         "skipped": True}

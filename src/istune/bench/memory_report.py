@@ -158,7 +158,9 @@ def markdown(result: dict[str, Any]) -> str:
     attention = f"{settings['attention']} attention"
     if settings["attention"] == "sdpa" and meta["device"] == "meta":
         attention += (" (on the meta device as the fused GPU kernel keeps it: output and log-sum-exp, no attention "
-                      "matrix; `istune.bench.meta_kernels.fused_sdpa_on_meta`)")
+                      "matrix; `istune.bench.meta_kernels.fused_sdpa_on_meta`; except float32 with grouped KV heads, "
+                      "TinyLLaMA's, where a GPU runs SDPA's math kernel, which keeps the attention probabilities as "
+                      "eager does)")
     if other_attentions:
         attention += f"; every row measured with {' and '.join(other_attentions)} attention too (its own column)"
     lines = [
