@@ -33,6 +33,18 @@ def test_tiny_suite_measures_every_kind_of_row_and_says_it_is_not_a_gpu_run(tmp_
     assert gpu_suite.NOT_MEASURED in text and "| LoRA + IST, recompute_unselected |" in text
 
 
+def test_stored_layers_rows_are_measured_at_the_worst_step_the_plan_found(tmp_path):
+    result = run(tmp_path, "--rows", "ist+gc+stored2,ist+stored8")
+    rows = {r["key"]: r for r in result["rows"]}
+    assert all(r["status"] == "done" for r in rows.values())
+    for key, plan_key in (("ist+gc+stored2", "ist+gc+stored"), ("ist+stored8", "ist+stored")):
+        measured, prediction = rows[key]["peak_allocated_bytes"], rows[key]["prediction"]
+        assert prediction["row"] == plan_key and abs(prediction["peak_bytes"] - measured) / measured <= 0.10
+    # 4 layers, N_u = 1, M = 2: the worst steps are [0] and [2]; M = 8 >= N_L leaves only [0]
+    assert rows["ist+gc+stored2"]["prediction"]["selected"] in ([0], [2])
+    assert rows["ist+stored8"]["prediction"]["selected"] == [0]
+
+
 def test_the_budget_stops_starting_rows_and_what_ran_is_kept(tmp_path):
     result = run(tmp_path, "--rows", "lora,ist,smollm2:lora", "--budget_s", "1")
     statuses = [r["status"] for r in result["rows"]]

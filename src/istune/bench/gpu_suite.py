@@ -12,13 +12,14 @@ Part 1, the frontier on LLaMA-7B's shape (``istune.bench.shapes.SHAPES["llama-7b
 × 4096, random weights initialised on the GPU, no download), bf16 weights, SDPA attention,
 LoRA r = 32 on q/k/v/up/down (dropout 0.05), AdamW, batch 1 × 1024 tokens. Rows: LoRA,
 LoRA + gradient checkpointing, IST, IST + ``recompute_unselected``, IST + gradient
-checkpointing, random sparse, LISA-style (2 whole layers a step, embeddings and head
+checkpointing, the same with ``stored_layers=2``, IST with ``stored_layers=8``, random
+sparse, LISA-style (2 whole layers a step, embeddings and head
 trained, state of unselected layers dropped), and with ``--dora`` DoRA and DoRA + IST.
 Each row runs in its own process:
 
 - memory: one step that trains every layer (AdamW state for all), for IST rows a settling step
   with the worst-case selection (layer 0 and the N_u − 1 top layers, as ``istune plan``
-  assumes), then one step after ``torch.cuda.reset_peak_memory_stats``: its
+  assumes; with ``stored_layers`` the larger of the plan's two worst steps), then one step after ``torch.cuda.reset_peak_memory_stats``: its
   ``max_memory_allocated`` and ``max_memory_reserved``. Beside it, ``istune plan``'s prediction
   for the same row (computed on the meta device in the same process);
 - time: the row's real policy (IST: importance updates every T_c = 10 steps with N_c = 3
@@ -82,6 +83,10 @@ FRONTIER_ROWS = (
     SuiteRow("ist+recompute", "LoRA + IST, recompute_unselected", ist={"recompute_unselected": True},
              plan_row="ist+recompute"),
     SuiteRow("ist+gc", "LoRA + IST + gradient checkpointing", ist={}, checkpointing=True, plan_row="ist+gc"),
+    # stored_layers: M of the layers that run backward keep their activations (docs/memory-and-speed.md)
+    SuiteRow("ist+gc+stored2", "LoRA + IST + gradient checkpointing, stored_layers=2", ist={"stored_layers": 2},
+             checkpointing=True, plan_row="ist+gc+stored"),
+    SuiteRow("ist+stored8", "LoRA + IST, stored_layers=8", ist={"stored_layers": 8}, plan_row="ist+stored"),
     SuiteRow("random", "LoRA + random sparse", ist={"strategy": "random"}, plan_row="ist"),
     SuiteRow("lisa", "LISA-style, 2 whole layers", method="full",
              ist={"strategy": "random", "update_layers": 2, "unselected_optimizer_state": "drop"}),
@@ -95,7 +100,7 @@ FINETUNE_ROWS = (
 )
 # The order rows start in: the frontier's core, the fine-tuning runs, then the rest (what a short budget drops).
 ORDER = ("lora", "lora+gc", "ist", "ist+recompute", "ist+gc", "smollm2:lora", "smollm2:ist", "smollm2:random",
-         "random", "lisa", "dora", "dora+ist")
+         "ist+gc+stored2", "ist+stored8", "random", "lisa", "dora", "dora+ist")
 ALL_ROWS = {row.key: row for row in FRONTIER_ROWS + FINETUNE_ROWS}
 
 
@@ -194,15 +199,16 @@ def _predict(row: SuiteRow, settings: SuiteSettings, config) -> Optional[dict]:
     """istune plan's prediction for the row (meta device), or None where the planner has no such row."""
     if row.plan_row is None:
         return None
-    from istune.bench.plan import ROWS, PlanSettings, predict
+    from istune.bench.plan import ROWS, PlanSettings, predict, stored_rows
 
-    plan_row = next(r for r in ROWS if r.key == row.plan_row)
+    stored = (row.ist or {}).get("stored_layers")
+    plan_row = next(r for r in ROWS + (stored_rows(stored) if stored is not None else ()) if r.key == row.plan_row)
     result = predict(config, plan_row, PlanSettings(batch_size=settings.batch_size, seq_len=settings.seq_len,
                                                     dtype=settings.dtype, method=row.method, rank=settings.rank,
                                                     optimizer_impl="foreach",  # the suite's AdamW
                                                     kernels="cpu" if settings.device == "cpu" else "cuda"))
     return {"row": row.plan_row, "peak_bytes": result["peak_bytes"], "budget_bytes": result["budget_bytes"],
-            "seconds": result["seconds"]}
+            "seconds": result["seconds"], "selected": result["selected"]}
 
 
 def run_frontier_row(row: SuiteRow, settings: SuiteSettings) -> dict[str, Any]:
@@ -228,6 +234,8 @@ def run_frontier_row(row: SuiteRow, settings: SuiteSettings) -> dict[str, Any]:
     if row.ist is not None:  # memory: the worst step (layer 0 selected), as istune plan predicts it
         count = _ist_config(row).resolve(config.num_hidden_layers).update_layers
         layers = worst_case_selection(config.num_hidden_layers, count)
+        if row.ist.get("stored_layers") is not None:  # two candidate worst steps: the one the plan found larger
+            layers = prediction["selected"]
         options = {k: v for k, v in row.ist.items() if k not in ("strategy", "update_layers")}
         tuner = SparseTuner(model, _ist_config(row, strategy="fixed", layers=layers, update_layers=None, **options),
                             optimizer=optimizer)
