@@ -92,7 +92,7 @@ class ISTConfig:
         default=None,
         metadata={"help": "Of the layers that run the backward pass this step (the lowest layer in S and every one "
                   "above it), how many keep their activations; the others keep only their inputs and run their "
-                  "forward again in the backward pass (layers not in S are stored first: they keep less). Works "
+                  "forward again in the backward pass (the top layer first, then layers not in S: they keep less). Works "
                   "with and without the Trainer's gradient checkpointing: 0 recomputes them all, a larger number "
                   "trades memory for time. Default: leave it to gradient checkpointing and recompute_unselected "
                   "(not in the paper)."},

@@ -101,7 +101,7 @@ class LayerCheckpointing:
             self._recomputed = frozenset(i for i in running if i not in selected) if self.recompute_unselected \
                 else frozenset()
         else:
-            top = len(self.blocks) - 1  # storing it costs no peak memory (module docstring)
+            top = len(self.blocks) - 1  # its activations are freed first (module docstring)
             top_down = sorted(running, key=lambda i: (i != top, i in selected, -i))  # then unselected, from the top
             self.stored = frozenset(top_down[:self.stored_layers])
             self._recomputed = frozenset(running) - self.stored
