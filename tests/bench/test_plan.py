@@ -307,13 +307,22 @@ def test_a_recipe_file_is_planned_and_its_comment_filled(gc, row_key, monkeypatc
 # ------------------------------------------------------------------------------ stored_layers
 
 
+def test_worst_case_selections_store_the_most_selected_blocks():
+    assert planner.worst_case_selections(6, 2) == [[0, 5]] == planner.worst_case_selections(6, 2, 6)
+    assert planner.worst_case_selections(6, 2, 0) == [[0, 5]]  # nothing stored: layer 0's step is the worst
+    assert planner.worst_case_selections(6, 2, 3) == [[0, 5], [3, 5]]  # M >= N_u: every backward block stored
+    assert planner.worst_case_selections(8, 3, 1) == [[0, 6, 7], [5, 6, 7]]  # M < N_u: the top N_u selected
+    assert planner.worst_case_selections(8, 3, 2) == [[0, 6, 7], [5, 6, 7]]
+    assert planner.worst_case_selections(3, 3, 1) == [[0, 1, 2]]  # N_u = N_L: one candidate, not two alike
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_stored_layers_is_planned_at_the_larger_of_its_two_worst_steps_and_matches_cpu(checkpointing):
-    config, stored = tiny_config(), 3  # 6 layers, N_u = 2
+@pytest.mark.parametrize("stored, expected", [(3, [[0, 5], [3, 5]]), (1, [[0, 5], [4, 5]])])
+def test_stored_layers_is_planned_at_the_larger_of_its_two_worst_steps_and_matches_cpu(checkpointing, stored, expected):
+    config = tiny_config()  # 6 layers, N_u = 2
     row = next(r for r in planner.stored_rows(stored) if r.checkpointing == checkpointing)
     candidates = planner.worst_case_selections(6, 2, stored)
-    assert candidates == [[0, 5], [3, 5]]  # layer 0 selected; or every block that runs backward stored
-    assert planner.worst_case_selections(6, 2) == [[0, 5]] == planner.worst_case_selections(6, 2, 6)
+    assert candidates == expected  # layer 0 selected; or the most selected blocks stored
     peaks = [planner.predict(config, row, SETTINGS, selected=layers)["peak_bytes"] for layers in candidates]
     predicted = planner.predict(config, row, SETTINGS)
     assert predicted["peak_bytes"] == max(peaks) and predicted["selected"] == candidates[peaks.index(max(peaks))]

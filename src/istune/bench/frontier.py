@@ -174,9 +174,9 @@ def ist_seed(row: Row, size: Size, num_layers: int) -> int:
 
 
 def stored_worst_step(row: Row, num_layers: int) -> Optional[list[int]]:
-    """With ``stored_layers = M`` (N_u <= M < N_L), the other step whose peak can be the largest: lowest selected
-    layer N_L - M, so that every layer that runs backward is stored, the selected ones included. Draws rarely hit
-    it (on 30 layers with N_u = M = 8 it is one selection in 5.9 million), so its memory run fixes it. Else None."""
+    """With ``stored_layers = M`` (1 <= M < N_L), the other step whose peak can be the largest: lowest selected
+    layer N_L - max(M, N_u), so that the most selected blocks are stored (all of them when M >= N_u). Draws rarely
+    hit it (on 30 layers with N_u = M = 8 it is one selection in 5.9 million), so its memory run fixes it. Else None."""
     from istune.bench.plan import worst_case_selections
     from istune.config import ISTConfig
 

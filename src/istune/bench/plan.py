@@ -201,11 +201,15 @@ def worst_case_selection(num_layers: int, update_layers: int) -> list[int]:
 
 def worst_case_selections(num_layers: int, update_layers: int, stored_layers: Optional[int] = None) -> list[list[int]]:
     """The steps whose peak can be the largest: :func:`worst_case_selection`, and with ``stored_layers = M``
-    (N_u <= M < N_L) also the step whose lowest selected layer is N_L − M, where every block that runs the
-    backward pass is stored, the selected ones (which keep more) included."""
+    (1 <= M < N_L) also the step that stores the most selected blocks (which keep more than unselected ones):
+    the lowest selected layer at N_L − max(M, N_u) and the N_u − 1 top layers. For M >= N_u every block that runs
+    the backward pass is stored; for M < N_u the top N_u layers are selected and M of them stored."""
     selections = [worst_case_selection(num_layers, update_layers)]
-    if stored_layers is not None and update_layers <= stored_layers < num_layers:
-        selections.append([num_layers - stored_layers] + list(range(num_layers - update_layers + 1, num_layers)))
+    if stored_layers is not None and 1 <= stored_layers < num_layers:
+        lowest = num_layers - max(stored_layers, update_layers)
+        stored_worst = [lowest] + list(range(num_layers - update_layers + 1, num_layers))
+        if stored_worst != selections[0]:
+            selections.append(stored_worst)
     return selections
 
 
