@@ -8,6 +8,8 @@
 3. A hub id already in the local Hugging Face cache (``local_files_only``: nothing downloads).
 4. A built-in shape: the ``config.json`` values (shapes only) of the models the paper's
    recipes name, copied here from their hub pages so that planning needs no network.
+5. A benchmark shape of :data:`istune.bench.shapes.SHAPES` (``llama-12x768``, ``tiny-llama``, ...),
+   so that the frontier's and the memory table's shapes can be planned too.
 
 Only the sizes matter for memory (layer count, widths, heads, vocabulary, tied
 embeddings); the values below are those of each model's published ``config.json``.
@@ -98,8 +100,13 @@ def resolve_model_config(name: str):
     if name.lower() in by_lower:
         hub_id = by_lower[name.lower()]
         return _builtin(hub_id), f"config: built-in shape for {hub_id} (not in the local Hugging Face cache; no download)"
+    from istune.bench.shapes import SHAPES
+
+    if name.lower() in SHAPES:
+        shape = SHAPES[name.lower()]
+        return shape.config(), f"config: benchmark shape {shape.name} ({shape.description})"
     raise ValueError(
         f"--model={name!r}: no config found offline (not a local folder, not in the local Hugging Face cache: "
         f"{str(cache_error).splitlines()[0] if cache_error else 'not found'}). Give a local folder holding the "
         f"model's config.json, fetch it once with `huggingface-cli download {name} config.json`, or use a built-in "
-        f"shape: smollm2-135m, {', '.join(BUILTIN_CONFIGS)}.")
+        f"shape: smollm2-135m, {', '.join(BUILTIN_CONFIGS)}, or a benchmark shape: {', '.join(SHAPES)}.")
