@@ -7,7 +7,11 @@ The arms (``--arms``): ``all`` trains LoRA on every layer; ``random`` N_u of N_L
 uniformly each step; ``ist`` IST as in the paper (T_c = 10, μ = ``--mu``); ``ist-tc2`` IST
 with T_c = 2, so that 300 steps make 150 importance updates; ``ist-spread`` the same with
 the μ-free rewards (``ISTConfig(reward_scale="spread")``, μ = ``--spread_mu``). N_u = 25% of
-N_L, N_v = 50%, N_c = 3, β = 0.25 in every sparse arm.
+N_L, N_v = 50%, N_c = 3, β = 0.25 in every sparse arm. ``ist-tc2-mu100`` is ``ist-tc2`` at the
+paper's μ for math (100); it is run with ``--train_only`` (no held-out curve, no evaluation, no
+report), for the importance it learns during training:
+
+    .venv/bin/python benchmarks/accuracy_compare.py --arms ist-tc2-mu100 --train_only --out <folder>
 
 Same data sample, data order, adapter init and steps for every arm at a given seed; training
 batches are packed and project only the labelled positions onto the vocabulary, as
@@ -64,8 +68,9 @@ ARMS = {  # name -> legend; the settings are in arm_config
     "ist": "LoRA + IST, T_c = 10",
     "ist-tc2": "LoRA + IST, T_c = 2",
     "ist-spread": "LoRA + IST, T_c = 2, spread-scaled rewards",
+    "ist-tc2-mu100": "LoRA + IST, T_c = 2, μ = 100 (for the reproducibility study: run with --train_only)",
 }
-DEFAULT_ARMS = ",".join(ARMS)
+DEFAULT_ARMS = "all,random,ist,ist-tc2,ist-spread"
 # The paired differences reported, A − B, for the arms present.
 PAIRS = (("ist", "all"), ("ist", "random"), ("random", "all"), ("ist-tc2", "all"), ("ist-tc2", "random"),
          ("ist-tc2", "ist"), ("ist-spread", "ist-tc2"), ("ist-spread", "random"))
@@ -83,6 +88,7 @@ def arm_config(arm: str, seed: int, opts) -> ISTConfig:
         "ist": {"strategy": "ist", "probe_interval": 10, "mu": opts.mu},
         "ist-tc2": {"strategy": "ist", "probe_interval": 2, "mu": opts.mu},
         "ist-spread": {"strategy": "ist", "probe_interval": 2, "reward_scale": "spread", "mu": opts.spread_mu},
+        "ist-tc2-mu100": {"strategy": "ist", "probe_interval": 2, "mu": 100.0},
     }[arm]
     return ISTConfig(seed=seed, **settings)
 
@@ -130,9 +136,13 @@ def run_one(arm: str, seed: int, opts, folder: Path) -> dict:
     ist_callback = ISTCallback(ist)
     started = time.time()
     Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate,
-            callbacks=[ist_callback, curve]).train()
+            callbacks=[ist_callback] if opts.train_only else [ist_callback, curve]).train()
     train_seconds = time.time() - started
     updates, skipped = count_importance_updates(folder / LOG_FILE)
+    if opts.train_only:
+        return {"arm": arm, "strategy": ist.strategy, "seed": seed, "ist_config": ist.to_dict(), "train_only": True,
+                "importance_updates": updates, "importance_updates_skipped": skipped, "batch_layout": layout,
+                "train_seconds": train_seconds, "importance": ist_callback.importance.tolist(), "options": vars(opts)}
     accuracy, eval_seconds = {}, {}
     for method in ("score", "generate"):
         started = time.time()
@@ -181,6 +191,7 @@ def _arm(run: dict) -> str:
 
 def report(out: Path) -> str:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    runs = [r for r in runs if not r.get("train_only")]  # importance logs only, for the reproducibility study
     if not runs:
         raise FileNotFoundError(f"no saved runs in {out / 'runs'}; run the benchmark without --report_only first")
     by = {(_arm(r), r["seed"]): r for r in runs}
@@ -302,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="benchmarks/results/accuracy-updates",
                         help="Folder of runs/ (resumable), base.json, results.md and loss_curves.png.")
     parser.add_argument("--arms", default=None, help=f"Comma-separated arms, run in this order per seed: "
-                        f"{', '.join(ARMS)}. Default: all five.")
+                        f"{', '.join(ARMS)}. Default: {DEFAULT_ARMS}.")
     parser.add_argument("--strategies", default=None, help="Old name of --arms (all, random, ist).")
     parser.add_argument("--seeds", default="1,2,3", help="Comma-separated seeds; every arm of a seed runs before the next seed.")
     parser.add_argument("--max_steps", type=int, default=300,
@@ -323,6 +334,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="Comma-separated commonsense tasks (default: all eight, in the earlier studies' order).")
     parser.add_argument("--eval_limit", type=int, default=100, help="Items per task (a seeded sample, the same for every run).")
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--train_only", action="store_true",
+                        help="Train and keep each run's IST log only: no held-out curve, no evaluation, no report. For "
+                        "`istune analyze reproducibility --logs` (importance learned during training), e.g. with "
+                        "--arms ist-tc2-mu100.")
     return parser
 
 
@@ -365,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     opts = parser.parse_args(argv)
     out = Path(opts.out)
+    if opts.train_only and opts.report_only:
+        parser.error("--train_only and --report_only: a train-only run writes no report; give one of them.")
     try:
         arms, seeds = check_options(opts)
         if not opts.report_only:
@@ -374,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     commit = git_commit(Path(__file__).resolve().parent.parent)  # before this run writes into the tree
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if not opts.report_only:
-        if not (out / "base.json").exists():
+        if not opts.train_only and not (out / "base.json").exists():
             print("== base model (no tuning), option scoring", flush=True)
             write_atomic(out / "base.json", json.dumps(run_base(opts)))
         for seed in seeds:
@@ -385,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"== {arm} seed {seed}", flush=True)
                 result = run_one(arm, seed, opts, out / "runs" / f"{arm}-seed{seed}")
                 write_atomic(path, json.dumps(result))
+    if opts.train_only:
+        return
     table = report(out)
     header = (f"# LoRA on every layer vs random sparse vs IST arms, SmolLM2-135M, commonsense mix\n\n"
               f"Command: `.venv/bin/python benchmarks/accuracy_compare.py {' '.join(sys.argv[1:] if argv is None else argv)}`  \n"

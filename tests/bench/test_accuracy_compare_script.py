@@ -219,3 +219,27 @@ def test_a_saved_run_made_with_other_options_is_refused(accuracy_compare, tmp_pa
         accuracy_compare.main(["--out", str(tmp_path), "--arms", "ist-tc2", "--seeds", "1"])
     assert "ist-tc2-seed1.json was made with --max_steps=150, this call has --max_steps=300" in capsys.readouterr().err
     assert not (tmp_path / "base.json").exists()
+
+
+def test_train_only_keeps_the_ist_log_and_skips_curve_evaluation_and_report(accuracy_compare, tiny_study, tmp_path):
+    out = tmp_path / "study"
+
+    accuracy_compare.main(["--out", str(out), "--arms", "ist-tc2-mu100", "--seeds", "1", "--train_only", *TINY])
+
+    run = json.loads((out / "runs" / "ist-tc2-mu100-seed1.json").read_text())
+    assert run["train_only"] and run["importance_updates"] == 10 // 2
+    assert run["ist_config"]["mu"] == 100.0 and run["ist_config"]["probe_interval"] == 2
+    assert "curve" not in run and "accuracy" not in run
+    assert log_trajectory(out / "runs" / "ist-tc2-mu100-seed1")[-1] == pytest.approx(run["importance"])
+    assert not (out / "results.md").exists() and not (out / "base.json").exists()
+    # A report over the folder leaves train-only runs out rather than failing on their missing accuracy.
+    _save_run(out, "all", 1, 0.2, [True] * 4, [False] * 4)
+    table = accuracy_compare.report(out)
+    assert "ist-tc2-mu100" not in table and _row(table, "all")[1] == "1"
+
+
+def test_train_only_with_report_only_is_refused(accuracy_compare, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        accuracy_compare.main(["--out", str(tmp_path / "out"), "--train_only", "--report_only"])
+    assert "--train_only and --report_only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
