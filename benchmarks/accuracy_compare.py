@@ -31,7 +31,8 @@ not mixed in. The untuned model's option scoring on the same items is saved once
 The report gives per-arm means over the seeds every arm has, paired differences (same seed,
 same items) with 95% confidence intervals (t over seeds for the final held-out loss and its
 mean over the last two thirds of training; for accuracies, t over items after averaging each
-item's difference over the seeds), accuracy per task, and a plot of the loss curves with
+item's difference over the seeds), each accuracy difference's spread over seeds with the seeds a
+paired test would need to detect +1.8 pp, accuracy per task, and a plot of the loss curves with
 min-max seed bands (the whole run, and after format learning).
 """
 
@@ -51,7 +52,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from istune import ISTCallback, ISTConfig
 from istune.bench.records import git_commit, write_atomic
-from istune.bench.stats import mean_ci95, paired_item_ci95
+from istune.bench.stats import mean_ci95, paired_item_ci95, seeds_for_power
 from istune.data import CausalLMCollator, InstructionDataset
 from istune.data.commonsense_format import COMMONSENSE_TASKS
 from istune.eval import evaluate_tasks
@@ -230,9 +231,32 @@ def report(out: Path) -> str:
                                        for u, v in zip(x["accuracy"][m][t], y["accuracy"][m][t])] for x, y in pairs])
         lines.append(f"| {a} − {b} | {len(pairs)} | {dl[0]:+.4f} ± {dl[1]:.4f} | {dm[0]:+.4f} ± {dm[1]:.4f} | {da['score'][0]:+.1f} ± {da['score'][1]:.1f} | "
                      f"{da['generate'][0]:+.1f} ± {da['generate'][1]:.1f} |")
-    lines += ["", *_arm_settings(by, seeds, arms), "", *_per_task_table(out, by, seeds, arms)]
+    lines += ["", *_seed_spread_table(by, seeds), "", *_arm_settings(by, seeds, arms), "", *_per_task_table(out, by, seeds, arms)]
     _plot(out, by, seeds, arms)
     return "\n".join(lines)
+
+
+def _seed_spread_table(by, seeds, effect: float = 1.8) -> list[str]:
+    """Per pair: each seed's accuracy difference, their spread, the items on which the arms disagree,
+    and the seeds per arm a paired t-test over seeds needs to detect ``effect`` pp at 80% power."""
+    if len(seeds) < 2:
+        return []
+    lines = [f"Seed spread of the accuracy differences (added after the three-seed results, for sizing a GPU run): "
+             f"each seed's difference over all items, its standard deviation s over seeds, the share of items the two "
+             f"arms answer differently, and the seeds per arm to detect +{effect} pp at 80% power if s held.", "",
+             "| comparison | measure | per seed (pp) | s (pp) | items answered differently | seeds per arm |",
+             "|---|---|---|---|---|---|"]
+    for a, b in PAIRS:
+        if not all((a, k) in by and (b, k) in by for k in seeds):
+            continue
+        for m in ("score", "generate"):
+            pairs = [(sum(by[(a, k)]["accuracy"][m].values(), []), sum(by[(b, k)]["accuracy"][m].values(), [])) for k in seeds]
+            diffs = [100 * (statistics.fmean(map(int, x)) - statistics.fmean(map(int, y))) for x, y in pairs]
+            differ = statistics.fmean(statistics.fmean(u != v for u, v in zip(x, y)) for x, y in pairs)
+            sd = statistics.stdev(diffs)
+            lines.append(f"| {a} − {b} | {m} | {', '.join(f'{d:+.2f}' for d in diffs)} | {sd:.2f} | {100 * differ:.0f}% | "
+                         f"{seeds_for_power(sd, effect)} |")
+    return lines
 
 
 def _arm_settings(by, seeds, arms) -> list[str]:

@@ -3,6 +3,7 @@ the arms trained on a tiny random LLaMA (importance updates made, IST logs kept,
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from istune.analysis import cli as analysis_cli
 from istune.analysis.reproducibility import log_trajectory, parse_log_groups
+from istune.bench.stats import seeds_for_power
 from tests.bench import load_benchmark_script
 from tests.eval.conftest import make_tokenizer
 
@@ -57,6 +59,12 @@ def test_report_means_and_paired_differences(accuracy_compare, tmp_path):
     assert diff[4] == f"+25.0 ± {score_half:.1f}"
     assert diff[5].startswith("-12.5 ± ")
     assert "| random |" not in table  # no runs saved for it
+    # Seed spread: per-seed differences over all items (score 75-50, 50-25; generation 50-50, 25-50).
+    score = [cell.strip() for cell in table.split("| ist − all | score |")[1].split("\n")[0].strip(" |").split("|")]
+    assert score == ["+25.00, +25.00", "0.00", "25%", "2"]  # same difference at both seeds: s = 0
+    generate = [cell.strip() for cell in table.split("| ist − all | generate |")[1].split("\n")[0].strip(" |").split("|")]
+    assert generate[:2] == ["+0.00, -25.00", f"{statistics.stdev([0, -25]):.2f}"]
+    assert int(generate[3]) == seeds_for_power(statistics.stdev([0, -25]), 1.8)
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
 
 
@@ -135,7 +143,8 @@ def test_report_pairs_every_arm_present_and_reads_runs_saved_before_arms(accurac
 
     table = accuracy_compare.report(tmp_path)
 
-    comparisons = [line.split("|")[1].strip() for line in table.splitlines() if " − " in line]
+    paired = table.split("Seed spread")[0]  # the paired-differences table, not the seed-spread one after it
+    comparisons = [line.split("|")[1].strip() for line in paired.splitlines() if " − " in line]
     assert comparisons == ["ist-tc2 − all", "ist-spread − ist-tc2"]  # only the pairs whose arms both ran
     assert _row(table, "ist-tc2 − all")[2].startswith("-0.0300 ± ")
     assert _row(table, "ist-spread − ist-tc2")[2].startswith("-0.0100 ± ")

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from istune.bench.stats import mean_ci95, paired_item_ci95, t_quantile_975
+from istune.bench.stats import mean_ci95, paired_item_ci95, seeds_for_power, t_quantile_975
 
 
 def _t_mass_between(t: float, df: int, steps: int = 20000) -> float:
@@ -57,3 +57,20 @@ def test_paired_item_ci95_counts_each_item_once():
 def test_paired_item_ci95_refuses_different_items_per_seed():
     with pytest.raises(ValueError, match="same items"):
         paired_item_ci95([[1, 0], [1]])
+
+
+@pytest.mark.parametrize("sd, seeds", [(0.6, 3), (1.5, 8), (3.4, 30)])
+def test_seeds_for_power_matches_scipy_t_quantiles(sd, seeds):
+    # Reference: the same search with scipy.stats.t.ppf(0.975, k - 1) and norm.ppf(0.8), run once by hand.
+    assert seeds_for_power(sd, 1.8) == seeds
+
+
+def test_seeds_for_power_is_the_smallest_that_reaches_the_effect():
+    k = seeds_for_power(2.0, 1.0)
+    assert (t_quantile_975(k - 1) + 0.8416) * 2.0 / math.sqrt(k) <= 1.0
+    assert (t_quantile_975(k - 2) + 0.8416) * 2.0 / math.sqrt(k - 1) > 1.0
+
+
+def test_seeds_for_power_refuses_a_zero_effect():
+    with pytest.raises(ValueError, match="effect > 0"):
+        seeds_for_power(1.0, 0.0)

@@ -44,3 +44,18 @@ def paired_item_ci95(per_seed: list[list[float]]) -> tuple[float, float]:
         raise ValueError(f"paired_item_ci95 needs the same items at every seed; got lengths {[len(r) for r in per_seed]}")
     per_item = [statistics.fmean(column) for column in zip(*per_seed)]
     return mean_ci95(per_item)
+
+
+def seeds_for_power(sd: float, effect: float, power_z: float = 0.8416, max_seeds: int = 1000) -> int:
+    """Seeds per arm for a paired t-test over seeds to detect ``effect`` with about 80% power.
+
+    ``sd`` is the standard deviation across seeds of the paired difference; the answer is the
+    smallest k >= 2 with (t_{0.975}(k - 1) + z_power) * sd / sqrt(k) <= effect (``power_z`` is
+    the normal quantile of the power: 0.8416 for 80%).
+    """
+    if not (sd >= 0 and effect > 0):
+        raise ValueError(f"seeds_for_power needs sd >= 0 and effect > 0; got sd={sd}, effect={effect}")
+    for k in range(2, max_seeds + 1):
+        if (t_quantile_975(k - 1) + power_z) * sd / math.sqrt(k) <= effect:
+            return k
+    raise ValueError(f"sd={sd} and effect={effect} need more than {max_seeds} seeds")
