@@ -394,6 +394,10 @@ def check_saved(out: Path, arms: list[str], seeds: list[int], opts) -> None:
             if name in saved.get("options", {}) and saved["options"][name] != getattr(opts, name):
                 raise ValueError(f"{path} was made with --{name}={saved['options'][name]!r}, this call has "
                                  f"--{name}={getattr(opts, name)!r}; use the same value, another --out, or delete the file.")
+        if arm is not None and saved.get("train_only", False) != opts.train_only:
+            made, now = ("with", "without") if saved.get("train_only") else ("without", "with")
+            raise ValueError(f"{path} was made {made} --train_only, this call is {now} it; use the same, another "
+                             "--out, or delete the file.")
         config = saved.get("ist_config")
         if arm is not None and config is not None and config != arm_config(arm, seed, opts).to_dict():
             raise ValueError(f"{path} was made with another ISTConfig ({config}) than arm {arm!r} has now (check --mu, "

@@ -252,3 +252,14 @@ def test_train_only_with_report_only_is_refused(accuracy_compare, tmp_path, caps
         accuracy_compare.main(["--out", str(tmp_path / "out"), "--train_only", "--report_only"])
     assert "--train_only and --report_only" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_train_only_run_is_not_reused_by_a_full_run(accuracy_compare, tmp_path, capsys):
+    _save_run(tmp_path, "ist-tc2", 1, 0.2, [True] * 4, [False] * 4)
+    run = json.loads((tmp_path / "runs" / "ist-tc2-seed1.json").read_text())
+    run["train_only"] = True
+    (tmp_path / "runs" / "ist-tc2-seed1.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit):
+        accuracy_compare.main(["--out", str(tmp_path), "--arms", "ist-tc2", "--seeds", "1"])
+    assert "ist-tc2-seed1.json was made with --train_only, this call is without it" in capsys.readouterr().err
+    assert not (tmp_path / "base.json").exists()
