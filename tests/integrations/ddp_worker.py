@@ -5,7 +5,8 @@
     PYTHONPATH=. accelerate launch --config_file configs/accelerate/fsdp2.yaml --cpu --num_processes 2 \\
         tests/integrations/ddp_worker.py OUT_DIR fsdp2
 
-Each rank trains the same tiny LoRA model with ISTCallback in a Trainer and writes
+Each rank trains the same tiny LoRA model with ISTCallback in a Trainer (in the one-line form
+``callbacks=[ISTCallback(...)]`` under DDP, with ``add_ist`` under FSDP2) and writes
 ``OUT_DIR/rank{r}.json`` (selections, losses, importance, violations, the errors of the refused
 setups) and ``OUT_DIR/rank{r}.safetensors`` (the adapter weights, whole). The tests run
 :func:`train` (and :func:`sharded_loop`) in one process with the same samples per optimizer
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.fsdp import fully_shard
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from istune import ISTCallback, ISTConfig, SparseTuner
+from istune import ISTCallback, ISTConfig, SparseTuner, add_ist
 from istune.core.layers import prepare_full_layer_tuning
 from istune.core.sharding import full_tensor, has_dtensor_parameters, is_fsdp2
 from tests.tiny_models import peft_model, tiny_model
@@ -78,8 +79,11 @@ class Recorder(TrainerCallback):
                 self.violations.append(f"step {state.global_step}: layer {j} moved {moved}")
 
 
-def train(output_dir: str, world_size: int, rank: int, config: dict = CONFIG, resume=None, **overrides):
+def train(output_dir: str, world_size: int, rank: int, config: dict = CONFIG, resume=None, explicit: bool = False,
+          **overrides):
     """Train with IST; the data are arranged so any world size sees the same samples per optimizer step.
+
+    ``explicit``: add IST with ``add_ist(trainer, ...)`` rather than in ``Trainer(callbacks=[...])``.
 
     Plain SGD: Adam divides by the gradient's own size, which turns float noise in a near-zero
     gradient into visible weight differences between the two runs. Weight decay stays on, so a
@@ -89,8 +93,8 @@ def train(output_dir: str, world_size: int, rank: int, config: dict = CONFIG, re
     probe_share = SAMPLES_PER_STEP // world_size  # each rank probes its own share of the 4 probe examples
     probe = Examples(SAMPLES_PER_STEP, seed=1)
     probe = torch.utils.data.Subset(probe, range(rank * probe_share, (rank + 1) * probe_share))
-    ist = ISTCallback(ISTConfig(**config, probe_batch_size=probe_share), probe_dataset=probe)
-    recorder = Recorder(ist)
+    ist_config = ISTConfig(**config, probe_batch_size=probe_share)
+    ist = None if explicit else ISTCallback(ist_config, probe_dataset=probe)
     args = dict(output_dir=output_dir, max_steps=MAX_STEPS, per_device_train_batch_size=per_device,
                 gradient_accumulation_steps=ACCUMULATION, train_sampling_strategy="sequential",
                 optim="sgd", learning_rate=0.1, weight_decay=0.1, lr_scheduler_type="constant", save_strategy="no",
@@ -100,7 +104,11 @@ def train(output_dir: str, world_size: int, rank: int, config: dict = CONFIG, re
         args["ddp_backend"] = "gloo"
     model = peft_model("llama", "lora", num_layers=NUM_LAYERS)
     trainer = Trainer(model=model, args=TrainingArguments(**{**args, **overrides}),
-                      train_dataset=Examples(SAMPLES_PER_STEP * MAX_STEPS, seed=0), callbacks=[ist, recorder])
+                      train_dataset=Examples(SAMPLES_PER_STEP * MAX_STEPS, seed=0), callbacks=[ist] if ist else [])
+    if explicit:
+        ist = add_ist(trainer, ist_config, probe_dataset=probe)
+    recorder = Recorder(ist)
+    trainer.add_callback(recorder)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, ist, recorder
 
@@ -212,6 +220,9 @@ def main(out_dir: str, mode: str = "ddp") -> None:
     result["reentrant"] = _error_of(lambda: train(scratch, world_size, rank,
                                                   gradient_checkpointing_kwargs={"use_reentrant": True}))
     result["find_unused_false"] = _error_of(lambda: train(scratch, world_size, rank, ddp_find_unused_parameters=False))
+    result["find_unused_false_explicit"] = _error_of(lambda: train(scratch, world_size, rank, explicit=True,
+                                                                   ddp_find_unused_parameters=False))
+    result["static_graph"] = _error_of(lambda: train(scratch, world_size, rank, ddp_static_graph=True))
     result["plain_loop"] = plain_loop(rank)
     result["plain_loop_find_unused_false"] = _error_of(lambda: SparseTuner(DistributedDataParallel(
         peft_model("llama", "lora", num_layers=NUM_LAYERS))))
@@ -248,19 +259,22 @@ def main_fsdp2(out_dir: str, rank: int, world_size: int) -> None:
     from its step-3 checkpoint with FSDP2 set through TrainingArguments; then the plain loop on fully_shard."""
     enable_fsdp_on_cpu()
     run = os.path.join(out_dir, "trainer")
-    trainer, ist, recorder = train(run, world_size, rank, save_strategy="steps", save_steps=3, **MOMENTUM)
-    result = {
+    result = {"one_line_saving": _error_of(lambda: train(os.path.join(out_dir, "scratch"), world_size, rank,
+                                                        save_strategy="steps", save_steps=3, **MOMENTUM))}
+    trainer, ist, recorder = train(run, world_size, rank, explicit=True, save_strategy="steps", save_steps=3,
+                                   **MOMENTUM)
+    result.update({
         "sharded": is_fsdp2(trainer.model) and has_dtensor_parameters(trainer.model),
         "selections": recorder.selections,
         "losses": _losses(trainer),
         "importance": ist.importance.tolist(),
         "violations": recorder.violations,
-    }
+    })
     save_file(adapter_weights(trainer.model), os.path.join(out_dir, f"rank{rank}.safetensors"))
     trainer.save_model(os.path.join(out_dir, "adapter"))  # every rank takes part in gathering the full state dict
 
     resumed, resumed_ist, resumed_recorder = train(run, world_size, rank, resume=os.path.join(run, "checkpoint-3"),
-                                                    **MOMENTUM, **FSDP2)
+                                                    explicit=True, **MOMENTUM, **FSDP2)
     result["resumed"] = {"sharded": is_fsdp2(resumed.model), "selections": resumed_recorder.selections,
                          "losses": _losses(resumed)[-3:],
                          "importance": resumed_ist.importance.tolist(),

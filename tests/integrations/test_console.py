@@ -5,7 +5,7 @@ import ast
 import pytest
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from istune import ISTCallback, ISTConfig
+from istune import ISTCallback, ISTConfig, add_ist
 from istune.integrations.console import ReadablePrinterCallback, ReadableProgressCallback, console_logs
 
 from .test_hf import NUM_LAYERS, LogRecorder, _trainer
@@ -23,23 +23,35 @@ def test_console_logs_keep_the_trainer_values_and_name_the_top_layers():
     assert console_logs(unranked) == {"loss": 1.0}  # before the first importance update: nothing to rank
 
 
+@pytest.mark.parametrize("form", ["add_ist", "one_line"])
 @pytest.mark.parametrize("disable_tqdm", [True, False])
-def test_trainer_console_is_one_short_line_per_log(tmp_path, capsys, disable_tqdm):
+def test_trainer_console_is_one_short_line_per_log(tmp_path, capsys, disable_tqdm, form):
     reporter = LogRecorder()
-    ist = ISTCallback(ISTConfig(update_layers=1, probe_interval=2))
-    trainer = _trainer(tmp_path, [reporter, ist], max_steps=4, disable_tqdm=disable_tqdm)
+    config = ISTConfig(update_layers=1, probe_interval=2)
+    if form == "add_ist":  # IST runs before the reporter and swaps the Trainer's printer for the readable one
+        trainer = _trainer(tmp_path, [reporter], max_steps=4, disable_tqdm=disable_tqdm)
+        add_ist(trainer, config)
+    else:  # the reporter runs first and gets no IST metric; the Trainer's own printer gets the short line
+        trainer = _trainer(tmp_path, [reporter, ISTCallback(config)], max_steps=4, disable_tqdm=disable_tqdm)
     trainer.train()
     printer = ReadablePrinterCallback if disable_tqdm else ReadableProgressCallback
-    assert sum(type(c) is printer for c in trainer.callback_handler.callbacks) == 1
-    assert not any(type(c) in (PrinterCallback, ProgressCallback) for c in trainer.callback_handler.callbacks)
+    original = PrinterCallback if disable_tqdm else ProgressCallback
+    kinds = [type(c) for c in trainer.callback_handler.callbacks]
+    assert (kinds.count(printer), kinds.count(original)) == ((1, 0) if form == "add_ist" else (0, 1))
 
     printed = capsys.readouterr()
     lines = [ast.literal_eval(line.strip()) for line in (printed.out + printed.err).replace("\r", "\n").splitlines()
              if line.strip().startswith("{'loss'")]
     assert len(lines) == 4
-    for step, (line, logged) in enumerate(zip(lines, [log for log in reporter.logs if "loss" in log]), start=1):
+    reported = [log for log in reporter.logs if "loss" in log]
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for step, (line, logged, entry) in enumerate(zip(lines, reported, history), start=1):
         assert not any(key.startswith(("ist/importance/", "ist/selected/")) for key in line)
-        importance = [logged[f"ist/importance/layer_{i:02d}"] for i in range(NUM_LAYERS)]  # what TensorBoard got
+        importance = [entry[f"ist/importance/layer_{i:02d}"] for i in range(NUM_LAYERS)]
+        if form == "add_ist":  # what TensorBoard got
+            assert [logged[f"ist/importance/layer_{i:02d}"] for i in range(NUM_LAYERS)] == importance
+        else:
+            assert not any(key.startswith("ist/") for key in logged)
         expected = sorted(range(NUM_LAYERS), key=lambda i: (-importance[i], i))
         if len(set(importance)) > 1:
             assert line["ist/top_layers"] == " ".join(map(str, expected))
@@ -49,6 +61,7 @@ def test_trainer_console_is_one_short_line_per_log(tmp_path, capsys, disable_tqd
         assert len(str(line)) < 300
     assert sum("ist/top_layers" in line for line in lines) == 3  # steps 2-4, after the first importance update
     assert any(f"ist/selected/layer_{i:02d}" in trainer.state.log_history[0] for i in range(NUM_LAYERS))
+    assert not any("ist/top_layers" in entry for entry in history)  # the console's line only
 
 
 def test_the_full_logs_can_still_be_printed(tmp_path, capsys):

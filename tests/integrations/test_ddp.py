@@ -75,8 +75,10 @@ def test_setups_ddp_cannot_train_are_refused_before_any_step(ranks):
     for result in results:
         assert result["reentrant"].startswith("ValueError: Reentrant activation checkpointing under DDP")
         assert "use_reentrant': False" in result["reentrant"]
-        assert result["find_unused_false"].startswith("ValueError: IST freezes the adapters of unselected layers")
-        assert "ddp_find_unused_parameters=True" in result["find_unused_false"]
+        for form in ("find_unused_false", "find_unused_false_explicit"):  # from the arguments; the DDP wrapper
+            assert result[form].startswith("ValueError: IST freezes the adapters of unselected layers")
+            assert "ddp_find_unused_parameters=True" in result[form]
+        assert result["static_graph"].startswith("ValueError: DDP static_graph=True assumes")
 
 
 def test_sparse_tuner_on_a_ddp_model_in_a_plain_loop(ranks):

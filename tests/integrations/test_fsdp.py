@@ -4,7 +4,8 @@ The worker (ddp_worker.py, mode ``fsdp2``) trains the DDP test's tiny LoRA model
 4 samples per optimizer step, sharded with ``fully_shard`` by the Trainer (accelerate only
 shards on accelerator backends; the worker lifts that for CPU processes, see
 ``enable_fsdp_on_cpu``), saves a checkpoint at step 3 and resumes from it with FSDP2 set
-through TrainingArguments; then runs SparseTuner in a plain loop on a ``fully_shard`` model.
+through TrainingArguments (IST added with ``add_ist``: the one-line form refuses to save FSDP2
+checkpoints); then runs SparseTuner in a plain loop on a ``fully_shard`` model.
 """
 
 import json
@@ -59,6 +60,14 @@ def test_trainer_under_fsdp2_matches_a_single_process_run(ranks, single_process)
     for name, value in weights.items():
         torch.testing.assert_close(sharded[0][name], sharded[1][name], rtol=0, atol=0)
         torch.testing.assert_close(sharded[0][name], value, **TOLERANCE)
+
+
+def test_the_one_line_form_refuses_to_save_fsdp2_checkpoints_naming_add_ist(ranks):
+    _, results = ranks
+    for result in results:
+        assert result["one_line_saving"].startswith("ValueError: ISTCallback under FSDP2 with save_strategy='steps' "
+                                                    "needs the Trainer")
+        assert "istune.add_ist(trainer, config)" in result["one_line_saving"]
 
 
 def test_only_selected_layers_get_gradients_and_move_under_fsdp2(ranks):

@@ -1,12 +1,13 @@
 """ISTCallback inside a real transformers Trainer on a tiny model."""
 
 import json
+import logging
 
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from istune import ISTCallback, ISTConfig
+from istune import ISTCallback, ISTConfig, add_ist
 
 from ..tiny_models import peft_model
 
@@ -84,10 +85,24 @@ def test_trainer_trains_exactly_the_selected_layers(tmp_path, strategy):
     assert all(p.requires_grad for layer in ist.tuner.layers for p in layer.parameters)  # restored at the end
 
 
-def test_metrics_reach_reporters_and_the_jsonl_log(tmp_path):
+def _read_log(folder):
+    return [json.loads(line) for line in (folder / "ist_log.jsonl").read_text().splitlines()]
+
+
+def _adapters(trainer):
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if "lora_" in name}
+
+
+@pytest.mark.parametrize("form", ["add_ist", "trainer="])
+def test_metrics_reach_reporters_and_the_jsonl_log(tmp_path, form):
     recorder = LogRecorder()
-    ist = ISTCallback(ISTConfig(update_layers=1, probe_interval=3))
-    trainer = _trainer(tmp_path, [recorder, ist])
+    trainer = _trainer(tmp_path, [recorder])  # listed before IST, as the Trainer lists report_to's reporters
+    config = ISTConfig(update_layers=1, probe_interval=3)
+    if form == "add_ist":
+        ist = add_ist(trainer, config)
+    else:
+        ist = ISTCallback(config, trainer=trainer)
+        trainer.add_callback(ist)
     trainer.train()
     train_logs = [log for log in recorder.logs if "loss" in log]
     assert len(train_logs) == 6
@@ -95,13 +110,45 @@ def test_metrics_reach_reporters_and_the_jsonl_log(tmp_path):
     assert sum(train_logs[0][f"ist/selected/layer_{i:02d}"] for i in range(NUM_LAYERS)) == 1.0
     assert "ist/probe_loss" in train_logs[2]
     assert "ist/importance/layer_00" in trainer.state.log_history[0]
-    events = [json.loads(line) for line in (tmp_path / "ist_log.jsonl").read_text().splitlines()]
+    events = _read_log(tmp_path)
     selections = [e for e in events if e["event"] == "select"]
     probes = [e for e in events if e["event"] == "probe"]
     assert [e["step"] for e in selections] == [1, 2, 3, 4, 5, 6]
     assert [e["step"] for e in probes] == [3, 6]
     assert probes[-1]["importance"] == pytest.approx(ist.importance.tolist())
     assert len(probes[0]["losses"]) == 3
+
+
+def test_the_one_line_form_says_once_that_reporters_before_it_miss_its_metrics(tmp_path, caplog):
+    recorder = LogRecorder()
+    trainer = _trainer(tmp_path, [recorder, ISTCallback(ISTConfig(update_layers=1, probe_interval=3))])
+    trainer.args.report_to = ["tensorboard"]  # what the warning reads (the Trainer built its reporters already)
+    with caplog.at_level(logging.WARNING, logger="istune"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "will not reach the reporters" in r.getMessage()]
+    assert len(warnings) == 1 and "['tensorboard']" in warnings[0] and "istune.add_ist(trainer, config)" in warnings[0]
+    assert not any(key.startswith("ist/") for log in recorder.logs for key in log)
+    train_history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(f"ist/selected/layer_{NUM_LAYERS - 1:02d}" in entry for entry in train_history)
+    assert "ist/probe_loss" in train_history[2]
+
+
+@pytest.mark.parametrize("strategy", ["ist", "random"])
+def test_add_ist_trains_as_the_one_line_form(tmp_path, strategy):
+    config = ISTConfig(strategy=strategy, update_layers=2, probe_interval=2)
+    one_line = ISTCallback(config)
+    plain = _trainer(tmp_path / "one_line", [one_line])
+    plain.train()
+    trainer = _trainer(tmp_path / "add_ist", [])
+    explicit = add_ist(trainer, config)
+    trainer.train()
+    assert _read_log(tmp_path / "one_line") == _read_log(tmp_path / "add_ist")  # same selections and probes
+    assert torch.equal(one_line.importance, explicit.importance)
+    expected = _adapters(plain)
+    for name, value in _adapters(trainer).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="already has an ISTCallback"):
+        add_ist(trainer, config)
 
 
 def test_data_order_and_rng_are_those_of_plain_training(tmp_path):
@@ -144,8 +191,7 @@ def test_resume_from_checkpoint_continues_the_uninterrupted_run(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
 
     assert torch.equal(full_ist.importance, resumed_ist.importance)
-    read = lambda p: [json.loads(line) for line in (p / "ist_log.jsonl").read_text().splitlines()]
-    assert read(tmp_path / "full") == read(tmp_path / "resumed")
+    assert _read_log(tmp_path / "full") == _read_log(tmp_path / "resumed")
     full_weights = {n: p for n, p in full.model.named_parameters() if "lora_" in n}
     for name, parameter in resumed.model.named_parameters():
         if "lora_" in name:

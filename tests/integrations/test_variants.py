@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from istune import ISTCallback, ISTConfig, SparseTuner
-from istune.core import distributed
+from istune.core import distributed, prepare_full_layer_tuning
 from istune.integrations.trainer_checks import check_trainer_setup, fsdp_version, uses_reentrant_checkpointing
 
 from ..tiny_models import peft_model, tiny_model
@@ -154,12 +154,16 @@ def test_saved_adapters_hold_every_layer_and_load_with_plain_peft(tmp_path):
     (dict(args={"fsdp": True, "fsdp_config": {"version": 1}}), "istune does not support FSDP1 .*use_orig_params"),
     (dict(trainer=SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(
         fsdp_plugin=SimpleNamespace(fsdp_version=1))))), "FSDP1"),
+    # Without the Trainer (callbacks=[ISTCallback()]): accelerate's shared state, and the arguments' plugin.
+    (dict(accelerator_state=SimpleNamespace(deepspeed_plugin=object())), "DeepSpeed ZeRO"),
+    (dict(args={"deepspeed_plugin": object()}), "DeepSpeed ZeRO"),  # set by accelerate launch's config file
+    (dict(accelerator_state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1))), "FSDP1"),
 ])
 def test_deepspeed_and_fsdp1_are_refused_naming_fsdp2(setup, message):
     args = SimpleNamespace(**{"fsdp": [], "deepspeed": None, "torch_compile": False, **setup.get("args", {})})
     model = peft_model("llama", "lora", num_layers=2)
     with pytest.raises(NotImplementedError, match=message) as refused:
-        check_trainer_setup(args, model, setup.get("trainer"))
+        check_trainer_setup(args, model, setup.get("trainer"), setup.get("accelerator_state"))
     assert "Shard with FSDP2 instead" in str(refused.value) and "configs/accelerate/fsdp2.yaml" in str(refused.value)
 
 
@@ -173,6 +177,24 @@ def test_deepspeed_and_fsdp1_are_refused_naming_fsdp2(setup, message):
 def test_fsdp_version_comes_from_the_trainer_first(args, trainer, version):
     model = peft_model("llama", "lora", num_layers=2)
     assert fsdp_version(SimpleNamespace(**args), model, trainer) == version
+    if trainer is not None:  # without the Trainer, from accelerate's state (shared by the Trainer's accelerator)
+        assert fsdp_version(SimpleNamespace(**args), model, accelerator_state=trainer.accelerator.state) == version
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(ddp_find_unused_parameters=False), "find_unused_parameters=True"),
+    (dict(ddp_static_graph=True), "static_graph=True assumes"),
+    (dict(gradient_checkpointing=True), "find_unused_parameters=True"),  # the Trainer's choice for this model
+])
+def test_ddp_settings_are_checked_from_the_arguments_without_the_trainer(monkeypatch, arguments, message):
+    """Without the Trainer its DDP wrapper is out of reach: the settings it builds the wrapper from are checked."""
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    args = SimpleNamespace(**{"fsdp": [], "deepspeed": None, "torch_compile": False, **arguments})
+    full_layers = prepare_full_layer_tuning(tiny_model("llama", num_layers=2))  # a transformers model, no peft
+    with pytest.raises(ValueError, match=message):
+        check_trainer_setup(args, full_layers)
+    if "gradient_checkpointing" in arguments:  # a peft model: the Trainer turns find_unused_parameters on
+        check_trainer_setup(args, peft_model("llama", "lora", num_layers=2))
 
 
 @pytest.mark.parametrize("find_unused, static_graph, message", [

@@ -96,13 +96,18 @@ def check_ddp(wrapper: DistributedDataParallel) -> None:
     Raises:
         ValueError: ``find_unused_parameters`` is off, or ``static_graph`` is on.
     """
-    if not wrapper.find_unused_parameters:
+    check_ddp_settings(wrapper.find_unused_parameters, getattr(wrapper, "static_graph", False))
+
+
+def check_ddp_settings(find_unused_parameters: bool, static_graph: bool) -> None:
+    """:func:`check_ddp` on the settings a DDP wrapper is (to be) built with."""
+    if not find_unused_parameters:
         raise ValueError(
             "IST freezes the adapters of unselected layers each step, so DDP must be built with "
             "find_unused_parameters=True (Trainer: TrainingArguments(ddp_find_unused_parameters=True)); "
             "otherwise DDP fails with 'Expected to have finished reduction in the prior iteration'."
         )
-    if getattr(wrapper, "static_graph", False):
+    if static_graph:
         raise ValueError(
             "DDP static_graph=True assumes the same parameters get gradients every step, but IST changes the "
             "trained layers every step. Build DDP without static_graph (Trainer: ddp_static_graph=None or False)."

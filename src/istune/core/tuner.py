@@ -36,10 +36,16 @@ from torch import nn
 
 from istune.config import ISTConfig
 from istune.core import distributed, policy, sharding
+from istune.core.checkpointing import LayerCheckpointing
+from istune.core.checks import (
+    check_optimizer_holds,
+    refuse_merged_adapters,
+    refuse_reentrant_checkpointing_under_ddp,
+    warn_about_parameters_outside_layers,
+)
 from istune.core.layers import AdapterLayer, find_adapter_layers
 from istune.core.optimizer_state import UnselectedOptimizerState
 from istune.core.probe import LossFn, default_loss, keep_quantized_layers_trainable, move_to_device, probe_mode
-from istune.core.checkpointing import LayerCheckpointing
 from istune.core.suppress import prepare_suppression, suppress_layers
 
 logger = logging.getLogger(__name__)
@@ -74,28 +80,16 @@ class SparseTuner:
         loss_fn: Optional[LossFn] = None,
         optimizer: Optional[torch.optim.Optimizer] = None,
     ):
-        model = distributed.unwrap_ddp(model)
+        model = distributed.unwrap_ddp(model)  # refuses a DDP wrapper that cannot skip frozen adapters
         self.model = model
         self.config = config or ISTConfig()
         self.layers: list[AdapterLayer] = find_adapter_layers(model, self.config.layers_path)
-        self.counts = self.config.resolve(len(self.layers))
-        _refuse_merged_adapters(self.layers)
-        sharding.check_fsdp2(model, self.config, self.layers)  # what IST cannot do on an FSDP2-sharded model
-        if keep_quantized_layers_trainable(model):  # before the first eval-mode probe forward (bitsandbytes on CPU)
-            logger.info("IST: bitsandbytes' CPU repacking of 4-bit layers turned off; it would drop their gradients.")
-        if self.config.strategy == "ist":
-            prepare_suppression(model, self.layers)  # refuses what eq. 8 cannot suppress; keeps W0 of full layers
-        if optimizer is not None:
-            check_optimizer_holds(optimizer, self.layers)
-        self._optimizer_state = None
-        if self.config.unselected_optimizer_state != "keep":
-            if optimizer is None:
-                raise ValueError(f"ISTConfig.unselected_optimizer_state={self.config.unselected_optimizer_state!r} "
-                                 "needs the optimizer: pass SparseTuner(..., optimizer=optimizer).")
-            self._optimizer_state = UnselectedOptimizerState(optimizer, self.config.unselected_optimizer_state)
+        self.counts = self.config.resolve(len(self.layers))  # N_u and N_c against N_L
+        self._prepare_model()
+        self._optimizer_state = self._unselected_optimizer_state(optimizer)
         self._checkpointing = LayerCheckpointing(_all_blocks(model, self.layers), self.config.recompute_unselected,
                                                  self.config.stored_layers)
-        _warn_about_parameters_outside_layers(model, self.layers)
+        warn_about_parameters_outside_layers(model, self.layers)
         self.probe_batches = probe_batches
         self.loss_fn = loss_fn or default_loss
         self.importance = torch.zeros(len(self.layers), dtype=torch.float64)
@@ -104,12 +98,36 @@ class SparseTuner:
         self.step = 0
         self.history: list[dict] = []  # events since the integration last drained them
         self._synced_once = False  # ranks compared at the first step (fresh or resumed), then at every update
-        self._mask_hook = None
-        if self.config.strategy != "all":
-            # peft's set_adapter / enable_adapter_layers turn requires_grad back on: re-apply before each forward.
-            self._mask_hook = model.register_forward_pre_hook(lambda *_: self._apply_mask())
+        self._mask_hook = self._keep_mask_before_forward()
         logger.info("IST: %d adapter layers (N_L), training %d per step (N_u), strategy %r",
                     self.num_layers, self.counts.update_layers, self.config.strategy)
+
+    def _prepare_model(self) -> None:
+        """Refuse what IST cannot train in this model; prepare quantized layers and suppression (eq. 8)."""
+        refuse_merged_adapters(self.layers)
+        sharding.check_fsdp2(self.model, self.config, self.layers)  # what IST cannot do on an FSDP2-sharded model
+        if keep_quantized_layers_trainable(self.model):  # before the first eval-mode probe forward (bitsandbytes, CPU)
+            logger.info("IST: bitsandbytes' CPU repacking of 4-bit layers turned off; it would drop their gradients.")
+        if self.config.strategy == "ist":
+            prepare_suppression(self.model, self.layers)  # refuses what eq. 8 cannot suppress; keeps W0 of full layers
+
+    def _unselected_optimizer_state(self, optimizer: Optional[torch.optim.Optimizer]):
+        """Check the optimizer holds every adapter; what keeps, offloads or drops the unselected layers' state."""
+        if optimizer is not None:
+            check_optimizer_holds(optimizer, self.layers)
+        mode = self.config.unselected_optimizer_state
+        if mode == "keep":
+            return None
+        if optimizer is None:
+            raise ValueError(f"ISTConfig.unselected_optimizer_state={mode!r} needs the optimizer: pass "
+                             "SparseTuner(..., optimizer=optimizer).")
+        return UnselectedOptimizerState(optimizer, mode)
+
+    def _keep_mask_before_forward(self):
+        """peft's set_adapter / enable_adapter_layers turn requires_grad back on: re-apply it before each forward."""
+        if self.config.strategy == "all":
+            return None
+        return self.model.register_forward_pre_hook(lambda *_: self._apply_mask())
 
     @property
     def num_layers(self) -> int:
@@ -118,33 +136,15 @@ class SparseTuner:
     # ---- fine-tuning loop -------------------------------------------------------------------
 
     def begin_step(self) -> list[int]:
-        """Choose this step's layers S and freeze the adapters of every other layer."""
-        strategy, count = self.config.strategy, self.counts.update_layers
-        if strategy == "ist":
-            self.selected = policy.sample_layers(self.importance, count, self.generator)
-        elif strategy == "random":
-            self.selected = policy.sample_uniform_layers(self.num_layers, count, self.generator)
-        elif strategy == "fixed":
-            self.selected = sorted(self.config.layers)
-        else:
-            self.selected = list(range(self.num_layers))
+        """Choose this step's layers S (eq. 6-7) and freeze the adapters of every other layer."""
+        self.selected = self._select_layers()
         self._apply_mask()
-        selected = self._selected_set
-        for position, layer in enumerate(self.layers):
-            if position not in selected:
-                for parameter in layer.parameters:
-                    parameter.grad = None
+        self._clear_unselected_gradients()
         self._checkpointing.select([self.layers[j].index for j in self.selected])
-        if self._optimizer_state is not None:
-            self._optimizer_state.apply(
-                selected=[p for j, layer in enumerate(self.layers) if j in selected for p in layer.parameters],
-                unselected=[p for j, layer in enumerate(self.layers) if j not in selected for p in layer.parameters],
-            )
+        self._apply_optimizer_state_policy()
         self.history.append({"event": "select", "step": self.step, "selected": list(self.selected)})
         if not self._synced_once:
-            _refuse_reentrant_checkpointing_under_ddp(self._checkpointing)
-            self.check_in_sync()
-            self._synced_once = True
+            self._check_first_step()
         return self.selected
 
     def end_step(self, probe_batch: Any = None) -> Optional[dict]:
@@ -162,7 +162,19 @@ class SparseTuner:
             probe_batch = self.probe_batches()
         return self.update_importance(probe_batch)
 
+    def _select_layers(self) -> list[int]:
+        """S: sampled by importance ('ist', eq. 6-7), uniformly ('random'), the configured layers, or all."""
+        strategy, count = self.config.strategy, self.counts.update_layers
+        if strategy == "ist":
+            return policy.sample_layers(self.importance, count, self.generator)
+        if strategy == "random":
+            return policy.sample_uniform_layers(self.num_layers, count, self.generator)
+        if strategy == "fixed":
+            return sorted(self.config.layers)
+        return list(range(self.num_layers))
+
     def _apply_mask(self) -> None:
+        """requires_grad on for the selected layers' adapters, off for the others (before the forward pass)."""
         selected = self._selected_set
         for position, layer in enumerate(self.layers):
             train = position in selected
@@ -173,6 +185,30 @@ class SparseTuner:
     @property
     def _selected_set(self) -> set[int]:
         return set(self.selected)
+
+    def _clear_unselected_gradients(self) -> None:
+        """Drop the gradients a frozen adapter may still hold, so the optimizer cannot move it."""
+        selected = self._selected_set
+        for position, layer in enumerate(self.layers):
+            if position not in selected:
+                for parameter in layer.parameters:
+                    parameter.grad = None
+
+    def _apply_optimizer_state_policy(self) -> None:
+        """Keep, offload or drop the optimizer state of the layers not selected (``unselected_optimizer_state``)."""
+        if self._optimizer_state is None:
+            return
+        selected = self._selected_set
+        self._optimizer_state.apply(
+            selected=[p for j, layer in enumerate(self.layers) if j in selected for p in layer.parameters],
+            unselected=[p for j, layer in enumerate(self.layers) if j not in selected for p in layer.parameters],
+        )
+
+    def _check_first_step(self) -> None:
+        """At the first step, fresh or resumed: refuse reentrant checkpointing under DDP, compare the ranks."""
+        refuse_reentrant_checkpointing_under_ddp(self._checkpointing)
+        self.check_in_sync()
+        self._synced_once = True
 
     # ---- importance-updating loop -------------------------------------------------------------
 
@@ -287,37 +323,10 @@ class SparseTuner:
                 parameter.requires_grad_(True)
 
 
-def _refuse_reentrant_checkpointing_under_ddp(checkpointing: LayerCheckpointing) -> None:
-    if distributed.world_size() > 1 and checkpointing.reentrant_in_use():
-        raise ValueError(
-            "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) fails "
-            "with 'Expected to mark a variable ready only once'. Use the non-reentrant variant: "
-            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) (Trainer: "
-            "gradient_checkpointing_kwargs={'use_reentrant': False}, the default in transformers 5)."
-        )
-
-
 def _all_blocks(model: nn.Module, layers: list[AdapterLayer]) -> list[nn.Module]:
     """Every block of the layer list the adapter layers belong to, those without adapters included."""
     path = layers[0].name.rsplit(".", 1)[0]
     return list(model.get_submodule(path))
-
-
-def _refuse_merged_adapters(layers: list[AdapterLayer]) -> None:
-    merged = [layer.name for layer in layers if any(getattr(m, "merged", False) for m in layer.adapters)]
-    if merged:
-        raise ValueError(f"The adapters of {merged[0]}{' and others' if len(merged) > 1 else ''} are merged into "
-                         "their base weights: a merged adapter takes no part in the forward pass, so IST can neither "
-                         "suppress (eq. 8) nor train it. Call model.unmerge_adapter() before training.")
-
-
-def _warn_about_parameters_outside_layers(model: nn.Module, layers: list[AdapterLayer]) -> None:
-    inside = {id(p) for layer in layers for p in layer.parameters}
-    outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
-    if outside:
-        logger.warning("IST: %d trainable parameters outside the decoder layers (%s%s) train at every step "
-                       "(intended for LISA-style embeddings or head; otherwise freeze them); IST chooses only among "
-                       "the layers.", len(outside), ", ".join(outside[:3]), ", ..." if len(outside) > 3 else "")
 
 
 def _why_non_finite(batch: Any) -> str:
@@ -326,15 +335,3 @@ def _why_non_finite(batch: Any) -> str:
     if isinstance(labels, torch.Tensor) and not bool((labels != -100).any()):
         return " The probe batch has no target tokens (every label is -100, e.g. all padding or all prompt)."
     return ""
-
-
-def check_optimizer_holds(optimizer: torch.optim.Optimizer, layers: list[AdapterLayer]) -> None:
-    """Raise if some adapter parameter is missing from the optimizer (frozen before it was built)."""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [layer.name for layer in layers if any(id(p) not in held for p in layer.parameters)]
-    if missing:
-        raise ValueError(
-            f"The optimizer does not hold the adapter parameters of {len(missing)} layers ({', '.join(missing[:4])}"
-            f"{', ...' if len(missing) > 4 else ''}): they would never train when selected. Build the optimizer over "
-            "all adapter parameters before IST starts, and do not freeze adapters yourself."
-        )

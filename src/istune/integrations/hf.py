@@ -1,34 +1,41 @@
-"""ISTCallback: IST in a Hugging Face ``Trainer`` with one line.
+"""ISTCallback: IST in a Hugging Face ``Trainer``.
 
-    trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
-                      callbacks=[ISTCallback(ISTConfig())])
+    trainer = Trainer(model=peft_model, args=args, train_dataset=ds)
+    add_ist(trainer, ISTConfig())        # or in one line: Trainer(..., callbacks=[ISTCallback(ISTConfig())])
+
+Both forms train the same. transformers hands a callback neither the Trainer nor its callback
+list, so only the callback added with :func:`add_ist` (or given ``ISTCallback(trainer=...)``) can
+run before the reporters (``report_to``: TensorBoard, W&B, ...) that the Trainer lists before the
+callbacks it is given, swap the Trainer's printers for readable ones (:mod:`istune.integrations.console`),
+check the Trainer's DDP wrapper itself, and, under FSDP2, make checkpoints hold every adapter
+(:mod:`istune.integrations.sharded_checkpoints`). The one-line form checks DDP through the
+``TrainingArguments`` the Trainer builds it from, gives the console the short line itself, warns
+once that the reporters get no IST metric when ``report_to`` names some (they are in
+``trainer.state.log_history`` and the JSONL log either way), and refuses FSDP2 with checkpoint saving.
 
 Events per optimizer step (transformers 5.x): ``on_step_begin`` picks the layers and
 freezes the rest before the first micro-batch's forward, so gradient accumulation keeps
 one selection per optimizer step; ``on_pre_optimizer_step`` zeroes, on the device, the
 gradients of a step that has a NaN/inf one (:mod:`istune.core.non_finite`); ``on_step_end``
-(after ``optimizer.step`` and ``zero_grad``) counts the step, runs the importance probes every T_c steps and puts the IST state into the TrainerState
-that every checkpoint saves.
+(after ``optimizer.step`` and ``zero_grad``) counts the step, runs the importance probes every T_c steps and puts
+the IST state into the TrainerState that every checkpoint saves.
 
 ``on_train_begin`` checks the setup before any step (:mod:`istune.integrations.trainer_checks`:
-DDP settings, FSDP2 allowed, FSDP1/DeepSpeed refused, torch.compile warned about) and the probe
-data. Under FSDP2 the Trainer's checkpoint saving and optimizer loading are wrapped at
-``on_init_end`` (:mod:`istune.integrations.sharded_checkpoints`).
+DDP settings, FSDP2 allowed, FSDP1/DeepSpeed refused, torch.compile warned about) and the probe data.
 """
 
 from __future__ import annotations
 
-import base64
-import inspect
-import json
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import CallbackHandler
+from accelerate import state as accelerate_state
+from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from istune.config import ISTConfig
@@ -37,15 +44,49 @@ from istune.core.non_finite import NonFiniteSteps
 from istune.core.probe import ProbeSampler, default_loss, preserved_global_rng
 from istune.core.tuner import SparseTuner
 from istune.integrations import adalora, sharded_checkpoints
-from istune.integrations.console import use_readable_console
-from istune.integrations.trainer_checks import check_trainer_setup
+from istune.integrations.console import console_logs, use_readable_console
+from istune.integrations.ist_state import STATE_KEY, append_events, export_state, restore_state, truncate_log
+from istune.integrations.trainer_checks import check_trainer_setup, fsdp_version
+from istune.io import write_text
 
 logger = logging.getLogger(__name__)
 
-STATE_KEY = "istune"  # key of the IST state inside TrainerState.stateful_callbacks (saved with every checkpoint)
 LOG_FILE = "ist_log.jsonl"
 MAX_NON_FINITE_STEPS = 10  # consecutive optimizer steps with NaN/inf gradients before training stops
 HISTORY_FLUSH_EVENTS = 64  # selection and probe events kept in memory before they are appended to the log
+
+
+def add_ist(trainer, config: Optional[ISTConfig] = None, **options) -> "ISTCallback":
+    """Add IST to a Trainer already built; the callback is given the Trainer.
+
+    The same training as ``Trainer(..., callbacks=[ISTCallback(config)])``; with the Trainer in hand the
+    callback also runs before the reporters (so they get the IST metrics), prints one short line per log,
+    checks the Trainer's own DDP wrapper, and under FSDP2 saves checkpoints with every adapter.
+
+    Args:
+        trainer: a ``transformers.Trainer`` (or subclass: TRL's ``SFTTrainer``, ...), before ``train()``.
+        config: IST hyperparameters; default the paper's.
+        **options: the other arguments of :class:`ISTCallback` (``probe_dataset``, ``log_file``,
+            ``readable_console``).
+
+    Returns:
+        The callback, whose ``importance``, ``selected`` and ``tuner`` are readable during training.
+
+    Raises:
+        ValueError: the Trainer already has an ISTCallback.
+
+    Example:
+        >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds)
+        >>> ist = add_ist(trainer, ISTConfig())
+        >>> trainer.train()
+    """
+    if any(isinstance(callback, ISTCallback) for callback in trainer.callback_handler.callbacks):
+        raise ValueError("add_ist(trainer): this Trainer already has an ISTCallback; two would fight over the "
+                         "adapters. Remove it (trainer.pop_callback(ISTCallback)) or do not call add_ist.")
+    callback = ISTCallback(config, trainer=trainer, **options)
+    trainer.add_callback(callback)
+    callback._take_place(trainer.callback_handler)
+    return callback
 
 
 class ISTCallback(TrainerCallback):
@@ -62,20 +103,24 @@ class ISTCallback(TrainerCallback):
             data; default: the training dataset, sampled by istune's own seeded sampler.
         log_file: JSON-lines file in ``args.output_dir`` with every selection and probe.
         readable_console: print each log as one short line (the per-layer series replaced by the
-            top-5 layers by importance; :mod:`istune.integrations.console`); the reporters still
-            get every value. False leaves the Trainer's printers as they are.
+            top-5 layers by importance; :mod:`istune.integrations.console`); the reporters and
+            ``trainer.state.log_history`` still get every value. False prints every value.
+        trainer: the Trainer this callback is (to be) added to with ``trainer.add_callback``;
+            :func:`add_ist` does both. Without it (``Trainer(callbacks=[ISTCallback()])``) the
+            reporters get no IST metric (see the module's docstring).
 
     Attributes:
         importance: the importance vector I (``N_L`` floats), once training started.
         selected: layer positions trained in the current step.
         tuner: the underlying :class:`~istune.core.tuner.SparseTuner`.
+        trainer: the Trainer, when given.
 
     Example:
         >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[ISTCallback()])
     """
 
     def __init__(self, config: Optional[ISTConfig] = None, probe_dataset=None, log_file: str = LOG_FILE,
-                 readable_console: bool = True):
+                 readable_console: bool = True, *, trainer=None):
         if config is not None and not isinstance(config, ISTConfig):
             raise TypeError(f"ISTCallback(config=...) takes an ISTConfig, not a {type(config).__name__}; "
                             "build one with ISTConfig(**values).")
@@ -83,6 +128,7 @@ class ISTCallback(TrainerCallback):
         self.probe_dataset = probe_dataset
         self.log_file = log_file
         self.readable_console = readable_console
+        self.trainer = None
         self.tuner: Optional[SparseTuner] = None
         self.sampler: Optional[ProbeSampler] = None
         self._selection_counts: Optional[torch.Tensor] = None
@@ -93,6 +139,10 @@ class ISTCallback(TrainerCallback):
         self._non_finite = NonFiniteSteps(MAX_NON_FINITE_STEPS)
         self._outside_parameters: list = []
         self._adalora = False
+        self._before_reporters = False  # runs right after DefaultFlowCallback, the Trainer's printers swapped
+        self._warned_about_reporters = False
+        if trainer is not None:
+            self._attach(trainer)
 
     @property
     def importance(self) -> torch.Tensor:
@@ -107,37 +157,44 @@ class ISTCallback(TrainerCallback):
             raise RuntimeError("ISTCallback has no state before training starts (trainer.train()).")
         return self.tuner
 
+    # ---- the Trainer, when given ------------------------------------------------------------
+
+    def _attach(self, trainer) -> None:
+        """Keep the Trainer; under FSDP2 its checkpoints save and load per requires_grad (sharded_checkpoints)."""
+        self.trainer = trainer
+        sharded_checkpoints.guard_checkpoints(trainer, STATE_KEY, lambda: self.tuner and self.tuner.layers,
+                                              self.config.layers_path)
+
+    def _take_place(self, handler: CallbackHandler) -> None:
+        """Run right after DefaultFlowCallback, before the reporters; swap the printers for readable ones.
+
+        The Trainer lists its reporters (TensorBoard, W&B, ...) before the callbacks it is given, so
+        the metrics ``on_log`` adds would never reach them. Moving to an earlier position during an
+        event (``on_train_begin``) keeps the handler's ongoing iteration intact: later callbacks keep
+        their index. Nothing happens while this callback is not in ``handler``'s list.
+        """
+        callbacks = handler.callbacks
+        if not any(callback is self for callback in callbacks):
+            return
+        first = next((i + 1 for i, callback in enumerate(callbacks) if isinstance(callback, DefaultFlowCallback)), 0)
+        if callbacks.index(self) > first:
+            callbacks.remove(self)
+            callbacks.insert(first, self)
+        if self.readable_console:
+            use_readable_console(handler)
+        self._before_reporters = True
+
     # ---- Trainer events ---------------------------------------------------------------------
 
-    def on_init_end(self, args, state, control, **kwargs):
-        self._guard_checkpoints(_caller(Trainer))
-
-    def _guard_checkpoints(self, trainer) -> None:
-        # FSDP2 checkpoints save and load per requires_grad (sharded_checkpoints). Also from on_train_begin, for a
-        # callback added after the Trainer was built (its first optimizer loading then goes unguarded).
-        if trainer is not None:
-            sharded_checkpoints.guard_checkpoints(trainer, STATE_KEY, lambda: self.tuner and self.tuner.layers,
-                                                  self.config.layers_path)
-
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        _run_before_reporters(self)
-        if self.readable_console:
-            use_readable_console(_caller(CallbackHandler))
-        trainer = _caller(Trainer)
-        check_trainer_setup(args, model, trainer)
-        self._guard_checkpoints(trainer)
+        self._check_setup(args, model)
         if self.tuner is not None:
             self.tuner.close()
         loss_fn = _probe_loss(args, next(model.parameters()).device)
         self.tuner = SparseTuner(model, self.config, optimizer=optimizer, loss_fn=loss_fn)
         self._sharded_optimizer = optimizer if sharding.is_fsdp2(model) else None
         if self.config.strategy == "ist":
-            dataset = self.probe_dataset if self.probe_dataset is not None else train_dataloader.dataset
-            batch_size = self.config.probe_batch_size or args.per_device_train_batch_size
-            # Each rank probes its own batches; SparseTuner averages the losses over ranks.
-            seed = self.config.seed + 1 + distributed.rank()
-            self.sampler = ProbeSampler(dataset, train_dataloader.collate_fn, batch_size, seed)
-            _check_probe_batch(self.sampler)
+            self.sampler = self._probe_sampler(args, train_dataloader)
             self.tuner.probe_batches = self.sampler
         self._selection_counts = torch.zeros(self.tuner.num_layers)
         self._steps_since_log = 0
@@ -146,11 +203,43 @@ class ISTCallback(TrainerCallback):
         self._outside_parameters = [p for p in model.parameters() if p.requires_grad and id(p) not in inside]
         self._adalora = adalora.is_adalora(model)
         if state.global_step > 0:
-            self._restore(state)
+            restore_state(state, self.tuner, self.sampler)
         self._log_path = os.path.join(args.output_dir, self.log_file) if state.is_world_process_zero else None
         if self._log_path:
-            os.makedirs(args.output_dir, exist_ok=True)
-            _truncate_log(self._log_path, keep_until_step=state.global_step)
+            truncate_log(self._log_path, keep_until_step=state.global_step)
+
+    def _check_setup(self, args, model) -> None:
+        """Take this callback's place in the Trainer's list when it has the Trainer; refuse what IST cannot train."""
+        if self.trainer is not None:
+            self._take_place(self.trainer.callback_handler)
+            check_trainer_setup(args, model, self.trainer)
+            return
+        # Without the Trainer: accelerate's state is shared by every Accelerator of the process, the Trainer's too.
+        accelerator = accelerate_state.AcceleratorState() if accelerate_state.is_initialized() else None
+        check_trainer_setup(args, model, accelerator_state=accelerator)
+        if fsdp_version(args, model, accelerator_state=accelerator) == 2 and _saves_checkpoints(args):
+            raise ValueError(
+                f"ISTCallback under FSDP2 with save_strategy={_value(args.save_strategy)!r} needs the Trainer: every "
+                "adapter must be trainable while a checkpoint is saved (FSDP2 saves only trainable parameters), and "
+                "transformers hands callbacks no Trainer. Add IST after building the Trainer with "
+                "istune.add_ist(trainer, config) instead of Trainer(callbacks=[ISTCallback(config)]), or pass "
+                "save_strategy='no'.")
+        if args.report_to and not self._warned_about_reporters:
+            self._warned_about_reporters = True
+            logger.warning(
+                "IST metrics (ist/importance/*, ist/selected/*, ist/probe_loss) will not reach the reporters %s: the "
+                "Trainer calls them before the callbacks given in Trainer(callbacks=[...]) and hands callbacks no "
+                "Trainer to change that. Add IST with istune.add_ist(trainer, config) after building the Trainer. "
+                "The metrics are in trainer.state.log_history and %s either way.", list(args.report_to), self.log_file)
+
+    def _probe_sampler(self, args, train_dataloader) -> ProbeSampler:
+        dataset = self.probe_dataset if self.probe_dataset is not None else train_dataloader.dataset
+        batch_size = self.config.probe_batch_size or args.per_device_train_batch_size
+        # Each rank probes its own batches; SparseTuner averages the losses over ranks.
+        seed = self.config.seed + 1 + distributed.rank()
+        sampler = ProbeSampler(dataset, train_dataloader.collate_fn, batch_size, seed)
+        _check_probe_batch(sampler)
+        return sampler
 
     def on_step_begin(self, args, state, control, **kwargs):
         selected = self.tuner.begin_step()
@@ -180,22 +269,21 @@ class ISTCallback(TrainerCallback):
         due = control.should_log or control.should_save or control.should_training_stop \
             or state.global_step >= state.max_steps
         if due or len(self.tuner.history) >= HISTORY_FLUSH_EVENTS:
-            self._write_history()
+            self._flush_history()
         if due:
             self._non_finite.report(state.global_step)
-            state.stateful_callbacks[STATE_KEY] = self._export_state()
+            state.stateful_callbacks[STATE_KEY] = export_state(self.tuner, self.sampler, self._sharded_optimizer)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if control.should_save:  # save_strategy="epoch": the checkpoint follows this event
-            self._write_history()
-            state.stateful_callbacks[STATE_KEY] = self._export_state()
+            self._flush_history()
+            state.stateful_callbacks[STATE_KEY] = export_state(self.tuner, self.sampler, self._sharded_optimizer)
 
     def on_save(self, args, state, control, **kwargs):
         # The IST state is in the checkpoint's trainer_state.json; add the selection log up to this step.
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if self._log_path and os.path.exists(self._log_path) and os.path.isdir(checkpoint):
-            with open(self._log_path, encoding="utf-8") as handle:
-                _write_atomically(os.path.join(checkpoint, self.log_file), handle.read())
+            write_text(os.path.join(checkpoint, self.log_file), Path(self._log_path).read_text(encoding="utf-8"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         strategy = self.config.strategy
@@ -210,94 +298,20 @@ class ISTCallback(TrainerCallback):
             metrics["ist/probe_loss"] = sum(self._last_probe["losses"]) / len(self._last_probe["losses"])
         self._selection_counts.zero_()
         self._steps_since_log = 0
-        logs.update(metrics)
+        # Before the reporters, the full series; else only the printers follow, and they get the short line.
+        logs.update(metrics if self._before_reporters or not self.readable_console else console_logs(metrics))
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.tuner is not None:
-            self._write_history()
+            self._flush_history()
             self.tuner.close()
 
-    # ---- state and logs ---------------------------------------------------------------------
-
-    def _write_history(self) -> None:
+    def _flush_history(self) -> None:
         events, self.tuner.history = self.tuner.history, []
-        if not self._log_path or not events:
-            return
-        with open(self._log_path, "a", encoding="utf-8") as handle:
-            for event in events:
-                if event["event"] == "select":  # recorded before the step ran: name it by the step it trains
-                    event = {**event, "step": event["step"] + 1}
-                handle.write(json.dumps(event) + "\n")
-
-    def _export_state(self) -> dict:
-        tuner_state = self.tuner.state_dict()
-        exported = {
-            "num_layers": tuner_state["num_layers"],
-            "strategy": tuner_state["strategy"],
-            "importance": tuner_state["importance"].tolist(),
-            "generator": _encode_rng(tuner_state["generator"]),
-            "step": tuner_state["step"],
-            "selected": tuner_state["selected"],
-        }
-        if self.sampler is not None:
-            exported["probe_generator"] = _encode_rng(self.sampler.generator.get_state())
-        if self._sharded_optimizer is not None:
-            exported[sharded_checkpoints.OPTIMIZER_STATE_KEY] = sharded_checkpoints.layers_with_optimizer_state(
-                self._sharded_optimizer, self.tuner.layers)
-        return exported
-
-    def _restore(self, state) -> None:
-        saved = (state.stateful_callbacks or {}).get(STATE_KEY)
-        if saved is None:
-            logger.warning("Resuming at step %d from a checkpoint without IST state: importance starts from zero.",
-                           state.global_step)
-            return
-        try:
-            tuner_state = {**saved, "generator": _decode_rng(saved["generator"])}
-            probe_state = _decode_rng(saved["probe_generator"]) if "probe_generator" in saved else None
-            if probe_state is not None:
-                torch.Generator().set_state(probe_state)  # check it before anything changes
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"The IST state in the checkpoint (trainer_state.json, stateful_callbacks"
-                             f"['{STATE_KEY}']) is malformed ({error!r}); resume from an intact checkpoint.") from None
-        self.tuner.load_state_dict(tuner_state)
-        if self.sampler is not None and probe_state is not None:
-            self.sampler.generator.set_state(probe_state)
-
-
-def _encode_rng(rng_state: torch.Tensor) -> str:
-    return base64.b64encode(rng_state.numpy().tobytes()).decode("ascii")
-
-
-def _decode_rng(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
-def _truncate_log(path: str, keep_until_step: int) -> None:
-    """Start a fresh log, or on resume keep only the events of steps already trained.
-
-    A line cut short by a crash is dropped with a warning.
-    """
-    kept = []
-    if keep_until_step > 0 and os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    if line.strip() and json.loads(line)["step"] <= keep_until_step:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    logger.warning("IST: dropped a malformed line of %s: %r", path, line[:80])
-    _write_atomically(path, "".join(kept))
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to a temporary name, then rename: readers never see a partial file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+        if self._log_path:
+            append_events(self._log_path, events)
 
 
 def _check_probe_batch(sampler: ProbeSampler) -> None:
@@ -328,37 +342,9 @@ def _probe_loss(args, device: torch.device):
     return loss
 
 
-def _caller(cls):
-    """The nearest ``self`` of class ``cls`` up the call stack, or None.
-
-    Callbacks are handed neither the Trainer nor its callback handler, but both are callers of
-    every event.
-    """
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, cls):
-                return candidate
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
+def _value(option) -> str:
+    return str(getattr(option, "value", option))
 
 
-def _run_before_reporters(callback: TrainerCallback) -> None:
-    """Move ``callback`` right after DefaultFlowCallback in the Trainer's callback list.
-
-    Reporting callbacks (TensorBoard, W&B, ...) come before user callbacks, so the
-    metrics ``on_log`` adds would reach them one event late, if ever. The handler is not
-    passed to callbacks; it is the caller of this event. Moving an element to an earlier
-    position keeps the handler's ongoing iteration intact (later elements keep their index).
-    """
-    handler = _caller(CallbackHandler)
-    if handler is None or callback not in handler.callbacks:
-        logger.warning("ISTCallback could not reach the Trainer's callback list; IST metrics reach only the JSONL log "
-                       "and reporters listed after it.")
-        return
-    if handler.callbacks.index(callback) > 1:
-        handler.callbacks.remove(callback)
-        handler.callbacks.insert(1, callback)
+def _saves_checkpoints(args) -> bool:
+    return _value(getattr(args, "save_strategy", "no")) != "no"

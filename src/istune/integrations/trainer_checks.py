@@ -28,27 +28,32 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from transformers import PreTrainedModel
 
 from istune.core import distributed, sharding
 
 logger = logging.getLogger(__name__)
 
 
-def check_trainer_setup(args, model: nn.Module, trainer=None) -> None:
+def check_trainer_setup(args, model: nn.Module, trainer=None, accelerator_state=None) -> None:
     """Refuse setups IST cannot train correctly; warn about ones it trains without benefit.
 
     Args:
         args: the Trainer's ``TrainingArguments``.
         model: the model the callback was given (``trainer.model``).
-        trainer: the running Trainer when it could be found; gives the exact DDP wrapper.
+        trainer: the Trainer, when ISTCallback was given it (``add_ist``, ``ISTCallback(trainer=...)``): its
+            accelerator and its DDP wrapper are checked themselves.
+        accelerator_state: without the Trainer, accelerate's ``AcceleratorState`` (shared by every
+            ``Accelerator`` of the process, the Trainer's included); the DDP settings then come from ``args``,
+            from which the Trainer builds its DDP wrapper.
 
     Raises:
         NotImplementedError: DeepSpeed, FSDP1, or DTensor parameters outside FSDP2 (tensor parallelism).
         ValueError: a DDP setup that would fail or train the wrong parameters.
     """
-    fsdp2 = _check_sharding(args, model, trainer) == 2
+    fsdp2 = _check_sharding(args, model, trainer, accelerator_state) == 2
     if distributed.world_size() > 1 and not fsdp2:  # FSDP2 reduces only the gradients that exist: nothing to check
-        _check_ddp(args, trainer)
+        _check_ddp(args, model, trainer)
         if uses_reentrant_checkpointing(model):
             raise ValueError(
                 "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) fails "
@@ -77,19 +82,22 @@ def uses_reentrant_checkpointing(model: nn.Module) -> bool:
     return False
 
 
-def _check_sharding(args, model: nn.Module, trainer) -> Optional[int]:
+def _check_sharding(args, model: nn.Module, trainer, accelerator_state=None) -> Optional[int]:
     """Refuse the sharded engines IST cannot train; return the FSDP version (2, or None without FSDP).
 
     What IST cannot do under FSDP2 is refused by SparseTuner (:func:`istune.core.sharding.check_fsdp2`).
     """
-    deepspeed = bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None))
+    state = _accelerator_state(trainer, accelerator_state)
+    deepspeed = (getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None)
+                 or getattr(args, "deepspeed_plugin", None) is not None  # also set by accelerate's config file
+                 or getattr(state, "deepspeed_plugin", None) is not None)
     if deepspeed:
         raise NotImplementedError(
             "istune does not support DeepSpeed ZeRO: ZeRO partitions the gradients and optimizer state of every "
             "parameter that was trainable when the engine was built, and steps every partition at every step, so the "
             "adapters IST freezes still move (weight decay moved them in a check with ZeRO-2 and ZeRO-3, deepspeed "
             "0.19.8). " + _USE_FSDP2)
-    version = fsdp_version(args, model, trainer)
+    version = fsdp_version(args, model, trainer, accelerator_state)
     if version == 1:
         raise NotImplementedError(
             "istune does not support FSDP1 (fsdp_config version 1): it flattens each wrapped module's parameters into "
@@ -108,14 +116,14 @@ _USE_FSDP2 = ("Shard with FSDP2 instead: TrainingArguments(fsdp='full_shard auto
               "accelerate launch --config_file configs/accelerate/fsdp2.yaml; or use DDP. See docs/distributed.md.")
 
 
-def fsdp_version(args, model: nn.Module, trainer=None) -> Optional[int]:
+def fsdp_version(args, model: nn.Module, trainer=None, accelerator_state=None) -> Optional[int]:
     """1 or 2 when the model is (to be) sharded with FSDP, else None.
 
-    The Trainer's accelerator decides when there is one: accelerate shards only on accelerator
-    backends, so ``TrainingArguments(fsdp=...)`` on CPU processes trains with DDP. Without a
-    Trainer: the model's wrappers, then the arguments.
+    The accelerator's state (the Trainer's, or ``accelerator_state``) decides when there is one:
+    accelerate shards only on accelerator backends, so ``TrainingArguments(fsdp=...)`` on CPU
+    processes trains with DDP. Without it: the model's wrappers, then the arguments.
     """
-    state = getattr(getattr(trainer, "accelerator", None), "state", None)
+    state = _accelerator_state(trainer, accelerator_state)
     plugin = getattr(state, "fsdp_plugin", None)
     if plugin is not None:
         return int(getattr(plugin, "fsdp_version", 1))
@@ -129,13 +137,37 @@ def fsdp_version(args, model: nn.Module, trainer=None) -> Optional[int]:
     return None
 
 
-def _check_ddp(args, trainer) -> None:
+def _accelerator_state(trainer, accelerator_state):
+    if accelerator_state is not None:
+        return accelerator_state
+    return getattr(getattr(trainer, "accelerator", None), "state", None)
+
+
+def _check_ddp(args, model: nn.Module, trainer) -> None:
+    """Check the Trainer's DDP wrapper; without the Trainer, the settings it builds the wrapper from."""
     wrapper = _find_ddp(getattr(trainer, "model_wrapped", None))
     if wrapper is not None:
         distributed.check_ddp(wrapper)
-    elif getattr(args, "ddp_find_unused_parameters", None) is False:  # no wrapper in sight: trust the arguments
-        raise ValueError("IST needs DDP's find_unused_parameters=True; TrainingArguments(ddp_find_unused_parameters="
-                         "False) forbids it. Remove the argument or set it to True.")
+    else:
+        distributed.check_ddp_settings(find_unused_parameters=_trainer_find_unused_parameters(args, model),
+                                       static_graph=bool(getattr(args, "ddp_static_graph", None)))
+
+
+def _trainer_find_unused_parameters(args, model: nn.Module) -> bool:
+    """The ``find_unused_parameters`` the Trainer builds DDP with (``Trainer._build_accelerator_args``).
+
+    Unless ``ddp_find_unused_parameters`` says, it is off for a transformers model with activation
+    checkpointing (e.g. full-layer tuning) and on for any other model (peft's included).
+    """
+    chosen = getattr(args, "ddp_find_unused_parameters", None)
+    if chosen is not None:
+        return bool(chosen)
+    if isinstance(model, PreTrainedModel):
+        checkpointing = (getattr(model, "is_activation_checkpointing", False)
+                         or getattr(args, "activation_checkpointing", False)
+                         or getattr(args, "gradient_checkpointing", False))
+        return not checkpointing
+    return True
 
 
 def _find_ddp(model: Optional[nn.Module]) -> Optional[DistributedDataParallel]:

@@ -192,7 +192,7 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     from transformers import Trainer, set_seed
 
     from istune.data import CausalLMCollator, InstructionDataset
-    from istune.integrations.hf import ISTCallback
+    from istune.integrations.hf import add_ist
     from istune.recipe.checkpoints import RunFileCallback, write_run_file
     from istune.recipe.models import load_model_and_tokenizer, loading_kwargs
     from istune.recipe.training_args import RecipeTrainingArguments
@@ -235,9 +235,9 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"istune: {adapter.method} adapters, {trainable:,} trainable of {total:,} parameters; strategy {ist.strategy!r}")
-    callback = ISTCallback(ist)
     trainer = Trainer(model=model, args=training, train_dataset=train_set, eval_dataset=heldout_set,
-                      data_collator=collate, callbacks=[callback, RunFileCallback(record)])
+                      data_collator=collate, callbacks=[RunFileCallback(record)])
+    callback = add_ist(trainer, ist)  # with the Trainer: reporters get IST metrics, FSDP2 checkpoints every adapter
     train_started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     results: dict[str, Any] = {**record, "training": _jsonable(training.to_dict()),

@@ -1,0 +1,56 @@
+"""What SparseTuner refuses, or warns about, in a model and optimizer before it trains; each error names the fix."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from istune.core import distributed
+from istune.core.checkpointing import LayerCheckpointing
+from istune.core.layers import AdapterLayer
+
+logger = logging.getLogger(__name__)
+
+
+def refuse_merged_adapters(layers: list[AdapterLayer]) -> None:
+    """Raise if an adapter is merged into its base weight (it would neither train nor be suppressed)."""
+    merged = [layer.name for layer in layers if any(getattr(m, "merged", False) for m in layer.adapters)]
+    if merged:
+        raise ValueError(f"The adapters of {merged[0]}{' and others' if len(merged) > 1 else ''} are merged into "
+                         "their base weights: a merged adapter takes no part in the forward pass, so IST can neither "
+                         "suppress (eq. 8) nor train it. Call model.unmerge_adapter() before training.")
+
+
+def warn_about_parameters_outside_layers(model: nn.Module, layers: list[AdapterLayer]) -> None:
+    """Warn about trainable parameters outside the adapter layers: they train at every step."""
+    inside = {id(p) for layer in layers for p in layer.parameters}
+    outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    if outside:
+        logger.warning("IST: %d trainable parameters outside the decoder layers (%s%s) train at every step "
+                       "(intended for LISA-style embeddings or head; otherwise freeze them); IST chooses only among "
+                       "the layers.", len(outside), ", ".join(outside[:3]), ", ..." if len(outside) > 3 else "")
+
+
+def check_optimizer_holds(optimizer: torch.optim.Optimizer, layers: list[AdapterLayer]) -> None:
+    """Raise if some adapter parameter is missing from the optimizer (frozen before it was built)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [layer.name for layer in layers if any(id(p) not in held for p in layer.parameters)]
+    if missing:
+        raise ValueError(
+            f"The optimizer does not hold the adapter parameters of {len(missing)} layers ({', '.join(missing[:4])}"
+            f"{', ...' if len(missing) > 4 else ''}): they would never train when selected. Build the optimizer over "
+            "all adapter parameters before IST starts, and do not freeze adapters yourself."
+        )
+
+
+def refuse_reentrant_checkpointing_under_ddp(checkpointing: LayerCheckpointing) -> None:
+    """Raise under DDP if a block runs reentrant activation checkpointing (checked at the first step)."""
+    if distributed.world_size() > 1 and checkpointing.reentrant_in_use():
+        raise ValueError(
+            "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) fails "
+            "with 'Expected to mark a variable ready only once'. Use the non-reentrant variant: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) (Trainer: "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}, the default in transformers 5)."
+        )

@@ -1,0 +1,109 @@
+"""What ISTCallback keeps of a run: the IST state in every Trainer checkpoint, and the JSON-lines log.
+
+The state (importance, RNG states, step, selection) goes into ``TrainerState.stateful_callbacks``
+under :data:`STATE_KEY`, so every checkpoint's ``trainer_state.json`` holds it and a resumed run
+continues exactly. The log has one JSON line per selection and per probe; on resume it keeps the
+events of the steps already trained.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from istune.core.probe import ProbeSampler
+from istune.core.tuner import SparseTuner
+from istune.integrations import sharded_checkpoints
+from istune.io import write_text
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "istune"  # key of the IST state inside TrainerState.stateful_callbacks (saved with every checkpoint)
+
+
+def export_state(tuner: SparseTuner, sampler: Optional[ProbeSampler] = None, sharded_optimizer=None) -> dict:
+    """The tuner's state (and the probe sampler's RNG) as JSON values for ``trainer_state.json``.
+
+    Under FSDP2 (``sharded_optimizer`` given) it also records which layers have optimizer state
+    (:mod:`istune.integrations.sharded_checkpoints`).
+    """
+    tuner_state = tuner.state_dict()
+    exported = {
+        "num_layers": tuner_state["num_layers"],
+        "strategy": tuner_state["strategy"],
+        "importance": tuner_state["importance"].tolist(),
+        "generator": _encode_rng(tuner_state["generator"]),
+        "step": tuner_state["step"],
+        "selected": tuner_state["selected"],
+    }
+    if sampler is not None:
+        exported["probe_generator"] = _encode_rng(sampler.generator.get_state())
+    if sharded_optimizer is not None:
+        exported[sharded_checkpoints.OPTIMIZER_STATE_KEY] = sharded_checkpoints.layers_with_optimizer_state(
+            sharded_optimizer, tuner.layers)
+    return exported
+
+
+def restore_state(state, tuner: SparseTuner, sampler: Optional[ProbeSampler] = None) -> None:
+    """Continue ``tuner`` (and ``sampler``) from the IST state in the resumed ``TrainerState``.
+
+    Raises:
+        ValueError: the saved state is malformed (nothing is changed then).
+    """
+    saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+    if saved is None:
+        logger.warning("Resuming at step %d from a checkpoint without IST state: importance starts from zero.",
+                       state.global_step)
+        return
+    try:
+        tuner_state = {**saved, "generator": _decode_rng(saved["generator"])}
+        probe_state = _decode_rng(saved["probe_generator"]) if "probe_generator" in saved else None
+        if probe_state is not None:
+            torch.Generator().set_state(probe_state)  # check it before anything changes
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"The IST state in the checkpoint (trainer_state.json, stateful_callbacks"
+                         f"['{STATE_KEY}']) is malformed ({error!r}); resume from an intact checkpoint.") from None
+    tuner.load_state_dict(tuner_state)
+    if sampler is not None and probe_state is not None:
+        sampler.generator.set_state(probe_state)
+
+
+def append_events(path: str, events: list[dict]) -> None:
+    """Append the tuner's history events to the log, one JSON line each."""
+    if not events:
+        return
+    with open(path, "a", encoding="utf-8") as handle:
+        for event in events:
+            if event["event"] == "select":  # recorded before the step ran: name it by the step it trains
+                event = {**event, "step": event["step"] + 1}
+            handle.write(json.dumps(event) + "\n")
+
+
+def truncate_log(path: str, keep_until_step: int) -> None:
+    """Start a fresh log, or on resume keep only the events of steps already trained.
+
+    A line cut short by a crash is dropped with a warning.
+    """
+    kept = []
+    if keep_until_step > 0 and os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    if line.strip() and json.loads(line)["step"] <= keep_until_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    logger.warning("IST: dropped a malformed line of %s: %r", path, line[:80])
+    write_text(path, "".join(kept))
+
+
+def _encode_rng(rng_state: torch.Tensor) -> str:
+    return base64.b64encode(rng_state.numpy().tobytes()).decode("ascii")
+
+
+def _decode_rng(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
