@@ -16,7 +16,8 @@ sits below the recipe, the benchmarks and the analyses, which all load models th
 Example:
     >>> model, tokenizer = load_model_and_tokenizer()            # the embedded SmolLM2
     >>> model, tokenizer = load_model_and_tokenizer("Qwen/Qwen2.5-0.5B")
-    >>> model, tokenizer = load_model_and_tokenizer("yahma/llama-7b-hf", **loading_kwargs(ModelArgs(load_in_4bit=True)))
+    >>> qlora = loading_kwargs(ModelArgs(load_in_4bit=True))
+    >>> model, tokenizer = load_model_and_tokenizer("yahma/llama-7b-hf", **qlora)
 """
 
 from __future__ import annotations
@@ -45,14 +46,16 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 class ModelArgs:
     """How the model is loaded (``istune train`` options; the model itself is ``--model``)."""
 
-    dtype: str = field(default="auto", metadata={"help": "Weight dtype: 'auto' (bfloat16 on a GPU that has it, float32 "
-                                                 "otherwise), 'bfloat16', 'float16' or 'float32'. Mixed precision "
-                                                 "is --bf16/--fp16."})
+    dtype: str = field(default="auto", metadata={
+        "help": "Weight dtype: 'auto' (bfloat16 on a GPU that has it, float32 otherwise), 'bfloat16', 'float16' or "
+                "'float32'. Mixed precision is --bf16/--fp16."})
     attn_implementation: Optional[str] = field(default=None, metadata={
         "help": "Attention kernel, e.g. 'sdpa', 'eager', 'flash_attention_2'; default: transformers' choice."})
     load_in_4bit: bool = field(default=False, metadata={
-        "help": "QLoRA: frozen base weights in 4-bit NF4 (bitsandbytes, double quantization), adapters in full precision."})
-    load_in_8bit: bool = field(default=False, metadata={"help": "Frozen base weights in 8-bit (bitsandbytes LLM.int8)."})
+        "help": "QLoRA: frozen base weights in 4-bit NF4 (bitsandbytes, double quantization), adapters in full "
+                "precision."})
+    load_in_8bit: bool = field(default=False, metadata={
+        "help": "Frozen base weights in 8-bit (bitsandbytes LLM.int8)."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Run the model's own code from the hub (only for models you trust)."})
 
@@ -126,8 +129,8 @@ def batch_layout_unsupported(model: torch.nn.Module, padding_free: bool = True,
                 packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits.float()
                 # The failure to tell apart: the second example attending to the first (a full attention mask
                 # turns the packing off), with the same restarting positions.
-                leaking = model(input_ids=packed_ids, position_ids=positions, attention_mask=torch.ones_like(packed_ids),
-                                use_cache=False).logits.float()
+                leaking = model(input_ids=packed_ids, position_ids=positions,
+                                attention_mask=torch.ones_like(packed_ids), use_cache=False).logits.float()
                 error = (packed[:, len(first):] - alone).abs().max().item()
                 leak = (leaking[:, len(first):] - alone).abs().max().item()
                 reasons["padding_free"] = (None if error <= 0.05 * leak else

@@ -1,4 +1,5 @@
-"""Command-line option checks shared by the benchmark and analysis commands; errors name the option and the fix."""
+"""Command-line option checks shared by the recipe, benchmark and analysis commands; errors name the option and
+the fix."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ _TYPE_NAMES = {int: "an int", float: "a float", str: "a string"}
 
 
 def parse_list(option: str, text: str, kind: type = str, allowed: Optional[Iterable[str]] = None) -> list:
-    """``"1,2"`` -> ``[kind("1"), kind("2")]`` for ``--option``; refuses an empty list, unknown or bad items, repeats."""
+    """``"1,2"`` -> ``[kind("1"), kind("2")]`` for ``--option``; refuses an empty list, unknown or bad items and
+    repeats."""
     items = [item.strip() for item in str(text).split(",") if item.strip()]
     choices = list(allowed) if allowed is not None else None
     if not items:

@@ -29,14 +29,16 @@ _LORA_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 class AdapterArgs:
     """Which PEFT method, and its size."""
 
-    method: str = field(default="lora", metadata={"help": f"PEFT method: {', '.join(METHODS)} ('full': whole layers, LISA-style)."})
+    method: str = field(default="lora", metadata={
+        "help": f"PEFT method: {', '.join(METHODS)} ('full': whole layers, LISA-style)."})
     rank: int = field(default=32, metadata={"help": "LoRA/DoRA rank r; AdaLoRA's initial rank (paper: 32)."})
     alpha: float = field(default=64, metadata={"help": "LoRA/DoRA/AdaLoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     target_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Module names to adapt. Default: LoRA on q/k/v/up/down projections for "
                                 "LLaMA-like models (all linear layers otherwise); bottleneck adapters on the MLP."})
-    bottleneck_size: int = field(default=256, metadata={"help": "Series/parallel adapter bottleneck size (paper: 256)."})
+    bottleneck_size: int = field(default=256, metadata={
+        "help": "Series/parallel adapter bottleneck size (paper: 256)."})
     adalora_target_rank: int = field(default=8, metadata={"help": "AdaLoRA: average rank after reallocation."})
 
     def __post_init__(self) -> None:

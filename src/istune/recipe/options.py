@@ -20,7 +20,8 @@ from typing import Any, Optional
 from istune.adapters.methods import AdapterArgs
 from istune.config import ISTConfig
 from istune.models import ModelArgs
-from istune.options import parse_list, require_at_least_one  # noqa: F401  (parse_list: shim for bench, removed at merge)
+from istune.options import parse_list  # noqa: F401  shim for bench, removed at merge
+from istune.options import require_at_least_one
 from istune.recipe import checkpoints
 from istune.runs import RunArgs, check_run
 
