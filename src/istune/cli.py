@@ -31,11 +31,11 @@ from typing import Optional, Sequence
 def _train_parser():
     from transformers import HfArgumentParser
 
+    from istune.adapters.methods import AdapterArgs
     from istune.config import ISTConfig
-    from istune.recipe.methods import AdapterArgs
-    from istune.recipe.models import ModelArgs
-    from istune.recipe.train import RunArgs
+    from istune.models import ModelArgs
     from istune.recipe.training_args import RecipeTrainingArguments
+    from istune.runs import RunArgs
 
     groups = (RunArgs, ModelArgs, AdapterArgs, ISTConfig, RecipeTrainingArguments)
     shared = _shared_names(groups)
@@ -216,8 +216,9 @@ def _bench(argv: Sequence[str]) -> int:
 
 def _analyze(argv: Sequence[str]) -> int:
     from istune.analysis.cli import main as analyze_main
+    from istune.recipe.train import train_run
 
-    return analyze_main(list(argv)) or 0
+    return analyze_main(list(argv), train=train_run) or 0
 
 
 if __name__ == "__main__":

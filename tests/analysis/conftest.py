@@ -10,8 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from istune.config import ISTConfig
-from istune.recipe.methods import AdapterArgs, save_adapters
-from istune.recipe.train import RunArgs
+from istune.adapters.methods import AdapterArgs, save_adapters
+from istune.runs import RunArgs
 
 from ..eval.conftest import make_tokenizer
 
@@ -45,7 +45,7 @@ def lora_run(tiny_model_dir, data_file, tmp_path_factory):
     """A run folder as `istune train` leaves it, with random (large) LoRA B so each layer's adapter matters."""
     import peft
 
-    from istune.recipe.models import load_model_and_tokenizer
+    from istune.models import load_model_and_tokenizer
 
     folder = tmp_path_factory.mktemp("lora-run")
     adapter = AdapterArgs(method="lora", rank=4, alpha=8, target_modules=TARGETS)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from istune.analysis.cli import main
 from istune.analysis.layer_training import parse_layer_sets, plan_layer_sets, read_ranking
+from istune.recipe.train import train_run
 
 RANKING = [2, 0, 3, 1]  # most important first
 
@@ -73,7 +74,7 @@ def test_fixed_sets_train_only_their_layers(tiny_model_dir, data_file, tmp_path,
     assert main(["train-layers", "--out", str(out), "--ranking", str(ranking), "--kinds", "top,bottom,all",
                  "--k_values", "1,2", "--keep_adapters", "--model", str(tiny_model_dir), "--data", str(data_file),
                  "--max_steps", "3", "--batch_size", "2", "--heldout_samples", "8", "--rank", "4",
-                 "--cutoff_len", "64"]) == 0
+                 "--cutoff_len", "64"], train=train_run) == 0
     result = json.loads((out / "layer_training.json").read_text())
     assert (out / "layer_training.png").stat().st_size > 1000
     assert [row["name"] for row in result["rows"]] == ["top1-2-seed42", "top2-0_2-seed42", "bottom1-1-seed42",
@@ -99,8 +100,12 @@ def test_train_layers_refuses_a_k_above_the_models_layers(tiny_model_dir, data_f
     out = tmp_path / "sets"
     with pytest.raises(ValueError, match="--k_values has k=8, out of range: the model has N_L=4"):
         main(["train-layers", "--out", str(out), "--kinds", "top", "--k_values", "8", "--ranking", _ranking(tmp_path),
-              "--model", str(tiny_model_dir), "--data", str(data_file)])
+              "--model", str(tiny_model_dir), "--data", str(data_file)], train=_must_not_train)
     assert not out.exists()
+
+
+def _must_not_train(*args, **kwargs):
+    raise AssertionError("training started")
 
 
 def _ranking(tmp_path) -> str:

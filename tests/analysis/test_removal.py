@@ -62,7 +62,7 @@ def _loss_with_zeroed_lora_b(lora_run, layers, heldout, collate):
     import peft
 
     results = json.loads((lora_run / "results.json").read_text())
-    from istune.recipe.models import load_model_and_tokenizer
+    from istune.models import load_model_and_tokenizer
 
     base, _ = load_model_and_tokenizer(results["run"]["model"])
     model = peft.PeftModel.from_pretrained(base, lora_run / "adapter").eval()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 
-import istune.recipe.train
 from istune.analysis.cli import main
+from istune.recipe.train import train_run
 from istune.analysis.sweep import plan_sweep, summarize
 
 
@@ -55,11 +57,11 @@ def test_summary_over_seeds():
     (["--eval_limit", "-1"], "--eval_limit=-1"),
     (["--eval_tasks", "mmlu", "--eval_limit", "2"], "task='mmlu'"),
 ])
-def test_bad_input_is_refused_before_any_work(tiny_model_dir, data_file, tmp_path, monkeypatch, args, message):
-    monkeypatch.setattr(istune.recipe.train, "train", _must_not_train)
+def test_bad_input_is_refused_before_any_work(tiny_model_dir, data_file, tmp_path, args, message):
     out = tmp_path / "sweep"
     with pytest.raises(ValueError) as error:
-        main(["sweep", "--out", str(out), "--model", str(tiny_model_dir), "--data", str(data_file), *args])
+        main(["sweep", "--out", str(out), "--model", str(tiny_model_dir), "--data", str(data_file), *args],
+             train=_must_not_train)
     assert message in str(error.value)
     assert not out.exists()
 
@@ -75,9 +77,9 @@ def _sweep_args(out, model_dir, data, *extra):
             *extra]
 
 
-def test_sweep_resumes_run_by_run(tiny_model_dir, data_file, tmp_path, monkeypatch):
+def test_sweep_resumes_run_by_run(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "sweep"
-    assert main(_sweep_args(out, tiny_model_dir, data_file)) == 0
+    assert main(_sweep_args(out, tiny_model_dir, data_file), train=train_run) == 0
     names = ["random-u1-seed42", "ist-u1-mu1-beta0.25-seed42", "ist-u1-mu10-beta0.25-seed42", "all-seed42"]
     assert sorted(p.stem for p in (out / "runs").glob("*.json")) == sorted(names)
     first = {name: (out / "runs" / f"{name}.json").read_text() for name in names}
@@ -90,17 +92,18 @@ def test_sweep_resumes_run_by_run(tiny_model_dir, data_file, tmp_path, monkeypat
     assert "| IST μ=10 | 1 |" in (out / "sweep.md").read_text()
     assert (out / "sweep.png").stat().st_size > 1000
 
-    monkeypatch.setattr(istune.recipe.train, "train", _must_not_train)  # everything is done: nothing trains again
-    assert main(_sweep_args(out, tiny_model_dir, data_file)) == 0
+    # everything is done: nothing trains again
+    assert main(_sweep_args(out, tiny_model_dir, data_file), train=_must_not_train) == 0
     assert {name: (out / "runs" / f"{name}.json").read_text() for name in names} == first
 
     (out / "runs" / "all-seed42.json").unlink()  # one run lost: only it trains again
-    monkeypatch.undo()
     trained = []
-    real_train = istune.recipe.train.train
-    monkeypatch.setattr(istune.recipe.train, "train", lambda run, adapter, ist, *rest: trained.append(ist.strategy) or
-                        real_train(run, adapter, ist, *rest))
-    assert main(_sweep_args(out, tiny_model_dir, data_file)) == 0
+
+    def recording_train(run, adapter, ist, **options):
+        trained.append(ist.strategy)
+        return train_run(run, adapter, ist, **options)
+
+    assert main(_sweep_args(out, tiny_model_dir, data_file), train=recording_train) == 0
     assert trained == ["all"]
     again = json.loads((out / "runs" / "all-seed42.json").read_text())
     assert again["heldout_loss"] == pytest.approx(json.loads(first["all-seed42"])["heldout_loss"], rel=1e-5)
@@ -110,21 +113,18 @@ def test_sweep_resumes_run_by_run(tiny_model_dir, data_file, tmp_path, monkeypat
     older = json.loads(path.read_text())
     del older["ist"]["recompute_unselected"]
     path.write_text(json.dumps(older))
-    monkeypatch.setattr(istune.recipe.train, "train", _must_not_train)
-    assert main(_sweep_args(out, tiny_model_dir, data_file)) == 0
-    monkeypatch.undo()
+    assert main(_sweep_args(out, tiny_model_dir, data_file), train=_must_not_train) == 0
 
     with pytest.raises(ValueError, match=r"--max_steps=3 \(saved: 2\)"):  # other settings would mix in silently
-        main(_sweep_args(out, tiny_model_dir, data_file, "--max_steps", "3"))
+        main(_sweep_args(out, tiny_model_dir, data_file, "--max_steps", "3"), train=_must_not_train)
 
 
-def test_a_failed_run_leaves_no_record_and_no_work_folder(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    def failing_train(run, adapter, ist, training):
-        (istune.recipe.train.Path(training.output_dir) / "adapter").mkdir(parents=True)
+def test_a_failed_run_leaves_no_record_and_no_work_folder(tiny_model_dir, data_file, tmp_path):
+    def failing_train(run, adapter, ist, **options):
+        (Path(options["output_dir"]) / "adapter").mkdir(parents=True)
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(istune.recipe.train, "train", failing_train)
     out = tmp_path / "sweep"
     with pytest.raises(RuntimeError, match="out of memory"):
-        main(_sweep_args(out, tiny_model_dir, data_file))
+        main(_sweep_args(out, tiny_model_dir, data_file), train=failing_train)
     assert list((out / "runs").iterdir()) == []

@@ -80,5 +80,5 @@ def test_cached_list_builds_once_and_rebuilds_when_stale(tmp_path):
 
 def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(TypeError):
-        cache.write_json_atomic(tmp_path / "y.json", {"bad": object()})
+        cache.cached_list("y", 1, lambda: [object()], tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -130,7 +130,7 @@ def test_collator_without_pad_or_eos_explains(char_tokenizer):
 def test_masking_with_the_real_smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from istune.recipe.models import smollm2_gguf_path
+    from istune.models import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -6,8 +6,8 @@ import torch
 from istune.data import CausalLMCollator, InstructionDataset
 from istune.eval import result_cache
 from istune.eval.result_cache import ResultCache, folder_fingerprint
-from istune.recipe.evaluate import evaluate_base, evaluate_model
-from istune.recipe.models import load_model_and_tokenizer
+from istune.eval.cached import evaluate_base, evaluate_model
+from istune.models import load_model_and_tokenizer
 
 from .conftest import make_model, make_tokenizer
 
@@ -98,13 +98,20 @@ def test_rewritten_weights_of_the_same_shape_miss(model_dir):
 
 
 def test_evaluate_base_records_what_train_records(model_dir, capsys):
-    """Cached or not, the base results have the shape and values of the recipe's own evaluate()."""
-    from istune.recipe.train import RunArgs, evaluate
+    """Cached or not, the results have the shape and values of evaluate_tasks and heldout_loss (what `istune train`
+    recorded before it used evaluate_model), for the base model (cached) and the tuned one (uncached)."""
+    from istune.eval import evaluate_tasks
+    from istune.eval.loss import heldout_loss
 
     model, tokenizer = load_model_and_tokenizer(model_dir)
     data = InstructionDataset(HELDOUT, tokenizer, 64, train_on_inputs=False)
     collate = CausalLMCollator(tokenizer)
-    reference = evaluate(model, tokenizer, ITEMS, data, collate, RunArgs(), 2)
+    reference = {"heldout_loss": heldout_loss(model, data, collate, 2)}
+    for method, summary in evaluate_tasks(model, tokenizer, ITEMS, method=["generate", "score"], batch_size=2,
+                                          generation_batch_size=32).items():
+        reference[method] = {"tasks": {t: s["accuracy"] for t, s in summary["tasks"].items()},
+                             "average": summary["average"]}
+    assert evaluate_model(model, tokenizer, ITEMS, data, collate, "both", 2, generation_batch_size=32) == reference
     outputs = []
     for _ in range(2):  # computed, then from the cache
         base = evaluate_base(model, tokenizer, ITEMS, data, collate, method="both", batch_size=2, model_name=model_dir)

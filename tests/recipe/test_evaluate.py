@@ -57,7 +57,7 @@ def test_generation_batch_size_changes_the_batching_not_the_answers(model_dir, t
 def test_peft_and_istune_adapter_folders(model_dir, tmp_path):
     import peft
 
-    from istune.recipe.methods import AdapterArgs, add_adapters, save_adapters
+    from istune.adapters.methods import AdapterArgs, add_adapters, save_adapters
 
     tokenizer = make_tokenizer()
     lora = peft.get_peft_model(make_model("llama", len(tokenizer)), peft.LoraConfig(r=2, target_modules=["q_proj"]))
@@ -94,7 +94,7 @@ def test_bad_input_is_refused_before_the_model_loads(model_dir, tmp_path, capsys
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("istune.recipe.models.load_model_and_tokenizer", never)
+    monkeypatch.setattr("istune.models.load_model_and_tokenizer", never)
     out = tmp_path / "eval.json"
     assert main(eval_args(model_dir, out) + extra) == 2
     assert message in capsys.readouterr().err

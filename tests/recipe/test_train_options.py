@@ -105,7 +105,7 @@ def test_qlora_trains_the_selected_layers_and_reloads(tiny_llama_dir, data_file,
 
 
 def test_qlora_base_weights_are_4bit(tiny_llama_dir):
-    from istune.recipe.models import ModelArgs, load_model_and_tokenizer, loading_kwargs
+    from istune.models import ModelArgs, load_model_and_tokenizer, loading_kwargs
 
     model, _ = load_model_and_tokenizer(str(tiny_llama_dir), **loading_kwargs(ModelArgs(load_in_4bit=True)))
     weight = model.model.layers[0].self_attn.q_proj.weight
@@ -117,7 +117,7 @@ def _lora_gradients(model_dir, forward_in_eval_first: bool, keep_trainable: bool
     import peft
 
     from istune.core.probe import keep_quantized_layers_trainable
-    from istune.recipe.models import ModelArgs, load_model_and_tokenizer, loading_kwargs
+    from istune.models import ModelArgs, load_model_and_tokenizer, loading_kwargs
 
     model, _ = load_model_and_tokenizer(str(model_dir), **loading_kwargs(ModelArgs(load_in_4bit=True)))
     if keep_trainable:

@@ -14,8 +14,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from istune.analysis.training_runs import add_size_options, size_from_options
-from istune.recipe.options import parse_list
+from istune.analysis.training_runs import TrainFn, add_size_options, size_from_options
+from istune.options import parse_list
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,8 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run one analysis. Returns 0; bad input raises ValueError (with the option, value and fix)."""
+def main(argv: Optional[Sequence[str]] = None, train: Optional[TrainFn] = None) -> int:
+    """Run one analysis. Returns 0; bad input raises ValueError (with the option, value and fix).
+
+    Args:
+        train: how train-layers and sweep train a run (``istune.cli`` passes the recipe's
+            :func:`~istune.recipe.train.train_run`; the analyses sit below the recipe).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     options = _parser().parse_args(argv)
     given = argv[1:]  # the options after the subcommand, recorded with each result
@@ -123,7 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kinds = parse_list("kinds", options.kinds, str)
         k_values = parse_list("k_values", options.k_values, int)
         result = train_layer_sets(options.out, size_from_options(options), options.ranking, kinds, k_values,
-                                  parse_layer_sets(options.layer_sets), options.seed, options.keep_adapters, argv=given)
+                                  parse_layer_sets(options.layer_sets), options.seed, options.keep_adapters, argv=given,
+                                  train=_needed(train))
         print(format_layer_sets(result))
     elif options.command == "reproducibility":
         _reproducibility(options, argv)
@@ -132,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         result = run_sweep(
             options.out, size_from_options(options), parse_list("parts", options.parts, str),
-            keep_adapters=options.keep_adapters, argv=given,
+            train=_needed(train), keep_adapters=options.keep_adapters, argv=given,
             mu_values=parse_list("mu_values", options.mu_values, float),
             beta_values=parse_list("beta_values", options.beta_values, float),
             update_layers=options.update_layers,
@@ -143,14 +149,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _needed(train: Optional[TrainFn]) -> TrainFn:
+    if train is None:
+        raise ValueError("this analysis trains runs: start it as `istune analyze ...`, or pass "
+                         "train=istune.recipe.train.train_run to istune.analysis.cli.main.")
+    return train
+
+
 def _reproducibility(options, argv: list[str]) -> None:
     from pathlib import Path
 
     from istune.analysis import reproducibility
-    from istune.bench.records import run_metadata
+    from istune.io import run_metadata
     from istune.bench.timing import parse_ist_fields
     from istune.config import ISTConfig
-    from istune.recipe.options import require_at_least_one
+    from istune.options import require_at_least_one
 
     require_at_least_one(options, ("updates", "every"))
     if (options.run is None) == (options.logs is None):

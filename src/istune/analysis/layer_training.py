@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from istune.analysis.training_runs import PlannedRun, TrainingSize, run_all
+from istune.analysis.training_runs import PlannedRun, TrainFn, TrainingSize, run_all
 from istune.config import ISTConfig
 
 KINDS = ("top", "bottom", "all")
@@ -114,24 +114,26 @@ def plan_layer_sets(num_layers: int, ranking: Optional[list[int]], kinds: Sequen
 def train_layer_sets(out_dir: str, size: TrainingSize, ranking_source: Optional[str] = None,
                      kinds: Sequence[str] = KINDS, k_values: Sequence[int] = (1, 2, 4, 8),
                      layer_sets: Sequence[list[int]] = (), seed: int = 42, keep_adapters: bool = False,
-                     argv: Sequence[str] = ()) -> dict:
-    """Train every set (resuming), then write ``layer_training.json`` and ``layer_training.png`` into ``out_dir``."""
+                     argv: Sequence[str] = (), *, train: TrainFn) -> dict:
+    """Train every set (resuming, with ``train``), then write ``layer_training.json`` and ``layer_training.png``
+    into ``out_dir``."""
     from istune.analysis.plots import plot_layer_sets
     from istune.analysis.training_runs import check_size, count_adapter_layers
-    from istune.bench.records import write_atomic
+    from istune.io import write_text
 
     check_size(size)
     ranking = read_ranking(ranking_source) if ranking_source is not None else None
     num_layers = count_adapter_layers(size)
     planned = plan_layer_sets(num_layers, ranking, list(kinds), list(k_values), list(layer_sets), seed)
     out = Path(out_dir)
-    records = run_all(planned, size, out, command="train-layers", argv=argv, keep_adapters=keep_adapters)
+    records = run_all(planned, size, out, command="train-layers", argv=argv, train=train,
+                      keep_adapters=keep_adapters)
     rows = [{"name": run.name, **run.labels, "heldout_loss": records[run.name]["heldout_loss"],
              "score_accuracy": records[run.name]["score_accuracy"]} for run in planned]
     result = {"num_layers": num_layers, "ranking": ranking, "ranking_source": ranking_source, "seed": seed,
               "settings": records[planned[0].name]["settings"], "rows": rows}
     plot_layer_sets(rows, out / PLOT_FILE)
-    write_atomic(out / RESULT_FILE, json.dumps(result, indent=1))
+    write_text(out / RESULT_FILE, json.dumps(result, indent=1))
     return result
 
 

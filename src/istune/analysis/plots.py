@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from istune.io import atomic_file
 
 ORDER_LABELS = {
     "importance_low_first": "by IST importance, least important first",
@@ -25,19 +25,12 @@ def _pyplot():
 
 
 def save_figure(figure, path: Path) -> Path:
-    """Save to a temporary file beside ``path``, then rename it into place."""
+    """Save ``figure`` as ``path`` (whole or not at all, :func:`istune.io.atomic_file`) and close it."""
     plt = _pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.png")
-    os.close(fd)
     try:
-        figure.tight_layout()
-        figure.savefig(tmp, dpi=120)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_file(path) as tmp:
+            figure.tight_layout()
+            figure.savefig(tmp, dpi=120)
     finally:
         plt.close(figure)
     return path

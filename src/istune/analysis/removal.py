@@ -130,7 +130,7 @@ def remove_layers(run_dir: str, out_dir: Optional[str] = None, orders: Optional[
     from istune.analysis.plots import plot_removal
     from istune.analysis.run_folder import learned_importance, load_run, read_results
     from istune.analysis.training_runs import repo_root
-    from istune.bench.records import run_metadata, write_atomic
+    from istune.io import run_metadata, write_text
 
     results = read_results(run_dir)
     importance = learned_importance(results)
@@ -173,7 +173,7 @@ def remove_layers(run_dir: str, out_dir: Optional[str] = None, orders: Optional[
 
     out = Path(out_dir) if out_dir else Path(run_dir) / "layer_removal"
     plot_removal(record, out / PLOT_FILE, metric)
-    write_atomic(out / RESULT_FILE, json.dumps(record, indent=1))  # last: the JSON means the analysis finished
+    write_text(out / RESULT_FILE, json.dumps(record, indent=1))  # last: the JSON means the analysis finished
     return record
 
 

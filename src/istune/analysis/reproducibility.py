@@ -171,7 +171,7 @@ def frozen_trajectories(run_dir: str, configs: list[tuple[str, dict]], seeds: li
     import dataclasses
 
     from istune.bench.probes import REFERENCE, adapter_checksum, importance_run, load_run
-    from istune.bench.records import write_atomic
+    from istune.io import write_text
 
     loaded = None
     groups = []
@@ -195,7 +195,7 @@ def frozen_trajectories(run_dir: str, configs: list[tuple[str, dict]], seeds: li
             result = importance_run(model, dataclasses.replace(config, **overrides), REFERENCE, seed, source, updates)
             if adapter_checksum(model) != checksum:
                 raise RuntimeError("The adapter weights changed during the importance runs; the study is void.")
-            write_atomic(path, json.dumps({"settings": settings, "trajectory": result["trajectory"],
+            write_text(path, json.dumps({"settings": settings, "trajectory": result["trajectory"],
                                            "seconds_per_update": result["seconds_per_update"]}))
             trajectories.append(result["trajectory"])
             progress(f"{label} seed {seed}: {updates} updates, {result['seconds_per_update']:.2f} s/update")
@@ -270,10 +270,10 @@ def plot_study(result: dict, path: Path) -> Path:
 
 
 def write_study(result: dict, out: Path, meta: dict) -> None:
-    from istune.bench.records import write_atomic
+    from istune.io import write_text
 
-    write_atomic(out / "reproducibility.json", json.dumps({**meta, **result}, indent=2))
-    write_atomic(out / "reproducibility.md", (
+    write_text(out / "reproducibility.json", json.dumps({**meta, **result}, indent=2))
+    write_text(out / "reproducibility.md", (
         f"# Reproducibility of the learned importance\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, "
         f"{meta['date']}, {meta['machine']}.\n\nPairwise agreement of the seeds' importance rankings after each number "
         f"of updates, beside a permutation baseline ({PERMUTATIONS} shuffles of every seed's vector).\n"

@@ -72,9 +72,9 @@ def load_run(run_dir: str | Path, heldout_samples: Optional[int] = None) -> Load
     import torch
 
     from istune.data import CausalLMCollator, InstructionDataset
-    from istune.recipe.methods import load_adapters
-    from istune.recipe.models import load_model_and_tokenizer
-    from istune.recipe.train import RunArgs, load_rows, saved_training_value
+    from istune.adapters.methods import load_adapters
+    from istune.models import load_model_and_tokenizer
+    from istune.runs import RunArgs, load_rows, saved_training_value
 
     folder = Path(run_dir)
     results = read_results(folder)

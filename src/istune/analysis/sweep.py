@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from istune.analysis.training_runs import PlannedRun, TrainingSize, run_all
+from istune.analysis.training_runs import PlannedRun, TrainFn, TrainingSize, run_all
 from istune.config import ISTConfig
 
 PARTS = ("mu", "beta", "ablation")
@@ -140,22 +140,23 @@ def format_tables(summary: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(out_dir: str, size: TrainingSize, parts: Sequence[str] = PARTS, *, keep_adapters: bool = False,
-              argv: Sequence[str] = (), **plan) -> dict:
-    """Check everything, train what is missing (one record per run), then write the JSON, table and plot.
+def run_sweep(out_dir: str, size: TrainingSize, parts: Sequence[str] = PARTS, *, train: TrainFn,
+              keep_adapters: bool = False, argv: Sequence[str] = (), **plan) -> dict:
+    """Check everything, train what is missing (one record per run, with ``train``), then write the JSON, table
+    and plot.
 
     ``plan`` holds the keyword arguments of :func:`plan_sweep` after ``num_layers``.
     """
     from istune.analysis.plots import plot_sweep
     from istune.analysis.training_runs import check_size, count_adapter_layers, repo_root
-    from istune.bench.records import git_commit, write_atomic
+    from istune.io import git_commit, write_text
 
     check_size(size)
     plan_sweep(parts, 10**9, **plan)  # refuse bad lists before the model is loaded
     num_layers = count_adapter_layers(size)
     planned, rows = plan_sweep(parts, num_layers, **plan)
     out = Path(out_dir)
-    records = run_all(planned, size, out, command="sweep", argv=argv, keep_adapters=keep_adapters)
+    records = run_all(planned, size, out, command="sweep", argv=argv, train=train, keep_adapters=keep_adapters)
     summary = summarize(rows, records)
     result = {"num_layers": num_layers, "settings": records[planned[0].name]["settings"],
               "plan": {key: list(value) if isinstance(value, (list, tuple)) else value for key, value in plan.items()},
@@ -167,6 +168,6 @@ def run_sweep(out_dir: str, size: TrainingSize, parts: Sequence[str] = PARTS, *,
               f"Held-out answer loss on {size.heldout_samples} examples held out from the training mix "
               "(lower is better).\n\n")
     plot_sweep(summary, out / PLOT_FILE)
-    write_atomic(out / TABLE_FILE, header + format_tables(summary))
-    write_atomic(out / RESULT_FILE, json.dumps(result, indent=1))
+    write_text(out / TABLE_FILE, header + format_tables(summary))
+    write_text(out / RESULT_FILE, json.dumps(result, indent=1))
     return result

@@ -1,8 +1,9 @@
 """Short training runs for the analyses, recorded one file per run so that a sweep resumes.
 
-Every run goes through the same recipe as ``istune train`` (:func:`istune.recipe.train.train`):
-same data sample, data order and adapter initialisation for a given seed, whatever the
-strategy, so runs differ only in their ISTConfig. A finished run is saved whole to
+Every run goes through the same recipe as ``istune train``: the analyses sit below the recipe,
+so ``istune.cli`` hands them its training function (:data:`TrainFn`,
+:func:`istune.recipe.train.train_run`). Same data sample, data order and adapter initialisation
+for a given seed, whatever the strategy, so runs differ only in their ISTConfig. A finished run is saved whole to
 ``<out>/runs/<name>.json``; a later call skips every run whose file exists, after
 checking it was made with the same settings (otherwise it refuses, before any work).
 """
@@ -14,12 +15,15 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from istune.bench.records import run_metadata, write_atomic
 from istune.config import ISTConfig
+from istune.io import run_metadata, write_text
 
 RUNS_FOLDER = "runs"
+# train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, **training_options) -> the results of `istune train`,
+# the options those of its TrainingArguments (istune.cli passes istune.recipe.train.train_run).
+TrainFn = Callable[..., dict]
 
 
 @dataclass
@@ -39,8 +43,8 @@ class TrainingSize:
     eval_tasks: str = field(default="all", metadata={"help": "Commonsense tasks of the accuracy ('all' or comma-separated), when eval_limit is above 0."})
 
     def run_args(self):
-        """The :class:`istune.recipe.train.RunArgs` of one run of this size."""
-        from istune.recipe.train import RunArgs
+        """The :class:`istune.runs.RunArgs` of one run of this size."""
+        from istune.runs import RunArgs
 
         return RunArgs(
             model=self.model, data=self.data, train_samples=self.max_steps * self.batch_size,
@@ -49,16 +53,13 @@ class TrainingSize:
             eval_method="score", compare_base=False,
         )
 
-    def training_args(self, output_dir: Path, seed: int):
-        """The Trainer's options of one run of this size (the main job's, else)."""
-        from istune.recipe.training_args import RecipeTrainingArguments
-
-        return RecipeTrainingArguments(output_dir=str(output_dir), max_steps=self.max_steps,
-                                       per_device_train_batch_size=self.batch_size, learning_rate=self.learning_rate,
-                                       logging_steps=self.max_steps, seed=seed)
+    def training_options(self, output_dir: Path, seed: int) -> dict[str, Any]:
+        """The Trainer's options of one run of this size (the main job's for the others)."""
+        return dict(output_dir=str(output_dir), max_steps=self.max_steps, per_device_train_batch_size=self.batch_size,
+                    learning_rate=self.learning_rate, logging_steps=self.max_steps, seed=seed)
 
     def adapter_args(self):
-        from istune.recipe.methods import AdapterArgs
+        from istune.adapters.methods import AdapterArgs
 
         return AdapterArgs(method=self.method, rank=self.rank, alpha=2 * self.rank)
 
@@ -74,23 +75,23 @@ class PlannedRun:
 
 def check_size(size: TrainingSize) -> None:
     """Refuse bad sizes (with the option, the value and the fix) before anything is loaded."""
-    from istune.recipe.train import check_run
-
-    from istune.recipe.options import require_at_least_one
+    from istune.options import require_at_least_one
+    from istune.runs import check_run
 
     require_at_least_one(size, ("max_steps", "batch_size"))
     if size.learning_rate <= 0:
         raise ValueError(f"--learning_rate={size.learning_rate!r} must be positive.")
     if size.eval_limit < 0:
         raise ValueError(f"--eval_limit={size.eval_limit} must be 0 (no accuracy) or a number of items per task.")
-    check_run(size.run_args(), size.adapter_args(), ISTConfig())
+    check_run(size.run_args())
+    size.adapter_args()  # AdapterArgs checks the method and its sizes when built
 
 
 def count_adapter_layers(size: TrainingSize) -> int:
     """N_L of ``size.model`` with ``size.method`` adapters (loads the model once, trains nothing)."""
     from istune.core.layers import find_adapter_layers
-    from istune.recipe.methods import add_adapters
-    from istune.recipe.models import load_model_and_tokenizer
+    from istune.adapters.methods import add_adapters
+    from istune.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(size.model)
     return len(find_adapter_layers(add_adapters(model, size.adapter_args(), total_steps=size.max_steps)))
@@ -123,8 +124,8 @@ def check_finished_runs(planned: Sequence[PlannedRun], size: TrainingSize, out: 
 
 
 def run_all(planned: Sequence[PlannedRun], size: TrainingSize, out: Path, *, command: str, argv: Sequence[str],
-            keep_adapters: bool = False) -> dict[str, dict]:
-    """Train every planned run that has no record yet; return all records by name.
+            train: TrainFn, keep_adapters: bool = False) -> dict[str, dict]:
+    """Train every planned run that has no record yet (with ``train``); return all records by name.
 
     Each finished run is written to ``<out>/runs/<name>.json`` at once (whole or not at
     all). A run trains in ``<out>/runs/<name>.work/``, which is removed afterwards, or
@@ -138,21 +139,19 @@ def run_all(planned: Sequence[PlannedRun], size: TrainingSize, out: Path, *, com
         path = run_path(out, run.name)
         if not path.is_file():
             print(f"== run {number}/{len(planned)}: {run.name}", flush=True)
-            record = _train_one(run, size, out, command, argv, keep_adapters)
-            write_atomic(path, json.dumps(record, indent=1))
+            record = _train_one(run, size, out, command, argv, train, keep_adapters)
+            write_text(path, json.dumps(record, indent=1))
         records[run.name] = json.loads(path.read_text())
     return records
 
 
-def _train_one(run: PlannedRun, size: TrainingSize, out: Path, command: str, argv: Sequence[str],
+def _train_one(run: PlannedRun, size: TrainingSize, out: Path, command: str, argv: Sequence[str], train: TrainFn,
                keep_adapters: bool) -> dict:
-    from istune.recipe.train import train
-
     work = out / RUNS_FOLDER / f"{run.name}.work"
     shutil.rmtree(work, ignore_errors=True)  # left by an interrupted call
     try:
         # One seed for the data sample, the Trainer and IST, as before TrainingArguments had its own.
-        results = train(size.run_args(), size.adapter_args(), run.ist, size.training_args(work, run.ist.seed))
+        results = train(size.run_args(), size.adapter_args(), run.ist, **size.training_options(work, run.ist.seed))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -192,6 +191,4 @@ def add_size_options(parser, defaults: Optional[TrainingSize] = None) -> None:
 
 
 def repo_root() -> Path:
-    import istune
-
-    return Path(istune.__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[3]

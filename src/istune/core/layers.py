@@ -72,7 +72,7 @@ def find_adapter_layers(model: nn.Module, layers_path: str | None = None) -> lis
             trainable parameter is shared by several layers (it cannot train in one layer
             and stay frozen in another).
     """
-    path, blocks = _layer_list(model, layers_path)
+    path, blocks = layer_list(model, layers_path)
     layers = []
     for index, block in enumerate(blocks):
         adapters = [m for m in block.modules() if is_adapter_module(m)]
@@ -120,7 +120,7 @@ def prepare_full_layer_tuning(
             raise ValueError(f"No list of decoder layers (an nn.ModuleList of same-class blocks) found in "
                              f"{type(model).__name__}; pass layers_path=...")
         layers_path = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))[0]
-    _, blocks = _layer_list(model, layers_path)
+    _, blocks = layer_list(model, layers_path)
     quantized = [(name, p.dtype) for name, p in blocks.named_parameters() if not p.is_floating_point()]
     if quantized:
         raise ValueError(f"Full-layer tuning needs floating-point weights, but the decoder layers hold quantized ones "
@@ -204,7 +204,9 @@ def _refuse_shared_parameters(layers: list[AdapterLayer]) -> None:
         )
 
 
-def _layer_list(model: nn.Module, layers_path: str | None) -> tuple[str, nn.ModuleList]:
+def layer_list(model: nn.Module, layers_path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The decoder layer list of ``model`` and its dotted name: ``layers_path`` if given, else the
+    ModuleList of same-class blocks holding the most adapter modules (then trainable parameters)."""
     if layers_path is not None:
         try:
             blocks = model.get_submodule(layers_path)
@@ -229,6 +231,9 @@ def _layer_list(model: nn.Module, layers_path: str | None) -> tuple[str, nn.Modu
             "(prompt, prefix, p-tuning) keep their parameters outside the layers and cannot be used."
         )
     return best[0], best[1]
+
+
+_layer_list = layer_list  # shim for bench, removed at merge
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.ModuleList, int, int]]:

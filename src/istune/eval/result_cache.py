@@ -22,7 +22,7 @@ when the key matches. The key is a SHA-256 over
 
 A model that is not a local folder (or a hub snapshot already on disk) gets no
 cache: ``ResultCache.for_model`` returns None and everything is computed.
-Entries are written whole or not at all (``write_json_atomic``); an unreadable
+Entries are written whole or not at all (``istune.io.write_json``); an unreadable
 entry counts as a miss.
 
 Example::
@@ -98,7 +98,7 @@ def folder_fingerprint(folder: str | os.PathLike[str]) -> dict[str, Any]:
 def local_model_folder(name_or_path: str) -> Optional[Path]:
     """The folder holding ``name_or_path``'s files: the folder itself, the embedded model's converted
     folder, or a hub snapshot already in the local Hugging Face cache; None when there is none."""
-    from istune.recipe.models import resolve_model_path
+    from istune.models import resolve_model_path
 
     resolved = Path(resolve_model_path(name_or_path)).expanduser()
     if resolved.is_dir():
@@ -176,6 +176,6 @@ class ResultCache:
 
     def put(self, part: dict[str, Any], value: Any) -> None:
         """Store ``value`` (anything JSON can hold) for ``part``, atomically."""
-        from istune.data.cache import write_json_atomic
+        from istune.io import write_json
 
-        write_json_atomic(self.path(part), {"part": part, "value": value})
+        write_json(self.path(part), {"part": part, "value": value}, indent=None, ensure_ascii=False)

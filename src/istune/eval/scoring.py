@@ -36,7 +36,7 @@ from istune.eval._modes import eval_mode, model_device
 from istune.eval.result import TaskResult
 
 
-def _encode(tokenizer: Any, context: str, option: str, delimiter: str) -> tuple[list[int], list[int], str]:
+def encode_option(tokenizer: Any, context: str, option: str, delimiter: str) -> tuple[list[int], list[int], str]:
     """Token ids of context and continuation, and the continuation text."""
     if not (context[-1:].isspace() or option[:1].isspace()):
         option = delimiter + option
@@ -52,6 +52,9 @@ def _encode(tokenizer: Any, context: str, option: str, delimiter: str) -> tuple[
     if not option_ids:
         raise ValueError(f"option={option!r} has no tokens; options must be non-empty text")
     return context_ids, option_ids, continuation
+
+
+_encode = encode_option  # shim for bench, removed at merge
 
 
 def option_logprobs(
@@ -91,7 +94,7 @@ def option_logprobs(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
-    encoded = [_encode(tokenizer, context, option, delimiter) for context, option in pairs]
+    encoded = [encode_option(tokenizer, context, option, delimiter) for context, option in pairs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sums: list[float] = [0.0] * len(encoded)
     with eval_mode(model):

@@ -1,10 +1,26 @@
-"""The run record that ``istune train`` keeps in its checkpoints, and the resume check.
+"""The run file of ``istune train`` (in its checkpoints and output folder), the run's state, and the resume check.
 
 ``istune_run.json`` (the run's istune options: data, model loading, PEFT method, IST) is
-written into every ``checkpoint-K`` the Trainer saves, after the Trainer's own files, and into
-the finished output folder. A checkpoint without it is one whose saving was cut short:
-``--resume_from_checkpoint true`` passes over it. ``--resume_from_checkpoint`` is compared with it before the model loads:
+written into every ``checkpoint-K`` the Trainer saves, after the Trainer's own files. A
+checkpoint without it is one whose saving was cut short: ``--resume_from_checkpoint true``
+passes over it. ``--resume_from_checkpoint`` is compared with it before the model loads:
 a checkpoint of another model, PEFT method, adapter shape or IST strategy is refused.
+
+The output folder's own ``istune_run.json`` also says how far the run got, in its ``state``
+field; every file below is written whole or not at all, in this order:
+
+1. ``adapter/`` (the trained adapters), when training ends;
+2. ``istune_run.json`` with ``"state": "trained"`` and ``"training_results"`` (the Trainer's
+   options, batch layout, importance, log history and timings the results will hold);
+3. ``results.json`` (the evaluation of the tuned and the base model, and all of the above);
+4. ``istune_run.json`` again, with ``"state": "evaluated"``.
+
+So :func:`run_state` reads the folder as: ``"complete"`` once ``results.json`` exists (step 3;
+step 4 only repeats it); ``"trained"`` when steps 1 and 2 are done (the evaluation was cut
+short: ``--resume_from_checkpoint true`` evaluates the saved adapters without training
+again and writes the ``results.json`` an uninterrupted run writes); ``"partial"`` when
+``adapter/`` exists without step 2 (killed between steps 1 and 2, or a run of an older
+istune: only its checkpoints can resume it); None when no final output exists yet.
 """
 
 from __future__ import annotations
@@ -17,7 +33,14 @@ from typing import Any, Optional
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from istune.io import write_text
+
 RUN_FILE = "istune_run.json"
+RESULTS_FILE = "results.json"
+ADAPTER_FOLDER = "adapter"
+# The run file's "state" (see the module docstring) and what run_state() reads from the folder.
+TRAINED, EVALUATED = "trained", "evaluated"
+COMPLETE, PARTIAL = "complete", "partial"
 # What must match for a checkpoint to resume: the parameters it holds and how IST selects from them.
 MUST_MATCH = {
     "run": ("model",),
@@ -29,11 +52,39 @@ MUST_MATCH = {
 
 def write_run_file(folder: str | os.PathLike, record: dict[str, Any]) -> None:
     """Write ``record`` as ``folder/istune_run.json``, whole or not at all."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, folder / RUN_FILE)
+    write_text(Path(folder) / RUN_FILE, json.dumps(record, indent=2, default=str))
+
+
+def read_run_file(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``istune_run.json`` of ``folder``; an empty dict when it is absent or unreadable."""
+    try:
+        return json.loads((Path(folder) / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run_state(output_dir: str | os.PathLike) -> Optional[str]:
+    """How far the run in ``output_dir`` got: "complete", "trained", "partial" or None (see the module docstring)."""
+    folder = Path(output_dir)
+    if (folder / RESULTS_FILE).is_file():
+        return COMPLETE
+    if not (folder / ADAPTER_FOLDER).exists():
+        return None
+    saved = read_run_file(folder)
+    return TRAINED if saved.get("state") in (TRAINED, EVALUATED) and "training_results" in saved else PARTIAL
+
+
+def check_same_run(output_dir: str, record: dict[str, Any]) -> None:
+    """Refuse to finish the trained run in ``output_dir`` with options other than those it was trained with."""
+    saved = json.loads(json.dumps({group: read_run_file(output_dir).get(group, {}) for group in record}))
+    wanted = json.loads(json.dumps(record, default=str))
+    differences = [f"--{name}={value!r} (run: {saved[group].get(name)!r})"
+                   for group, values in wanted.items() for name, value in values.items()
+                   if saved[group].get(name) != value]
+    if differences:
+        raise ValueError(f"--output_dir={output_dir!r} holds a run trained with other options: "
+                         f"{'; '.join(differences[:4])}. Give the options it was trained with to finish its "
+                         "evaluation, or choose another --output_dir for a new run.")
 
 
 class RunFileCallback(TrainerCallback):

@@ -1,5 +1,5 @@
-"""Evaluation in the recipe layer: `istune eval` on a run folder or on any model and adapter, and the
-cached evaluation of the untuned model inside `istune train`.
+"""`istune eval` on a run folder or on any model and adapter (the evaluation itself, cached or not, is
+:mod:`istune.eval.cached`).
 
     istune eval runs/istune                                    # the run's adapters, on the run's items
     istune eval --model smollm2-135m --eval_limit 50           # a bare model; its results are cached
@@ -14,122 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-EVAL_METHODS = ("generate", "score", "both")
-
-
-def method_list(method: str) -> list[str]:
-    """``"both"`` -> ``["generate", "score"]``; one method -> a list of it."""
-    if method not in EVAL_METHODS:
-        raise ValueError(f"--eval_method={method!r}: use 'generate', 'score' or 'both'.")
-    return ["generate", "score"] if method == "both" else [method]
-
-
-def parse_eval_tasks(text: str) -> list[str]:
-    """``'all'``, ``'none'`` or comma-separated task names -> canonical commonsense task names."""
-    from istune.data.commonsense_format import COMMONSENSE_TASKS, canonical_task
-
-    name = text.strip().lower()
-    if name == "none":
-        return []
-    if name == "all":
-        return list(COMMONSENSE_TASKS)
-    try:
-        return list(dict.fromkeys(canonical_task(task) for task in text.split(",") if task.strip()))
-    except ValueError as error:
-        raise ValueError(f"--eval_tasks={text!r}: {error}") from None
-
-
-# ----------------------------------------------------------------------------- evaluation with a cache
-
-def evaluate_parts(model, tokenizer, items: dict[str, list[dict]], methods: Sequence[str], batch_size: int,
-                   cache=None, progress: bool = True, generation_batch_size: Optional[int] = None,
-                   ) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{method: {task: summary}}`` for each method and task; parts found in ``cache`` are not recomputed.
-
-    ``batch_size`` sequences per scoring pass, ``generation_batch_size`` (default the same)
-    prompts per ``generate`` call.
-
-    A summary is ``TaskResult.summary()``: accuracy, correct, total and, for scoring,
-    ``accuracy_per_token`` and ``accuracy_per_char``. The settings are those of
-    ``istune.eval.evaluate_tasks`` (default prompt, per-task generation budget,
-    greedy decoding, a space between context and option), so the numbers are the same.
-    """
-    from istune.eval.generation import check_generation_items, evaluate_generation
-    from istune.eval.result_cache import digest
-    from istune.eval.scoring import check_scoring_items, evaluate_scoring
-
-    for task, rows in items.items():  # every item checked before the first (slow) forward pass
-        if "generate" in methods:
-            check_generation_items(rows, task)
-        if "score" in methods:
-            check_scoring_items(rows, task)
-    parts: dict[str, dict[str, dict[str, Any]]] = {}
-    for method in methods:
-        parts[method] = {}
-        for task, rows in items.items():
-            part = {"method": method, "task": task, "items": digest(rows)}
-            part.update({"max_new_tokens": None, "num_beams": 1} if method == "generate" else {"delimiter": " "})
-            stored = cache.get(part) if cache is not None else None
-            if stored is None:
-                if method == "generate":
-                    result = evaluate_generation(model, tokenizer, rows, task, batch_size=generation_batch_size or batch_size,
-                                                 progress=progress)
-                else:
-                    result = evaluate_scoring(model, tokenizer, rows, task, batch_size=batch_size, progress=progress)
-                stored = result.to_dict()
-                if cache is not None:
-                    cache.put(part, stored)
-            parts[method][task] = {"accuracy": stored["accuracy"], "correct": stored["correct"],
-                                   "total": stored["total"], **stored["metrics"]}
-    return parts
-
-
-def evaluate_model(model, tokenizer, items: dict[str, list[dict]], heldout, collate, method: str, batch_size: int,
-                   cache=None, generation_batch_size: Optional[int] = None) -> dict[str, Any]:
-    """Held-out loss (when ``heldout`` is given) and accuracy per task and method, as ``istune train`` records them:
-    ``{"heldout_loss": x, "<method>": {"tasks": {task: accuracy}, "average": mean}}``."""
-    from istune.eval.loss import heldout_loss
-    from istune.eval.result_cache import digest
-
-    result: dict[str, Any] = {}
-    if heldout is not None:
-        part = {"heldout_loss": digest([heldout[i] for i in range(len(heldout))])}
-        loss = cache.get(part) if cache is not None else None
-        if loss is None:
-            loss = heldout_loss(model, heldout, collate, batch_size)
-            if cache is not None:
-                cache.put(part, loss)
-        result["heldout_loss"] = loss
-    if items:
-        parts = evaluate_parts(model, tokenizer, items, method_list(method), batch_size, cache,
-                               generation_batch_size=generation_batch_size)
-        for method_name, tasks in parts.items():
-            accuracies = {task: summary["accuracy"] for task, summary in tasks.items()}
-            result[method_name] = {"tasks": accuracies, "average": sum(accuracies.values()) / len(accuracies)}
-    return result
-
-
-def evaluate_base(model, tokenizer, items: dict[str, list[dict]], heldout, collate, *, method: str, batch_size: int,
-                  model_name: str, use_cache: bool = True, generation_batch_size: Optional[int] = None) -> dict[str, Any]:
-    """``evaluate_model`` for the untuned model of ``istune train``, from the cache where it can be.
-
-    The cache is keyed by the model's files and load settings, the items, the method and
-    istune's evaluation code (see ``istune.eval.result_cache``); a repeated run finds it.
-    """
-    from istune.eval.result_cache import ResultCache
-
-    cache = ResultCache.for_model(model, model_name) if use_cache else None
-    if cache is None:
-        print("istune: evaluating the base model" + ("" if not use_cache else f" (no cache: {model_name!r} has no local files)"))
-    else:
-        print(f"istune: evaluating the base model (cached results in {cache.root})")
-    result = evaluate_model(model, tokenizer, items, heldout, collate, method, batch_size, cache, generation_batch_size)
-    if cache is not None:
-        print(f"istune: base model: {cache.hits} of {cache.hits + cache.misses} parts from the cache")
-    return result
-
+from istune.eval.cached import evaluate_model, evaluate_parts
+from istune.eval.tasks import method_list, parse_eval_tasks
+from istune.io import write_text
 
 # ----------------------------------------------------------------------------- istune eval RUN_DIR
 
@@ -138,12 +27,11 @@ def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int]
                  harness: bool = False, generation_batch_size: Optional[int] = None) -> dict:
     """Load base model + adapters from ``run_dir``, evaluate on the run's held-out data and items,
     write ``eval.json`` there (or ``output``) and print the table."""
-    from istune.config import ISTConfig
-    from istune.data import CausalLMCollator, InstructionDataset
-    from istune.recipe.methods import AdapterArgs, load_adapters
-    from istune.recipe.models import ModelArgs, load_model_and_tokenizer, loading_kwargs
-    from istune.recipe.train import (RunArgs, check_run, format_results, load_eval_items, load_rows,
-                                     saved_training_value)
+    from istune.adapters.methods import load_adapters
+    from istune.data import CausalLMCollator, InstructionDataset, load_eval_items
+    from istune.models import ModelArgs, load_model_and_tokenizer, loading_kwargs
+    from istune.recipe.train import format_results
+    from istune.runs import RunArgs, check_run, load_rows, saved_training_value
 
     folder = Path(run_dir)
     results_file = folder / "results.json"
@@ -153,7 +41,7 @@ def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int]
     overrides = {k: v for k, v in {"eval_tasks": tasks, "eval_limit": limit, "eval_method": method,
                                    "generation_batch_size": generation_batch_size}.items() if v is not None}
     run = dataclasses.replace(RunArgs.from_saved(saved["run"]), overwrite=True, **overrides)
-    task_names = check_run(run, AdapterArgs(**saved["adapter"]), ISTConfig(**saved["ist"]))
+    task_names = check_run(run)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--eval_batch_size={batch_size!r} must be at least 1.")
     batch_size = batch_size or saved_training_value(saved, "per_device_eval_batch_size", 8)
@@ -216,7 +104,7 @@ def find_adapter(path: str) -> AdapterFolder:
         ValueError: Naming the folder, what is missing and what would do.
     """
     from istune.adapters.model import CONFIG_NAME, WEIGHTS_NAME
-    from istune.recipe.methods import METHOD_FILE, AdapterArgs
+    from istune.adapters.methods import METHOD_FILE, AdapterArgs
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -250,7 +138,7 @@ def find_adapter(path: str) -> AdapterFolder:
 def load_adapter(base_model, adapter: AdapterFolder):
     """``base_model`` with the adapters of ``adapter`` loaded, in inference mode."""
     if adapter.kind == "istune":
-        from istune.recipe.methods import load_adapters
+        from istune.adapters.methods import load_adapters
 
         return load_adapters(base_model, adapter.path).eval()
     import peft
@@ -260,7 +148,8 @@ def load_adapter(base_model, adapter: AdapterFolder):
 
 def check_eval_args(args: EvalArgs) -> tuple[list[str], Optional[AdapterFolder], str]:
     """Validate ``args`` without loading anything; return (tasks, adapter, model name)."""
-    from istune.recipe.models import DTYPES
+    from istune.models import DTYPES
+
     adapter = find_adapter(args.adapter) if args.adapter else None
     model = args.model or (adapter.base_model if adapter else None)
     if not model:
@@ -289,9 +178,9 @@ def check_eval_args(args: EvalArgs) -> tuple[list[str], Optional[AdapterFolder],
 
 def evaluate_pretrained(args: EvalArgs) -> dict[str, Any]:
     """``istune eval --model``: accuracy of a model (and adapter) on the commonsense items; see ``EvalArgs``."""
+    from istune.data import load_eval_items
     from istune.eval.result_cache import ResultCache
-    from istune.recipe.models import load_model_and_tokenizer, resolve_dtype
-    from istune.recipe.train import load_eval_items
+    from istune.models import load_model_and_tokenizer, resolve_dtype
 
     tasks, adapter, model_name = check_eval_args(args)
     items = load_eval_items(tasks, args.eval_limit, args.eval_seed)
@@ -386,6 +275,4 @@ def _check_output(output: str) -> Path:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from istune.bench.records import write_atomic
-
-    write_atomic(path, json.dumps(data, indent=2) + "\n")
+    write_text(path, json.dumps(data, indent=2) + "\n")

@@ -1,38 +1,103 @@
-"""Command-line option checks shared by the benchmark and analysis commands; errors name the option and the fix."""
+"""The options of ``istune train`` and every check that runs before the model loads.
+
+The options come in five dataclasses, each beside what it configures: :class:`~istune.runs.RunArgs`
+(data and evaluation), :class:`~istune.models.ModelArgs` (how the model loads),
+:class:`~istune.adapters.methods.AdapterArgs` (the PEFT method), :class:`~istune.config.ISTConfig`
+and the Trainer's own arguments (:class:`~istune.recipe.training_args.RecipeTrainingArguments`).
+:func:`check_job` checks them together, and the output folder: what it holds decides whether
+the run starts, resumes training from a checkpoint, finishes an evaluation that was cut short,
+or has nothing left to do (see :mod:`istune.recipe.checkpoints`).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import importlib.util
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
 
-_TYPE_NAMES = {int: "an int", float: "a float", str: "a string"}
-
-
-def parse_list(option: str, text: str, kind: type = str, allowed: Optional[Iterable[str]] = None) -> list:
-    """``"1,2"`` -> ``[kind("1"), kind("2")]`` for ``--option``; refuses an empty list, unknown or bad items, repeats."""
-    items = [item.strip() for item in str(text).split(",") if item.strip()]
-    choices = list(allowed) if allowed is not None else None
-    if not items:
-        example = ",".join(choices[:2]) if choices else "1,2"
-        raise ValueError(f"--{option}={text!r} is empty; give comma-separated values, e.g. --{option} {example}.")
-    if choices is not None:
-        unknown = [item for item in items if item not in choices]
-        if unknown:
-            raise ValueError(f"--{option}={text!r}: unknown {', '.join(map(repr, unknown))}; "
-                             f"use a comma-separated list of {', '.join(choices)}.")
-    values = []
-    for item in items:
-        try:
-            values.append(kind(item))
-        except ValueError:
-            raise ValueError(f"--{option}={text!r}: {item!r} is not {_TYPE_NAMES.get(kind, kind.__name__)}; "
-                             f"use a comma-separated list of {kind.__name__}s, e.g. 1,2.") from None
-    if len(set(values)) != len(values):
-        raise ValueError(f"--{option}={text!r} repeats a value; give each value once.")
-    return values
+from istune.adapters.methods import AdapterArgs
+from istune.config import ISTConfig
+from istune.models import ModelArgs
+from istune.options import parse_list  # noqa: F401  shim for bench, removed at merge
+from istune.options import require_at_least_one
+from istune.recipe import checkpoints
+from istune.runs import RunArgs, check_run
 
 
-def require_at_least_one(options: Any, names: Iterable[str]) -> None:
-    """Raise ValueError naming the first of ``options.<name>`` that is below 1."""
-    for name in names:
-        if getattr(options, name) < 1:
-            raise ValueError(f"--{name}={getattr(options, name)!r} must be at least 1.")
+def run_record(run: RunArgs, model_args: ModelArgs, adapter: AdapterArgs, ist: ISTConfig) -> dict[str, Any]:
+    """istune's options of a run, as ``istune_run.json`` and results.json keep them."""
+    return {"run": asdict(run), "model_loading": asdict(model_args), "adapter": asdict(adapter), "ist": ist.to_dict()}
+
+
+def check_model_args(args: ModelArgs, method: str) -> None:
+    """Refuse loading options that cannot train (before anything is loaded)."""
+    if not args.quantized:
+        return
+    flag = "--load_in_4bit" if args.load_in_4bit else "--load_in_8bit"
+    if method == "full":
+        raise ValueError(f"{flag}=True with --method=full: whole layers cannot train on quantized weights; use "
+                         "--method lora, dora or adalora (QLoRA), or drop " + flag + ".")
+    if method in ("series", "parallel"):
+        raise ValueError(f"{flag}=True with --method={method}: the Trainer fine-tunes quantized models only through "
+                         "peft adapters; use --method lora, dora or adalora, or drop " + flag + ".")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{flag}=True needs bitsandbytes; run `pip install bitsandbytes==0.50.2` "
+                         "(see requirements.txt).")
+
+
+def check_job(run: RunArgs, model_args: ModelArgs, adapter: AdapterArgs, ist: ISTConfig,
+              training) -> tuple[list[str], Optional[str], Optional[str]]:
+    """Everything that can be checked before the model loads.
+
+    Returns:
+        ``(eval tasks, checkpoint to resume training from, state)``: ``state`` is None for a run
+        that trains, ``"trained"`` for one whose evaluation is to be finished, ``"complete"`` for
+        one with nothing left to do (both only with ``--resume_from_checkpoint true``).
+    """
+    tasks = check_run(run)
+    require_at_least_one(training, ("per_device_train_batch_size", "per_device_eval_batch_size",
+                                    "gradient_accumulation_steps"))
+    if training.max_steps == 0 or (training.max_steps < 0 and training.num_train_epochs <= 0):
+        raise ValueError(f"--max_steps={training.max_steps!r} must be at least 1, or -1 with --num_train_epochs "
+                         "above 0.")
+    if training.learning_rate <= 0:
+        raise ValueError(f"--learning_rate={training.learning_rate!r} must be positive.")
+    check_model_args(model_args, adapter.method)
+    record = run_record(run, model_args, adapter, ist)
+    state = None if run.overwrite else checkpoints.run_state(training.output_dir)
+    resume_latest = str(training.resume_from_checkpoint).lower() == "true"
+    if state in (checkpoints.TRAINED, checkpoints.COMPLETE) and resume_latest:
+        checkpoints.check_same_run(training.output_dir, record)
+        return tasks, None, state
+    if state is not None and not (state == checkpoints.PARTIAL and resume_latest):
+        raise ValueError(_holds_a_run(training.output_dir, state))
+    resume = checkpoints.resolve_resume(training.resume_from_checkpoint, training.output_dir)
+    if resume is not None:
+        checkpoints.check_resume(resume, record, _num_layers(run.model))
+    return tasks, resume, None
+
+
+def _holds_a_run(output_dir: str, state: str) -> str:
+    """The refusal for an --output_dir that holds a run, with the advice that fits how far it got."""
+    start = f"--output_dir={output_dir!r} already holds a run"
+    if state == checkpoints.COMPLETE:
+        return f"{start} ({Path(output_dir) / checkpoints.RESULTS_FILE}); choose another folder or pass --overwrite."
+    if state == checkpoints.TRAINED:
+        return (f"{start} whose training finished and whose evaluation did not; pass --resume_from_checkpoint true "
+                "to finish its evaluation (it does not train again), or choose another folder.")
+    if checkpoints.latest_complete_checkpoint(output_dir) is not None:
+        return (f"{start} whose saving was cut short; pass --resume_from_checkpoint true to resume it from its latest "
+                "checkpoint, or choose another folder.")
+    return (f"{start} whose saving was cut short and which has no checkpoint to resume from; choose another folder "
+            "or pass --overwrite to train it again.")
+
+
+def _num_layers(model: str) -> Optional[int]:
+    """N_L from the model's config when it is a local folder (no download, no conversion); else None."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    values = json.loads(config.read_text())
+    return values.get("num_hidden_layers", values.get("n_layer"))

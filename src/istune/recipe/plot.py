@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from istune.io import atomic_file
+
 LOG_FILE = "ist_log.jsonl"
 
 
@@ -79,9 +81,10 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 def _save(figure, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    figure.tight_layout()
-    figure.savefig(tmp, dpi=120)
-    plt.close(figure)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            figure.tight_layout()
+            figure.savefig(tmp, dpi=120)
+    finally:
+        plt.close(figure)
     return path

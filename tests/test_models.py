@@ -1,4 +1,4 @@
-"""istune.recipe.models: the embedded SmolLM2 alias, pass-through of other names, conversion and loading."""
+"""istune.models: the embedded SmolLM2 alias, pass-through of other names, conversion and loading."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from istune.recipe import models
+from istune import models
 
 
 @pytest.mark.parametrize(
