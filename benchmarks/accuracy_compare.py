@@ -51,7 +51,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from istune import ISTCallback, ISTConfig
-from istune.bench.records import git_commit, write_atomic
+from istune.io import git_commit, write_text
 from istune.bench.stats import mean_ci95, paired_item_ci95, seeds_for_power
 from istune.data import CausalLMCollator, InstructionDataset
 from istune.data.commonsense_format import COMMONSENSE_TASKS
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     if not opts.report_only:
         if not opts.train_only and not (out / "base.json").exists():
             print("== base model (no tuning), option scoring", flush=True)
-            write_atomic(out / "base.json", json.dumps(run_base(opts)))
+            write_text(out / "base.json", json.dumps(run_base(opts)))
         for seed in seeds:
             for arm in arms:
                 path = out / "runs" / f"{arm}-seed{seed}.json"
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 print(f"== {arm} seed {seed}", flush=True)
                 result = run_one(arm, seed, opts, out / "runs" / f"{arm}-seed{seed}")
-                write_atomic(path, json.dumps(result))
+                write_text(path, json.dumps(result))
     if opts.train_only:
         return
     table = report(out)
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
               f"Command: `.venv/bin/python benchmarks/accuracy_compare.py {' '.join(sys.argv[1:] if argv is None else argv)}`  \n"
               f"Commit: {commit}; "
               f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
-    write_atomic(out / "results.md", header + table + "\n")
+    write_text(out / "results.md", header + table + "\n")
     print(table)
 
 

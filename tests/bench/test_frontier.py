@@ -23,14 +23,14 @@ def test_the_test_size_writes_json_markdown_and_picture(tmp_path):
     assert frontier.main(["--size", "test", "--rows", "lora,ist+ckpt", "--out", str(out)]) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     rows = {row["key"]: row for row in record["rows"]}
-    assert list(rows) == ["lora", "ist+ckpt"]
+    assert list(rows) == ["lora", "lora+ist+gc"]  # typed as ist+ckpt (the old key): one key per configuration
     for row in rows.values():
         assert row["memory_bytes"] > 0 and row["seconds_per_step"] > 0
         assert row["memory"]["peak_rss_bytes"] >= row["memory"]["rss_before_bytes"]
-    assert rows["lora"]["memory_vs_lora"] == 1.0 and rows["ist+ckpt"]["probe_update_s"] > 0
-    assert rows["ist+ckpt"]["checkpointing"] and rows["ist+ckpt"]["ist"] == {}
+    assert rows["lora"]["memory_vs_lora"] == 1.0 and rows["lora+ist+gc"]["probe_update_s"] > 0
+    assert rows["lora+ist+gc"]["checkpointing"] and rows["lora+ist+gc"]["ist"] == {}
     markdown = out.with_suffix(".md").read_text()
-    assert "| LoRA + IST + ckpt |" in markdown and "--size test" in markdown
+    assert "| LoRA + IST + gradient checkpointing |" in markdown and "--size test" in markdown
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -49,7 +49,7 @@ def test_time_runs_draw_layers_as_in_training_and_memory_runs_take_the_worst_cas
     from istune.core.layers import find_adapter_layers
     from istune.integrations.hf import ISTCallback
 
-    size, row = frontier.SIZES["test"], frontier.ROWS["ist+ckpt"]
+    size, row = frontier.SIZES["test"], frontier.ROWS["lora+ist+gc"]
     seeds = []
     make_trainer = frontier.make_trainer
 
@@ -63,7 +63,7 @@ def test_time_runs_draw_layers_as_in_training_and_memory_runs_take_the_worst_cas
     # time: the training draws (ISTConfig's default seed, the next one in round 2), not the memory runs' layer-0 seed
     # (43 on this size: with the worst seed in both rounds this would read [43, 43])
     assert seeds == [frontier.TIME_SEED, frontier.TIME_SEED + 1]
-    assert times["ist+ckpt"]["samples"] == {"steps": 2, "probe_updates": 2}
+    assert times["lora+ist+gc"]["samples"] == {"steps": 2, "probe_updates": 2}
     worst = frontier.ist_seed(row, size, len(find_adapter_layers(frontier.build_model(size, row))))
     trainer = make_trainer(row, size, frontier.build_model(size, row), 1, "unused")
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ISTCallback))
@@ -75,11 +75,11 @@ def test_stored_layers_rows_measure_memory_at_both_worst_steps():
     # is N_L - M (every block running backward stored, the selected ones included); draws rarely hit the second.
     from istune.integrations.hf import ISTCallback
 
-    size, row = frontier.SIZES["test"], frontier.ROWS["ist+ckpt+stored3"]  # 4 layers, N_u = 1, M = 3
+    size, row = frontier.SIZES["test"], frontier.ROWS["lora+ist+gc+stored3"]  # 4 layers, N_u = 1, M = 3
     assert frontier.stored_worst_step(row, 4) == [1]
-    assert frontier.stored_worst_step(row, 3) is None and frontier.stored_worst_step(frontier.ROWS["ist"], 4) is None
-    assert frontier.stored_worst_step(frontier.ROWS["ist+stored8"], 30) == [22, 23, 24, 25, 26, 27, 28, 29]
-    assert frontier.stored_worst_step(frontier.ROWS["ist+ckpt+stored3"], 30) == [22, 23, 24, 25, 26, 27, 28, 29]  # M < N_u
+    assert frontier.stored_worst_step(row, 3) is None and frontier.stored_worst_step(frontier.ROWS["lora+ist"], 4) is None
+    assert frontier.stored_worst_step(frontier.ROWS["lora+ist+stored8"], 30) == [22, 23, 24, 25, 26, 27, 28, 29]
+    assert frontier.stored_worst_step(frontier.ROWS["lora+ist+gc+stored3"], 30) == [22, 23, 24, 25, 26, 27, 28, 29]  # M < N_u
 
     trainer = frontier.make_trainer(row, size, frontier.build_model(size, row), 1, "unused", layers=[1])
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ISTCallback))
@@ -89,6 +89,6 @@ def test_stored_layers_rows_measure_memory_at_both_worst_steps():
     assert [run["fixed_layers"] for run in memory["runs"]] == [None, [1]]
     assert memory["growth_bytes"] == max(run["growth_bytes"] for run in memory["runs"]) > 0
     assert frontier.measure_memory_here(row, frontier.SIZES["test"], stored_worst=True)["fixed_layers"] == [1]
-    few = frontier.ROWS["ist+stored8"]  # M >= N_L = 4: no second worst step, no second run
+    few = frontier.ROWS["lora+ist+stored8"]  # M >= N_L = 4: no second worst step, no second run
     assert frontier.measure_memory_here(few, size, stored_worst=True) == {"row": few.key, "fixed_layers": None,
                                                                          "skipped": True}

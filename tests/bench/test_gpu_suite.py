@@ -20,29 +20,29 @@ def run(tmp_path, *argv: str) -> dict:
 def test_tiny_suite_measures_every_kind_of_row_and_says_it_is_not_a_gpu_run(tmp_path):
     result = run(tmp_path, "--rows", "lora,ist+recompute,lisa,smollm2:ist")
     rows = {r["key"]: r for r in result["rows"]}
-    assert list(rows) == ["lora", "ist+recompute", "smollm2:ist", "lisa"]  # the suite's order
+    assert list(rows) == ["lora", "lora+ist+recompute", "smollm2:ist", "lisa"]  # the suite's order, one key per row
     assert all(r["status"] == "done" for r in rows.values())
-    for key in ("lora", "ist+recompute"):  # measured (CPU: live tensor bytes) beside istune plan's prediction
+    for key in ("lora", "lora+ist+recompute"):  # measured (CPU: live tensor bytes) beside istune plan's prediction
         measured, predicted = rows[key]["peak_allocated_bytes"], rows[key]["prediction"]["peak_bytes"]
         assert abs(predicted - measured) / measured <= 0.10
         assert rows[key]["steps_timed"] == 2 and rows[key]["step_seconds_median"] > 0
-    assert rows["ist+recompute"]["peak_allocated_bytes"] < rows["lora"]["peak_allocated_bytes"]
+    assert rows["lora+ist+recompute"]["peak_allocated_bytes"] < rows["lora"]["peak_allocated_bytes"]
     assert rows["lisa"]["prediction"] is None
     assert math.isfinite(rows["smollm2:ist"]["heldout_loss"]) and rows["smollm2:ist"]["steps"] == 4
     text = (tmp_path / "suite.md").read_text()
-    assert gpu_suite.NOT_MEASURED in text and "| LoRA + IST, recompute_unselected |" in text
+    assert gpu_suite.NOT_MEASURED in text and "| LoRA + IST, recompute unselected |" in text
 
 
 def test_stored_layers_rows_are_measured_at_the_worst_step_the_plan_found(tmp_path):
     result = run(tmp_path, "--rows", "ist+gc+stored2,ist+stored8")
     rows = {r["key"]: r for r in result["rows"]}
     assert all(r["status"] == "done" for r in rows.values())
-    for key, plan_key in (("ist+gc+stored2", "ist+gc+stored"), ("ist+stored8", "ist+stored")):
+    for key in ("lora+ist+gc+stored2", "lora+ist+stored8"):  # planned as the same row
         measured, prediction = rows[key]["peak_allocated_bytes"], rows[key]["prediction"]
-        assert prediction["row"] == plan_key and abs(prediction["peak_bytes"] - measured) / measured <= 0.10
+        assert prediction["row"] == key and abs(prediction["peak_bytes"] - measured) / measured <= 0.10
     # 4 layers, N_u = 1, M = 2: the worst steps are [0] and [2]; M = 8 >= N_L leaves only [0]
-    assert rows["ist+gc+stored2"]["prediction"]["selected"] in ([0], [2])
-    assert rows["ist+stored8"]["prediction"]["selected"] == [0]
+    assert rows["lora+ist+gc+stored2"]["prediction"]["selected"] in ([0], [2])
+    assert rows["lora+ist+stored8"]["prediction"]["selected"] == [0]
 
 
 def test_the_budget_stops_starting_rows_and_what_ran_is_kept(tmp_path):

@@ -10,12 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from istune.bench import memory_table
-from istune.bench.memory_table import VARIANTS, Settings, Variant, check_meta, measure, variants_for
-from istune.bench.shapes import SHAPES
+from istune.bench.memory_table import VARIANTS, Settings, check_meta, measure, variants_for
+from istune.planning.rows import ALIASES, Row
+from istune.planning.shapes import SHAPES
+from istune.planning.worst_case import draw_schedule, worst_case_seed
 
 FLOAT = 4  # bytes per float32
 TINY = Settings(seq_len=16, steps=2, rank=4, bottleneck_size=8, extra_attentions=())  # seconds per run
-ROWS = {v.key: v for v in VARIANTS}
+ROWS = {**{v.key: v for v in VARIANTS}, **{old: v for v in VARIANTS for old, key in ALIASES.items() if key == v.key}}
 
 
 def llama_parameters(shape) -> int:
@@ -101,15 +103,15 @@ def test_ist_peak_is_a_worst_case_step_with_layer_0(key):
     assert all(len(s["selected"]) == run["update_layers"] == 1 for s in run["steps"])  # 25 percent of 4 layers
     assert run["mean_step_peak_bytes"] == sum(s["peak_bytes"] for s in run["steps"]) / len(run["steps"])
     config = run["ist_config"]
-    schedule = memory_table.draw_schedule(config["strategy"], 4, 1, config["seed"], TINY.steps + 1)
+    schedule = draw_schedule(config["strategy"], 4, 1, config["seed"], TINY.steps + 1)
     assert [s["selected"] for s in run["steps"]] == schedule[1:]  # seeded, after one settling step
     assert measure(SHAPES["tiny-llama"], ROWS[key], TINY)["steps"] == run["steps"]
 
 
 def test_worst_case_seed_is_the_first_that_draws_layer_0():
-    seed, schedule = memory_table.worst_case_seed("ist", 40, 1, 0, 2, unmeasured=1)
-    assert any(0 in s for s in schedule) and schedule == memory_table.draw_schedule("ist", 40, 1, seed, 3)[1:]
-    assert all(not any(0 in s for s in memory_table.draw_schedule("ist", 40, 1, earlier, 3)[1:])
+    seed, schedule = worst_case_seed("ist", 40, 1, 0, 2, unmeasured=1)
+    assert any(0 in s for s in schedule) and schedule == draw_schedule("ist", 40, 1, seed, 3)[1:]
+    assert all(not any(0 in s for s in draw_schedule("ist", 40, 1, earlier, 3)[1:])
                for earlier in range(seed))
 
 
@@ -157,7 +159,7 @@ def test_lisa_trains_only_its_layers(embeddings):
 
 
 def test_rows_with_unknown_ist_options_are_skipped(monkeypatch):
-    extra = Variant("lora+ist:new", "LoRA + IST, new", "lora", {"no_such_option": True}, "lora")
+    extra = Row("lora+ist+new", "LoRA + IST, new", "lora", {"no_such_option": True}, False, "lora")
     monkeypatch.setattr(memory_table, "VARIANTS", VARIANTS + (extra,))
     usable, skipped = variants_for(["lora"])
     assert skipped == [extra]
@@ -206,8 +208,8 @@ def test_cuda_without_cuda_is_refused(tmp_path, monkeypatch):
 
 def test_main_writes_json_and_markdown_atomically(tmp_path, monkeypatch):
     written = []
-    write = memory_table.write_atomic
-    monkeypatch.setattr(memory_table, "write_atomic", lambda path, text: (written.append(path), write(path, text)))
+    write = memory_table.write_record
+    monkeypatch.setattr(memory_table, "write_record", lambda *args, **kwargs: written.extend(write(*args, **kwargs)))
     out = tmp_path / "results" / "memory.json"
 
     assert memory_table.main([*OK_ARGS, "--attention", "sdpa", "--out", str(out)]) == 0

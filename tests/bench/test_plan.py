@@ -10,16 +10,19 @@ import pytest
 import torch
 import transformers as tf
 
-from istune.bench import plan as planner
-from istune.bench.builtin_configs import BUILTIN_CONFIGS, resolve_model_config
-from istune.bench.memory import MemoryTracker
-from istune.bench.meta_kernels import nf4_bytes
+from istune.planning import planner
+from istune.planning.kernels import nf4_bytes
+from istune.planning.rows import ROWS as ALL_ROWS
+from istune.planning.rows import Row, stored_row, table_names
+from istune.planning.shapes import BUILTIN_CONFIGS, resolve_model_config
+from istune.planning.tracker import MemoryTracker
+from istune.planning.worst_case import worst_case_selections
 from istune.config import ISTConfig
 from istune.core.tuner import SparseTuner
 from istune.recipe.methods import AdapterArgs, add_adapters
 
 TOLERANCE = 0.10  # the issue's bound on |predicted - measured| / measured
-ROWS = {row.key: row for row in planner.ROWS}
+ROWS = {name: ALL_ROWS[key] for name, key in table_names(planner.PLAN_KEYS).items()}  # istune plan's names
 
 
 def tiny_config() -> tf.LlamaConfig:
@@ -32,7 +35,7 @@ def tiny_config() -> tf.LlamaConfig:
 SETTINGS = planner.PlanSettings(batch_size=2, seq_len=64, dtype="float32", rank=8, update_layers=2, kernels="cpu")
 
 
-def measure_on_cpu(config, row: planner.Row, settings: planner.PlanSettings, selected: list[int]) -> int:
+def measure_on_cpu(config, row: Row, settings: planner.PlanSettings, selected: list[int]) -> int:
     """Peak bytes of a real CPU training step, set up as a user does (the public APIs, an all-ones mask)."""
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=settings.attention)
@@ -124,10 +127,10 @@ def test_the_plan_header_names_the_math_kernel_fallback():
     config = tiny_config()
     fp32 = dataclasses.replace(SETTINGS, kernels="cuda")
     results = [planner.predict(config, ROWS["lora"], fp32)]
-    assert "math kernel" in planner._header("src", config, fp32, results)
+    assert "math kernel" in planner.header("src", config, fp32, results)
     for settings, cfg in [(dataclasses.replace(fp32, dtype="bfloat16"), config), (SETTINGS, config),
                           (fp32, tf.LlamaConfig(**{**config.to_diff_dict(), "num_key_value_heads": 4}))]:
-        assert "math kernel" not in planner._header("src", cfg, settings, results)
+        assert "math kernel" not in planner.header("src", cfg, settings, results)
 
 
 # ------------------------------------------------------------------------------ 4-bit (QLoRA)
@@ -293,7 +296,7 @@ learning_rate: 0.0003
 """
 
 
-@pytest.mark.parametrize("gc, row_key", [(False, "ist"), (True, "ist+gc")])
+@pytest.mark.parametrize("gc, row_key", [(False, "lora+ist"), (True, "lora+ist+gc")])
 def test_a_recipe_file_is_planned_and_its_comment_filled(gc, row_key, monkeypatch, tmp_path, capsys):
     from istune import cli
 
@@ -318,20 +321,20 @@ def test_a_recipe_file_is_planned_and_its_comment_filled(gc, row_key, monkeypatc
 
 
 def test_worst_case_selections_store_the_most_selected_blocks():
-    assert planner.worst_case_selections(6, 2) == [[0, 5]] == planner.worst_case_selections(6, 2, 6)
-    assert planner.worst_case_selections(6, 2, 0) == [[0, 5]]  # nothing stored: layer 0's step is the worst
-    assert planner.worst_case_selections(6, 2, 3) == [[0, 5], [3, 5]]  # M >= N_u: every backward block stored
-    assert planner.worst_case_selections(8, 3, 1) == [[0, 6, 7], [5, 6, 7]]  # M < N_u: the top N_u selected
-    assert planner.worst_case_selections(8, 3, 2) == [[0, 6, 7], [5, 6, 7]]
-    assert planner.worst_case_selections(3, 3, 1) == [[0, 1, 2]]  # N_u = N_L: one candidate, not two alike
+    assert worst_case_selections(6, 2) == [[0, 5]] == worst_case_selections(6, 2, 6)
+    assert worst_case_selections(6, 2, 0) == [[0, 5]]  # nothing stored: layer 0's step is the worst
+    assert worst_case_selections(6, 2, 3) == [[0, 5], [3, 5]]  # M >= N_u: every backward block stored
+    assert worst_case_selections(8, 3, 1) == [[0, 6, 7], [5, 6, 7]]  # M < N_u: the top N_u selected
+    assert worst_case_selections(8, 3, 2) == [[0, 6, 7], [5, 6, 7]]
+    assert worst_case_selections(3, 3, 1) == [[0, 1, 2]]  # N_u = N_L: one candidate, not two alike
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("stored, expected", [(3, [[0, 5], [3, 5]]), (1, [[0, 5], [4, 5]])])
 def test_stored_layers_is_planned_at_the_larger_of_its_two_worst_steps_and_matches_cpu(checkpointing, stored, expected):
     config = tiny_config()  # 6 layers, N_u = 2
-    row = next(r for r in planner.stored_rows(stored) if r.checkpointing == checkpointing)
-    candidates = planner.worst_case_selections(6, 2, stored)
+    row = stored_row(stored, checkpointing)
+    candidates = worst_case_selections(6, 2, stored)
     assert candidates == expected  # layer 0 selected; or the most selected blocks stored
     peaks = [planner.predict(config, row, SETTINGS, selected=layers)["peak_bytes"] for layers in candidates]
     predicted = planner.predict(config, row, SETTINGS)
@@ -348,6 +351,6 @@ def test_plan_takes_stored_layers_from_the_command_line_and_from_a_recipe(tmp_pa
     values = {"model": "m", "gradient_checkpointing": True, "stored_layers": 4, "unselected_optimizer_state": "drop"}
     _, _, row = planner.recipe_settings(values)
     assert (row.key, row.checkpointing, row.ist) == (
-        "ist+gc+stored:drop", True, {"stored_layers": 4, "unselected_optimizer_state": "drop"})
+        "lora+ist+gc+stored4:drop", True, {"stored_layers": 4, "unselected_optimizer_state": "drop"})
     _, _, row = planner.recipe_settings({"model": "m", "stored_layers": 2})
-    assert (row.key, row.checkpointing, row.ist) == ("ist+stored", False, {"stored_layers": 2})
+    assert (row.key, row.checkpointing, row.ist) == ("lora+ist+stored2", False, {"stored_layers": 2})

@@ -1,6 +1,6 @@
 """Benchmarks' building blocks: measuring memory of training steps, and the model shapes measured."""
 
-from istune.bench.memory import CATEGORIES, PHASES, MemoryTracker
-from istune.bench.shapes import SHAPES, Shape
+from istune.planning.shapes import SHAPES, Shape
+from istune.planning.tracker import CATEGORIES, PHASES, MemoryTracker
 
 __all__ = ["CATEGORIES", "PHASES", "SHAPES", "MemoryTracker", "Shape"]

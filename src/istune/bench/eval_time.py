@@ -20,7 +20,6 @@ Written to ``benchmarks/results/eval_work.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,7 +28,6 @@ from typing import Any, Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parents[3]
 DEFAULT_OUT = "benchmarks/results/eval_time"
 
 
@@ -75,7 +73,7 @@ def measure(opts: argparse.Namespace, progress=print) -> dict[str, Any]:
     from istune.eval.loss import heldout_loss
     from istune.eval.scoring import evaluate_scoring
     from istune.recipe.evaluate import parse_eval_tasks
-    from istune.recipe.models import load_model_and_tokenizer
+    from istune.planning.step import load_model_and_tokenizer
     from istune.recipe.train import RunArgs, load_eval_items, load_rows
 
     tasks = parse_eval_tasks(opts.tasks)
@@ -142,7 +140,7 @@ def count_work(opts: argparse.Namespace) -> dict[str, Any]:
     from istune.data import InstructionDataset
     from istune.eval.scoring import _encode
     from istune.recipe.evaluate import parse_eval_tasks
-    from istune.recipe.models import load_model_and_tokenizer
+    from istune.planning.step import load_model_and_tokenizer
     from istune.recipe.train import RunArgs, load_eval_items, load_rows
 
     model, tokenizer = load_model_and_tokenizer(opts.model)
@@ -250,13 +248,13 @@ def format_markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m istune.bench.eval_time``: time old and new scoring and held-out loss, print and write ``--out``.json/.md."""
-    from istune.bench.records import run_metadata, write_atomic
+    from istune.bench.records import run_metadata, write_record
     from istune.recipe.options import require_at_least_one
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)
     require_at_least_one(opts, ("items", "batch_size", "rounds"))
-    meta = run_metadata("-m istune.bench.eval_time", argv, REPO)
+    meta = run_metadata("-m istune.bench.eval_time", argv)
     if opts.count_only:
         result = count_work(opts)
         markdown = format_counts(result, meta)
@@ -266,9 +264,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = measure(opts, progress=lambda text: print(text, flush=True))
         markdown = format_markdown(result, meta)
     print(markdown)
-    out = Path(opts.out)
-    write_atomic(out.with_suffix(".json"), json.dumps({"meta": meta, **result}, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), markdown)
+    write_record(Path(opts.out), {"meta": meta, **result}, markdown)
     return 0
 
 

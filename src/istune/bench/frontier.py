@@ -10,7 +10,7 @@ q/k/v/up/down; fp32; random token ids; IST through ``ISTCallback``; "+ ckpt" row
 ``gradient_checkpointing=True``, non-reentrant), on a model with random weights built from
 the size's config (SmolLM2: its real weights; memory and time depend on shapes only).
 
-- **Memory**: each row runs in its own process (``--memory-steps`` steps; the IST seed is
+- **Memory**: each row runs in its own process (``memory_steps`` steps; the IST seed is
   chosen so that one step selects layer 0, the worst case; a row with ``stored_layers`` runs
   a second process at its other worst step, :func:`stored_worst_step`, and reports the
   larger). Measured: the growth of the peak
@@ -31,10 +31,9 @@ the rows no other row beats on both axes).
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,40 +44,23 @@ from typing import Callable, Optional
 import torch
 from transformers import TrainerCallback
 
-REPO = Path(__file__).resolve().parents[3]
+from istune.bench.child import run_in_child
+from istune.bench.records import run_metadata, write_record
+from istune.planning.rows import ROWS as ALL_ROWS
+from istune.planning.rows import Row, table_names
+
 DEFAULT_OUT = "benchmarks/results/frontier"
 PROBE_INTERVAL = 10  # T_c, the paper's default: the time of an importance update is amortised over it
 TIME_SEED = 42  # IST's seed in round 0 of the time runs (ISTConfig's default); round k uses TIME_SEED + k
 
-
-@dataclass(frozen=True)
-class Row:
-    """One configuration: adapter method, IST fields (None: no IST) and the Trainer's gradient checkpointing."""
-
-    key: str
-    label: str
-    method: str  # "lora", "dora" or "full" (whole decoder layers, LISA-style)
-    ist: Optional[dict] = None
-    checkpointing: bool = False
-
-
-ROWS: dict[str, Row] = {row.key: row for row in (
-    Row("lora", "LoRA", "lora"),
-    Row("lora+ckpt", "LoRA + ckpt", "lora", checkpointing=True),
-    Row("ist", "LoRA + IST", "lora", {}),
-    Row("ist+recompute", "LoRA + IST, recompute unselected", "lora", {"recompute_unselected": True}),
-    Row("ist+ckpt", "LoRA + IST + ckpt", "lora", {}, checkpointing=True),
-    # stored_layers: of the layers that run backward, this many keep their activations (the top one, then unselected)
-    Row("ist+ckpt+stored3", "LoRA + IST + ckpt, 3 layers stored", "lora", {"stored_layers": 3}, checkpointing=True),
-    Row("ist+stored8", "LoRA + IST, 8 layers stored", "lora", {"stored_layers": 8}),
-    Row("random", "LoRA + random sparse", "lora", {"strategy": "random"}),
-    # LISA trains 2 whole layers per step; embeddings and head stay frozen here (LISA trains them too).
-    Row("lisa", "LISA-style (2 full layers)", "full", {"strategy": "random", "update_layers": 2}),
-    Row("dora", "DoRA", "dora"),
-    Row("dora+ckpt", "DoRA + ckpt", "dora", checkpointing=True),
-    Row("dora+ist", "DoRA + IST", "dora", {}),
-    Row("dora+ist+ckpt", "DoRA + IST + ckpt", "dora", {}, checkpointing=True),
-)}
+# LISA-style here: 2 whole layers a step, embeddings and head frozen (LISA trains them too).
+ROWS: dict[str, Row] = {key: ALL_ROWS[key] for key in (
+    "lora", "lora+gc", "lora+ist", "lora+ist+recompute", "lora+ist+gc", "lora+ist+gc+stored3", "lora+ist+stored8",
+    "lora+random", "full+random2", "dora", "dora+gc", "dora+ist", "dora+ist+gc")}
+# The names --rows lists (this table's keys before one key per configuration; the keys work too).
+ROW_NAMES = ("lora", "lora+ckpt", "ist", "ist+recompute", "ist+ckpt", "ist+ckpt+stored3", "ist+stored8", "random",
+             "lisa", "dora", "dora+ckpt", "dora+ist", "dora+ist+ckpt")
+NAMES = table_names(ROWS, local={"lisa": "full+random2"})
 
 
 @dataclass(frozen=True)
@@ -120,18 +102,16 @@ def build_model(size: Size, row: Row) -> torch.nn.Module:
     """The size's model (random weights from its config, or the named model) with the row's trainable parts."""
     import transformers
 
-    from istune.recipe.methods import AdapterArgs, add_adapters
+    from istune.planning.step import build_model as build, load_model
 
+    row = dataclasses.replace(row, checkpointing=False)  # the Trainer turns it on (activation_checkpointing)
     torch.manual_seed(0)
     if size.model is not None:
-        from istune.recipe.models import load_model_and_tokenizer
-
-        model = load_model_and_tokenizer(size.model)[0]
+        model = load_model(size.model)
         model.set_attn_implementation("sdpa")
-    else:
-        config = transformers.LlamaConfig(**size.config, attn_implementation="sdpa")
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    return add_adapters(model, AdapterArgs(method=row.method), total_steps=1000).train()
+        return build(None, row, model=model, seed=None, total_steps=1000)
+    config = transformers.LlamaConfig(**size.config, attn_implementation="sdpa")
+    return build(config, row, seed=0, total_steps=1000)
 
 
 class _TokenDataset(torch.utils.data.Dataset):
@@ -165,8 +145,8 @@ class _StepClock(TrainerCallback):
 
 def ist_seed(row: Row, size: Size, num_layers: int) -> int:
     """The IST seed whose first ``memory_steps`` draws select layer 0 (the step with the largest peak)."""
-    from istune.bench.memory_table import worst_case_seed
     from istune.config import ISTConfig
+    from istune.planning.worst_case import worst_case_seed
 
     config = ISTConfig(**row.ist)
     count = config.resolve(num_layers).update_layers
@@ -174,11 +154,10 @@ def ist_seed(row: Row, size: Size, num_layers: int) -> int:
 
 
 def stored_worst_step(row: Row, num_layers: int) -> Optional[list[int]]:
-    """With ``stored_layers = M`` (1 <= M < N_L), the other step whose peak can be the largest: lowest selected
-    layer N_L - max(M, N_u), so that the most selected blocks are stored (all of them when M >= N_u). Draws rarely
-    hit it (on 30 layers with N_u = M = 8 it is one selection in 5.9 million), so its memory run fixes it. Else None."""
-    from istune.bench.plan import worst_case_selections
+    """With ``stored_layers = M`` (1 <= M < N_L), the other step whose peak can be the largest
+    (:func:`istune.planning.worst_case.worst_case_selections`): its memory run fixes it. Else None."""
     from istune.config import ISTConfig
+    from istune.planning.worst_case import worst_case_selections
 
     if row.ist is None or row.ist.get("stored_layers") is None:
         return None
@@ -220,52 +199,35 @@ def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, outpu
     return trainer
 
 
-def _rss_bytes(field_name: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field_name}")  # pragma: no cover
-
-
-def measure_memory_here(row: Row, size: Size, stored_worst: bool = False) -> dict:
+def measure_memory_here(row: Row | str, size: Size | str, stored_worst: bool = False) -> dict:
     """Peak RSS growth of ``memory_steps`` Trainer steps of ``row``, in this process (Linux).
 
     ``stored_worst``: train :func:`stored_worst_step`'s layers every step instead of IST's seeded draws.
     """
     from istune.core.layers import find_adapter_layers
+    from istune.planning.step import RssPeak
 
+    row, size = ROWS[row] if isinstance(row, str) else row, SIZES[size] if isinstance(size, str) else size
     model = build_model(size, row)
     layers = stored_worst_step(row, len(find_adapter_layers(model))) if stored_worst else None
     if stored_worst and layers is None:  # M < N_u or M >= N_L: the layer-0 step is the only worst one
         return {"row": row.key, "fixed_layers": None, "skipped": True}
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = make_trainer(row, size, model, size.memory_steps, output_dir, layers=layers)
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")  # reset the peak resident set size (VmHWM) to the current one
-        before = _rss_bytes("VmRSS")
-        trainer.train()
-        peak = _rss_bytes("VmHWM")
-    return {"row": row.key, "rss_before_bytes": before, "peak_rss_bytes": peak, "growth_bytes": peak - before,
-            "fixed_layers": layers}
+        with RssPeak() as peak:
+            trainer.train()
+    return {"row": row.key, **peak.report(), "fixed_layers": layers}
 
 
 def measure_memory(rows: list[Row], size: Size, progress: Callable[[str], None]) -> dict[str, dict]:
     """Each row in its own Python process (so no row inherits another's allocator state)."""
     results = {}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     for row in rows:
-        runs = []
         stored = row.ist is not None and row.ist.get("stored_layers") is not None
-        for extra in ([], ["--memory-stored-worst"]) if stored else ([],):
-            command = [sys.executable, "-m", "istune.bench.frontier", "--size", size.name, "--memory-of", row.key,
-                       *extra]
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                raise RuntimeError(f"the memory run of row {row.key!r} failed:\n{done.stderr[-3000:]}")
-            run = json.loads(done.stdout.strip().splitlines()[-1])
-            if not run.get("skipped"):
-                runs.append(run)
+        runs = [run_in_child("istune.bench.frontier:measure_memory_here",
+                             {"row": row.key, "size": size.name, "stored_worst": worst})
+                for worst in ((False, True) if stored else (False,))]
+        runs = [run for run in runs if not run.get("skipped")]
         results[row.key] = {**max(runs, key=lambda run: run["growth_bytes"]), "runs": runs}
         each = ", ".join(f"{run['growth_bytes'] / 1e9:.3f}" for run in runs)
         progress(f"memory {row.label}: {results[row.key]['growth_bytes'] / 1e9:.3f} GB"
@@ -289,7 +251,7 @@ def measure_time(rows: list[Row], size: Size, steps: int, rounds: int, progress:
                                        seed=TIME_SEED + index)
                 trainer.train()
                 durations = [b - a for a, b in zip(step_clock.ends, step_clock.ends[1:])]
-                probes = row.ist is not None and row.ist.get("strategy", "ist") == "ist"
+                probes = row.probes
                 for step, seconds in enumerate(durations[1:], start=2):  # step 1: warm-up
                     if not (probes and step % PROBE_INTERVAL == 0):
                         plain[row.key].append(seconds)
@@ -327,7 +289,7 @@ def combine(rows: list[Row], memory: dict[str, dict], times: dict[str, dict]) ->
                  "checkpointing": row.checkpointing, "memory_bytes": memory[row.key]["growth_bytes"],
                  "memory": memory[row.key], **times[row.key]} for row in rows]
     by_key = {r["key"]: r for r in combined}
-    for reference in ("lora", "lora+ckpt"):
+    for reference in ("lora", "lora+gc"):
         if reference in by_key:
             for r in combined:
                 r[f"memory_vs_{reference}"] = r["memory_bytes"] / by_key[reference]["memory_bytes"]
@@ -347,13 +309,13 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         probe = f"{r['probe_update_s']:.3f}" if r["probe_update_s"] is not None else "–"
         lines.append(f"| {r['label']} | {r['memory_bytes'] / 1e9:.3f} | {ratio(r, 'memory_vs_lora')} "
-                     f"| {ratio(r, 'memory_vs_lora+ckpt')} | {r['seconds_per_step']:.3f} | {ratio(r, 'time_vs_lora')} "
-                     f"| {ratio(r, 'time_vs_lora+ckpt')} | {probe} | {'yes' if r['on_frontier'] else ''} |")
+                     f"| {ratio(r, 'memory_vs_lora+gc')} | {r['seconds_per_step']:.3f} | {ratio(r, 'time_vs_lora')} "
+                     f"| {ratio(r, 'time_vs_lora+gc')} | {probe} | {'yes' if r['on_frontier'] else ''} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Memory against time, one point per row, the frontier as a line through its rows."""
+def plot(rows: list[dict], title: str):
+    """Memory against time, one point per row, the frontier as a line through its rows (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,20 +336,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
-        figure.savefig(tmp.name, dpi=120)
-    plt.close(figure)
-    os.replace(tmp.name, path)
+    return figure
 
 
 def write_results(out: Path, meta: dict, settings: dict, rows: list[dict]) -> str:
-    from istune.bench.records import write_atomic
-
     table = markdown_table(rows)
-    write_atomic(out.with_suffix(".json"), json.dumps({**meta, "settings": settings, "rows": rows}, indent=2))
-    plot(rows, out.with_suffix(".png"), f"{settings['description']}, batch {settings['batch_size']} x "
-                                        f"{settings['seq_len']}, fp32, HF Trainer")
-    write_atomic(out.with_suffix(".md"), (
+    figure = plot(rows, f"{settings['description']}, batch {settings['batch_size']} x {settings['seq_len']}, fp32, "
+                        "HF Trainer")
+    write_record(out, {**meta, "settings": settings, "rows": rows}, (
         f"# Memory and time per step: the frontier\n\n![frontier]({out.with_suffix('.png').name})\n\n"
         f"Command: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, {meta['machine']}; "
         f"load before the run: {settings['load']}.  \n{settings['description']}, batch {settings['batch_size']} x "
@@ -396,7 +352,7 @@ def write_results(out: Path, meta: dict, settings: dict, rows: list[dict]) -> st
         f"steps, each row in its own process, IST's worst step (layer 0 selected) included. Time: means over "
         f"{settings['rounds']} interleaved rounds x {settings['steps'] - 1} timed steps "
         f"({settings.get('clock', 'wall')} clock; IST rows draw layers as in training, seed {TIME_SEED} + round), "
-        f"probe updates amortised over T_c.\n\n{table}\n"))
+        f"probe updates amortised over T_c.\n\n{table}\n"), figure)
     return table
 
 
@@ -408,7 +364,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="llama-12x768", help=f"one of {', '.join(SIZES)}")
-    parser.add_argument("--rows", default=None, help=f"comma-separated rows, default all: {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=None, help=f"comma-separated rows, default all: {', '.join(ROW_NAMES)}")
     parser.add_argument("--steps", type=int, default=None, help="steps per row per round (default: the size's)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the size's)")
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
@@ -416,14 +372,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         "(with OMP_NUM_THREADS=1 it is the work done; it leaves out time spent waiting)")
     parser.add_argument("--skip", default=None, choices=["memory", "time"], help="measure only the other one")
     parser.add_argument("--out", default=None, help=f"results go to OUT.json/.md/.png; default {DEFAULT_OUT}-SIZE")
-    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: one row's memory run
-    parser.add_argument("--memory-stored-worst", action="store_true", help=argparse.SUPPRESS)  # ... at that step
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``istune bench frontier``: measure, print the table, write the results. Bad options raise ValueError."""
-    from istune.bench.records import run_metadata
     from istune.recipe.options import parse_list
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -431,10 +384,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if opts.size not in SIZES:
         raise ValueError(f"--size={opts.size!r} is not a known size; use one of {', '.join(SIZES)}.")
     size = SIZES[opts.size]
-    if opts.memory_of is not None:
-        print(json.dumps(measure_memory_here(ROWS[opts.memory_of], size, opts.memory_stored_worst)))
-        return 0
-    keys = parse_list("rows", opts.rows, allowed=ROWS) if opts.rows else list(ROWS)
+    chosen = {NAMES[name] for name in parse_list("rows", opts.rows, allowed=NAMES)} if opts.rows else set(ROWS)
+    keys = [key for key in ROWS if key in chosen]
     steps, rounds = opts.steps or size.steps, opts.rounds or size.rounds
     if steps < 2 or rounds < 1:  # the first step of a round is a warm-up
         raise ValueError(f"--steps={steps} / --rounds={rounds}: use --steps >= 2 (the first step of a round is not "
@@ -453,7 +404,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "threads": torch.get_num_threads(), "clock": opts.clock, "load": load, "load_after": " ".join(
                     f"{x:.2f}" for x in os.getloadavg())}
     out = Path(opts.out or f"{DEFAULT_OUT}-{size.name}")
-    table = write_results(out, run_metadata("-m istune bench frontier", argv, REPO), settings, combined)
+    table = write_results(out, run_metadata("-m istune bench frontier", argv), settings, combined)
     print(table)
     return 0
 

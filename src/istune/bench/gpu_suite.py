@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -53,55 +52,29 @@ from typing import Any, Optional
 
 import torch
 
-from istune.bench.records import run_metadata, write_atomic
+from istune.bench.child import ChildFailed, run_in_child
+from istune.bench.records import run_metadata, write_record
+from istune.planning.rows import ROWS, Row, table_names
 
 __all__ = ["FRONTIER_ROWS", "FINETUNE_ROWS", "SuiteSettings", "build_parser", "main", "run_row"]
 
-REPO = Path(__file__).resolve().parents[3]
 GIB = 1024**3
 NOT_MEASURED = "not yet measured on a GPU"
 
-
-@dataclass(frozen=True)
-class SuiteRow:
-    """One row: a method and its IST options, or a SmolLM2 fine-tuning run (``finetune``)."""
-
-    key: str
-    label: str
-    method: str = "lora"
-    ist: Optional[dict] = None  # None: every layer trains
-    checkpointing: bool = False
-    plan_row: Optional[str] = None  # istune plan's row with the same memory (None: not planned)
-    finetune: bool = False
-    optional: bool = False  # only with --dora
-
-
-FRONTIER_ROWS = (
-    SuiteRow("lora", "LoRA", plan_row="lora"),
-    SuiteRow("lora+gc", "LoRA + gradient checkpointing", checkpointing=True, plan_row="lora+gc"),
-    SuiteRow("ist", "LoRA + IST", ist={}, plan_row="ist"),
-    SuiteRow("ist+recompute", "LoRA + IST, recompute_unselected", ist={"recompute_unselected": True},
-             plan_row="ist+recompute"),
-    SuiteRow("ist+gc", "LoRA + IST + gradient checkpointing", ist={}, checkpointing=True, plan_row="ist+gc"),
-    # stored_layers: M of the layers that run backward keep their activations (docs/memory-and-speed.md)
-    SuiteRow("ist+gc+stored2", "LoRA + IST + gradient checkpointing, stored_layers=2", ist={"stored_layers": 2},
-             checkpointing=True, plan_row="ist+gc+stored"),
-    SuiteRow("ist+stored8", "LoRA + IST, stored_layers=8", ist={"stored_layers": 8}, plan_row="ist+stored"),
-    SuiteRow("random", "LoRA + random sparse", ist={"strategy": "random"}, plan_row="ist"),
-    SuiteRow("lisa", "LISA-style, 2 whole layers", method="full",
-             ist={"strategy": "random", "update_layers": 2, "unselected_optimizer_state": "drop"}),
-    SuiteRow("dora", "DoRA", method="dora", plan_row="lora", optional=True),
-    SuiteRow("dora+ist", "DoRA + IST", method="dora", ist={}, plan_row="ist", optional=True),
-)
-FINETUNE_ROWS = (
-    SuiteRow("smollm2:lora", "SmolLM2 LoRA", ist={"strategy": "all"}, finetune=True),
-    SuiteRow("smollm2:ist", "SmolLM2 LoRA + IST", ist={"strategy": "ist"}, finetune=True),
-    SuiteRow("smollm2:random", "SmolLM2 LoRA + random sparse", ist={"strategy": "random"}, finetune=True),
+FRONTIER_ROWS = tuple(ROWS[key] for key in ("lora", "lora+gc", "lora+ist", "lora+ist+recompute", "lora+ist+gc",
+                                            "lora+ist+gc+stored2", "lora+ist+stored8", "lora+random", "lisa", "dora",
+                                            "dora+ist"))
+OPTIONAL = ("dora", "dora+ist")  # only with --dora
+FINETUNE_ROWS = (  # SmolLM2 runs: the configuration on another model, so rows of their own
+    Row("smollm2:lora", "SmolLM2 LoRA", ist={"strategy": "all"}),
+    Row("smollm2:ist", "SmolLM2 LoRA + IST", ist={"strategy": "ist"}),
+    Row("smollm2:random", "SmolLM2 LoRA + random sparse", ist={"strategy": "random"}),
 )
 # The order rows start in: the frontier's core, the fine-tuning runs, then the rest (what a short budget drops).
 ORDER = ("lora", "lora+gc", "ist", "ist+recompute", "ist+gc", "smollm2:lora", "smollm2:ist", "smollm2:random",
          "ist+gc+stored2", "ist+stored8", "random", "lisa", "dora", "dora+ist")
 ALL_ROWS = {row.key: row for row in FRONTIER_ROWS + FINETUNE_ROWS}
+NAMES = table_names(ALL_ROWS)
 
 
 @dataclass(frozen=True)
@@ -131,144 +104,70 @@ def tiny_settings(device: str) -> SuiteSettings:
                          heldout_samples=8)
 
 
-# ------------------------------------------------------------------------------ peak memory
-
-
-class PeakMeter:
-    """Peak memory of a stretch: the CUDA allocator's counters on a GPU, live tensor bytes (MemoryTracker) on a CPU."""
-
-    def __init__(self, device: torch.device, model=None, optimizer=None):
-        self.device, self.model, self.optimizer = device, model, optimizer
-        self.allocated: Optional[int] = None
-        self.reserved: Optional[int] = None
-
-    def __enter__(self) -> "PeakMeter":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            from istune.bench.memory import MemoryTracker
-
-            self._tracker = MemoryTracker(self.model, self.optimizer, device=self.device).__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.allocated = torch.cuda.max_memory_allocated(self.device)
-            self.reserved = torch.cuda.max_memory_reserved(self.device)
-        else:
-            self._tracker.__exit__(*exc)
-            self.allocated = self._tracker.report()["peak_bytes"]
-
-
 # ------------------------------------------------------------------------------ part 1: the frontier rows
 
 
-def _ist_config(row: SuiteRow, **overrides):
-    from istune.config import ISTConfig
-
-    return ISTConfig(**{"strategy": "ist", **row.ist, **overrides})
-
-
-def build_frontier_model(row: SuiteRow, settings: SuiteSettings, device: torch.device):
-    """The shape's model with random weights made on ``device``, with the row's trainable parameters."""
-    from transformers import AutoModelForCausalLM
-
-    from istune.bench.plan import DTYPES
-    from istune.bench.shapes import SHAPES
-    from istune.core.layers import prepare_full_layer_tuning
-    from istune.recipe.methods import AdapterArgs, add_adapters
-
-    config = SHAPES[settings.shape].config(attention="sdpa", seq_len=settings.seq_len)
-    config.use_cache = False
-    torch.manual_seed(settings.seed)
-    with torch.device(device):  # initialised where it lives: seconds for 7B on a GPU
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[settings.dtype])
-    if row.method == "full":
-        model = prepare_full_layer_tuning(model, train_embeddings=True, train_head=True)
-    else:
-        model = add_adapters(model, AdapterArgs(method=row.method, rank=settings.rank, alpha=2 * settings.rank),
-                             total_steps=100)
-    if row.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device).train(), config
-
-
-def _predict(row: SuiteRow, settings: SuiteSettings, config) -> Optional[dict]:
+def _predict(row: Row, settings: SuiteSettings, config) -> Optional[dict]:
     """istune plan's prediction for the row (meta device), or None where the planner has no such row."""
-    if row.plan_row is None:
+    if row.method == "lisa":
         return None
-    from istune.bench.plan import ROWS, PlanSettings, predict, stored_rows
+    from istune.planning.planner import PlanSettings, predict
 
-    stored = (row.ist or {}).get("stored_layers")
-    plan_row = next(r for r in ROWS + (stored_rows(stored) if stored is not None else ()) if r.key == row.plan_row)
-    result = predict(config, plan_row, PlanSettings(batch_size=settings.batch_size, seq_len=settings.seq_len,
-                                                    dtype=settings.dtype, method=row.method, rank=settings.rank,
-                                                    optimizer_impl="foreach",  # the suite's AdamW
-                                                    kernels="cpu" if settings.device == "cpu" else "cuda"))
-    return {"row": row.plan_row, "peak_bytes": result["peak_bytes"], "budget_bytes": result["budget_bytes"],
+    if row.ist is not None and row.ist.get("strategy") == "random":  # random sparse: IST's memory (same N_u)
+        row = ROWS[f"{row.method}+ist"]
+    result = predict(config, row, PlanSettings(batch_size=settings.batch_size, seq_len=settings.seq_len,
+                                               dtype=settings.dtype, method=row.method, rank=settings.rank,
+                                               optimizer_impl="foreach",  # the suite's AdamW
+                                               kernels="cpu" if settings.device == "cpu" else "cuda"))
+    return {"row": row.key, "peak_bytes": result["peak_bytes"], "budget_bytes": result["budget_bytes"],
             "seconds": result["seconds"], "selected": result["selected"]}
 
 
-def run_frontier_row(row: SuiteRow, settings: SuiteSettings) -> dict[str, Any]:
-    from istune.bench.plan import worst_case_selection
+def run_frontier_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
+    from istune.config import ISTConfig
     from istune.core.tuner import SparseTuner
+    from istune.planning.shapes import SHAPES
+    from istune.planning.step import CudaPeak, build_model, make_batch, measured_steps, timed_step, trainable
+    from istune.planning.tracker import MemoryTracker
 
     device = torch.device(settings.device)
-    model, config = build_frontier_model(row, settings, device)
+    config = SHAPES[settings.shape].config(attention="sdpa", seq_len=settings.seq_len)
+    config.use_cache = False
+    model = build_model(config, row, dtype=settings.dtype, device=device, seed=settings.seed, total_steps=100,
+                        adapter=dict(rank=settings.rank, alpha=2 * settings.rank))  # weights made on the device
     prediction = _predict(row, settings, config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
-    generator = torch.Generator().manual_seed(settings.seed)
-    ids = torch.randint(0, config.vocab_size, (settings.batch_size, settings.seq_len), generator=generator).to(device)
-    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+    optimizer = torch.optim.AdamW(trainable(model), lr=1e-5, foreach=True)
+    batch = make_batch(config.vocab_size, settings.batch_size, settings.seq_len, settings.seed, "sdpa", device)
+    make_tuner = None
+    if row.ist is not None:  # memory: the worst step, as istune plan predicts it (the larger of its candidates)
+        from istune.planning.worst_case import worst_case_selection
 
-    def step() -> None:
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    if row.method != "full":  # every layer: AdamW holds state for all of them, as late in a long run
-        step()  # (LISA-style: the measured step starts a sampling period, with state for its layers only)
-    tuner = None
-    if row.ist is not None:  # memory: the worst step (layer 0 selected), as istune plan predicts it
-        count = _ist_config(row).resolve(config.num_hidden_layers).update_layers
-        layers = worst_case_selection(config.num_hidden_layers, count)
-        if row.ist.get("stored_layers") is not None:  # two candidate worst steps: the one the plan found larger
+        ist = ISTConfig(**{"strategy": "ist", **row.ist})
+        layers = worst_case_selection(config.num_hidden_layers, ist.resolve(config.num_hidden_layers).update_layers)
+        if row.ist.get("stored_layers") is not None:
             layers = prediction["selected"]
         options = {k: v for k, v in row.ist.items() if k not in ("strategy", "update_layers")}
-        tuner = SparseTuner(model, _ist_config(row, strategy="fixed", layers=layers, update_layers=None, **options),
-                            optimizer=optimizer)
-        tuner.begin_step()
-        step()
-        tuner.end_step()
-    with PeakMeter(device, model, optimizer) as peak:
-        if tuner:
-            tuner.begin_step()
-        step()
-        if tuner:
-            tuner.end_step()
+        fixed = ISTConfig(strategy="fixed", layers=layers, **options)
+        make_tuner = lambda: SparseTuner(model, fixed, optimizer=optimizer)  # noqa: E731
+    meter = CudaPeak(device) if device.type == "cuda" else MemoryTracker(model, optimizer, device=device)
+    # (LISA: the measured step starts a sampling period, with state for its layers only: no warm-up)
+    _, tuner = measured_steps(model, optimizer, batch, meter, make_tuner, warm_up=row.method != "lisa")
+    peak = meter.report() if device.type == "cuda" else {"peak_allocated_bytes": meter.report()["peak_bytes"],
+                                                           "peak_reserved_bytes": None}
     if tuner:
         tuner.close()
-        tuner = SparseTuner(model, _ist_config(row), optimizer=optimizer, probe_batches=lambda: batch)
-    times = []
+        tuner = SparseTuner(model, ISTConfig(**{"strategy": "ist", **row.ist}), optimizer=optimizer,
+                            probe_batches=lambda: batch)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times = []  # the row's real policy: importance updates (N_c probe forwards) every T_c steps are part of it
     for index in range(settings.warmup_steps + settings.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        if tuner:
-            tuner.begin_step()
-        step()
-        if tuner:
-            tuner.end_step()  # importance update (N_c probe forwards) every T_c steps: part of the cost
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        parts = timed_step(model, optimizer, batch, tuner, sync=sync)
         if index >= settings.warmup_steps:
-            times.append(time.perf_counter() - started)
+            times.append(parts["step"] + parts["update"])
     if tuner:
         tuner.close()
     return {
-        "peak_allocated_bytes": peak.allocated, "peak_reserved_bytes": peak.reserved, "prediction": prediction,
+        **peak, "prediction": prediction,
         "step_seconds_median": statistics.median(times), "step_seconds_mean": statistics.fmean(times),
         "steps_timed": len(times),
     }
@@ -298,7 +197,7 @@ def _tiny_rows() -> list[dict]:
             for a in range(8) for b in range(8)]
 
 
-def run_finetune_row(row: SuiteRow, settings: SuiteSettings) -> dict[str, Any]:
+def run_finetune_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
     import random
 
     from istune.config import ISTConfig
@@ -306,7 +205,7 @@ def run_finetune_row(row: SuiteRow, settings: SuiteSettings) -> dict[str, Any]:
     from istune.data import CausalLMCollator, InstructionDataset
     from istune.eval.loss import heldout_loss
     from istune.integrations.loop import train
-    from istune.recipe.methods import AdapterArgs, add_adapters
+    from istune.planning.step import build_model, trainable
 
     device = torch.device(settings.device)
     torch.manual_seed(settings.seed)
@@ -315,7 +214,7 @@ def run_finetune_row(row: SuiteRow, settings: SuiteSettings) -> dict[str, Any]:
         rows = _tiny_rows()
     else:
         from istune.data import build_commonsense_train
-        from istune.recipe.models import load_model_and_tokenizer
+        from istune.planning.step import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype=torch.float32)
         rows = build_commonsense_train()
@@ -327,9 +226,9 @@ def run_finetune_row(row: SuiteRow, settings: SuiteSettings) -> dict[str, Any]:
     collate = CausalLMCollator(tokenizer)
     train_set = InstructionDataset(train_rows, tokenizer, settings.cutoff_len, train_on_inputs=False)
     heldout_set = InstructionDataset(heldout, tokenizer, settings.cutoff_len, train_on_inputs=False)
-    model = add_adapters(model.to(device), AdapterArgs(method="lora", rank=settings.rank, alpha=2 * settings.rank),
-                         total_steps=settings.finetune_steps).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    model = build_model(None, ROWS["lora"], model=model.to(device), device=device, seed=None,
+                        adapter=dict(rank=settings.rank, alpha=2 * settings.rank), total_steps=settings.finetune_steps)
+    optimizer = torch.optim.AdamW(trainable(model), lr=3e-4)
     loader = torch.utils.data.DataLoader(train_set, batch_size=settings.finetune_batch_size, shuffle=True,
                                          collate_fn=collate, generator=torch.Generator().manual_seed(settings.seed))
     probes = ProbeSampler(train_set, collate, batch_size=settings.finetune_batch_size, seed=settings.seed)
@@ -350,11 +249,12 @@ def run_finetune_row(row: SuiteRow, settings: SuiteSettings) -> dict[str, Any]:
     }
 
 
-def run_row(key: str, settings: SuiteSettings) -> dict[str, Any]:
+def run_row(key: str, settings: SuiteSettings | dict) -> dict[str, Any]:
     """Run one row in this process; the record of what it measured (with ``seconds`` and ``status``)."""
+    settings = settings if isinstance(settings, SuiteSettings) else SuiteSettings(**settings)
     row = ALL_ROWS[key]
     started = time.perf_counter()
-    result = run_finetune_row(row, settings) if row.finetune else run_frontier_row(row, settings)
+    result = run_finetune_row(row, settings) if row in FINETUNE_ROWS else run_frontier_row(row, settings)
     return {"key": key, "label": row.label, "status": "done", **result,
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -364,19 +264,12 @@ def run_row(key: str, settings: SuiteSettings) -> dict[str, Any]:
 
 def _row_in_subprocess(key: str, settings: SuiteSettings, timeout_s: float) -> dict[str, Any]:
     """Run a row in a fresh Python process (its own CUDA context and peak counters); an OOM stays in it."""
-    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"istune_gpu_suite_{os.getpid()}_{key.replace(':', '_')}.json"
-    command = [sys.executable, "-m", "istune.bench.gpu_suite", "--_row", key, "--_settings",
-               json.dumps(asdict(settings)), "--_result", str(out)]
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        return run_in_child("istune.bench.gpu_suite:run_row", {"key": key, "settings": asdict(settings)}, timeout_s)
     except subprocess.TimeoutExpired:
         return {"key": key, "label": ALL_ROWS[key].label, "status": f"failed: over the {timeout_s:.0f} s left"}
-    if completed.returncode != 0 or not out.is_file():
-        tail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
-        return {"key": key, "label": ALL_ROWS[key].label, "status": "failed: " + " | ".join(tail)}
-    result = json.loads(out.read_text())
-    out.unlink()
-    return result
+    except ChildFailed as error:
+        return {"key": key, "label": ALL_ROWS[key].label, "status": f"failed: {error}"}
 
 
 def _size(value: Optional[float], unit: int) -> str:
@@ -447,8 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON result (the .md goes beside it); default benchmarks/results/gpu_suite.json "
                         "(--tiny: gpu_suite_tiny.json)")
-    for hidden in ("--_row", "--_settings", "--_result"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
     return parser
 
 
@@ -476,14 +367,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args._row:  # a child process: one row, its record to --_result
-        settings = SuiteSettings(**json.loads(args._settings))
-        write_atomic(Path(args._result), json.dumps(run_row(args._row, settings)) + "\n")
-        return 0
     settings = _settings(args)
-    default_keys = [k for k in ORDER if args.dora or not ALL_ROWS[k].optional]
-    keys = parse_list("rows", args.rows, allowed=ORDER) if args.rows else default_keys
-    keys = [k for k in ORDER if k in keys]
+    order = [NAMES[name] for name in ORDER]
+    chosen = {NAMES[n] for n in parse_list("rows", args.rows, allowed=NAMES)} if args.rows else set(order)
+    keys = [k for k in order if k in chosen and (args.rows or args.dora or k not in OPTIONAL)]
     out = args.out or Path("benchmarks/results") / ("gpu_suite_tiny.json" if args.tiny else "gpu_suite.json")
     if out.suffix != ".json":
         raise ValueError(f"--out={str(out)!r} must end in .json (the markdown goes beside it).")
@@ -495,7 +382,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         previous = json.loads(out.read_text())
         if previous["meta"]["settings"] == json.loads(json.dumps(asdict(settings))):
             done = {r["key"]: r for r in previous["rows"] if r["status"] == "done"}
-    meta = {**run_metadata("benchmarks/gpu_suite.py", argv, REPO), "settings": asdict(settings),
+    meta = {**run_metadata("benchmarks/gpu_suite.py", argv), "settings": asdict(settings),
             "device": settings.device,
             "gpu": torch.cuda.get_device_name() if settings.device == "cuda" else None, "isolation": isolation}
     started, longest = time.perf_counter(), 0.0
@@ -503,8 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def save() -> None:
         result = {"meta": meta, "rows": records}
-        write_atomic(out, json.dumps(result, indent=1) + "\n")
-        write_atomic(out.with_suffix(".md"), markdown(result))
+        write_record(out, result, markdown(result), indent=1)
 
     for key in keys:
         if key in done:

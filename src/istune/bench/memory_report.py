@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from istune.bench.memory import CATEGORIES
-from istune.bench.shapes import MAIN_KEYS, SHAPES, VARIANTS
+from istune.planning.rows import ROWS, Row
+from istune.planning.shapes import SHAPES
+from istune.planning.tracker import CATEGORIES
 
 GB = 1e9  # tables are in GB (10^9 bytes); the JSON holds bytes
+# The rows, in table order; the first table shows MAIN_KEYS, the second the rest.
+VARIANTS: tuple[Row, ...] = tuple(ROWS[key] for key in (
+    "full", "full+ist", "series", "series+ist", "parallel", "parallel+ist", "lora", "lora+ist", "lisa",
+    "lora+ist+recompute", "lora+ist:drop", "lora+ist+recompute:drop", "lora+gc", "lora+ist+gc", "full+ist:drop",
+    "full+ist+recompute:drop"))
+MAIN_KEYS = ("full", "full+ist", "series", "series+ist", "parallel", "parallel+ist", "lora", "lora+ist", "lisa")
 
 
 def gb(n: float) -> str:
@@ -158,7 +165,7 @@ def markdown(result: dict[str, Any]) -> str:
     attention = f"{settings['attention']} attention"
     if settings["attention"] == "sdpa" and meta["device"] == "meta":
         attention += (" (on the meta device as the fused GPU kernel keeps it: output and log-sum-exp, no attention "
-                      "matrix; `istune.bench.meta_kernels.fused_sdpa_on_meta`; except float32 with grouped KV heads, "
+                      "matrix; `istune.planning.kernels.fused_sdpa_on_meta`; except float32 with grouped KV heads, "
                       "TinyLLaMA's, where a GPU runs SDPA's math kernel, which keeps the attention probabilities as "
                       "eager does)")
     if other_attentions:

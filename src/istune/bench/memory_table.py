@@ -28,11 +28,11 @@ alone). Eager keeps each layer's ``(B, H, L, L)`` attention probabilities for th
 pass; SDPA's fused kernels (flash or memory-efficient on a GPU, flash on a CPU) keep their
 output and one log-sum-exp per query row. On the meta device SDPA would run its math
 decomposition, which keeps the matrix as eager does, so meta rows run inside the planner's
-stand-in :func:`istune.bench.meta_kernels.fused_sdpa_on_meta` (what the fused GPU kernel
+stand-in :func:`istune.planning.kernels.fused_sdpa_on_meta` (what the fused GPU kernel
 saves, plus the meta kernel's 24-byte RNG state per layer). SDPA batches carry no mask: an
 all-ones one is dropped by transformers anyway, which then passes ``is_causal``. One exception:
 fp32 with grouped KV heads (TinyLLaMA's 4 KV heads) keeps the attention matrix under SDPA too,
-because on a GPU that call falls back to the math kernel (:mod:`istune.bench.meta_kernels`);
+because on a GPU that call falls back to the math kernel (:mod:`istune.planning.kernels`);
 ``--check`` predicts with the kernels of the device it compares with (the CPU's flash kernel
 takes fp32 and GQA).
 
@@ -53,12 +53,9 @@ What each run is:
   ``unselected_optimizer_state`` drops it). LISA is the exception (see below). Sparse rows
   then run one unmeasured step of their own, so that each measured step starts with what
   the step before it left.
-- An IST step's memory is set by its lowest selected layer (everything above it keeps
-  activations for the backward pass), so the row's peak is its WORST-CASE step: the
-  largest of the measured steps, which include one whose selection holds layer 0 (any run
-  of more than a few steps meets one). The seed of the draws is the first at or after
-  ``--seed`` whose measured steps include such a step; the table states every step's
-  selection and the mean of the per-step peaks.
+- The row's peak is its WORST-CASE step (:mod:`istune.planning.worst_case`): the largest of the
+  measured steps, seeded (the first seed at or after ``--seed``) to include one that selects
+  layer 0; the table states every step's selection and the mean of the per-step peaks.
 - ``--quantize 4bit`` loads the base model in 4-bit nf4 (bitsandbytes; QLoRA) before the
   adapters go on, so the frozen weights shrink about 4x (embeddings and LM head stay in
   ``--dtype``); it needs a real device (bitsandbytes has no meta kernels) and adapter methods.
@@ -72,7 +69,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -81,26 +77,23 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from istune.bench.memory import MemoryTracker
-from istune.bench.memory_report import check_table, gb, markdown
-from istune.bench.meta_kernels import fused_sdpa_on_meta
-from istune.bench.records import run_metadata, write_atomic
-from istune.bench.shapes import SHAPES, VARIANTS, Shape, Variant
+from istune.bench.memory_report import VARIANTS, check_table, gb, markdown
+from istune.bench.records import run_metadata, write_record
 from istune.config import ISTConfig
-from istune.core import policy
-from istune.core.layers import prepare_full_layer_tuning
 from istune.core.tuner import SparseTuner
-from istune.recipe.methods import AdapterArgs, add_adapters
+from istune.planning.kernels import fused_sdpa_on_meta
+from istune.planning.rows import Row
+from istune.planning.shapes import SHAPES, Shape
+from istune.planning.step import DTYPES, build_model, make_batch, measured_steps, trainable
+from istune.planning.tracker import MemoryTracker
+from istune.planning.worst_case import worst_case_seed
 
-__all__ = ["METHODS", "Settings", "VARIANTS", "Variant", "build_parser", "check_meta", "main", "measure",
-           "measure_row", "variants_for"]
+__all__ = ["METHODS", "Settings", "VARIANTS", "build_parser", "check_meta", "main", "measure", "measure_row",
+           "variants_for"]
 
-REPO = Path(__file__).resolve().parents[3]
 PAPER_SHAPES = ("gpt2-small", "tinyllama-1.1b", "llama-7b", "llama-13b")
 METHODS = ("full", "series", "parallel", "lora", "lisa")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("meta", "cpu", "cuda")
 ATTENTIONS = ("sdpa", "eager")
 ATTENTION_DROPOUT = {"gpt2": "attn_pdrop", "llama": "attention_dropout"}  # the config field, per Shape.family
@@ -108,8 +101,6 @@ OPTIMIZER_IMPLS = ("foreach", "for-loop")
 QUANTIZATIONS = ("none", "4bit")
 ADAPTER_METHODS = ("series", "parallel", "lora")  # what --quantize can be combined with
 CHECK_TOLERANCE = 1e-3  # meta and measured peaks must agree within 0.1 percent
-
-
 @dataclass(frozen=True)
 class Settings:
     """What every run shares (the command line's options)."""
@@ -129,7 +120,7 @@ class Settings:
     quantize: str = "none"  # '4bit': the base model in bitsandbytes nf4 (QLoRA)
 
 
-def variants_for(methods: list[str]) -> tuple[list[Variant], list[Variant]]:
+def variants_for(methods: list[str]) -> tuple[list[Row], list[Row]]:
     """The rows of ``methods`` that this ISTConfig supports, and those it does not (skipped)."""
     known = {f.name for f in dataclasses.fields(ISTConfig)}
     chosen = [v for v in VARIANTS if v.method in methods]
@@ -140,93 +131,24 @@ def variants_for(methods: list[str]) -> tuple[list[Variant], list[Variant]]:
 # ------------------------------------------------------------------------------ one run
 
 
-def attention_kernels(settings: Settings, device: str, kernels: str = "cuda") -> contextlib.AbstractContextManager:
-    """SDPA on the meta device as ``kernels``' device keeps it (fused: no attention matrix); elsewhere nothing changes."""
-    if settings.attention == "sdpa" and device == "meta":
-        return fused_sdpa_on_meta(kernels)
-    return contextlib.nullcontext()
-
-
-def build(shape: Shape, variant: Variant, settings: Settings, device: str) -> tuple[torch.nn.Module, int]:
-    """The model of ``shape`` on ``device`` with ``variant``'s trainable parameters; and the base model's bytes."""
-    config = shape.config(settings.attention, settings.seq_len)
-    torch.manual_seed(settings.seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[settings.dtype])
-        if settings.quantize == "4bit":
-            model = _quantized(model, settings, device)
-        base_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
-        if variant.method == "full" and variant.ist is None:
-            model.requires_grad_(True)  # full fine-tuning: every parameter
-        elif variant.method in ("full", "lisa"):
-            embeddings = variant.method == "lisa" and settings.lisa_embeddings
-            prepare_full_layer_tuning(model, train_embeddings=embeddings, train_head=embeddings)
-        else:
-            args = AdapterArgs(method=variant.method, rank=settings.rank, alpha=2 * settings.rank,
-                               bottleneck_size=settings.bottleneck_size)
-            model = add_adapters(model, args, total_steps=settings.steps + 1)
-        if variant.checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()  # what the Trainer does for a peft model under checkpointing
-    return model.train(), base_bytes
-
-
-def _quantized(model: torch.nn.Module, settings: Settings, device: str) -> torch.nn.Module:
+def _quantizer(settings: Settings, device: str):
     """``model`` reloaded with its linear layers in 4-bit nf4 (bitsandbytes), computing in ``settings.dtype``."""
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=DTYPES[settings.dtype])
-    with tempfile.TemporaryDirectory() as folder, torch.device("cpu"):
-        model.save_pretrained(folder)
-        del model
-        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map=device,
-                                                    dtype=DTYPES[settings.dtype],
-                                                    attn_implementation=settings.attention)  # not saved in config.json
+    def quantize(model: torch.nn.Module) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=DTYPES[settings.dtype])
+        with tempfile.TemporaryDirectory() as folder, torch.device("cpu"):
+            model.save_pretrained(folder)
+            del model
+            return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map=device,
+                                                        dtype=DTYPES[settings.dtype],
+                                                        attn_implementation=settings.attention)  # not in config.json
+
+    return quantize
 
 
-def make_batch(vocab_size: int, settings: Settings, device: str) -> dict[str, Any]:
-    """Random token ids as a training batch: ``(batch_size, seq_len)`` ids, labels = ids, all attended, no KV cache.
-
-    Eager attention gets an explicit all-ones mask, as in training (without one, transformers inspects the
-    position ids' values, which meta tensors lack). SDPA gets none: given an all-ones mask, transformers reads its
-    values, finds no padding and drops it, so the fused kernel runs with ``is_causal`` exactly as without one
-    (on the meta device the values cannot be read). ``settings`` needs ``batch_size``, ``seq_len``, ``seed`` and
-    ``attention`` (the planner's settings have them too).
-    """
-    ids = torch.randint(0, vocab_size, (settings.batch_size, settings.seq_len),
-                        generator=torch.Generator().manual_seed(settings.seed)).to(device)
-    batch = {"input_ids": ids, "labels": ids, "use_cache": False}
-    if settings.attention != "sdpa":
-        batch["attention_mask"] = torch.ones_like(ids)
-    return batch
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> None:
-    model(**batch).loss.backward()  # the output (logits) is dropped once the loss exists, as in Trainer
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def draw_schedule(strategy: str, num_layers: int, count: int, seed: int, steps: int) -> list[list[int]]:
-    """The layers each step selects, drawn as SparseTuner draws them at zero importance with ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    if strategy == "ist":
-        zeros = torch.zeros(num_layers, dtype=torch.float64)
-        return [policy.sample_layers(zeros, count, generator) for _ in range(steps)]
-    return [policy.sample_uniform_layers(num_layers, count, generator) for _ in range(steps)]
-
-
-def worst_case_seed(strategy: str, num_layers: int, count: int, seed: int, steps: int,
-                    unmeasured: int = 0) -> tuple[int, list[list[int]]]:
-    """The first seed at or after ``seed`` whose ``steps`` measured draws (after ``unmeasured`` ones) include
-    layer 0 at least once; and those measured draws."""
-    for candidate in range(seed, seed + 100_000):
-        schedule = draw_schedule(strategy, num_layers, count, candidate, unmeasured + steps)[unmeasured:]
-        if any(0 in selected for selected in schedule):
-            return candidate, schedule
-    raise RuntimeError(f"no seed in [{seed}, {seed + 100_000}) draws layer 0 in {steps} steps")  # pragma: no cover
-
-
-def ist_config(variant: Variant, settings: Settings, num_layers: int) -> tuple[ISTConfig, list[list[int]]]:
+def ist_config(variant: Row, settings: Settings, num_layers: int) -> tuple[ISTConfig, list[list[int]]]:
     """The row's ISTConfig (seed chosen for a worst-case step) and the selections its steps will make."""
     if variant.method == "lisa":  # one sampling period: the same layers every measured step
         seed, (layers,) = worst_case_seed("random", num_layers, settings.lisa_layers, settings.seed, 1)
@@ -234,51 +156,63 @@ def ist_config(variant: Variant, settings: Settings, num_layers: int) -> tuple[I
     options = {"strategy": "ist", **variant.ist, "probe_interval": settings.steps + 2}  # no importance update is due
     count = ISTConfig(**options).resolve(num_layers).update_layers
     seed, schedule = worst_case_seed(options["strategy"], num_layers, count, settings.seed, settings.steps,
-                                     unmeasured=1)  # the settling step (see measure)
+                                     unmeasured=1)  # the settling step
     return ISTConfig(**options, seed=seed), schedule
 
 
-def measure(shape: Shape, variant: Variant, settings: Settings, device: str = "meta",
+def measure(shape: Shape, variant: Row, settings: Settings, device: str = "meta",
             kernels: str = "cuda") -> dict[str, Any]:
     """Train ``settings.steps`` steps of one row with ``settings.attention`` inside a MemoryTracker; return the
     measurement (bytes). ``settings.extra_attentions`` are not measured here (see :func:`measure_row`).
     ``kernels``: on the meta device, whose SDPA kernels to stand in for (a GPU's, or the CPU's for ``--check``)."""
-    with attention_kernels(settings, device, kernels):
+    meta_sdpa = settings.attention == "sdpa" and device == "meta"
+    with fused_sdpa_on_meta(kernels) if meta_sdpa else contextlib.nullcontext():
         return _measure(shape, variant, settings, device)
 
 
-def _measure(shape: Shape, variant: Variant, settings: Settings, device: str) -> dict[str, Any]:
+def build(shape: Shape, variant: Row, settings: Settings, device: str) -> tuple[torch.nn.Module, int]:
+    """The model of ``shape`` on ``device`` with ``variant``'s trainable parameters; and the base model's bytes."""
+    base_bytes = []
+
+    def base(model: torch.nn.Module) -> torch.nn.Module:
+        if settings.quantize == "4bit":
+            model = _quantizer(settings, device)(model)
+        base_bytes.append(sum(t.nbytes for t in [*model.parameters(), *model.buffers()]))
+        return model
+
+    model = build_model(shape.config(settings.attention, settings.seq_len), variant, dtype=settings.dtype,
+                        device=device, seed=settings.seed, total_steps=settings.steps + 1, base=base,
+                        adapter=dict(rank=settings.rank, alpha=2 * settings.rank,
+                                     bottleneck_size=settings.bottleneck_size),
+                        train_embeddings=settings.lisa_embeddings, input_grads=True)
+    return model, base_bytes[0]
+
+
+def _measure(shape: Shape, variant: Row, settings: Settings, device: str) -> dict[str, Any]:
     start = time.perf_counter()
     model, base_bytes = build(shape, variant, settings, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=settings.optimizer_impl == "foreach")
-    batch = make_batch(model.config.vocab_size, settings, device)
-    if variant.method != "lisa":  # LISA: the measured steps are the start of one sampling period
-        train_step(model, optimizer, batch)  # warm-up: AdamW state for every layer, as late in a long run
-    tuner, schedule, config = None, None, None
+    params = trainable(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=settings.optimizer_impl == "foreach")
+    batch = make_batch(model.config.vocab_size, settings.batch_size, settings.seq_len, settings.seed,
+                       settings.attention, device)
+    schedule, config, layer_params = None, None, []
     if variant.ist is not None:
         config, schedule = ist_config(variant, settings, shape.num_layers)
-        tuner = SparseTuner(model, config, optimizer=optimizer)
-        # Settling step: from here on every step starts as in a long run, with what the previous step left
-        # (e.g. 'drop' has freed the state of the layers not selected in it).
-        tuner.begin_step()
-        train_step(model, optimizer, batch)
-        tuner.end_step()
-    layer_params = [sum(p.numel() for p in layer.parameters) for layer in tuner.layers] if tuner else []
-    outside = sum(p.numel() for p in trainable) - sum(layer_params)
 
-    selections = []
-    with MemoryTracker(model, optimizer, device=device) as tracker:
-        for step in range(settings.steps):
-            with tracker.region(f"step {step}"):
-                selected = list(tuner.begin_step()) if tuner else list(range(shape.num_layers))
-                train_step(model, optimizer, batch)
-                if tuner:
-                    tuner.end_step()
-            selections.append(selected)
+    def make_tuner() -> SparseTuner:
+        tuner = SparseTuner(model, config, optimizer=optimizer)
+        layer_params.extend(sum(p.numel() for p in layer.parameters) for layer in tuner.layers)
+        return tuner
+
+    tracker = MemoryTracker(model, optimizer, device=device)
+    # LISA: the measured steps are the start of one sampling period (no warm-up step)
+    selections, tuner = measured_steps(model, optimizer, batch, tracker, make_tuner if config else None,
+                                       settings.steps, warm_up=variant.method != "lisa")
+    outside = sum(p.numel() for p in params) - sum(layer_params)
+    selections = [s if s is not None else list(range(shape.num_layers)) for s in selections]
     if schedule is not None and selections != schedule:
         raise RuntimeError(f"SparseTuner selected {selections}, not the layers drawn beforehand {schedule}: its "
-                           "policy draws changed; update istune.bench.memory_table.draw_schedule to match.")
+                           "policy draws changed; update istune.planning.worst_case.draw_schedule to match.")
     report = tracker.report()
     if tuner:
         tuner.close()
@@ -286,14 +220,14 @@ def _measure(shape: Shape, variant: Variant, settings: Settings, device: str) ->
               "peak_breakdown": region["peak_breakdown"]}
              for i, (selected, region) in enumerate(zip(selections, report["regions"]))]
     worst = max(steps, key=lambda s: s["peak_bytes"])  # the measured steps include one that trains layer 0
-    trained = sum(layer_params[j] for j in worst["selected"]) + outside if tuner else sum(p.numel() for p in trainable)
+    trained = sum(layer_params[j] for j in worst["selected"]) + outside if tuner else sum(p.numel() for p in params)
     return {
         "shape": shape.name, "variant": variant.key, "label": variant.label, "method": variant.method,
         "baseline": variant.baseline, "device": device, "attention": settings.attention,
         "ist_config": config.to_dict() if config else None,
         "num_layers": shape.num_layers, "update_layers": len(worst["selected"]),
         "params_total": sum(p.numel() for p in model.parameters()),
-        "params_trainable": sum(p.numel() for p in trainable),
+        "params_trainable": sum(p.numel() for p in params),
         "params_trained_worst_step": trained,
         "base_weight_bytes": base_bytes,
         "peak_bytes": worst["peak_bytes"],  # the worst step measured
@@ -309,7 +243,7 @@ def _measure(shape: Shape, variant: Variant, settings: Settings, device: str) ->
     }
 
 
-def measure_row(shape: Shape, variant: Variant, settings: Settings, device: str = "meta") -> dict[str, Any]:
+def measure_row(shape: Shape, variant: Row, settings: Settings, device: str = "meta") -> dict[str, Any]:
     """:func:`measure` with ``settings.attention``, and again with each of ``settings.extra_attentions``.
 
     The extra measurements go into the run's ``extra_attention`` (keyed by attention): worst-case
@@ -339,7 +273,7 @@ def without_attention_dropout(shape: Shape) -> tuple[Shape, bool]:
     return dataclasses.replace(shape, sizes={**shape.sizes, field: 0.0}), True
 
 
-def check_meta(shape_names: list[str], variants: list[Variant], settings: Settings,
+def check_meta(shape_names: list[str], variants: list[Row], settings: Settings,
                device: str = "cpu") -> list[dict[str, Any]]:
     """Run every row on ``device`` and on the meta device, for each attention measured; how far apart the peaks are.
 
@@ -513,14 +447,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                             for attention, other in run["extra_attention"].items())
             print(f"{name:15s} {variant.label:35s} peak {gb(run['peak_bytes'])} GB (mean step "
                   f"{gb(run['mean_step_peak_bytes'])}){extra}, {run['seconds']} s", flush=True)
-    meta = {**run_metadata("-m istune.bench.memory_table", argv, REPO), "settings": dataclasses.asdict(settings),
+    meta = {**run_metadata("-m istune.bench.memory_table", argv), "settings": dataclasses.asdict(settings),
             "device": args.device, "check_seq_len": args.check_seq_len if args.check else None,
             "shapes": {name: SHAPES[name].description for name in shapes},
             "skipped_variants": [v.key for v in skipped]}
     result = {"meta": meta, "check": check, "runs": runs}
     text = markdown(result)
-    write_atomic(args.out, json.dumps(result, indent=1) + "\n")
-    write_atomic(args.out.with_suffix(".md"), text)
+    write_record(args.out, result, text, indent=1)
     print("\n" + text + f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 

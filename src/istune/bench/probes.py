@@ -51,7 +51,6 @@ import torch
 
 from istune.config import ISTConfig
 
-REPO = Path(__file__).resolve().parents[3]
 DEFAULT_OUT = "benchmarks/results/probe_cost"
 IGNORE_INDEX = -100  # labels the loss skips (as istune.data.IGNORE_INDEX)
 
@@ -343,20 +342,18 @@ def train_briefly(name: Optional[str], steps: int, batch_size: int, cutoff_len: 
     seeded sample of ``pool`` training rows, the trained ones first) and a description.
     """
     from istune.data import CausalLMCollator, InstructionDataset, build_commonsense_train
-    from istune.recipe.methods import AdapterArgs, add_adapters
-    from istune.recipe.models import load_model_and_tokenizer
+    from istune.planning.rows import ROWS
+    from istune.planning.step import build_model, load_model_and_tokenizer, trainable
 
     rows = build_commonsense_train()
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     rows = [rows[i] for i in order[: max(pool, steps * batch_size)]]
     model, tokenizer = load_model_and_tokenizer(name)
-    torch.manual_seed(seed)
-    model = add_adapters(model, AdapterArgs(method="lora", rank=32, alpha=64), total_steps=steps)
+    model = build_model(None, ROWS["lora"], model=model, seed=seed, adapter=dict(rank=32, alpha=64), total_steps=steps)
     dataset = InstructionDataset(rows, tokenizer, cutoff_len, train_on_inputs=False)
     collate = CausalLMCollator(tokenizer)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
-    model.train()
+    optimizer = torch.optim.AdamW(trainable(model), lr=learning_rate)
     losses = []
     for step in range(steps):
         batch = collate([dataset[i] for i in range(step * batch_size, (step + 1) * batch_size)])
@@ -396,12 +393,11 @@ def markdown_table(result: dict) -> str:
 
 def write_results(out: Path, meta: dict, result: dict, settings: dict) -> str:
     """Write ``out.json`` and ``out.md`` (each whole or not at all); return the table."""
-    from istune.bench.records import write_atomic
+    from istune.bench.records import write_record
 
     table = markdown_table(result)
     seeds = ", ".join(map(str, settings["seeds"]))
-    write_atomic(out.with_suffix(".json"), json.dumps({**meta, "settings": settings, **result}, indent=2))
-    write_atomic(out.with_suffix(".md"), (
+    write_record(out, {**meta, "settings": settings, **result}, (
         f"# Probe cost vs importance ranking\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, "
         f"{meta['machine']}.\n\nModel: {_describe(settings['model'])}. Adapters frozen; {settings['updates']} importance "
         f"updates from zero importance per run. Reference: full probe (batch {settings['probe_batch_size']}, full length, "
@@ -475,6 +471,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = {"model": described, "updates": opts.updates, "seeds": seeds, "reference_seed": opts.seed,
                 "probe_batch_size": source.batch_size, "num_probes": config.num_probes, "ist": config.to_dict(),
                 "threads": torch.get_num_threads()}
-    table = write_results(Path(opts.out), run_metadata("-m istune bench probes", argv, REPO), result, settings)
+    table = write_results(Path(opts.out), run_metadata("-m istune bench probes", argv), result, settings)
     print(table)
     return 0

@@ -1,57 +1,43 @@
-"""What every benchmark writes beside its table: the commit it measured, and files written whole or not at all."""
+"""The one record writer of the benchmarks: ``OUT.json``, ``OUT.md`` and optionally ``OUT.png``, each whole.
+
+    meta = run_metadata("-m istune bench time", argv)
+    write_record(Path("benchmarks/results/step_time"), {**meta, "rows": rows}, markdown)
+
+Built on :mod:`istune.io` (unique temporary name, fsync, rename, cleanup on failure).
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import tempfile
 from pathlib import Path
+from typing import Any, Optional
+
+from istune import io
+from istune.io import git_commit, write_text
+
+__all__ = ["REPO", "git_commit", "run_metadata", "write_atomic", "write_record"]
+
+REPO = Path(__file__).resolve().parents[3]  # the repository root, whose commit a record names
+
+write_atomic = write_text  # the name analysis/ and recipe/ import until they use istune.io.write_text
 
 
-def git_commit(repo: Path) -> str:
-    """Short commit of ``repo``, with ``+uncommitted changes`` when the tree is dirty; ``unknown`` outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    return commit + ("+uncommitted changes" if dirty else "")
+def run_metadata(script: str, argv: list[str], repo: Path = REPO) -> dict[str, Any]:
+    """Command, date, commit, machine and library versions (:func:`istune.io.run_metadata`), this repository's."""
+    return io.run_metadata(script, argv, repo)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_record(out: Path, data: Any, markdown: Optional[str], figure=None, indent: int = 2) -> list[Path]:
+    """Write ``out`` with the suffixes ``.json`` (``data``), ``.png`` (a matplotlib ``figure``, closed after) and
+    ``.md`` (``markdown``); return the paths written. Any suffix of ``out`` is replaced."""
+    out = Path(out)
+    written = [io.write_json(out.with_suffix(".json"), data, indent=indent)]
+    if figure is not None:
+        import matplotlib.pyplot as plt
 
-
-def run_metadata(script: str, argv: list[str], repo: Path) -> dict:
-    """Command, date, commit, machine and library versions of a benchmark run."""
-    import datetime as dt
-    import platform
-
-    import peft
-    import torch
-    import transformers
-
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    if torch.cuda.is_available():
-        machine += f", {torch.cuda.get_device_name()}"
-    return {
-        "command": " ".join(["PYTHONPATH=src", ".venv/bin/python", script, *argv]),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(repo),
-        "machine": machine,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "python": platform.python_version()},
-    }
+        with io.atomic_file(out.with_suffix(".png")) as tmp:
+            figure.savefig(tmp, dpi=120)
+        plt.close(figure)
+        written.append(out.with_suffix(".png"))
+    if markdown is not None:
+        written.append(write_text(out.with_suffix(".md"), markdown))
+    return written

@@ -20,51 +20,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
+from istune.bench.records import run_metadata, write_record
 from istune.config import ISTConfig
+from istune.planning.rows import ROWS, Row
 
-REPO = Path(__file__).resolve().parents[3]
 DEFAULT_OUT = "benchmarks/results/step_time"
 PARTS = ("forward", "backward", "optimizer")
 LORA = dict(rank=32, alpha=64)  # the paper's LoRA size (r=32, alpha 64)
-
-
-@dataclass(frozen=True)
-class Row:
-    """One measured configuration: the trainable modules (``method``) and the IST fields."""
-
-    label: str
-    method: str  # "lora": LoRA adapters in every layer; "full": whole decoder layers (LISA-style)
-    ist: dict = field(default_factory=dict)
-
-    @property
-    def probes(self) -> bool:
-        return self.ist.get("strategy", "ist") == "ist"
+# --strategies' names (this table's keys before one key per configuration; the keys work too) -> the rows.
+STRATEGIES = {"lora": "lora", "random": "lora+random", "ist": "lora+ist", "ist-probe1": "lora+ist+probe1",
+              "lisa": "full+random2", "ist-recompute": "lora+ist+recompute",
+              "ist-recompute-probe1": "lora+ist+recompute+probe1"}
 
 
 def builtin_rows() -> dict[str, Row]:
-    """The rows ``--strategies`` chooses from, by key."""
-    rows = {
-        "lora": Row("LoRA (all layers)", "lora", {"strategy": "all"}),
-        "random": Row("LoRA + random sparse", "lora", {"strategy": "random"}),
-        "ist": Row("LoRA + IST", "lora", {"strategy": "ist"}),
-        "ist-probe1": Row("LoRA + IST (probe batch 1)", "lora", {"strategy": "ist", "probe_batch_size": 1}),
-        # LISA trains 2 whole layers per step; embeddings and head stay frozen here (LISA trains them too).
-        "lisa": Row("LISA-style (2 full layers)", "full", {"strategy": "random", "update_layers": 2}),
-        "ist-recompute": Row("LoRA + IST (recompute unselected)", "lora",
-                             {"strategy": "ist", "recompute_unselected": True}),
-        "ist-recompute-probe1": Row("LoRA + IST (recompute unselected, probe batch 1)", "lora",
-                                    {"strategy": "ist", "recompute_unselected": True, "probe_batch_size": 1}),
-    }
-    return rows
+    """The rows ``--strategies`` chooses from, by the name it takes (LISA-style: embeddings and head frozen)."""
+    return {name: ROWS[key] for name, key in STRATEGIES.items()}
 
 
 def parse_ist_fields(text: str) -> dict[str, Any]:
@@ -120,7 +98,7 @@ def _convert(name: str, raw: str, annotation: str, text: str) -> Any:
 def extra_row(values: dict[str, Any]) -> Row:
     """A LoRA + IST row with extra ISTConfig fields (``--ist``)."""
     shown = ", ".join(f"{k}={v}" for k, v in values.items())
-    return Row(f"LoRA + IST ({shown})", "lora", {"strategy": "ist", **values})
+    return Row(f"lora+ist({shown})", f"LoRA + IST ({shown})", "lora", {"strategy": "ist", **values}, False, "lora")
 
 
 # ---- measuring -------------------------------------------------------------------------------
@@ -142,13 +120,11 @@ class Setup:
 def build(row: Row, model: torch.nn.Module, batch: dict) -> Setup:
     """Adapters (or full layers), AdamW over every trainable parameter, and the row's SparseTuner."""
     from istune.core.tuner import SparseTuner
-    from istune.recipe.methods import AdapterArgs, add_adapters
+    from istune.planning.step import build_model, trainable
 
-    torch.manual_seed(0)  # the same LoRA initialisation in every row
-    model = add_adapters(model, AdapterArgs(method=row.method, **LORA), total_steps=1000)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    config = ISTConfig(**row.ist)
+    model = build_model(None, row, model=model, seed=0, adapter=LORA, total_steps=1000)  # the same LoRA init
+    optimizer = torch.optim.AdamW(trainable(model), lr=1e-5)
+    config = ISTConfig(**({"strategy": "ist", **row.ist} if row.ist is not None else {"strategy": "all"}))
     tuner = SparseTuner(model, config, optimizer=optimizer)
     size = config.probe_batch_size or len(batch["input_ids"])  # default: the training batch (as ISTCallback)
     probe_batch = {key: value[:size] for key, value in batch.items()}
@@ -157,36 +133,30 @@ def build(row: Row, model: torch.nn.Module, batch: dict) -> Setup:
 
 def run_steps(setup: Setup, steps: int, record: bool = True) -> None:
     """``steps`` training steps; every importance update (from ``end_step``) is timed apart from the step."""
-    model, optimizer, tuner, times = setup.model, setup.optimizer, setup.tuner, setup.times
+    import time
+
+    from istune.planning.step import timed_step
+
     updated = False
     for _ in range(steps):
-        t0 = time.perf_counter()
-        tuner.begin_step()
-        loss = model(**setup.batch).loss
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        probed = tuner.end_step(probe_batch=setup.probe_batch) is not None
-        t4 = time.perf_counter()
+        parts = timed_step(setup.model, setup.optimizer, setup.batch, setup.tuner, setup.probe_batch)
         if record:
-            for part, seconds in zip((*PARTS, "step"), (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-                times[part].append(seconds)
-            if probed:
-                times["update"].append(t4 - t3)
-        updated |= probed
+            for part in (*PARTS, "step"):
+                setup.times[part].append(parts[part])
+            if parts["probed"]:
+                setup.times["update"].append(parts["update"])
+        updated |= parts["probed"]
     if record and setup.row.probes and not updated:  # fewer than T_c steps this round: time one update anyway
         t0 = time.perf_counter()
-        tuner.update_importance(setup.probe_batch)
-        times["update"].append(time.perf_counter() - t0)
+        setup.tuner.update_importance(setup.probe_batch)
+        setup.times["update"].append(time.perf_counter() - t0)
 
 
 def summarise(setup: Setup) -> dict:
     """Medians of one row; ``probe_update`` and ``probe_per_step`` are None/0 for rows without probes."""
     times = setup.times
-    row: dict[str, Any] = {"label": setup.row.label, "method": setup.row.method, "ist": dict(setup.row.ist)}
+    ist = {"strategy": "all"} if setup.row.ist is None else {"strategy": "ist", **setup.row.ist}
+    row: dict[str, Any] = {"key": setup.row.key, "label": setup.row.label, "method": setup.row.method, "ist": ist}
     row.update({part: statistics.median(times[part]) for part in (*PARTS, "step")})
     row["probe_update"] = statistics.median(times["update"]) if times["update"] else None
     row["probe_interval"] = setup.tuner.config.probe_interval
@@ -203,7 +173,8 @@ def measure(rows: list[Row], load_model: Callable[[], torch.nn.Module], batch_si
     setups = []
     for row in rows:
         model = load_model()
-        ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len),
+                            generator=torch.Generator().manual_seed(0))
         setups.append(build(row, model, {"input_ids": ids, "labels": ids.clone()}))
     for setup in setups:  # warm-up: one untimed step each (allocations, optimizer state)
         run_steps(setup, 1, record=False)
@@ -212,7 +183,7 @@ def measure(rows: list[Row], load_model: Callable[[], torch.nn.Module], batch_si
             run_steps(setup, steps)
         progress(f"round {index + 1}/{rounds} done")
     summaries = [summarise(setup) for setup in setups]
-    lora = next((s["total"] for s in summaries if s["label"] == builtin_rows()["lora"].label), None)
+    lora = next((s["total"] for s in summaries if s["key"] == "lora"), None)
     for summary in summaries:
         summary["vs_lora"] = summary["total"] / lora if lora else None
     return summaries
@@ -235,11 +206,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def write_results(out: Path, meta: dict, rows: list[dict], settings: dict) -> str:
     """Write ``out.json`` and ``out.md`` (each whole or not at all); return the table."""
-    from istune.bench.records import write_atomic
-
     table = markdown_table(rows)
-    write_atomic(out.with_suffix(".json"), json.dumps({**meta, "settings": settings, "rows": rows}, indent=2))
-    write_atomic(out.with_suffix(".md"), (
+    write_record(out, {**meta, "settings": settings, "rows": rows}, (
         f"# Time per step\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, {meta['machine']}. "
         f"Model {settings['model']}, batch {settings['batch_size']} x {settings['seq_len']} tokens. Medians over "
         f"{settings['rounds']} interleaved rounds x {settings['steps']} steps; probe update = median time of one "
@@ -264,16 +232,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def load_model(name: Optional[str]) -> torch.nn.Module:
-    from istune.recipe.models import load_model_and_tokenizer
+    from istune.planning.step import load_model
 
-    return load_model_and_tokenizer(name)[0]
+    return load_model(name)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``istune bench time``: measure, print the table, write ``--out``.json/.md. Bad options raise ValueError."""
     import sys
 
-    from istune.bench.records import run_metadata
     from istune.recipe.options import parse_list, require_at_least_one
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -289,6 +256,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                         progress=lambda text: print(text, flush=True))
     settings = {"model": opts.model or "smollm2-135m", "batch_size": opts.batch_size, "seq_len": opts.seq_len,
                 "steps": opts.steps, "rounds": opts.rounds, "threads": torch.get_num_threads()}
-    table = write_results(Path(opts.out), run_metadata("-m istune bench time", argv, REPO), summaries, settings)
+    table = write_results(Path(opts.out), run_metadata("-m istune bench time", argv), summaries, settings)
     print(table)
     return 0

@@ -1,6 +1,6 @@
 """What a GPU run does that the meta device would do differently: fused SDPA attention and 4-bit linear layers.
 
-The planner (:mod:`istune.bench.plan`) runs a training step on PyTorch's meta device and
+The planner (:mod:`istune.planning.planner`) runs a training step on PyTorch's meta device and
 counts the tensors it keeps. Two kernels need a stand-in there:
 
 - **SDPA attention.** On the meta device ``F.scaled_dot_product_attention`` falls back to

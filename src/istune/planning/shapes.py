@@ -1,4 +1,8 @@
-"""Model configs for ``istune plan`` without a download: a local folder, the local Hugging Face cache, or a built-in shape.
+"""Model configs without a download: the benchmarks' shapes, and ``istune plan``'s model lookup.
+
+:data:`SHAPES` are the models the memory benchmarks measure (the paper's Table 1 models, as
+configs: random weights, no download). A shape is a transformers config and nothing else: the
+memory of a training step depends on the sizes of the tensors, not on their values.
 
 ``resolve_model_config(name)`` tries, in order:
 
@@ -8,7 +12,7 @@
 3. A hub id already in the local Hugging Face cache (``local_files_only``: nothing downloads).
 4. A built-in shape: the ``config.json`` values (shapes only) of the models the paper's
    recipes name, copied here from their hub pages so that planning needs no network.
-5. A benchmark shape of :data:`istune.bench.shapes.SHAPES` (``llama-12x768``, ``tiny-llama``, ...),
+5. A benchmark shape of :data:`SHAPES` (``llama-12x768``, ``tiny-llama``, ...),
    so that the frontier's and the memory table's shapes can be planned too.
 
 Only the sizes matter for memory (layer count, widths, heads, vocabulary, tied
@@ -17,10 +21,93 @@ embeddings); the values below are those of each model's published ``config.json`
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ["BUILTIN_CONFIGS", "resolve_model_config"]
+import transformers
+
+__all__ = ["BUILTIN_CONFIGS", "PAPER_COLUMNS", "SHAPES", "Shape", "resolve_model_config"]
+
+# The paper's Table 1 columns, in GB; None where the paper reports OOM.
+PAPER_COLUMNS = ("weights", "full", "series", "parallel", "lora", "series+ist", "parallel+ist", "lora+ist")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One model shape.
+
+    Attributes:
+        name: the name used on the command line (``--shapes``).
+        family: ``"gpt2"`` or ``"llama"`` (which transformers config class).
+        sizes: keyword arguments of the config (layer count, widths, heads, vocabulary).
+        description: one line for tables.
+        paper: the paper's Table 1 row in GB, keyed by ``PAPER_COLUMNS`` (None for shapes it has no row for).
+    """
+
+    name: str
+    family: str
+    sizes: dict
+    description: str
+    paper: Optional[dict] = field(default=None)
+
+    @property
+    def num_layers(self) -> int:
+        return self.sizes["n_layer"] if self.family == "gpt2" else self.sizes["num_hidden_layers"]
+
+    def config(self, attention: str = "sdpa", seq_len: int = 1024) -> transformers.PretrainedConfig:
+        """The transformers config of this shape, with ``attention`` as its attention implementation.
+
+        GPT-2 has learned positions: ``n_positions`` is raised to ``seq_len`` when that is longer.
+        """
+        if self.family == "gpt2":
+            sizes = {**self.sizes, "n_positions": max(self.sizes.get("n_positions", 1024), seq_len)}
+            return transformers.GPT2Config(**sizes, attn_implementation=attention)
+        return transformers.LlamaConfig(**self.sizes, attn_implementation=attention)
+
+
+def _paper(*values: Optional[float]) -> dict:
+    return dict(zip(PAPER_COLUMNS, values))
+
+
+_LLAMA_VOCAB = 32000
+
+SHAPES: dict[str, Shape] = {
+    shape.name: shape
+    for shape in (
+        Shape("gpt2-small", "gpt2", {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257},
+              "GPT-2 small (GPT2Config defaults): 12 layers, hidden 768, vocab 50257, 124M parameters",
+              _paper(0.4, 3.4, 2.5, 2.8, 2.9, 2.0, 2.1, 2.2)),
+        Shape("tinyllama-1.1b", "llama",
+              {"num_hidden_layers": 22, "hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32,
+               "num_key_value_heads": 4, "vocab_size": _LLAMA_VOCAB},
+              "TinyLLaMA 1.1B: 22 layers, hidden 2048, MLP 5632, 32 heads (4 KV heads), vocab 32000",
+              _paper(2.2, 15.9, 9.6, 10.3, 10.5, 8.0, 8.3, 8.5)),
+        Shape("llama-7b", "llama",
+              {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+               "num_key_value_heads": 32, "vocab_size": _LLAMA_VOCAB},
+              "LLaMA 7B: 32 layers, hidden 4096, MLP 11008, 32 heads, vocab 32000",
+              _paper(14, 60, 22, 23, 24, 19, 20, 20)),
+        Shape("llama-13b", "llama",
+              {"num_hidden_layers": 40, "hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,
+               "num_key_value_heads": 40, "vocab_size": _LLAMA_VOCAB},
+              "LLaMA 13B: 40 layers, hidden 5120, MLP 13824, 40 heads, vocab 32000",
+              _paper(27, None, 38, 41, 42, 35, 36, 36)),
+        # Small shapes for tests and for checking the meta device against a CPU run (--check).
+        Shape("llama-12x768", "llama",
+              {"num_hidden_layers": 12, "hidden_size": 768, "intermediate_size": 2048, "num_attention_heads": 12,
+               "num_key_value_heads": 12, "vocab_size": _LLAMA_VOCAB},
+              "LLaMA architecture, 12 layers x 768 (GPT-2 small's size; for CPU runs such as the 4-bit table)"),
+        Shape("tiny-llama", "llama",
+              {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 256},
+              "tiny LLaMA (tests, --check): 4 layers, hidden 64, MLP 128, 4 heads (2 KV heads), vocab 256"),
+        Shape("tiny-gpt2", "gpt2",
+              {"n_layer": 4, "n_embd": 64, "n_head": 4, "vocab_size": 256, "bos_token_id": 0, "eos_token_id": 0},
+              "tiny GPT-2 (tests, --check): 4 layers, hidden 64, 4 heads, vocab 256"),
+    )
+}
+
 
 _LLAMA_1 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
             "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "vocab_size": 32000, "bos_token_id": 1,
@@ -99,9 +186,8 @@ def resolve_model_config(name: str):
     by_lower = {key.lower(): key for key in BUILTIN_CONFIGS}
     if name.lower() in by_lower:
         hub_id = by_lower[name.lower()]
-        return _builtin(hub_id), f"config: built-in shape for {hub_id} (not in the local Hugging Face cache; no download)"
-    from istune.bench.shapes import SHAPES
-
+        return _builtin(hub_id), (f"config: built-in shape for {hub_id} (not in the local Hugging Face cache; "
+                                  "no download)")
     if name.lower() in SHAPES:
         shape = SHAPES[name.lower()]
         return shape.config(), f"config: benchmark shape {shape.name} ({shape.description})"
