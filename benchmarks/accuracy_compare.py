@@ -58,10 +58,11 @@ from istune.data.commonsense_format import COMMONSENSE_TASKS
 from istune.eval import evaluate_tasks
 from istune.eval.loss import heldout_loss
 from istune.integrations.hf import LOG_FILE
-from istune.recipe.methods import AdapterArgs, add_adapters
-from istune.recipe.models import load_model_and_tokenizer
-from istune.recipe.options import parse_list, require_at_least_one
-from istune.recipe.train import RunArgs, batch_layout, load_eval_items, load_rows
+from istune.adapters.methods import AdapterArgs, add_adapters
+from istune.models import load_model_and_tokenizer
+from istune.options import parse_list, require_at_least_one
+from istune.data import load_eval_items
+from istune.runs import RunArgs, batch_layout, load_rows
 
 ARMS = {  # name -> legend; the settings are in arm_config
     "all": "LoRA, every layer",

@@ -8,9 +8,10 @@ function) included. A module belongs to a *unit*: its top-level package or modul
     0  config, io, options                      (no istune imports but each other's)
     1  core
     2  adapters, data, eval, integrations, models, runs
-    3  analysis, bench, recipe
-    4  cli, istune (the public names of __init__)
-    5  __main__
+    3  planning (the memory planner and the benchmarks' rows, model builder and measured step)
+    4  analysis, bench, recipe
+    5  cli, istune (the public names of __init__)
+    6  __main__
 
 A unit may import its own modules and any unit on a lower floor; on its own floor only along
 an edge of ``SAME_FLOOR``; never a higher floor. ``recipe`` is a leaf: only ``cli`` imports it.
@@ -29,9 +30,10 @@ FLOORS = {
     "config": 0, "io": 0, "options": 0,
     "core": 1,
     "adapters": 2, "data": 2, "eval": 2, "integrations": 2, "models": 2, "runs": 2,
-    "analysis": 3, "bench": 3, "recipe": 3,
-    "cli": 4, "istune": 4,
-    "__main__": 5,
+    "planning": 3,
+    "analysis": 4, "bench": 4, "recipe": 4,
+    "cli": 5, "istune": 5,
+    "__main__": 6,
 }
 # Imports between units of one floor, (importer, imported); a pair in both directions would be a cycle.
 SAME_FLOOR = {
@@ -45,35 +47,6 @@ SAME_FLOOR = {
 }
 ONLY_IMPORTED_BY = {"recipe": {"cli"}}  # a recipe is a leaf
 
-# Bench still imports the recipe's old paths and two private names until the lead rewires it at merge:
-# (importer, module) allows its imports of that module's public names, (importer, module.name) one private name.
-# removed at merge
-BENCH_ALLOWED = {
-    ("istune.bench.builtin_configs", "istune.recipe.models"),
-    ("istune.bench.builtin_configs", "istune.recipe.models._ALIASES"),
-    ("istune.bench.eval_time", "istune.eval.scoring._encode"),
-    ("istune.bench.eval_time", "istune.recipe.evaluate"),
-    ("istune.bench.eval_time", "istune.recipe.models"),
-    ("istune.bench.eval_time", "istune.recipe.options"),
-    ("istune.bench.eval_time", "istune.recipe.train"),
-    ("istune.bench.frontier", "istune.recipe.methods"),
-    ("istune.bench.frontier", "istune.recipe.models"),
-    ("istune.bench.frontier", "istune.recipe.options"),
-    ("istune.bench.gpu_suite", "istune.recipe.methods"),
-    ("istune.bench.gpu_suite", "istune.recipe.models"),
-    ("istune.bench.gpu_suite", "istune.recipe.options"),
-    ("istune.bench.memory_table", "istune.recipe.methods"),
-    ("istune.bench.plan", "istune.core.layers._layer_list"),
-    ("istune.bench.plan", "istune.recipe.methods"),
-    ("istune.bench.plan", "istune.recipe.options"),
-    ("istune.bench.probes", "istune.recipe.methods"),
-    ("istune.bench.probes", "istune.recipe.models"),
-    ("istune.bench.probes", "istune.recipe.options"),
-    ("istune.bench.probes", "istune.recipe.train"),
-    ("istune.bench.timing", "istune.recipe.methods"),
-    ("istune.bench.timing", "istune.recipe.models"),
-    ("istune.bench.timing", "istune.recipe.options"),
-}
 
 
 def module_name(path: Path) -> str:
@@ -111,8 +84,8 @@ def read_imports(modules: dict[str, str]) -> dict[str, set[tuple[str, str]]]:
     return imports
 
 
-def violations(imports: dict[str, set[tuple[str, str]]], allowed: frozenset = frozenset()) -> list[str]:
-    """Every break of the contract in ``imports`` (see :func:`read_imports`) not in ``allowed``, as readable lines."""
+def violations(imports: dict[str, set[tuple[str, str]]]) -> list[str]:
+    """Every break of the contract in ``imports`` (see :func:`read_imports`), as readable lines."""
     found = []
     for importer, targets in sorted(imports.items()):
         for module, name in sorted(targets):
@@ -120,9 +93,9 @@ def violations(imports: dict[str, set[tuple[str, str]]], allowed: frozenset = fr
             edge = f"{importer} imports {full}"
             source, target = unit(importer), unit(module)
             private = [part for part in full.split(".")[1:] if part.startswith("_") and part != "__main__"]
-            if private and source != target and (importer, full) not in allowed:
+            if private and source != target:
                 found.append(f"{edge}: a private name of another package")
-            if source == target or (importer, module) in allowed:
+            if source == target:
                 continue
             if target in ONLY_IMPORTED_BY and source not in ONLY_IMPORTED_BY[target]:
                 found.append(f"{edge}: {target} is imported only by {', '.join(sorted(ONLY_IMPORTED_BY[target]))}")
@@ -180,11 +153,7 @@ def test_every_unit_has_a_floor():
 
 def test_imports_run_one_way_and_no_private_name_crosses_a_package():
     imports = package_imports()
-    assert violations(imports, frozenset(BENCH_ALLOWED)) == []
-    happening = {(importer, f"{module}.{name}" if name else module) for importer, targets in imports.items()
-                 for module, name in targets} | {(importer, module) for importer, targets in imports.items()
-                                                 for module, _ in targets}
-    assert BENCH_ALLOWED <= happening, f"remove from BENCH_ALLOWED, no longer imported: {BENCH_ALLOWED - happening}"
+    assert violations(imports) == []
 
 
 def test_no_two_modules_import_each_other():
@@ -194,7 +163,7 @@ def test_no_two_modules_import_each_other():
 def test_recipe_is_imported_by_the_command_line_alone():
     importers = {unit(importer) for importer, targets in package_imports().items()
                  for module, _ in targets if unit(module) == "recipe" and unit(importer) != "recipe"}
-    assert importers - {"bench"} == {"cli"}  # bench: BENCH_ALLOWED, removed at merge
+    assert importers == {"cli"}
 
 
 # The checker itself, on tiny fake packages: each rule fails where it should.

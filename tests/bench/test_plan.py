@@ -19,7 +19,7 @@ from istune.planning.tracker import MemoryTracker
 from istune.planning.worst_case import worst_case_selections
 from istune.config import ISTConfig
 from istune.core.tuner import SparseTuner
-from istune.recipe.methods import AdapterArgs, add_adapters
+from istune.adapters.methods import AdapterArgs, add_adapters
 
 TOLERANCE = 0.10  # the bound on |predicted - measured| / measured
 ROWS = {name: ALL_ROWS[key] for name, key in table_names(planner.PLAN_KEYS).items()}  # istune plan's names

@@ -72,9 +72,10 @@ def measure(opts: argparse.Namespace, progress=print) -> dict[str, Any]:
     from istune.data import CausalLMCollator, InstructionDataset
     from istune.eval.loss import heldout_loss
     from istune.eval.scoring import evaluate_scoring
-    from istune.recipe.evaluate import parse_eval_tasks
+    from istune.eval.tasks import parse_eval_tasks
     from istune.planning.step import load_model_and_tokenizer
-    from istune.recipe.train import RunArgs, load_eval_items, load_rows
+    from istune.data import load_eval_items
+    from istune.runs import RunArgs, load_rows
 
     tasks = parse_eval_tasks(opts.tasks)
     items = load_eval_items(tasks, opts.items, seed=0)
@@ -138,10 +139,11 @@ def count_work(opts: argparse.Namespace) -> dict[str, Any]:
     """Positions through the body and through the vocabulary projection, old and new (see the module doc)."""
     from istune.config import ISTConfig
     from istune.data import InstructionDataset
-    from istune.eval.scoring import _encode
-    from istune.recipe.evaluate import parse_eval_tasks
+    from istune.eval.scoring import encode_option
+    from istune.eval.tasks import parse_eval_tasks
     from istune.planning.step import load_model_and_tokenizer
-    from istune.recipe.train import RunArgs, load_eval_items, load_rows
+    from istune.data import load_eval_items
+    from istune.runs import RunArgs, load_rows
 
     model, tokenizer = load_model_and_tokenizer(opts.model)
     head = model.get_output_embeddings().weight.numel()
@@ -149,7 +151,7 @@ def count_work(opts: argparse.Namespace) -> dict[str, Any]:
     batch_size = opts.batch_size
     rows: dict[str, dict[str, Any]] = {}
     for task, rows_of_task in load_eval_items(parse_eval_tasks(opts.tasks), opts.items, seed=0).items():
-        encoded = [_encode(tokenizer, item["context"], option, " ") for item in rows_of_task for option in item["options"]]
+        encoded = [encode_option(tokenizer, item["context"], option, " ") for item in rows_of_task for option in item["options"]]
         order = sorted(encoded, key=lambda e: -(len(e[0]) + len(e[1])))
         old = sum(len(order[s:s + batch_size]) * (len(order[s][0]) + len(order[s][1]))
                   for s in range(0, len(order), batch_size))
@@ -249,7 +251,7 @@ def format_markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m istune.bench.eval_time``: time old and new scoring and held-out loss, print and write ``--out``.json/.md."""
     from istune.bench.records import run_metadata, write_record
-    from istune.recipe.options import require_at_least_one
+    from istune.options import require_at_least_one
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)

@@ -377,7 +377,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``istune bench frontier``: measure, print the table, write the results. Bad options raise ValueError."""
-    from istune.recipe.options import parse_list
+    from istune.options import parse_list
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)

@@ -363,7 +363,7 @@ def _settings(args: argparse.Namespace) -> SuiteSettings:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from istune.recipe.options import parse_list
+    from istune.options import parse_list
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

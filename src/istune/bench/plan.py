@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     from istune.config import ISTConfig
     from istune.planning.shapes import resolve_model_config
-    from istune.recipe.options import parse_list
+    from istune.options import parse_list
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -306,9 +306,9 @@ def load_run(folder: Path, packed: bool = False) -> tuple[torch.nn.Module, ISTCo
     variants that cut batches (``truncate_batch``) need the padded layout, the default.
     """
     from istune.data import CausalLMCollator, InstructionDataset
-    from istune.recipe.methods import AdapterArgs, load_adapters
-    from istune.recipe.models import load_model_and_tokenizer
-    from istune.recipe.train import RunArgs, batch_layout, load_rows, saved_training_value
+    from istune.adapters.methods import AdapterArgs, load_adapters
+    from istune.models import load_model_and_tokenizer
+    from istune.runs import RunArgs, batch_layout, load_rows, saved_training_value
 
     results = folder / "results.json"
     if not results.is_file() or not (folder / "adapter").is_dir():
@@ -445,7 +445,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from istune.bench.records import run_metadata
     from istune.bench.timing import parse_ist_fields
-    from istune.recipe.options import parse_list, require_at_least_one
+    from istune.options import parse_list, require_at_least_one
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)

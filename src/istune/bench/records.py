@@ -12,14 +12,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from istune import io
-from istune.io import git_commit, write_text
+from istune.io import git_commit, write_text  # noqa: F401  git_commit: part of this module's interface
 
-__all__ = ["REPO", "git_commit", "run_metadata", "write_atomic", "write_record"]
+__all__ = ["REPO", "git_commit", "run_metadata", "write_record"]
 
 REPO = Path(__file__).resolve().parents[3]  # the repository root, whose commit a record names
-
-write_atomic = write_text  # the name analysis/ and recipe/ import until they use istune.io.write_text
-
 
 def run_metadata(script: str, argv: list[str], repo: Path = REPO) -> dict[str, Any]:
     """Command, date, commit, machine and library versions (:func:`istune.io.run_metadata`), this repository's."""

@@ -233,7 +233,6 @@ def layer_list(model: nn.Module, layers_path: str | None = None) -> tuple[str, n
     return best[0], best[1]
 
 
-_layer_list = layer_list  # shim for bench, removed at merge
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.ModuleList, int, int]]:

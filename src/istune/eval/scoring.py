@@ -54,7 +54,6 @@ def encode_option(tokenizer: Any, context: str, option: str, delimiter: str) -> 
     return context_ids, option_ids, continuation
 
 
-_encode = encode_option  # shim for bench, removed at merge
 
 
 def option_logprobs(

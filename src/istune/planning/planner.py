@@ -142,11 +142,11 @@ def _quantizer(settings: PlanSettings):
     def quantize(model: torch.nn.Module) -> torch.nn.Module:
         import peft
 
-        from istune.core.layers import _layer_list
+        from istune.core.layers import layer_list
         from istune.planning.kernels import quantize_linear_layers
 
         model.requires_grad_(True)
-        blocks = list(_layer_list(model, None)[1])
+        blocks = list(layer_list(model, None)[1])
         quantize_linear_layers(model, blocks, DTYPES[settings.dtype], settings.double_quant)
         return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 

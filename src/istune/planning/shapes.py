@@ -158,12 +158,12 @@ def resolve_model_config(name: str):
     """
     from transformers import AutoConfig
 
-    from istune.recipe.models import _ALIASES, smollm2_cache_dir
+    from istune.models import MODEL_ALIASES, smollm2_cache_dir
 
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"--model={name!r} is empty; give a hub id, a local folder with config.json, or "
                          f"'smollm2-135m'.")
-    if name.lower() in _ALIASES:
+    if name.lower() in MODEL_ALIASES:
         folder = smollm2_cache_dir()
         if (folder / "config.json").is_file():
             return AutoConfig.from_pretrained(folder), f"config: {folder / 'config.json'} (the embedded SmolLM2)"

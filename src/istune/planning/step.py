@@ -40,7 +40,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_model_and_tokenizer(name: Optional[str], **kwargs):
     """A pretrained model and its tokenizer by hub id, folder or ``smollm2-135m`` (None: the embedded SmolLM2)."""
-    from istune.recipe.models import load_model_and_tokenizer as load
+    from istune.models import load_model_and_tokenizer as load
 
     return load(name, **kwargs)
 
@@ -67,7 +67,7 @@ def build_model(config, row: Row, *, dtype: str = "float32", device: str | torch
             for a peft model), off (False: IST-aware checkpointing) or leave it (None).
     """
     from istune.core.layers import prepare_full_layer_tuning
-    from istune.recipe.methods import AdapterArgs, add_adapters
+    from istune.adapters.methods import AdapterArgs, add_adapters
 
     if seed is not None:  # None: the random state as it is (the caller seeded before loading)
         torch.manual_seed(seed)

@@ -20,7 +20,6 @@ from typing import Any, Optional
 from istune.adapters.methods import AdapterArgs
 from istune.config import ISTConfig
 from istune.models import ModelArgs
-from istune.options import parse_list  # noqa: F401  shim for bench, removed at merge
 from istune.options import require_at_least_one
 from istune.recipe import checkpoints
 from istune.runs import RunArgs, check_run
