@@ -60,7 +60,8 @@ def test_convert_keeps_an_existing_folder(tmp_path):
 
 def tiny_checkpoint(folder: Path) -> Path:
     """A random 2-layer LLaMA and a word-level tokenizer without a pad token, saved to ``folder``."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "hello", "world"])}

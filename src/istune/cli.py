@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 
 def _train_parser():
@@ -100,7 +100,7 @@ def _parse_train(argv: Sequence[str]):
     return run, model_args, adapter, ist, training
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": _train, "eval": _eval, "plot": _plot, "plan": _plan, "bench": _bench, "analyze": _analyze}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:

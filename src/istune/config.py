@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 STRATEGIES = ("ist", "random", "fixed", "all")
 OPTIMIZER_STATE_POLICIES = ("keep", "offload", "drop")
@@ -32,20 +31,20 @@ class ISTConfig:
         metadata={"help": "How to choose the layers trained each step: 'ist' (importance-aware, the paper), "
                   "'random' (uniform N_u layers each step), 'fixed' (always `layers`), 'all' (plain PEFT)."},
     )
-    update_fraction: Optional[float] = field(
+    update_fraction: float | None = field(
         default=None,
         metadata={"help": "N_u as a fraction of N_L: layers whose adapters train each step. "
                   "Default 0.25 (8 of 32 in the paper). Give this or `update_layers`, not both."},
     )
-    update_layers: Optional[int] = field(
+    update_layers: int | None = field(
         default=None, metadata={"help": "N_u as a number of layers. Give this or `update_fraction`, not both."}
     )
-    probe_fraction: Optional[float] = field(
+    probe_fraction: float | None = field(
         default=None,
         metadata={"help": "N_v as a fraction of N_L: layers kept at full response in each probe candidate. "
                   "Default 0.5. Give this or `probe_layers`, not both."},
     )
-    probe_layers: Optional[int] = field(
+    probe_layers: int | None = field(
         default=None, metadata={"help": "N_v as a number of layers. Give this or `probe_fraction`, not both."}
     )
     num_probes: int = field(
@@ -70,15 +69,15 @@ class ISTConfig:
                   "serve every task (try μ = 0.1; not in the paper)."},
     )
     seed: int = field(default=42, metadata={"help": "Seed of istune's own RNG (selections, candidates, probe batches)."})
-    layers: Optional[list[int]] = field(
+    layers: list[int] | None = field(
         default=None, metadata={"help": "Layer positions (0-based) to train with strategy 'fixed'."}
     )
-    layers_path: Optional[str] = field(
+    layers_path: str | None = field(
         default=None,
         metadata={"help": "Dotted path of the decoder-layer list (e.g. 'base_model.model.model.layers'); "
                   "found by structure when not given."},
     )
-    probe_batch_size: Optional[int] = field(
+    probe_batch_size: int | None = field(
         default=None, metadata={"help": "Examples in the probe batch; default: the training batch size per device."}
     )
 
@@ -88,7 +87,7 @@ class ISTConfig:
                   "and run their forward again in the backward pass. Saves most of their activation memory for "
                   "one more forward of those layers (not in the paper)."},
     )
-    stored_layers: Optional[int] = field(
+    stored_layers: int | None = field(
         default=None,
         metadata={"help": "Of the layers that run the backward pass this step (the lowest layer in S and every one "
                   "above it), how many keep their activations; the others keep only their inputs and run their "
@@ -150,7 +149,7 @@ class ISTConfig:
         elif self.layers is not None:
             _fail("layers", self.layers, f"`layers` only applies to strategy 'fixed', not {self.strategy!r}; remove it")
 
-    def resolve(self, num_layers: int) -> "ResolvedCounts":
+    def resolve(self, num_layers: int) -> ResolvedCounts:
         """Turn fractions into layer counts for a model with ``num_layers`` adapter layers (N_L).
 
         Raises:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
 
 from istune.analysis.cli import main
-from istune.recipe.train import train_run
 from istune.analysis.sweep import plan_sweep, summarize
+from istune.recipe.train import train_run
 
 
 def test_parts_share_runs_and_carry_their_settings():

@@ -5,8 +5,8 @@ import torch
 
 from istune.data import CausalLMCollator, InstructionDataset
 from istune.eval import result_cache
-from istune.eval.result_cache import ResultCache, folder_fingerprint
 from istune.eval.cached import evaluate_base, evaluate_model
+from istune.eval.result_cache import ResultCache, folder_fingerprint
 from istune.models import load_model_and_tokenizer
 
 from .conftest import make_model, make_tokenizer

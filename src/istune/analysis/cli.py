@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from istune.analysis.training_runs import TrainFn, add_size_options, size_from_options
 from istune.options import parse_list
@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, train: Optional[TrainFn] = None) -> int:
+def main(argv: Sequence[str] | None = None, train: TrainFn | None = None) -> int:
     """Run one analysis. Returns 0; bad input raises ValueError (with the option, value and fix).
 
     Args:
@@ -149,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None, train: Optional[TrainFn] = None) 
     return 0
 
 
-def _needed(train: Optional[TrainFn]) -> TrainFn:
+def _needed(train: TrainFn | None) -> TrainFn:
     if train is None:
         raise ValueError("this analysis trains runs: start it as `istune analyze ...`, or pass "
                          "train=istune.recipe.train.train_run to istune.analysis.cli.main.")
@@ -160,9 +160,9 @@ def _reproducibility(options, argv: list[str]) -> None:
     from pathlib import Path
 
     from istune.analysis import reproducibility
-    from istune.io import run_metadata
     from istune.bench.timing import parse_ist_fields
     from istune.config import ISTConfig
+    from istune.io import run_metadata
     from istune.options import require_at_least_one
 
     require_at_least_one(options, ("updates", "every"))

@@ -15,8 +15,8 @@ or a run's learned importance (its folder). Runs are resumable: see
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from istune.analysis.training_runs import PlannedRun, TrainFn, TrainingSize, run_all
 from istune.config import ISTConfig
@@ -51,7 +51,7 @@ def read_ranking(source: str) -> list[int]:
     return importance_order(importance, high_first=True)
 
 
-def parse_layer_sets(text: Optional[str]) -> list[list[int]]:
+def parse_layer_sets(text: str | None) -> list[list[int]]:
     """``"0,1;5"`` -> [[0, 1], [5]]."""
     if text is None:
         return []
@@ -70,7 +70,7 @@ def parse_layer_sets(text: Optional[str]) -> list[list[int]]:
     return sets
 
 
-def plan_layer_sets(num_layers: int, ranking: Optional[list[int]], kinds: Sequence[str], k_values: Sequence[int],
+def plan_layer_sets(num_layers: int, ranking: list[int] | None, kinds: Sequence[str], k_values: Sequence[int],
                     layer_sets: Sequence[list[int]], seed: int) -> list[PlannedRun]:
     """The runs for the chosen sets, each checked against N_L (positions 0..N_L-1)."""
     unknown = [kind for kind in kinds if kind not in KINDS]
@@ -111,7 +111,7 @@ def plan_layer_sets(num_layers: int, ranking: Optional[list[int]], kinds: Sequen
     return list(unique.values())
 
 
-def train_layer_sets(out_dir: str, size: TrainingSize, ranking_source: Optional[str] = None,
+def train_layer_sets(out_dir: str, size: TrainingSize, ranking_source: str | None = None,
                      kinds: Sequence[str] = KINDS, k_values: Sequence[int] = (1, 2, 4, 8),
                      layer_sets: Sequence[list[int]] = (), seed: int = 42, keep_adapters: bool = False,
                      argv: Sequence[str] = (), *, train: TrainFn) -> dict:

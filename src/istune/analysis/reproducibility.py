@@ -27,9 +27,9 @@ import itertools
 import json
 import random
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from istune.bench.probes import spearman, top_k_overlap
 
@@ -47,7 +47,7 @@ class Group:
 # ---- statistics ------------------------------------------------------------------------------
 
 
-def pairwise_agreement(vectors: Sequence[Sequence[float]], k: int) -> tuple[Optional[float], float]:
+def pairwise_agreement(vectors: Sequence[Sequence[float]], k: int) -> tuple[float | None, float]:
     """Mean Spearman (None when every pair has a constant vector) and mean top-k overlap over all pairs."""
     rhos, overlaps = [], []
     for a, b in itertools.combinations(vectors, 2):
@@ -76,7 +76,7 @@ def permutation_baseline(vectors: Sequence[Sequence[float]], k: int, permutation
             "overlap_mean": statistics.fmean(overlaps), "overlap_95": _percentile(overlaps, 0.95)}
 
 
-def _percentile(values: list[float], q: float) -> Optional[float]:
+def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
@@ -107,7 +107,7 @@ def agreement_curve(group: Group, k: int, every: int = 10, permutations: int = P
     return rows
 
 
-def reproducible_from(rows: list[dict]) -> Optional[int]:
+def reproducible_from(rows: list[dict]) -> int | None:
     """The first checkpoint after which the mean Spearman stays above the baseline's 95th percentile; None if never."""
     first = None
     for row in rows:
@@ -239,7 +239,7 @@ def format_study(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: Optional[float]) -> str:
+def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 

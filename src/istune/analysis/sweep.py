@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from istune.analysis.training_runs import PlannedRun, TrainFn, TrainingSize, run_all
 from istune.config import ISTConfig
@@ -107,7 +107,7 @@ def plan_sweep(parts: Sequence[str], num_layers: int, *, mu_values: Sequence[flo
     return list(runs.values()), rows
 
 
-def _row(label: str, value: Optional[float], names: list[str]) -> dict:
+def _row(label: str, value: float | None, names: list[str]) -> dict:
     return {"label": label, "value": value, "runs": names}
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from istune.config import ISTConfig
 from istune.io import run_metadata, write_text
@@ -89,8 +90,8 @@ def check_size(size: TrainingSize) -> None:
 
 def count_adapter_layers(size: TrainingSize) -> int:
     """N_L of ``size.model`` with ``size.method`` adapters (loads the model once, trains nothing)."""
-    from istune.core.layers import find_adapter_layers
     from istune.adapters.methods import add_adapters
+    from istune.core.layers import find_adapter_layers
     from istune.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(size.model)
@@ -155,7 +156,7 @@ def _train_one(run: PlannedRun, size: TrainingSize, out: Path, command: str, arg
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    kept: Optional[str] = None
+    kept: str | None = None
     if keep_adapters:
         final = out / RUNS_FOLDER / run.name
         shutil.rmtree(final, ignore_errors=True)
@@ -180,7 +181,7 @@ def size_from_options(options) -> TrainingSize:
     return TrainingSize(**{f.name: getattr(options, f.name) for f in dataclasses.fields(TrainingSize)})
 
 
-def add_size_options(parser, defaults: Optional[TrainingSize] = None) -> None:
+def add_size_options(parser, defaults: TrainingSize | None = None) -> None:
     """One option per TrainingSize field, with its help text and default."""
     defaults = defaults or TrainingSize()
     group = parser.add_argument_group("size of each training run")

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Optional
+from typing import Any
 
 from istune.data.cache import cached_list
 from istune.data.commonsense_format import COMMONSENSE_TASKS, answer_words, canonical_task, format_item, split_mc_query
@@ -212,7 +212,7 @@ def load_commonsense_eval(task: str, cache_dir: str | os.PathLike[str] | None = 
     return cached_list(file_name, EVAL_SIZES[name], lambda: _build_eval(name), cache_dir)
 
 
-def load_eval_items(tasks: list[str], limit: Optional[int], seed: int) -> dict[str, list[dict[str, Any]]]:
+def load_eval_items(tasks: list[str], limit: int | None, seed: int) -> dict[str, list[dict[str, Any]]]:
     """A seeded sample of ``limit`` items per task (all items if None), the same for every run with that seed."""
     items = {}
     for task in tasks:

@@ -49,8 +49,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 LM_EVAL_INSTALL = "pip install lm-eval==0.4.13"
 # istune (LLM-Adapters) task name -> lm-eval's task YAML under lm_eval/tasks
@@ -73,7 +74,7 @@ def check_harness_installed() -> None:
         raise ModuleNotFoundError(f"--harness needs lm-evaluation-harness; run `{LM_EVAL_INSTALL}`")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _packaged_split(task: str) -> dict[str, dict[str, Any]]:
     """The packaged evaluation split of ``task`` as raw rows keyed by istune's item id."""
     from istune.data.commonsense import ARROW_SPLITS, EVAL_SIZES, OLMES_TASKS

@@ -12,7 +12,7 @@ kind (lora_A, lora_E or lora_B): a neutral prior, neither favoured nor cut first
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from istune.eval.cached import evaluate_model, evaluate_parts
 from istune.eval.tasks import method_list, parse_eval_tasks
@@ -22,9 +22,9 @@ from istune.io import write_text
 
 # ----------------------------------------------------------------------------- istune eval RUN_DIR
 
-def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int] = None,
-                 method: Optional[str] = None, batch_size: Optional[int] = None, output: Optional[str] = None,
-                 harness: bool = False, generation_batch_size: Optional[int] = None) -> dict:
+def evaluate_run(run_dir: str, tasks: str | None = None, limit: int | None = None,
+                 method: str | None = None, batch_size: int | None = None, output: str | None = None,
+                 harness: bool = False, generation_batch_size: int | None = None) -> dict:
     """Load base model + adapters from ``run_dir``, evaluate on the run's held-out data and items,
     write ``eval.json`` there (or ``output``) and print the table."""
     from istune.adapters.methods import load_adapters
@@ -73,16 +73,16 @@ def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int]
 class EvalArgs:
     """What ``istune eval --model`` evaluates and how."""
 
-    model: Optional[str] = None
-    adapter: Optional[str] = None
+    model: str | None = None
+    adapter: str | None = None
     eval_tasks: str = "all"
-    eval_limit: Optional[int] = None
+    eval_limit: int | None = None
     eval_seed: int = 0
     eval_method: str = "both"
     eval_batch_size: int = 8
     generation_batch_size: int = 32
     dtype: str = "auto"
-    output: Optional[str] = None
+    output: str | None = None
     harness: bool = False
     cache: bool = True
 
@@ -93,7 +93,7 @@ class AdapterFolder:
 
     path: Path
     kind: str
-    base_model: Optional[str]
+    base_model: str | None
 
 
 def find_adapter(path: str) -> AdapterFolder:
@@ -103,8 +103,8 @@ def find_adapter(path: str) -> AdapterFolder:
     Raises:
         ValueError: Naming the folder, what is missing and what would do.
     """
-    from istune.adapters.model import CONFIG_NAME, WEIGHTS_NAME
     from istune.adapters.methods import METHOD_FILE, AdapterArgs
+    from istune.adapters.model import CONFIG_NAME, WEIGHTS_NAME
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -146,7 +146,7 @@ def load_adapter(base_model, adapter: AdapterFolder):
     return peft.PeftModel.from_pretrained(base_model, adapter.path).eval()
 
 
-def check_eval_args(args: EvalArgs) -> tuple[list[str], Optional[AdapterFolder], str]:
+def check_eval_args(args: EvalArgs) -> tuple[list[str], AdapterFolder | None, str]:
     """Validate ``args`` without loading anything; return (tasks, adapter, model name)."""
     from istune.models import DTYPES
 
