@@ -83,19 +83,6 @@ def saved_training_value(results: dict[str, Any], name: str, default: Any = None
     return results.get("run", {}).get(_OLD_NAMES.get(name, name), default)
 
 
-# Trainer options that older results.json files kept under "run", by their old names.
-_OLD_NAMES = {"per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size"}
-
-
-def saved_training_value(results: dict[str, Any], name: str, default: Any = None) -> Any:
-    """A Trainer option of a saved run (``results["training"]``), also from files written before it moved there."""
-    if name in results.get("training", {}):
-        return results["training"][name]
-    if name == "seed" and "ist" in results:
-        return results["ist"]["seed"]  # older runs had one seed, ISTConfig's
-    return results.get("run", {}).get(_OLD_NAMES.get(name, name), default)
-
-
 def check_run(run: RunArgs) -> list[str]:
     """Validate the data and evaluation options (before anything loads); return the eval task names."""
     require_at_least_one(run, ("cutoff_len", "heldout_samples", "generation_batch_size"))

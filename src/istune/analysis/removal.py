@@ -152,7 +152,7 @@ def remove_layers(run_dir: str, out_dir: str | None = None, orders: Sequence[str
     steps = max_removed or num_layers
     loss, cache = cached(heldout_loss_of_removed(loaded, batch_size))
 
-    record: dict = {"run_dir": str(run_dir), "num_layers": num_layers, "layer_names": [l.name for l in loaded.layers],
+    record: dict = {"run_dir": str(run_dir), "num_layers": num_layers, "layer_names": [layer.name for layer in loaded.layers],
                     "heldout_examples": len(loaded.heldout), "importance": importance, "orders": {}}
     for order_name in orders:
         print(f"istune analyze remove-layers: order {order_name}", flush=True)

@@ -21,7 +21,7 @@ boolq           ``{{passage}}\\nQuestion:            Arrow ``boolq``; ``label = 
 piqa            ``Question: {{goal}}\\nAnswer:``      Arrow ``piqa`` row as is
 social_i_qa     ``Q: {{context}} {{question}}\\nA:``  Arrow ``social_i_qa`` row as is (label "1".."3")
 hellaswag       preprocessed ``activity: ctx_a        Arrow ``hellaswag`` row as is (lm-eval's process_docs)
-                Ctx_b``, endings                      
+                Ctx_b``, endings
 winogrande      partial: sentence up to the blank    Arrow ``winogrande_xl`` row as is
                 + option as context, rest scored
 ARC-Easy/-Chal  ``Question: {{question}}\\nAnswer:``  OLMES test docs; question and options split from

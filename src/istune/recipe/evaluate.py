@@ -236,7 +236,7 @@ def format_comparison(results: dict[str, Any]) -> str:
         lines.append(f"{task:<14}{count[task]['total']:>6}" +
                      "".join(f"{'-' if v is None else f'{100 * v:.1f}':>18}" for v in cells))
     averages = []
-    for title, get in columns:
+    for _, get in columns:
         values = [get(task) for task in tasks if get(task) is not None]
         averages.append(sum(values) / len(values) if values else None)
     lines.append(f"{'average':<14}{'':>6}" + "".join(f"{'-' if v is None else f'{100 * v:.1f}':>18}" for v in averages))
