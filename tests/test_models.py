@@ -135,4 +135,6 @@ def test_a_model_that_ignores_logits_to_keep_keeps_every_logit():
     from tests.tiny_models import tiny_model
 
     reasons = models.batch_layout_unsupported(FullLogitsLM(tiny_model("llama")), padding_free=False)
-    assert reasons == {"labelled_logits_only": "its forward keeps 3 logit rows of 2 asked, loss off by 0.0e+00 (relative)"}
+    assert reasons == {
+        "labelled_logits_only": "its forward keeps 3 logit rows of 2 asked, loss off by 0.0e+00 (relative)"
+    }

@@ -39,15 +39,17 @@ def read_ranking(source: str) -> list[int]:
             ranking = None
         if not ranking:
             raise ValueError(f"--ranking={source!r} holds no complete 'ranking'; give the layer_removal.json of "
-                             "`istune analyze remove-layers` run with a greedy order over all layers, or an IST run folder.")
+                             "`istune analyze remove-layers` run with a greedy order over all layers, "
+                             "or an IST run folder.")
         return [int(position) for position in ranking]
     if not path.is_dir():
-        raise ValueError(f"--ranking={source!r} is neither a layer_removal.json file nor a run folder; check the path.")
+        raise ValueError(f"--ranking={source!r} is neither a layer_removal.json file nor a run folder; "
+                         "check the path.")
     results = read_results(path, option="--ranking")
     importance = learned_importance(results)
     if importance is None:
-        raise ValueError(f"--ranking={source!r} is a run with strategy {results['ist']['strategy']!r}, which learns no "
-                         "importance; give an IST run folder or a layer_removal.json.")
+        raise ValueError(f"--ranking={source!r} is a run with strategy {results['ist']['strategy']!r}, which learns "
+                         "no importance; give an IST run folder or a layer_removal.json.")
     return importance_order(importance, high_first=True)
 
 
@@ -81,8 +83,9 @@ def plan_layer_sets(num_layers: int, ranking: list[int] | None, kinds: Sequence[
         raise ValueError("--kinds top/bottom need --ranking (a layer_removal.json or an IST run folder); "
                          "or use --kinds all with --layer_sets.")
     if ranking is not None and sorted(ranking) != list(range(num_layers)):
-        raise ValueError(f"--ranking orders {len(ranking)} layers {sorted(ranking)[:6]}..., but the model has N_L={num_layers} "
-                         f"adapter layers (0..{num_layers - 1}); give a ranking made for this model and method.")
+        raise ValueError(f"--ranking orders {len(ranking)} layers {sorted(ranking)[:6]}..., but the model has "
+                         f"N_L={num_layers} adapter layers (0..{num_layers - 1}); "
+                         "give a ranking made for this model and method.")
     for k in k_values if needs_ranking else []:
         if not 1 <= k <= num_layers:
             raise ValueError(f"--k_values has k={k}, out of range: the model has N_L={num_layers} adapter layers; "

@@ -148,11 +148,13 @@ def remove_layers(run_dir: str, out_dir: str | None = None, orders: Sequence[str
         raise ValueError(f"--max_removed={max_removed} is more than the run's N_L={num_layers} adapter layers; "
                          f"use at most {num_layers}.")
     if importance is not None and len(importance) != num_layers:
-        raise ValueError(f"{run_dir}/results.json has {len(importance)} importance values for N_L={num_layers} layers.")
+        raise ValueError(f"{run_dir}/results.json has {len(importance)} importance values "
+                         f"for N_L={num_layers} layers.")
     steps = max_removed or num_layers
     loss, cache = cached(heldout_loss_of_removed(loaded, batch_size))
 
-    record: dict = {"run_dir": str(run_dir), "num_layers": num_layers, "layer_names": [layer.name for layer in loaded.layers],
+    record: dict = {"run_dir": str(run_dir), "num_layers": num_layers,
+                    "layer_names": [layer.name for layer in loaded.layers],
                     "heldout_examples": len(loaded.heldout), "importance": importance, "orders": {}}
     for order_name in orders:
         print(f"istune analyze remove-layers: order {order_name}", flush=True)
@@ -166,7 +168,8 @@ def remove_layers(run_dir: str, out_dir: str | None = None, orders: Sequence[str
         record["orders"][order_name] = {"removed": removed, "loss": losses,
                                         "perplexity": [math.exp(min(value, 700.0)) for value in losses]}
     record["loss_without_removal"] = loss([])
-    record["single_removal_loss"] = {str(p): cache[frozenset([p])] for p in range(num_layers) if frozenset([p]) in cache}
+    record["single_removal_loss"] = {str(p): cache[frozenset([p])]
+                                     for p in range(num_layers) if frozenset([p]) in cache}
     record["ranking"] = _greedy_ranking(record["orders"], num_layers)
     record["evaluations"] = len(cache)
     record["metadata"] = run_metadata("-m istune analyze remove-layers", list(argv), repo_root())

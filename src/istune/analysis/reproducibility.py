@@ -229,7 +229,8 @@ def format_study(result: dict) -> str:
         lines.append(f"\n### {group['label']} ({group['seeds']} seeds, N_L = {group['num_layers']})\n")
         lines.append("Reproducible (mean Spearman above the permutation 95th percentile from then on): "
                      + (f"from {verdict} updates." if verdict is not None else "not within these updates."))
-        lines.append(f"\n| updates | Spearman | permuted: mean / 95th pct | top-{k} overlap | permuted: mean / 95th pct |")
+        lines.append(f"\n| updates | Spearman | permuted: mean / 95th pct | top-{k} overlap "
+                     "| permuted: mean / 95th pct |")
         lines.append("|---:|---:|---:|---:|---:|")
         for row in group["rows"]:
             rho = "n/a" if row["spearman"] is None else f"{row['spearman']:.3f}"
@@ -275,7 +276,7 @@ def write_study(result: dict, out: Path, meta: dict) -> None:
     write_text(out / "reproducibility.json", json.dumps({**meta, **result}, indent=2))
     write_text(out / "reproducibility.md", (
         f"# Reproducibility of the learned importance\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, "
-        f"{meta['date']}, {meta['machine']}.\n\nPairwise agreement of the seeds' importance rankings after each number "
-        f"of updates, beside a permutation baseline ({PERMUTATIONS} shuffles of every seed's vector).\n"
+        f"{meta['date']}, {meta['machine']}.\n\nPairwise agreement of the seeds' importance rankings after each "
+        f"number of updates, beside a permutation baseline ({PERMUTATIONS} shuffles of every seed's vector).\n"
         f"{format_study(result)}\n\n![reproducibility](reproducibility.png)\n"))
     plot_study(result, out / "reproducibility.png")

@@ -50,8 +50,8 @@ def read_results(run_dir: str | Path, option: str = "run_dir") -> dict[str, Any]
     folder = Path(run_dir)
     results_file = folder / "results.json"
     if not results_file.is_file() or not (folder / "adapter").is_dir():
-        raise ValueError(f"{option}={str(run_dir)!r} is not the output folder of a finished `istune train` run (it needs "
-                         "results.json and adapter/); give the --output_dir of a run that has finished.")
+        raise ValueError(f"{option}={str(run_dir)!r} is not the output folder of a finished `istune train` run (it "
+                         "needs results.json and adapter/); give the --output_dir of a run that has finished.")
     return json.loads(results_file.read_text())
 
 

@@ -112,8 +112,8 @@ def prepare_full_layer_tuning(
     """
     adapters = [name for name, m in model.named_modules() if is_adapter_module(m)]
     if adapters:
-        raise ValueError(f"prepare_full_layer_tuning is for a model without adapters, but this one has {len(adapters)} "
-                         f"adapter modules (e.g. '{adapters[0]}'); start from the plain base model.")
+        raise ValueError("prepare_full_layer_tuning is for a model without adapters, but this one has "
+                         f"{len(adapters)} adapter modules (e.g. '{adapters[0]}'); start from the plain base model.")
     if layers_path is None:
         candidates = _candidates(model)
         if not candidates:

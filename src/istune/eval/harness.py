@@ -134,7 +134,8 @@ def build_task(task: str, docs: Sequence[dict[str, Any]]):
 
     path = Path(lm_eval.tasks.__file__).parent / TASK_YAMLS[task]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: istune reads lm-eval 0.4.13's task files; run `{LM_EVAL_INSTALL}`")
+        raise FileNotFoundError(f"{path} is missing: istune reads lm-eval 0.4.13's task files; "
+                                f"run `{LM_EVAL_INSTALL}`")
     config = dict(load_yaml(path, resolve_func=True))
     for key in ("tag", "group", "include", "dataset_kwargs"):
         config.pop(key, None)

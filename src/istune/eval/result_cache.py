@@ -152,7 +152,8 @@ class ResultCache:
         self.misses = 0
 
     @classmethod
-    def for_model(cls, model: Any, name_or_path: str, root: str | os.PathLike[str] | None = None) -> ResultCache | None:
+    def for_model(cls, model: Any, name_or_path: str,
+                  root: str | os.PathLike[str] | None = None) -> ResultCache | None:
         """The cache of ``model``, loaded from ``name_or_path``; None when its files cannot be found on disk."""
         folder = local_model_folder(name_or_path)
         if folder is None:

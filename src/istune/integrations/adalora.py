@@ -45,8 +45,9 @@ def _sparse_aware(allocator, model: nn.Module) -> Iterator[None]:
                 allocator.ipt[name] = (parameter * parameter.grad).abs().detach()
                 allocator.exp_avg_ipt[name] = (allocator.beta1 * allocator.exp_avg_ipt[name]
                                                + (1 - allocator.beta1) * allocator.ipt[name])
+                uncertainty = (allocator.ipt[name] - allocator.exp_avg_ipt[name]).abs()
                 allocator.exp_avg_unc[name] = (allocator.beta2 * allocator.exp_avg_unc[name]
-                                               + (1 - allocator.beta2) * (allocator.ipt[name] - allocator.exp_avg_ipt[name]).abs())
+                                               + (1 - allocator.beta2) * uncertainty)
 
     def element_score(name):
         if name in allocator.exp_avg_ipt:

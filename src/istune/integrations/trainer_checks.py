@@ -55,8 +55,8 @@ def check_trainer_setup(args, model: nn.Module, trainer=None, accelerator_state=
         _check_ddp(args, model, trainer)
         if uses_reentrant_checkpointing(model):
             raise ValueError(
-                "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) fails "
-                "with 'Expected to mark a variable ready only once'. Use the non-reentrant variant: "
+                "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) "
+                "fails with 'Expected to mark a variable ready only once'. Use the non-reentrant variant: "
                 "TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': False}) (the default in "
                 "transformers 5), or model.gradient_checkpointing_enable({'use_reentrant': False})."
             )
@@ -111,8 +111,8 @@ def _check_sharding(args, model: nn.Module, trainer, accelerator_state=None) -> 
     return version
 
 
-_USE_FSDP2 = ("Shard with FSDP2 instead: TrainingArguments(fsdp='full_shard auto_wrap', fsdp_config={'version': 2}) or "
-              "accelerate launch --config_file configs/accelerate/fsdp2.yaml; or use DDP. See docs/distributed.md.")
+_USE_FSDP2 = ("Shard with FSDP2 instead: TrainingArguments(fsdp='full_shard auto_wrap', fsdp_config={'version': 2}) "
+              "or accelerate launch --config_file configs/accelerate/fsdp2.yaml; or use DDP. See docs/distributed.md.")
 
 
 def fsdp_version(args, model: nn.Module, trainer=None, accelerator_state=None) -> int | None:

@@ -135,9 +135,9 @@ def check_resume(checkpoint: str, record: dict[str, Any], num_layers: int | None
     folder = Path(checkpoint)
     if not (folder / RUN_FILE).is_file():
         raise ValueError(f"--resume_from_checkpoint={checkpoint!r} has no {RUN_FILE}: its saving was cut short, or "
-                         "`istune train` did not save it. Resume from an earlier checkpoint (or --resume_from_checkpoint "
-                         "true for the latest complete one); a checkpoint of your own script resumes with "
-                         "trainer.train(resume_from_checkpoint=...).")
+                         "`istune train` did not save it. Resume from an earlier checkpoint (or "
+                         "--resume_from_checkpoint true for the latest complete one); a checkpoint of your own "
+                         "script resumes with trainer.train(resume_from_checkpoint=...).")
     saved = json.loads((folder / RUN_FILE).read_text())
     differences = [f"--{name}={record.get(group, {}).get(name)!r} (checkpoint: {saved.get(group, {}).get(name)!r})"
                    for group, names in MUST_MATCH.items() for name in names
