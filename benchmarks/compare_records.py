@@ -17,7 +17,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from istune.planning.rows import ALIASES
 
@@ -25,7 +25,7 @@ IGNORED = ("command", "date", "commit", "seconds", "machine")
 KEY_FIELDS = ("row", "variant", "key", "baseline")
 
 
-def compare(old: Any, new: Any, renames: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def compare(old: Any, new: Any, renames: dict[str, str] | None = None) -> dict[str, Any]:
     """Walk ``old`` and ``new`` together; return counts of what was compared, the differences and what was ignored.
 
     Returns:
@@ -63,7 +63,7 @@ def compare(old: Any, new: Any, renames: Optional[dict[str, str]] = None) -> dic
     return result
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("older", type=Path, help="the committed record (JSON)")
     parser.add_argument("newer", type=Path, help="the regenerated record (JSON)")

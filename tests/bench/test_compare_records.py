@@ -12,8 +12,8 @@ OLDER = {
              "versions": {"torch": "2.13.0"}},
     "runs": {"tiny": {"lora:ckpt": {"variant": "lora:ckpt", "baseline": "lora", "peak_bytes": 1000,
                                      "mean_step_peak_bytes": 950.5, "seconds": 2.0, "selected": [0, 3]},
-                      "ist": {"variant": "ist", "baseline": "lora", "peak_bytes": 700, "ist_config": {"strategy": "ist"},
-                              "seconds": 1.0, "selected": [0, 2]}}},
+                      "ist": {"variant": "ist", "baseline": "lora", "peak_bytes": 700,
+                              "ist_config": {"strategy": "ist"}, "seconds": 1.0, "selected": [0, 2]}}},
 }
 
 
