@@ -5,27 +5,18 @@
     istune bench frontier --size tiny                       # 8 x 256 LLaMA, 4 x 256 tokens (per-step overhead)
     istune bench frontier --size test --rows lora,ist       # seconds: what the tests run
 
-Every row trains with transformers' ``Trainer`` (LoRA r=32, alpha 64, dropout 0.05 on
-q/k/v/up/down; fp32; random token ids; IST through ``ISTCallback``; "+ ckpt" rows set
-``gradient_checkpointing=True``, non-reentrant), on a model with random weights built from
-the size's config (SmolLM2: its real weights; memory and time depend on shapes only).
+Every row trains with transformers' ``Trainer`` (LoRA r=32, alpha 64, dropout 0.05; fp32; random token
+ids; IST through ``ISTCallback``; checkpointing rows: non-reentrant) on a model with random weights.
 
-- **Memory**: each row runs in its own process (``memory_steps`` steps; the IST seed is
-  chosen so that one step selects layer 0, the worst case; a row with ``stored_layers`` runs
-  a second process at its other worst step, :func:`stored_worst_step`, and reports the
-  larger). Measured: the growth of the peak
-  resident set size (VmHWM, reset just before ``trainer.train()``) over the resident size
-  at that moment: activations, gradients, optimizer state and every temporary of training.
-- **Time**: rows interleaved in rounds (each round trains every row ``--steps`` steps with a
-  fresh Trainer; its first step is dropped). A step is the wall time between two
-  ``on_step_end`` events: the callback's work, probes included, is part of it. IST rows draw
-  their layers as in training (seed 42 + round, the same draws for every IST row of a round;
-  not the memory runs' worst case), and an IST step's time depends on the lowest layer it
-  selects, so the **mean** is reported: mean of the steps without an importance update, plus
-  the mean time of one update divided by T_c.
+- **Memory**: each row in its own process (:mod:`istune.bench.child`), ``memory_steps`` steps, IST seeded to
+  select layer 0 (with ``stored_layers``, also :func:`stored_worst_step`; the larger counts): the growth of
+  the peak resident set over ``trainer.train()`` (:class:`~istune.planning.step.RssPeak`).
+- **Time**: rows interleaved in rounds, a fresh Trainer each; a step is the time between two
+  ``on_step_end`` events, so the Trainer's and the callback's work (probes included) is part of it. IST rows
+  draw as in training (seed 42 + round); the mean of the steps without an importance update plus one
+  update's mean time over T_c is reported.
 
-Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (memory against time, the frontier drawn:
-the rows no other row beats on both axes).
+Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (memory against time, the frontier drawn).
 """
 
 from __future__ import annotations

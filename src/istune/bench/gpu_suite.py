@@ -1,41 +1,19 @@
 """The GPU suite: measured peak memory and step time of the frontier rows on a LLaMA-7B shape, and SmolLM2 runs.
 
-One command on a machine with one CUDA GPU (H100 class; estimated 6–9 minutes, ``--budget_s`` caps it)::
+One command on a machine with one CUDA GPU (``--budget_s`` caps it; install torch's CUDA build there)::
 
     bash scripts/setup.sh && .venv/bin/python benchmarks/gpu_suite.py     # = istune bench gpu
     .venv/bin/python benchmarks/gpu_suite.py --tiny                       # CPU smoke test: tiny shapes, seconds
 
-(The torch that ``scripts/setup.sh`` pins is a CPU build; on the GPU machine install the same
-version's CUDA build, e.g. ``pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128``.)
+Part 1, each frontier row (:data:`FRONTIER_ROWS`) in its own process on LLaMA-7B's shape (random weights
+made on the GPU), bf16, SDPA, LoRA r = 32, batch 1 x 1024: memory is one measured step
+(:func:`istune.planning.step.measured_steps`, IST at the worst step ``istune plan`` assumes) under
+:class:`~istune.planning.step.CudaPeak`, beside ``istune plan``'s prediction; time is ``--steps`` steps of
+the row's real policy (probes included), one by one with ``torch.cuda.synchronize``.
+Part 2: ``--finetune_steps`` steps of SmolLM2-135M on the commonsense mix for LoRA, random sparse and IST
+(:func:`istune.integrations.loop.train`), the held-out loss at the end.
 
-Part 1, the frontier on LLaMA-7B's shape (``istune.bench.shapes.SHAPES["llama-7b"]``: 32 layers
-× 4096, random weights initialised on the GPU, no download), bf16 weights, SDPA attention,
-LoRA r = 32 on q/k/v/up/down (dropout 0.05), AdamW, batch 1 × 1024 tokens. Rows: LoRA,
-LoRA + gradient checkpointing, IST, IST + ``recompute_unselected``, IST + gradient
-checkpointing, the same with ``stored_layers=2``, IST with ``stored_layers=8``, random
-sparse, LISA-style (2 whole layers a step, embeddings and head
-trained, state of unselected layers dropped), and with ``--dora`` DoRA and DoRA + IST.
-Each row runs in its own process:
-
-- memory: one step that trains every layer (AdamW state for all), for IST rows a settling step
-  with the worst-case selection (layer 0 and the N_u − 1 top layers, as ``istune plan``
-  assumes; with ``stored_layers`` the larger of the plan's two worst steps), then one step after ``torch.cuda.reset_peak_memory_stats``: its
-  ``max_memory_allocated`` and ``max_memory_reserved``. Beside it, ``istune plan``'s prediction
-  for the same row (computed on the meta device in the same process);
-- time: the row's real policy (IST: importance updates every T_c = 10 steps with N_c = 3
-  probes, included), ``--warmup_steps`` untimed, then ``--steps`` (20 = 2 T_c) timed one by
-  one with ``torch.cuda.synchronize``; the mean (probe steps included) and the median (the
-  plain steps). Rows run one after another, not interleaved.
-
-Part 2: ``--finetune_steps`` (200) steps of SmolLM2-135M (the embedded model) on the
-commonsense mix, batch 4, cutoff 256, lr 3e-4, for LoRA, random sparse and IST, through
-:func:`istune.integrations.loop.train`; the held-out loss (64 examples) at the end, the time
-and the peak.
-
-Results are written after every row (``benchmarks/results/gpu_suite.{json,md}``, each file
-whole), so an interrupted suite keeps what it measured, and ``--resume`` skips rows already
-measured with the same settings. ``--budget_s`` stops starting rows when the time left is
-less than the longest row so far took.
+Results are written after every row; ``--resume`` keeps rows measured with the same settings.
 """
 
 from __future__ import annotations
@@ -55,6 +33,7 @@ import torch
 from istune.bench.child import ChildFailed, run_in_child
 from istune.bench.records import run_metadata, write_record
 from istune.planning.rows import ROWS, Row, table_names
+from istune.planning.shapes import SHAPES
 
 __all__ = ["FRONTIER_ROWS", "FINETUNE_ROWS", "SuiteSettings", "build_parser", "main", "run_row"]
 
@@ -126,7 +105,6 @@ def _predict(row: Row, settings: SuiteSettings, config) -> Optional[dict]:
 def run_frontier_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
     from istune.config import ISTConfig
     from istune.core.tuner import SparseTuner
-    from istune.planning.shapes import SHAPES
     from istune.planning.step import CudaPeak, build_model, make_batch, measured_steps, timed_step, trainable
     from istune.planning.tracker import MemoryTracker
 
@@ -176,20 +154,17 @@ def run_frontier_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ part 2: SmolLM2 fine-tuning
 
 
-def _tiny_finetune_model_and_tokenizer():
-    """--tiny: a 2-layer random LLaMA and a word-level tokenizer over the data's vocabulary (no files needed)."""
+def _tiny_tokenizer(rows: list[dict]):
+    """--tiny: a word-level tokenizer over the data's vocabulary (no files needed)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    words = ["<pad>", "<unk>", "<s>", "</s>", *sorted(set(" ".join(r["instruction"] + " " + r["output"]
-                                                                 for r in _tiny_rows()).split()))]
+    text = " ".join(r["instruction"] + " " + r["output"] for r in rows)
+    words = ["<pad>", "<unk>", "<s>", "</s>", *sorted(set(text.split()))]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(words), pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    return LlamaForCausalLM(config), tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
 
 
 def _tiny_rows() -> list[dict]:
@@ -209,14 +184,21 @@ def run_finetune_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
 
     device = torch.device(settings.device)
     torch.manual_seed(settings.seed)
-    if settings.tiny:
-        model, tokenizer = _tiny_finetune_model_and_tokenizer()
+    adapter = dict(rank=settings.rank, alpha=2 * settings.rank)
+    if settings.tiny:  # a 4-layer random LLaMA
         rows = _tiny_rows()
+        tokenizer = _tiny_tokenizer(rows)
+        config = SHAPES["tiny-llama"].config()
+        config.update(dict(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2, eos_token_id=3))
+        model = build_model(config, ROWS["lora"], device=device, seed=None, adapter=adapter,
+                            total_steps=settings.finetune_steps)
     else:
         from istune.data import build_commonsense_train
-        from istune.planning.step import load_model_and_tokenizer
+        from istune.models import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype=torch.float32)
+        model = build_model(None, ROWS["lora"], model=model.to(device), device=device, seed=None, adapter=adapter,
+                            total_steps=settings.finetune_steps)
         rows = build_commonsense_train()
     order = list(range(len(rows)))
     random.Random(settings.seed).shuffle(order)
@@ -226,8 +208,6 @@ def run_finetune_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
     collate = CausalLMCollator(tokenizer)
     train_set = InstructionDataset(train_rows, tokenizer, settings.cutoff_len, train_on_inputs=False)
     heldout_set = InstructionDataset(heldout, tokenizer, settings.cutoff_len, train_on_inputs=False)
-    model = build_model(None, ROWS["lora"], model=model.to(device), device=device, seed=None,
-                        adapter=dict(rank=settings.rank, alpha=2 * settings.rank), total_steps=settings.finetune_steps)
     optimizer = torch.optim.AdamW(trainable(model), lr=3e-4)
     loader = torch.utils.data.DataLoader(train_set, batch_size=settings.finetune_batch_size, shuffle=True,
                                          collate_fn=collate, generator=torch.Generator().manual_seed(settings.seed))

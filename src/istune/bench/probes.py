@@ -4,34 +4,15 @@
     istune bench probes --run runs/istune          # the adapters of an `istune train` run folder
     istune bench probes --updates 10 --variants batch1,nc2 --train_steps 4    # a quick look
 
-The adapters are trained first (or loaded) and then FROZEN: only importance updates run
-(``SparseTuner.update_importance``: N_c no-grad probe forwards, eq. 8-10), ``--updates``
-of them from zero importance, so runs differ only in how importance is estimated:
+The adapters are trained (or loaded) and then FROZEN; only ``--updates`` importance updates run
+(``SparseTuner.update_importance``, from zero importance). The reference is the full probe (the training
+batch, full length, N_c of the config) with ``--seed``; each variant (:data:`VARIANTS`: ``full`` = the
+reference with another seed, the noise floor; smaller batches, truncated tokens, fewer candidates) runs
+with each of ``--seeds``. Agreement with the reference: Spearman correlation of the importance vectors and
+the overlap of their top-N_u sets. Cost: seconds per update (noisy) and probe tokens per update (exact).
 
-* reference: the full probe -- probe batch = the training batch size, full length, N_c of
-  the config -- with seed ``--seed`` (candidate draws and probe batches);
-* every variant (``--variants``) with each comparison seed (``--seeds``): ``full`` is the
-  reference configuration with another seed, i.e. the noise floor; ``batch1``/``batch2``
-  probe on the first 1 or 2 rows of the same probe batches; ``half`` keeps the last half of
-  each probe batch's tokens (``truncate_batch``: the answer tokens that carry labels stay);
-  ``tokens32`` the last 32 tokens; ``nc2`` uses N_c = 2 candidates (N_c = 1 learns nothing: ISTConfig refuses it).
-
-A variant is as good as the full probe when its final importance agrees with the reference
-about as well as the reference's own rerun (``full``) does. Agreement: Spearman rank
-correlation of the importance vectors and the overlap of their top-N_u sets. Cost: seconds
-per update (wall clock: contended machines make these noisy) and probe tokens per update
-(rows x padded length x candidates: exact). Results go to
-``benchmarks/results/probe_cost.{json,md}``.
-
-Not implemented: all N_c candidates in one forward. For LoRA/AdaLoRA (and istune's
-bottleneck adapters) it is feasible: repeat the probe batch N_c times and, instead of
-multiplying each suppressed module's ``scaling`` by β, give it a ``(N_c*B, 1, 1)`` tensor
-holding 1 or β per example block (peft's LoRA forward computes ``Δ(x) * scaling``, which
-broadcasts; ``scales_linearly`` would have to accept a tensor). The blend hook of the other
-tuners broadcasts a β tensor the same way. Full layers cannot (one weight per batch), and
-the per-candidate loss must be computed from the logits (mean over each block's labelled
-tokens), which holds N_c x B x T x vocab logits. It saves launch overhead on a GPU with
-small probe batches, not arithmetic: on a CPU it would gain little.
+Not implemented: all N_c candidates in one forward (a ``(N_c*B, 1, 1)`` β tensor as LoRA's ``scaling``); it
+would save launch overhead on a GPU, not arithmetic.
 """
 
 from __future__ import annotations

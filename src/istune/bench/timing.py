@@ -4,16 +4,11 @@
     istune bench time --steps 4 --rounds 2 --strategies lora,ist
     istune bench time --ist probe_batch_size=2 --ist num_probes=2   # two extra IST rows
 
-Every row lives in one process and the rows are measured in interleaved rounds (round r
-runs ``--steps`` steps of every row in turn), so a slow spell of a shared machine hits all
-of them alike. A step is timed in three parts: forward (``begin_step`` included: selection
-and freezing happen before the forward), backward, and optimizer step + ``zero_grad``. Each
-importance update (``update_importance``: N_c no-grad probe forwards) is timed on its own;
-its median divided by T_c is the probe cost amortised per step. Reported: medians, and the
-ratio of the total to LoRA's. Results go to ``benchmarks/results/step_time.{json,md}``.
-
-Rows are a table (:data:`ROWS`): an adapter method plus ISTConfig fields. ``--ist
-FIELD=VALUE[,FIELD=VALUE]`` adds one more LoRA + IST row with those fields.
+All rows live in one process and run in interleaved rounds (round r: ``--steps`` steps of every row in
+turn), so a slow spell of a shared machine hits all alike. Each step is timed in parts by
+:func:`istune.planning.step.timed_step`; each importance update apart, its median over T_c being the probe
+cost per step. Reported: medians and the ratio of the total to LoRA's (``benchmarks/results/step_time``).
+``--ist FIELD=VALUE[,FIELD=VALUE]`` adds a LoRA + IST row with those ISTConfig fields.
 """
 
 from __future__ import annotations
@@ -69,13 +64,12 @@ def parse_ist_fields(text: str) -> dict[str, Any]:
 
 
 def _convert(name: str, raw: str, annotation: str, text: str) -> Any:
+    """``raw`` as the type ``annotation`` names (bool, list of ints, int, float; None for Optional fields)."""
     if raw.lower() in ("none", "null") and "Optional" in annotation:
         return None
     if "bool" in annotation:
-        if raw.lower() in ("true", "1", "yes"):
-            return True
-        if raw.lower() in ("false", "0", "no"):
-            return False
+        if raw.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return raw.lower() in ("true", "1", "yes")
         raise ValueError(f"--ist {text!r}: {name}={raw!r} is not a boolean; write {name}=true or {name}=false.")
     if "list" in annotation:
         try:

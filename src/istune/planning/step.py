@@ -1,19 +1,14 @@
 """The one measuring engine: build a row's model, and run warm-up -> settle -> measured steps under a meter.
 
-    model = build_model(config, row, dtype="float32", device="meta", adapter=AdapterArgs(rank=8), total_steps=10)
+    model = build_model(config, row, dtype="float32", device="meta", adapter=dict(rank=8), total_steps=10)
     optimizer = torch.optim.AdamW(trainable(model))
-    selections = measured_steps(model, optimizer, make_batch(...), MemoryTracker(model, optimizer), tuner)
+    selections, tuner = measured_steps(model, optimizer, make_batch(...), MemoryTracker(model, optimizer), make_tuner)
 
-- the **warm-up** step trains every layer, so AdamW holds state for all of them, as late in a
-  long run (skipped for LISA: its measured steps start a sampling period);
-- the **settling** step is the tuner's first: from then on each step starts with what the step
-  before it left (``unselected_optimizer_state='drop'`` has freed the unselected layers' state);
-- the **measured** steps run inside a meter: :class:`~istune.planning.tracker.MemoryTracker`
-  (live tensor bytes, any device, meta included), :class:`CudaPeak` (the allocator's counters)
-  or :class:`RssPeak` (the process's peak resident set, Linux).
-
-Every model of the benchmarks is built here (:func:`build_model`, :func:`load_model`): the only
-place that imports the recipe layer's model loading and adapters.
+The warm-up step trains every layer (AdamW then holds state for all, as late in a long run); the settling
+step is the tuner's first, so each measured step starts with what the step before it left. The meters:
+:class:`~istune.planning.tracker.MemoryTracker` (live tensor bytes, meta device included), :class:`CudaPeak`
+(the allocator's counters) and :class:`RssPeak` (the peak resident set, Linux). :func:`timed_step` is the
+one timed step.
 """
 
 from __future__ import annotations
@@ -35,17 +30,14 @@ __all__ = ["CudaPeak", "DTYPES", "RssPeak", "build_model", "load_model", "load_m
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# ------------------------------------------------------------------------------ models
-
-
-def load_model_and_tokenizer(name: Optional[str], **kwargs):
-    """A pretrained model and its tokenizer by hub id, folder or ``smollm2-135m`` (None: the embedded SmolLM2)."""
+def load_model_and_tokenizer(name: str | None, **kwargs):
+    """A pretrained model and its tokenizer by hub id, folder or ``smollm2-135m`` (:mod:`istune.models`)."""
     from istune.models import load_model_and_tokenizer as load
 
     return load(name, **kwargs)
 
 
-def load_model(name: Optional[str], **kwargs) -> torch.nn.Module:
+def load_model(name: str | None, **kwargs) -> torch.nn.Module:
     return load_model_and_tokenizer(name, **kwargs)[0]
 
 
