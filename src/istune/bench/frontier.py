@@ -39,6 +39,7 @@ from istune.bench.child import run_in_child
 from istune.bench.records import run_metadata, write_record
 from istune.planning.rows import ROWS as ALL_ROWS
 from istune.planning.rows import Row, table_names
+from istune.planning.shapes import SHAPES
 
 DEFAULT_OUT = "benchmarks/results/frontier"
 PROBE_INTERVAL = 10  # T_c, the paper's default: the time of an importance update is amortised over it
@@ -71,9 +72,7 @@ class Size:
 
 SIZES: dict[str, Size] = {size.name: size for size in (
     Size("llama-12x768", "LLaMA architecture, 12 layers x 768 (MLP 2048, 12 heads, vocab 32000), SDPA", 1, 1024,
-         steps=11, rounds=2, memory_steps=3,
-         config=dict(num_hidden_layers=12, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
-                     num_key_value_heads=12, vocab_size=32000)),
+         steps=11, rounds=2, memory_steps=3, config=SHAPES["llama-12x768"].sizes),
     Size("smollm2-135m", "SmolLM2-135M-Instruct (30 layers x 576), SDPA", 1, 1024, steps=5, rounds=2,
          memory_steps=3, model="smollm2-135m"),
     Size("tiny", "LLaMA architecture, 8 layers x 256 (MLP 688, 4 heads, vocab 32000), SDPA", 4, 256,
@@ -84,9 +83,6 @@ SIZES: dict[str, Size] = {size.name: size for size in (
          config=dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=128)),
 )}
-
-
-# ---- one row ---------------------------------------------------------------------------------
 
 
 def build_model(size: Size, row: Row) -> torch.nn.Module:
@@ -103,18 +99,6 @@ def build_model(size: Size, row: Row) -> torch.nn.Module:
         return build(None, row, model=model, seed=None, total_steps=1000)
     config = transformers.LlamaConfig(**size.config, attn_implementation="sdpa")
     return build(config, row, seed=0, total_steps=1000)
-
-
-class _TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, size: Size, vocab_size: int, examples: int):
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab_size, (examples, size.seq_len), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -184,7 +168,9 @@ def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, outpu
         lr_scheduler_type="constant", logging_steps=10, report_to=[], save_strategy="no", disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), seed=0, dataloader_num_workers=0,
         activation_checkpointing=row.checkpointing, activation_checkpointing_kwargs={"use_reentrant": False})
-    dataset = _TokenDataset(size, model.config.vocab_size, steps * size.batch_size)
+    ids = torch.randint(0, model.config.vocab_size, (steps * size.batch_size, size.seq_len),
+                        generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]  # random token ids
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # no log lines on stdout (the memory runs report there)
     return trainer
@@ -260,9 +246,6 @@ def measure_time(rows: list[Row], size: Size, steps: int, rounds: int, progress:
                             "seconds_per_step": step + (update or 0.0) / PROBE_INTERVAL,
                             "samples": {"steps": len(plain[row.key]), "probe_updates": len(updates[row.key])}}
     return results
-
-
-# ---- results ---------------------------------------------------------------------------------
 
 
 def frontier_keys(rows: list[dict]) -> list[str]:
@@ -345,9 +328,6 @@ def write_results(out: Path, meta: dict, settings: dict, rows: list[dict]) -> st
         f"({settings.get('clock', 'wall')} clock; IST rows draw layers as in training, seed {TIME_SEED} + round), "
         f"probe updates amortised over T_c.\n\n{table}\n"), figure)
     return table
-
-
-# ---- command line ----------------------------------------------------------------------------
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

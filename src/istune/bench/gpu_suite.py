@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from istune.bench.child import ChildFailed, run_in_child
-from istune.bench.records import run_metadata, write_record
+from istune.bench.records import markdown_table, run_metadata, write_record
 from istune.planning.rows import ROWS, Row, table_names
 from istune.planning.shapes import SHAPES
 
@@ -81,9 +81,6 @@ def tiny_settings(device: str) -> SuiteSettings:
     return SuiteSettings(tiny=True, device=device, shape="tiny-llama", batch_size=2, seq_len=64, dtype="float32",
                          rank=8, warmup_steps=1, steps=2, finetune_steps=4, finetune_batch_size=2, cutoff_len=64,
                          heldout_samples=8)
-
-
-# ------------------------------------------------------------------------------ part 1: the frontier rows
 
 
 def _predict(row: Row, settings: SuiteSettings, config) -> Optional[dict]:
@@ -149,9 +146,6 @@ def run_frontier_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
         "step_seconds_median": statistics.median(times), "step_seconds_mean": statistics.fmean(times),
         "steps_timed": len(times),
     }
-
-
-# ------------------------------------------------------------------------------ part 2: SmolLM2 fine-tuning
 
 
 def _tiny_tokenizer(rows: list[dict]):
@@ -239,9 +233,6 @@ def run_row(key: str, settings: SuiteSettings | dict) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-# ------------------------------------------------------------------------------ the whole suite
-
-
 def _row_in_subprocess(key: str, settings: SuiteSettings, timeout_s: float) -> dict[str, Any]:
     """Run a row in a fresh Python process (its own CUDA context and peak counters); an OOM stays in it."""
     try:
@@ -252,54 +243,44 @@ def _row_in_subprocess(key: str, settings: SuiteSettings, timeout_s: float) -> d
         return {"key": key, "label": ALL_ROWS[key].label, "status": f"failed: {error}"}
 
 
-def _size(value: Optional[float], unit: int) -> str:
+def _size(value: float | None, unit: int) -> str:
     return "–" if value is None else f"{value / unit:.2f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
     meta, rows = result["meta"], {r["key"]: r for r in result["rows"]}
-    settings = meta["settings"]
-    unit, unit_name = (1024**2, "MiB") if settings["tiny"] else (GIB, "GiB")
-    lines = [f"# GPU suite{' (--tiny smoke test)' if settings['tiny'] else ''}", ""]
-    if meta["device"] != "cuda":
-        lines += [f"**{NOT_MEASURED}.** This run used {meta['device']}; its figures are live tensor bytes "
-                  "(MemoryTracker), not a GPU's.", ""]
-    lines += [f"Command: `{meta['command']}`  ", f"Date: {meta['date']}; commit {meta['commit']}; {meta['machine']}",
-              "", f"## Frontier: {settings['shape']} shape, {settings['dtype']}, batch {settings['batch_size']} x "
-              f"{settings['seq_len']} tokens, SDPA, r = {settings['rank']}", "",
-              f"| row | peak allocated {unit_name} | reserved {unit_name} | istune plan {unit_name} | plan / measured | memory vs LoRA | "
-              "step s, mean (median) | time vs LoRA | status |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    settings, tiny = meta["settings"], meta["settings"]["tiny"]
+    unit, name = (1024**2, "MiB") if tiny else (GIB, "GiB")
     lora = rows.get("lora", {})
-    for row in FRONTIER_ROWS:
-        r = rows.get(row.key)
-        if r is None:
-            continue
-        done = r["status"] == "done"
-        prediction = (r.get("prediction") or {}).get("peak_bytes")
-        ratio = f"{prediction / r['peak_allocated_bytes']:.3f}" if done and prediction else "–"
-        mem = f"{r['peak_allocated_bytes'] / lora['peak_allocated_bytes']:.2f}" if done and lora.get(
-            "status") == "done" else "–"
-        speed = f"{r['step_seconds_mean'] / lora['step_seconds_mean']:.2f}" if done and lora.get(
-            "status") == "done" else "–"
-        step = f"{r['step_seconds_mean']:.3f} ({r['step_seconds_median']:.3f})" if done else "–"
-        lines.append(f"| {row.label} | {_size(r.get('peak_allocated_bytes'), unit)} | "
-                     f"{_size(r.get('peak_reserved_bytes'), unit)} | {_size(prediction, unit)} | {ratio} | {mem} | {step} | {speed} | {r['status']} |")
-    lines += ["", f"## SmolLM2-135M{' (--tiny: a 4-layer random model)' if settings['tiny'] else ''}, "
-              f"{settings['finetune_steps']} steps on the commonsense mix, batch {settings['finetune_batch_size']}, "
-              f"cutoff {settings['cutoff_len']}", "",
-              f"| row | held-out loss | train s | peak allocated {unit_name} | status |", "|---|---:|---:|---:|---|"]
-    for row in FINETUNE_ROWS:
-        r = rows.get(row.key)
-        if r is not None:
-            done = r["status"] == "done"
-            lines.append(f"| {row.label} | {r['heldout_loss']:.4f} | {r['train_seconds']:.1f} | "
-                         f"{_size(r.get('peak_allocated_bytes'), unit)} | {r['status']} |" if done else
-                         f"| {row.label} | – | – | – | {r['status']} |")
-    lines += ["", f"Memory: one step per row, isolation '{meta.get('isolation')}' (IST rows: the worst step, layer 0 "
-              "selected). Time: the row's real policy; the mean over the timed steps includes IST's probes (every "
-              "T_c = 10 steps), the median is a plain step. 'istune plan' is the planner's prediction of "
-              "max_memory_allocated for the same row (random sparse: IST's row; LISA: not planned)."]
-    return "\n".join(lines) + "\n"
+    frontier = []
+    for r in (rows[row.key] for row in FRONTIER_ROWS if row.key in rows):
+        peak, plan = r.get("peak_allocated_bytes"), (r.get("prediction") or {}).get("peak_bytes")
+        done, versus = r["status"] == "done", r["status"] == "done" and lora.get("status") == "done"
+        frontier.append([r["label"], _size(peak, unit), _size(r.get("peak_reserved_bytes"), unit), _size(plan, unit),
+                         f"{plan / peak:.3f}" if done and plan else "–",
+                         f"{peak / lora['peak_allocated_bytes']:.2f}" if versus else "–",
+                         f"{r['step_seconds_mean']:.3f} ({r['step_seconds_median']:.3f})" if done else "–",
+                         f"{r['step_seconds_mean'] / lora['step_seconds_mean']:.2f}" if versus else "–", r["status"]])
+    finetune = [[r["label"], f"{r['heldout_loss']:.4f}", f"{r['train_seconds']:.1f}",
+                 _size(r.get("peak_allocated_bytes"), unit), r["status"]] if r["status"] == "done" else
+                [r["label"], "–", "–", "–", r["status"]] for r in (rows[row.key] for row in FINETUNE_ROWS if row.key in rows)]
+    warning = (f"**{NOT_MEASURED}.** This run used {meta['device']}; its figures are live tensor bytes (MemoryTracker), "
+               "not a GPU's.\n\n" if meta["device"] != "cuda" else "")
+    return (f"# GPU suite{' (--tiny smoke test)' if tiny else ''}\n\n{warning}Command: `{meta['command']}`  \n"
+            f"Date: {meta['date']}; commit {meta['commit']}; {meta['machine']}\n\n"
+            f"## Frontier: {settings['shape']} shape, {settings['dtype']}, batch {settings['batch_size']} x "
+            f"{settings['seq_len']} tokens, SDPA, r = {settings['rank']}\n\n"
+            + markdown_table(["row", f"peak allocated {name}", f"reserved {name}", f"istune plan {name}",
+                              "plan / measured", "memory vs LoRA", "step s, mean (median)", "time vs LoRA", "status"],
+                             frontier, "lrrrrrrrl")
+            + f"\n\n## SmolLM2-135M{' (--tiny: a 4-layer random model)' if tiny else ''}, "
+            f"{settings['finetune_steps']} steps on the commonsense mix, batch {settings['finetune_batch_size']}, "
+            f"cutoff {settings['cutoff_len']}\n\n"
+            + markdown_table(["row", "held-out loss", "train s", f"peak allocated {name}", "status"], finetune, "lrrrl")
+            + f"\n\nMemory: one step per row, isolation '{meta.get('isolation')}' (IST rows: the worst step, layer 0 "
+            "selected). Time: the row's real policy; the mean over the timed steps includes IST's probes (every "
+            "T_c = 10 steps), the median is a plain step. 'istune plan' is the planner's prediction of "
+            "max_memory_allocated for the same row (random sparse: IST's row; LISA: not planned).\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,9 +84,6 @@ def variants_for(methods: list[str]) -> tuple[list[Row], list[Row]]:
     return usable, [v for v in chosen if v not in usable]
 
 
-# ------------------------------------------------------------------------------ one run
-
-
 def _quantizer(settings: Settings, device: str):
     """``model`` reloaded with its linear layers in 4-bit nf4 (bitsandbytes), computing in ``settings.dtype``."""
     def quantize(model: torch.nn.Module) -> torch.nn.Module:
@@ -250,9 +247,6 @@ def check_meta(shape_names: list[str], variants: list[Row], settings: Settings,
             print(f"check {name:12s} {attention:5s} {variant.label:35s} {device} {measured['peak_bytes']} B, meta "
                   f"{predicted['peak_bytes']} B: {worst:.1e} apart", flush=True)
     return records
-
-
-# ------------------------------------------------------------------------------ command line
 
 
 def build_parser() -> argparse.ArgumentParser:

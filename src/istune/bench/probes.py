@@ -70,26 +70,11 @@ VARIANTS = {
 REFERENCE = Variant("reference", "full probe (reference)")
 
 
-# ---- probe batches ---------------------------------------------------------------------------
-
-
 def truncate_batch(batch: dict, max_length: int, pad_token_id: int = 0) -> dict:
-    """Keep at most ``max_length`` tokens of each row, ending at its last labelled token.
-
-    The window is taken from the end (answers come last in instruction data) so that the
-    labelled tokens stay in the loss: when a row's labelled span plus the one token that
-    predicts its first label fits in ``max_length``, every loss term of the row is kept
-    (with less context before it); otherwise the last ``max_length`` tokens are kept. Rows
-    are right-padded again (``pad_token_id``, attention 0, label -100) to the longest kept row.
-
-    Args:
-        batch: ``input_ids``, ``labels`` and optionally ``attention_mask``, each ``(B, T)``,
-            right-padded (as ``CausalLMCollator`` makes them).
-        max_length: tokens to keep per row, >= 1.
-
-    Raises:
-        ValueError: for other keys (their truncation is unknown) or ``max_length`` < 1.
-    """
+    """Keep at most ``max_length`` (>= 1) tokens of each row of a right-padded batch (``input_ids``, ``labels``,
+    optionally ``attention_mask``, each ``(B, T)``), ending at its last labelled token: answers come last, so
+    the loss terms stay (with less context) when they fit. Rows are right-padded again to the longest kept
+    (``pad_token_id``, attention 0, label -100). Other keys raise ValueError (their truncation is unknown)."""
     if max_length < 1:
         raise ValueError(f"max_length={max_length!r} must be at least 1 token.")
     other = sorted(set(batch) - {"input_ids", "labels", "attention_mask"})
@@ -120,9 +105,6 @@ def truncate_batch(batch: dict, max_length: int, pad_token_id: int = 0) -> dict:
 def probe_tokens(batch: dict) -> int:
     """Tokens one probe forward processes: rows x padded length."""
     return int(batch["input_ids"].numel())
-
-
-# ---- ranking agreement -----------------------------------------------------------------------
 
 
 def average_ranks(values: Sequence[float]) -> list[float]:
@@ -161,9 +143,6 @@ def top_k_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:
     return len(set(top_k(a, k)) & set(top_k(b, k))) / k
 
 
-# ---- importance runs -------------------------------------------------------------------------
-
-
 @dataclass
 class ProbeSource:
     """Where probe batches come from: a map-style dataset of tokenized rows, its collator, the full batch size."""
@@ -175,13 +154,9 @@ class ProbeSource:
 
 def importance_run(model: torch.nn.Module, config: ISTConfig, variant: Variant, seed: int, source: ProbeSource,
                    updates: int) -> dict:
-    """``updates`` importance updates from zero on the frozen ``model``; returns importance and costs.
-
-    ``trajectory`` holds the importance after each update (``trajectory[-1]`` is the final one).
-
-    The seed drives both the candidate draws (``ISTConfig.seed``) and the probe batches, so
-    variants run with the same seed see the same probe examples (or their first rows).
-    """
+    """``updates`` importance updates from zero on the frozen ``model``: importance (and its ``trajectory``, one
+    per update) and costs. ``seed`` drives the candidate draws and the probe batches: variants run with the
+    same seed see the same probe examples (or their first rows)."""
     from istune.core.probe import ProbeSampler
     from istune.core.tuner import SparseTuner
 
@@ -256,15 +231,9 @@ def _show(value: Optional[float], spec: str) -> str:
     return "n/a (constant)" if value is None else format(value, spec)
 
 
-# ---- models and data -------------------------------------------------------------------------
-
-
 def make_adapters_trainable(model: torch.nn.Module) -> int:
-    """Turn ``requires_grad`` on for every adapter parameter (found by structure), as loaded adapters are frozen.
-
-    SparseTuner finds the layers it chooses from by their trainable parameters. Nothing
-    trains here: no optimizer exists and probes run without gradients.
-    """
+    """Turn ``requires_grad`` on for every adapter parameter (loaded adapters are frozen): SparseTuner finds its
+    layers by their trainable parameters. Nothing trains: no optimizer exists, probes run without gradients."""
     from istune.core.layers import is_adapter_module
 
     count = 0
@@ -282,9 +251,8 @@ def make_adapters_trainable(model: torch.nn.Module) -> int:
 def load_run(folder: Path, packed: bool = False) -> tuple[torch.nn.Module, ISTConfig, ProbeSource, dict]:
     """Base model + adapters of an ``istune train`` output folder, its IST config and its training data.
 
-    ``packed``: probe batches as ``istune train`` collates them by default (padding-free, logits of the
-    labelled positions only, where the model allows): the same losses, less work. The probe
-    variants that cut batches (``truncate_batch``) need the padded layout, the default.
+    ``packed``: probe batches as ``istune train`` collates them (padding-free where the model allows): the same
+    losses, less work; the variants that cut batches (``truncate_batch``) need the padded default.
     """
     from istune.data import CausalLMCollator, InstructionDataset
     from istune.adapters.methods import AdapterArgs, load_adapters
@@ -317,11 +285,8 @@ def load_run(folder: Path, packed: bool = False) -> tuple[torch.nn.Module, ISTCo
 
 def train_briefly(name: Optional[str], steps: int, batch_size: int, cutoff_len: int, learning_rate: float,
                   seed: int, pool: int = 1000, progress: Callable[[str], None] = print):
-    """LoRA (r=32, alpha 64) on all layers of ``name``, ``steps`` AdamW steps on the commonsense mix.
-
-    Returns the model (adapters trainable, not to be trained further), the probe source (a
-    seeded sample of ``pool`` training rows, the trained ones first) and a description.
-    """
+    """LoRA (r=32, alpha 64) on ``name``, ``steps`` AdamW steps on the commonsense mix; the model, the probe
+    source (a seeded sample of ``pool`` training rows, the trained ones first) and a description."""
     from istune.data import CausalLMCollator, InstructionDataset, build_commonsense_train
     from istune.planning.rows import ROWS
     from istune.planning.step import build_model, load_model_and_tokenizer, trainable
@@ -353,9 +318,6 @@ def train_briefly(name: Optional[str], steps: int, batch_size: int, cutoff_len: 
 def adapter_checksum(model: torch.nn.Module) -> float:
     """Sum of |w| over the adapter parameters: equal before and after shows nothing trained."""
     return float(sum(p.detach().double().abs().sum() for p in model.parameters() if p.requires_grad))
-
-
-# ---- output ----------------------------------------------------------------------------------
 
 
 def markdown_table(result: dict) -> str:

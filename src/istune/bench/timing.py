@@ -95,9 +95,6 @@ def extra_row(values: dict[str, Any]) -> Row:
     return Row(f"lora+ist({shown})", f"LoRA + IST ({shown})", "lora", {"strategy": "ist", **values}, False, "lora")
 
 
-# ---- measuring -------------------------------------------------------------------------------
-
-
 @dataclass
 class Setup:
     """A row made ready to run: its model, optimizer and tuner, and the batches it trains and probes on."""
@@ -181,9 +178,6 @@ def measure(rows: list[Row], load_model: Callable[[], torch.nn.Module], batch_si
     for summary in summaries:
         summary["vs_lora"] = summary["total"] / lora if lora else None
     return summaries
-
-
-# ---- output ----------------------------------------------------------------------------------
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -63,9 +63,6 @@ def nf4_bytes(numel: int, double_quant: bool = True) -> int:
     return packed + nf4_code + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 + 4 * 256
 
 
-# ------------------------------------------------------------------------------ SDPA
-
-
 KERNEL_DEVICES = ("cuda", "cpu")  # whose SDPA kernel choice the meta device stands in for
 
 
@@ -107,9 +104,6 @@ def fused_sdpa_on_meta(kernels: str = "cuda") -> Iterator[None]:
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
         masking_utils.find_packed_sequence_indices = find_packed
-
-
-# ------------------------------------------------------------------------------ 4-bit
 
 
 class _MatMul4bit(torch.autograd.Function):

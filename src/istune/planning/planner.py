@@ -1,11 +1,6 @@
 """The planner: a training run's peak GPU memory predicted from the model's config alone (no weights, no GPU).
 
-    istune plan --model huggyllama/llama-7b --batch_size 4 --seq_len 256 --dtype bfloat16
-    istune plan --model meta-llama/Meta-Llama-3-8B --batch_size 1 --seq_len 1024 --load_in_4bit
-    istune plan --model path/to/model_folder --batch_size 8 --seq_len 512 --json plan.json
-    istune plan --recipe configs/paper/llama7b_lora_ist.yaml [--fill]   # the row a recipe file runs
-
-Each row's model is built on PyTorch's meta device (shapes, no data) and runs
+Its command line is ``istune plan`` (:mod:`istune.bench.plan`). Each row's model is built on PyTorch's meta device (shapes, no data) and runs
 :func:`istune.planning.step.measured_steps` inside a :class:`~istune.planning.tracker.MemoryTracker`:
 weights (``--load_in_4bit``: nf4 with its state and peft's float32 parts), adapter gradients, AdamW's
 state, saved activations, logits and every temporary alive at the peak. SDPA and 4-bit layers keep what
@@ -101,9 +96,6 @@ def check_layer_counts(config, settings: PlanSettings) -> None:
     num_layers = getattr(config, "num_hidden_layers", None)
     if isinstance(num_layers, int):
         ISTConfig(update_fraction=settings.update_fraction, update_layers=settings.update_layers).resolve(num_layers)
-
-
-# ------------------------------------------------------------------------------ one prediction
 
 
 def _quantizer(settings: PlanSettings):
@@ -217,9 +209,6 @@ def plan(config, settings: PlanSettings, rows: tuple[Row, ...], progress: bool =
     return results
 
 
-# ------------------------------------------------------------------------------ output
-
-
 def _gib(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f}"
 
@@ -270,8 +259,6 @@ FOOTNOTE = ("Peak = tensor bytes at the worst moment of a step (what torch.cuda.
             "+ 1 GiB (a rule of thumb). Random sparse tuning has IST's memory (same N_u). 'offload' keeps the state "
             "in pinned CPU memory: on the GPU it is 'drop'.")
 
-
-# ------------------------------------------------------------------------------ recipe files
 
 # Recipe keys (the Trainer's names first, then istune's) -> PlanSettings fields.
 _RECIPE_KEYS = {

@@ -111,9 +111,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     optimizer.zero_grad(set_to_none=True)
 
 
-# ------------------------------------------------------------------------------ meters
-
-
 class CudaPeak:
     """The CUDA allocator's peak over the block: ``peak_allocated_bytes`` and ``peak_reserved_bytes``."""
 
@@ -162,9 +159,6 @@ class RssPeak(CudaPeak):
 
     def report(self) -> dict[str, Any]:
         return {"rss_before_bytes": self.before, "peak_rss_bytes": self.peak, "growth_bytes": self.peak - self.before}
-
-
-# ------------------------------------------------------------------------------ the measured step
 
 
 def _tuner_step(model, optimizer, batch, tuner) -> Optional[list[int]]:
