@@ -28,9 +28,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from transformers import TrainerCallback
@@ -67,7 +67,7 @@ class Size:
     rounds: int
     memory_steps: int
     config: dict = field(default_factory=dict)
-    model: Optional[str] = None
+    model: str | None = None
 
 
 SIZES: dict[str, Size] = {size.name: size for size in (
@@ -89,7 +89,8 @@ def build_model(size: Size, row: Row) -> torch.nn.Module:
     """The size's model (random weights from its config, or the named model) with the row's trainable parts."""
     import transformers
 
-    from istune.planning.step import build_model as build, load_model
+    from istune.planning.step import build_model as build
+    from istune.planning.step import load_model
 
     row = dataclasses.replace(row, checkpointing=False)  # the Trainer turns it on (activation_checkpointing)
     torch.manual_seed(0)
@@ -128,7 +129,7 @@ def ist_seed(row: Row, size: Size, num_layers: int) -> int:
     return worst_case_seed(config.strategy, num_layers, count, 42, size.memory_steps)[0]
 
 
-def stored_worst_step(row: Row, num_layers: int) -> Optional[list[int]]:
+def stored_worst_step(row: Row, num_layers: int) -> list[int] | None:
     """With ``stored_layers = M`` (1 <= M < N_L), the other step whose peak can be the largest
     (:func:`istune.planning.worst_case.worst_case_selections`): its memory run fixes it. Else None."""
     from istune.config import ISTConfig
@@ -142,7 +143,7 @@ def stored_worst_step(row: Row, num_layers: int) -> Optional[list[int]]:
 
 
 def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, output_dir: str, clock=None,
-                 seed: Optional[int] = None, layers: Optional[list[int]] = None):
+                 seed: int | None = None, layers: list[int] | None = None):
     """A Trainer for ``steps`` steps of ``row`` (ISTCallback with T_c = 10 for IST rows).
 
     ``seed``: IST's seed; default the one whose first steps select layer 0 (the memory runs' worst case).
@@ -322,7 +323,8 @@ def write_results(out: Path, meta: dict, settings: dict, rows: list[dict]) -> st
         f"Command: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, {meta['machine']}; "
         f"load before the run: {settings['load']}.  \n{settings['description']}, batch {settings['batch_size']} x "
         f"{settings['seq_len']} tokens, fp32, LoRA/DoRA r=32, alpha 64, dropout 0.05 on q/k/v/up/down, HF Trainer, "
-        f"IST defaults (N_u = 25%, T_c = {PROBE_INTERVAL}). Memory: growth of peak RSS over {settings['memory_steps']} "
+        f"IST defaults (N_u = 25%, T_c = {PROBE_INTERVAL}). Memory: growth of peak RSS over "
+        f"{settings['memory_steps']} "
         f"steps, each row in its own process, IST's worst step (layer 0 selected) included. Time: means over "
         f"{settings['rounds']} interleaved rounds x {settings['steps'] - 1} timed steps "
         f"({settings.get('clock', 'wall')} clock; IST rows draw layers as in training, seed {TIME_SEED} + round), "
@@ -330,7 +332,7 @@ def write_results(out: Path, meta: dict, settings: dict, rows: list[dict]) -> st
     return table
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="istune bench frontier", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -339,14 +341,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="steps per row per round (default: the size's)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the size's)")
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
-                        help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared machine "
-                        "(with OMP_NUM_THREADS=1 it is the work done; it leaves out time spent waiting)")
+                        help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared "
+                        "machine (with OMP_NUM_THREADS=1 it is the work done; it leaves out time spent waiting)")
     parser.add_argument("--skip", default=None, choices=["memory", "time"], help="measure only the other one")
     parser.add_argument("--out", default=None, help=f"results go to OUT.json/.md/.png; default {DEFAULT_OUT}-SIZE")
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``istune bench frontier``: measure, print the table, write the results. Bad options raise ValueError."""
     from istune.options import parse_list
 

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -83,7 +83,7 @@ def tiny_settings(device: str) -> SuiteSettings:
                          heldout_samples=8)
 
 
-def _predict(row: Row, settings: SuiteSettings, config) -> Optional[dict]:
+def _predict(row: Row, settings: SuiteSettings, config) -> dict | None:
     """istune plan's prediction for the row (meta device), or None where the planner has no such row."""
     if row.method == "lisa":
         return None
@@ -263,9 +263,10 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{r['step_seconds_mean'] / lora['step_seconds_mean']:.2f}" if versus else "–", r["status"]])
     finetune = [[r["label"], f"{r['heldout_loss']:.4f}", f"{r['train_seconds']:.1f}",
                  _size(r.get("peak_allocated_bytes"), unit), r["status"]] if r["status"] == "done" else
-                [r["label"], "–", "–", "–", r["status"]] for r in (rows[row.key] for row in FINETUNE_ROWS if row.key in rows)]
-    warning = (f"**{NOT_MEASURED}.** This run used {meta['device']}; its figures are live tensor bytes (MemoryTracker), "
-               "not a GPU's.\n\n" if meta["device"] != "cuda" else "")
+                [r["label"], "–", "–", "–", r["status"]]
+                for r in (rows[row.key] for row in FINETUNE_ROWS if row.key in rows)]
+    warning = (f"**{NOT_MEASURED}.** This run used {meta['device']}; its figures are live tensor bytes "
+               "(MemoryTracker), not a GPU's.\n\n" if meta["device"] != "cuda" else "")
     return (f"# GPU suite{' (--tiny smoke test)' if tiny else ''}\n\n{warning}Command: `{meta['command']}`  \n"
             f"Date: {meta['date']}; commit {meta['commit']}; {meta['machine']}\n\n"
             f"## Frontier: {settings['shape']} shape, {settings['dtype']}, batch {settings['batch_size']} x "
@@ -276,7 +277,8 @@ def markdown(result: dict[str, Any]) -> str:
             + f"\n\n## SmolLM2-135M{' (--tiny: a 4-layer random model)' if tiny else ''}, "
             f"{settings['finetune_steps']} steps on the commonsense mix, batch {settings['finetune_batch_size']}, "
             f"cutoff {settings['cutoff_len']}\n\n"
-            + markdown_table(["row", "held-out loss", "train s", f"peak allocated {name}", "status"], finetune, "lrrrl")
+            + markdown_table(["row", "held-out loss", "train s", f"peak allocated {name}", "status"], finetune,
+                             "lrrrl")
             + f"\n\nMemory: one step per row, isolation '{meta.get('isolation')}' (IST rows: the worst step, layer 0 "
             "selected). Time: the row's real policy; the mean over the timed steps includes IST's probes (every "
             "T_c = 10 steps), the median is a plain step. 'istune plan' is the planner's prediction of "
@@ -309,8 +311,8 @@ def _settings(args: argparse.Namespace) -> SuiteSettings:
     if device not in ("cuda", "cpu"):
         raise ValueError(f"--device={device!r}: use cuda or cpu.")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device=cuda, but this torch ({torch.__version__}, CUDA {torch.version.cuda}) sees no GPU; "
-                         "install a CUDA build of torch on the GPU machine, or run --tiny on the CPU.")
+        raise ValueError(f"--device=cuda, but this torch ({torch.__version__}, CUDA {torch.version.cuda}) sees no "
+                         "GPU; install a CUDA build of torch on the GPU machine, or run --tiny on the CPU.")
     if device == "cpu" and not args.tiny:
         raise ValueError("--device=cpu runs only with --tiny (a 7B shape on a CPU takes hours); add --tiny.")
     settings = tiny_settings(device) if args.tiny else SuiteSettings(device=device)
@@ -323,7 +325,7 @@ def _settings(args: argparse.Namespace) -> SuiteSettings:
     return SuiteSettings(**{**asdict(settings), **changes})
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from istune.options import parse_list
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from istune.bench.records import markdown_table
 from istune.planning.rows import METHOD_LABELS, ROWS, Row
@@ -22,7 +22,7 @@ def gb(n: float) -> str:
     return f"{n / GB:.2f}"
 
 
-def _ratio(runs: dict[str, dict], key: str) -> Optional[float]:
+def _ratio(runs: dict[str, dict], key: str) -> float | None:
     run = runs.get(key)
     base = runs.get(run["baseline"]) if run and run["baseline"] else None
     return run["peak_bytes"] / base["peak_bytes"] if base else None
@@ -133,7 +133,8 @@ def paper_table(runs: dict[str, dict[str, dict]]) -> list[str]:
         cells += [f"{paper[m]} → {paper[m + '+ist']} ({paper[m + '+ist'] / paper[m]:.2f})" for m in methods]
         cells += [f"{_ratio(runs[shape], m + '+ist'):.2f}" if f"{m}+ist" in runs[shape] else "" for m in methods]
         rows.append(cells)
-    return _table(["shape", "paper: weights / Full GB"] + [f"paper {METHOD_LABELS[m]} → +IST GB (ratio)" for m in methods]
+    return _table(["shape", "paper: weights / Full GB"]
+                  + [f"paper {METHOD_LABELS[m]} → +IST GB (ratio)" for m in methods]
                   + [f"here {METHOD_LABELS[m]} ratio" for m in methods], rows)
 
 

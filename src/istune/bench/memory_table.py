@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -339,7 +339,7 @@ def validate(args: argparse.Namespace) -> tuple[list[str], list[str], list[str],
     return shapes, methods, check_shapes, attentions
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the table; return 0, or 1 when ``--check`` finds the meta device off (nothing is written then)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -24,9 +24,10 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -42,10 +43,10 @@ class Variant:
 
     key: str
     label: str
-    probe_batch_size: Optional[int] = None  # rows of each probe batch kept (its first ones)
-    length_fraction: Optional[float] = None  # keep the last ceil(f x padded length) tokens of each row
-    max_length: Optional[int] = None  # keep the last max_length tokens of each row
-    num_probes: Optional[int] = None  # N_c
+    probe_batch_size: int | None = None  # rows of each probe batch kept (its first ones)
+    length_fraction: float | None = None  # keep the last ceil(f x padded length) tokens of each row
+    max_length: int | None = None  # keep the last max_length tokens of each row
+    num_probes: int | None = None  # N_c
 
     def shrink(self, batch: dict) -> dict:
         """The probe batch this variant sees, cut from the full probe batch."""
@@ -179,7 +180,7 @@ def importance_run(model: torch.nn.Module, config: ISTConfig, variant: Variant, 
             "skipped_updates": skipped, "update_layers": tuner.counts.update_layers}
 
 
-def probe_config(config: ISTConfig, seed: int, num_probes: Optional[int] = None) -> ISTConfig:
+def probe_config(config: ISTConfig, seed: int, num_probes: int | None = None) -> ISTConfig:
     """``config`` as strategy 'ist' with ``seed`` (and N_c), minus what needs training (an optimizer, a fixed set)."""
     changes: dict[str, Any] = {"strategy": "ist", "seed": seed, "layers": None,
                                "num_probes": num_probes or config.num_probes}
@@ -221,13 +222,13 @@ def compare(model: torch.nn.Module, config: ISTConfig, source: ProbeSource, vari
     return {"reference": reference, "update_layers": k, "rows": rows}
 
 
-def _mean(values: list[Optional[float]]) -> Optional[float]:
+def _mean(values: list[float | None]) -> float | None:
     """Mean of the defined values; None when none is (no ranking to compare)."""
     defined = [v for v in values if v is not None]
     return statistics.fmean(defined) if defined else None
 
 
-def _show(value: Optional[float], spec: str) -> str:
+def _show(value: float | None, spec: str) -> str:
     return "n/a (constant)" if value is None else format(value, spec)
 
 
@@ -254,8 +255,8 @@ def load_run(folder: Path, packed: bool = False) -> tuple[torch.nn.Module, ISTCo
     ``packed``: probe batches as ``istune train`` collates them (padding-free where the model allows): the same
     losses, less work; the variants that cut batches (``truncate_batch``) need the padded default.
     """
-    from istune.data import CausalLMCollator, InstructionDataset
     from istune.adapters.methods import AdapterArgs, load_adapters
+    from istune.data import CausalLMCollator, InstructionDataset
     from istune.models import load_model_and_tokenizer
     from istune.runs import RunArgs, batch_layout, load_rows, saved_training_value
 
@@ -283,7 +284,7 @@ def load_run(folder: Path, packed: bool = False) -> tuple[torch.nn.Module, ISTCo
     return model, config, source, described
 
 
-def train_briefly(name: Optional[str], steps: int, batch_size: int, cutoff_len: int, learning_rate: float,
+def train_briefly(name: str | None, steps: int, batch_size: int, cutoff_len: int, learning_rate: float,
                   seed: int, pool: int = 1000, progress: Callable[[str], None] = print):
     """LoRA (r=32, alpha 64) on ``name``, ``steps`` AdamW steps on the commonsense mix; the model, the probe
     source (a seeded sample of ``pool`` training rows, the trained ones first) and a description."""
@@ -310,8 +311,9 @@ def train_briefly(name: Optional[str], steps: int, batch_size: int, cutoff_len: 
         losses.append(loss.item())
         progress(f"train step {step + 1}/{steps}: loss {losses[-1]:.3f}")
     model.eval()
-    described = {"model": name or "smollm2-135m", "method": "lora", "train_steps": steps, "train_batch_size": batch_size,
-                 "learning_rate": learning_rate, "cutoff_len": cutoff_len, "train_losses": losses}
+    described = {"model": name or "smollm2-135m", "method": "lora", "train_steps": steps,
+                 "train_batch_size": batch_size, "learning_rate": learning_rate, "cutoff_len": cutoff_len,
+                 "train_losses": losses}
     return model, ProbeSource(dataset, collate, batch_size), described
 
 
@@ -329,8 +331,8 @@ def markdown_table(result: dict) -> str:
              f"| {reference['seconds_per_update']:.2f} (1.00x) |"]
     for row in result["rows"]:
         lines.append(f"| {row['label']} | {_show(row['spearman'], '.3f')} | {_show(row['top_overlap'], '.2f')} "
-                     f"| {row['tokens_per_update']:.0f} "
-                     f"({row['relative_tokens']:.2f}x) | {row['seconds_per_update']:.2f} ({row['relative_seconds']:.2f}x) |")
+                     f"| {row['tokens_per_update']:.0f} ({row['relative_tokens']:.2f}x) "
+                     f"| {row['seconds_per_update']:.2f} ({row['relative_seconds']:.2f}x) |")
     return "\n".join(lines)
 
 
@@ -341,10 +343,11 @@ def write_results(out: Path, meta: dict, result: dict, settings: dict) -> str:
     table = markdown_table(result)
     seeds = ", ".join(map(str, settings["seeds"]))
     write_record(out, {**meta, "settings": settings, **result}, (
-        f"# Probe cost vs importance ranking\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, "
-        f"{meta['machine']}.\n\nModel: {_describe(settings['model'])}. Adapters frozen; {settings['updates']} importance "
-        f"updates from zero importance per run. Reference: full probe (batch {settings['probe_batch_size']}, full length, "
-        f"N_c = {settings['num_probes']}), seed {settings['reference_seed']}; every other row: seed(s) {seeds} "
+        f"# Probe cost vs importance ranking\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, "
+        f"{meta['date']}, {meta['machine']}.\n\nModel: {_describe(settings['model'])}. Adapters frozen; "
+        f"{settings['updates']} importance updates from zero importance per run. Reference: full probe (batch "
+        f"{settings['probe_batch_size']}, full length, N_c = {settings['num_probes']}), seed "
+        f"{settings['reference_seed']}; every other row: seed(s) {seeds} "
         f"(mean over seeds). The 'other seed' row is the noise floor: a variant is as good as the full probe when it "
         f"agrees with the reference about as well. Seconds per update are wall clock on a shared machine; the token "
         f"counts are exact.{_training_note(result)}\n\n{table}\n"))
@@ -352,7 +355,8 @@ def write_results(out: Path, meta: dict, result: dict, settings: dict) -> str:
 
 
 def _describe(model: dict) -> str:
-    return ", ".join(f"{key} {value}" for key, value in model.items() if key not in ("training_importance", "train_losses"))
+    return ", ".join(f"{key} {value}" for key, value in model.items()
+                     if key not in ("training_importance", "train_losses"))
 
 
 def _training_note(result: dict) -> str:
@@ -363,11 +367,14 @@ def _training_note(result: dict) -> str:
             f"(they moved meanwhile): Spearman {rho:.3f}.")
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="istune bench probes", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default=None, help="an `istune train` output folder: its adapters, IST config and data")
-    parser.add_argument("--model", default=None, help="without --run: hub id or path (default the embedded SmolLM2-135M)")
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default=None,
+                        help="an `istune train` output folder: its adapters, IST config and data")
+    parser.add_argument("--model", default=None,
+                        help="without --run: hub id or path (default the embedded SmolLM2-135M)")
     parser.add_argument("--train_steps", type=int, default=30, help="without --run: LoRA steps before freezing")
     parser.add_argument("--batch_size", type=int, default=4, help="without --run: training batch = full probe batch")
     parser.add_argument("--cutoff_len", type=int, default=256, help="without --run: tokens per example at most")
@@ -382,7 +389,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``istune bench probes``: compare probe variants, print the table, write ``--out``.json/.md."""
     import sys
 

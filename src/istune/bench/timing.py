@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -196,16 +197,18 @@ def write_results(out: Path, meta: dict, rows: list[dict], settings: dict) -> st
     """Write ``out.json`` and ``out.md`` (each whole or not at all); return the table."""
     table = markdown_table(rows)
     write_record(out, {**meta, "settings": settings, "rows": rows}, (
-        f"# Time per step\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, {meta['machine']}. "
+        f"# Time per step\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, "
+        f"{meta['machine']}. "
         f"Model {settings['model']}, batch {settings['batch_size']} x {settings['seq_len']} tokens. Medians over "
         f"{settings['rounds']} interleaved rounds x {settings['steps']} steps; probe update = median time of one "
         f"`update_importance` (N_c probe forwards), amortised per step by dividing by T_c.\n\n{table}\n"))
     return table
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="istune bench time", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub id or local path; default the embedded SmolLM2-135M")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=256, help="tokens per row (random ids, all in the loss)")
@@ -219,13 +222,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_model(name: Optional[str]) -> torch.nn.Module:
+def load_model(name: str | None) -> torch.nn.Module:
     from istune.planning.step import load_model
 
     return load_model(name)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``istune bench time``: measure, print the table, write ``--out``.json/.md. Bad options raise ValueError."""
     import sys
 

@@ -1,14 +1,14 @@
 """The planner: a training run's peak GPU memory predicted from the model's config alone (no weights, no GPU).
 
-Its command line is ``istune plan`` (:mod:`istune.bench.plan`). Each row's model is built on PyTorch's meta device (shapes, no data) and runs
-:func:`istune.planning.step.measured_steps` inside a :class:`~istune.planning.tracker.MemoryTracker`:
-weights (``--load_in_4bit``: nf4 with its state and peft's float32 parts), adapter gradients, AdamW's
-state, saved activations, logits and every temporary alive at the peak. SDPA and 4-bit layers keep what
-their GPU kernels keep (:mod:`istune.planning.kernels`). IST rows measure the worst step
-(:mod:`istune.planning.worst_case`). The prediction is tensor bytes (``torch.cuda.max_memory_allocated``);
-``budget`` adds a rule-of-thumb margin for the CUDA context, workspaces and fragmentation
-(``prediction × 1.10 + 1 GiB``). Bf16 autocast over float32 weights is not modelled. Agreement with real
-CPU runs is tested within 10% (``tests/bench/test_plan.py``).
+Its command line is ``istune plan`` (:mod:`istune.bench.plan`). Each row's model is built on PyTorch's
+meta device (shapes, no data) and runs :func:`istune.planning.step.measured_steps` inside a
+:class:`~istune.planning.tracker.MemoryTracker`: weights (``--load_in_4bit``: nf4 with its state and peft's
+float32 parts), adapter gradients, AdamW's state, saved activations, logits and every temporary alive at
+the peak. SDPA and 4-bit layers keep what their GPU kernels keep (:mod:`istune.planning.kernels`). IST rows
+measure the worst step (:mod:`istune.planning.worst_case`). The prediction is tensor bytes
+(``torch.cuda.max_memory_allocated``); ``budget`` adds a rule-of-thumb margin for the CUDA context,
+workspaces and fragmentation (``prediction × 1.10 + 1 GiB``). Bf16 autocast over float32 weights is not
+modelled. Agreement with real CPU runs is tested within 10% (``tests/bench/test_plan.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -54,13 +54,13 @@ class PlanSettings:
     method: str = "lora"
     rank: int = 32  # the paper: r = 32
     lora_dropout: float = 0.05  # the paper's recipes (dropout keeps a mask and a copy of each adapter input)
-    target_modules: Optional[tuple[str, ...]] = None  # None: istune's default placement (LoRA on q/k/v/up/down)
+    target_modules: tuple[str, ...] | None = None  # None: istune's default placement (LoRA on q/k/v/up/down)
     bottleneck_size: int = 256
     load_in_4bit: bool = False
     double_quant: bool = True  # QLoRA's recipe (bnb_4bit_use_double_quant)
     attention: str = "sdpa"
-    update_fraction: Optional[float] = None  # N_u / N_L; None: ISTConfig's default (0.25)
-    update_layers: Optional[int] = None
+    update_fraction: float | None = None  # N_u / N_L; None: ISTConfig's default (0.25)
+    update_layers: int | None = None
     optimizer_impl: str = "foreach"  # AdamW's default on CUDA
     seed: int = 0  # of the random token ids (their values do not change the memory)
     kernels: str = "cuda"  # whose SDPA kernel choice to model: a GPU's, or "cpu" (what the tests measure against)
@@ -114,7 +114,7 @@ def _quantizer(settings: PlanSettings):
     return quantize
 
 
-def predict(config, row: Row, settings: PlanSettings, selected: Optional[list[int]] = None) -> dict[str, Any]:
+def predict(config, row: Row, settings: PlanSettings, selected: list[int] | None = None) -> dict[str, Any]:
     """Predicted peak bytes of one row's training step, and what makes it up.
 
     Args:
@@ -140,7 +140,7 @@ def predict(config, row: Row, settings: PlanSettings, selected: Optional[list[in
                key=lambda result: result["peak_bytes"])
 
 
-def _predict(config, row: Row, settings: PlanSettings, selected: Optional[list[int]], started: float) -> dict:
+def _predict(config, row: Row, settings: PlanSettings, selected: list[int] | None, started: float) -> dict:
     from istune.core.layers import find_adapter_layers
     from istune.core.tuner import SparseTuner
     from istune.planning.tracker import MemoryTracker

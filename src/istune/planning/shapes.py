@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import transformers
 
@@ -29,7 +29,7 @@ class Shape:
     family: str
     sizes: dict
     description: str
-    paper: Optional[dict] = field(default=None)
+    paper: dict | None = field(default=None)
 
     @property
     def num_layers(self) -> int:
@@ -43,7 +43,7 @@ class Shape:
         return transformers.LlamaConfig(**self.sizes, attn_implementation=attention)
 
 
-def _paper(*values: Optional[float]) -> dict:
+def _paper(*values: float | None) -> dict:
     return dict(zip(PAPER_COLUMNS, values))
 
 

@@ -18,7 +18,7 @@ import copy
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -42,10 +42,10 @@ def load_model(name: str | None, **kwargs) -> torch.nn.Module:
 
 
 def build_model(config, row: Row, *, dtype: str = "float32", device: str | torch.device = "cpu",
-                seed: Optional[int] = 0,
-                adapter=None, total_steps: int = 10, train_embeddings: bool = True, input_grads: Optional[bool] = None,
-                base: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
-                model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+                seed: int | None = 0,
+                adapter=None, total_steps: int = 10, train_embeddings: bool = True, input_grads: bool | None = None,
+                base: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                model: torch.nn.Module | None = None) -> torch.nn.Module:
     """The model of ``config`` (random weights made on ``device``) with ``row``'s trainable parameters.
 
     Args:
@@ -58,8 +58,8 @@ def build_model(config, row: Row, *, dtype: str = "float32", device: str | torch
         input_grads: with checkpointing, turn the embeddings' output gradient on (True, as the Trainer does
             for a peft model), off (False: IST-aware checkpointing) or leave it (None).
     """
-    from istune.core.layers import prepare_full_layer_tuning
     from istune.adapters.methods import AdapterArgs, add_adapters
+    from istune.core.layers import prepare_full_layer_tuning
 
     if seed is not None:  # None: the random state as it is (the caller seeded before loading)
         torch.manual_seed(seed)
@@ -117,7 +117,7 @@ class CudaPeak:
     def __init__(self, device: torch.device) -> None:
         self.device, self.allocated, self.reserved = device, None, None
 
-    def __enter__(self) -> "CudaPeak":
+    def __enter__(self) -> CudaPeak:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         return self
@@ -148,7 +148,7 @@ class RssPeak(CudaPeak):
                     return int(line.split()[1]) * 1024
         raise RuntimeError(f"/proc/self/status has no {field_name}")  # pragma: no cover
 
-    def __enter__(self) -> "RssPeak":
+    def __enter__(self) -> RssPeak:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
             handle.write("5")  # reset the peak resident set size (VmHWM) to the current one
         self.before = self._status("VmRSS")
@@ -161,7 +161,7 @@ class RssPeak(CudaPeak):
         return {"rss_before_bytes": self.before, "peak_rss_bytes": self.peak, "growth_bytes": self.peak - self.before}
 
 
-def _tuner_step(model, optimizer, batch, tuner) -> Optional[list[int]]:
+def _tuner_step(model, optimizer, batch, tuner) -> list[int] | None:
     selected = list(tuner.begin_step()) if tuner is not None else None
     train_step(model, optimizer, batch)
     if tuner is not None:
@@ -170,8 +170,8 @@ def _tuner_step(model, optimizer, batch, tuner) -> Optional[list[int]]:
 
 
 def measured_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any], meter,
-                   make_tuner: Optional[Callable[[], Any]] = None, steps: int = 1,
-                   warm_up: bool = True) -> tuple[list[Optional[list[int]]], Any]:
+                   make_tuner: Callable[[], Any] | None = None, steps: int = 1,
+                   warm_up: bool = True) -> tuple[list[list[int] | None], Any]:
     """Warm-up (every layer), then the tuner (made by ``make_tuner``) settles for one step, then ``steps`` steps
     run inside ``meter``, one region each.
 

@@ -114,7 +114,8 @@ class MemoryTracker(TorchDispatchMode):
 
     def __init__(self, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
-                 device: torch.device | str | None = None, scopes: Mapping[str, torch.nn.Module] | None = None) -> None:
+                 device: torch.device | str | None = None,
+                 scopes: Mapping[str, torch.nn.Module] | None = None) -> None:
         super().__init__()
         self.model = model
         if optimizer is None:
@@ -298,7 +299,7 @@ class MemoryTracker(TorchDispatchMode):
 
     # ------------------------------------------------------------------ context
 
-    def __enter__(self) -> "MemoryTracker":
+    def __enter__(self) -> MemoryTracker:
         if self._state != "new":
             raise RuntimeError("a MemoryTracker is used once: make a new one for a new measurement")
         self._state = "active"
