@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from istune.bench import records
 from istune.bench.child import run_in_child
 from istune.bench.records import run_metadata, write_record
 from istune.planning.rows import ROWS as ALL_ROWS
@@ -279,14 +280,13 @@ def markdown_table(rows: list[dict]) -> str:
     def ratio(r: dict, name: str) -> str:
         return f"{r[name]:.2f}" if name in r else "–"
 
-    lines = ["| configuration | memory GB | vs LoRA | vs LoRA + ckpt | s/step | vs LoRA | vs LoRA + ckpt "
-             "| probe update s | frontier |", "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
-    for r in rows:
-        probe = f"{r['probe_update_s']:.3f}" if r["probe_update_s"] is not None else "–"
-        lines.append(f"| {r['label']} | {r['memory_bytes'] / 1e9:.3f} | {ratio(r, 'memory_vs_lora')} "
-                     f"| {ratio(r, 'memory_vs_lora+gc')} | {r['seconds_per_step']:.3f} | {ratio(r, 'time_vs_lora')} "
-                     f"| {ratio(r, 'time_vs_lora+gc')} | {probe} | {'yes' if r['on_frontier'] else ''} |")
-    return "\n".join(lines)
+    return records.markdown_table(
+        ["configuration", "memory GB", "vs LoRA", "vs LoRA + ckpt", "s/step", "vs LoRA", "vs LoRA + ckpt",
+         "probe update s", "frontier"],
+        ([r["label"], f"{r['memory_bytes'] / 1e9:.3f}", ratio(r, "memory_vs_lora"), ratio(r, "memory_vs_lora+gc"),
+          f"{r['seconds_per_step']:.3f}", ratio(r, "time_vs_lora"), ratio(r, "time_vs_lora+gc"),
+          "–" if r["probe_update_s"] is None else f"{r['probe_update_s']:.3f}", "yes" if r["on_frontier"] else ""]
+         for r in rows), "l" + "r" * 7 + "c")
 
 
 def plot(rows: list[dict], title: str):

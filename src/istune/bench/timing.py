@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from istune.bench import records
 from istune.bench.records import run_metadata, write_record
 from istune.config import ISTConfig
 from istune.planning.rows import ROWS, Row
@@ -182,15 +183,14 @@ def measure(rows: list[Row], load_model: Callable[[], torch.nn.Module], batch_si
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| strategy | forward s | backward s | optimizer s | step s | probe update s | probes s/step "
-             "| total s/step | vs LoRA |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        update = f"{r['probe_update']:.3f}" if r["probe_update"] is not None else "–"
-        ratio = f"{r['vs_lora']:.2f}" if r["vs_lora"] is not None else "–"
-        lines.append(f"| {r['label']} | {r['forward']:.3f} | {r['backward']:.3f} | {r['optimizer']:.3f} "
-                     f"| {r['step']:.3f} | {update} | {r['probe_per_step']:.3f} | {r['total']:.3f} | {ratio} |")
-    return "\n".join(lines)
+    def show(value: float | None, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    return records.markdown_table(
+        ["strategy", "forward s", "backward s", "optimizer s", "step s", "probe update s", "probes s/step",
+         "total s/step", "vs LoRA"],
+        ([r["label"], *(f"{r[part]:.3f}" for part in (*PARTS, "step")), show(r["probe_update"], ".3f"),
+          f"{r['probe_per_step']:.3f}", f"{r['total']:.3f}", show(r["vs_lora"], ".2f")] for r in rows))
 
 
 def write_results(out: Path, meta: dict, rows: list[dict], settings: dict) -> str:
