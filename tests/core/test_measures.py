@@ -93,6 +93,13 @@ def test_gradient_norms_refuse_a_block_that_ran_without_autograd(monkeypatch):
         gradient_norms(model, layers, _batch())
 
 
+def test_gradient_norms_refuse_a_forward_without_autograd(monkeypatch):
+    model = peft_model("llama", "lora", num_layers=2)
+    monkeypatch.setattr(model, "forward", torch.no_grad()(model.forward))
+    with pytest.raises(RuntimeError, match="received a gradient"):
+        gradient_norms(model, find_adapter_layers(model), _batch())
+
+
 def test_layer_gradient_norms_read_grad_and_count_none_as_zero():
     model = peft_model("llama", "lora", num_layers=3)
     layers = find_adapter_layers(model)

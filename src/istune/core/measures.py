@@ -26,6 +26,10 @@ from istune.core import distributed
 from istune.core.layers import AdapterLayer, is_adapter_module
 from istune.core.probe import LossFn, default_loss, move_to_device, probe_mode
 
+_NO_GRADIENT = ("gradient_norms: no adapter parameter of {names} received a gradient: these blocks ran without "
+                "autograd or do not reach the loss. Measure with every decoder block running the backward pass (no "
+                "block skipped below the lowest selected layer; gradient checkpointing non-reentrant).")
+
 
 def gradient_norms(model: nn.Module, layers: Sequence[AdapterLayer], batch: Any,
                    loss_fn: LossFn = default_loss) -> torch.Tensor:
@@ -60,6 +64,8 @@ def gradient_norms(model: nn.Module, layers: Sequence[AdapterLayer], batch: Any,
     try:
         with _all_trainable(model, parameters), torch.enable_grad():
             loss = loss_fn(model, batch)
+            if not loss.requires_grad:
+                raise RuntimeError(_NO_GRADIENT.format(names=[layer.name for layer in layers]))
             gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
     finally:
         model.train(was_training)
@@ -72,9 +78,7 @@ def gradient_norms(model: nn.Module, layers: Sequence[AdapterLayer], batch: Any,
             silent.append(layer.name)
         norms.append(_norm(layer_gradients))
     if silent:
-        raise RuntimeError(f"gradient_norms: no adapter parameter of {silent} received a gradient: these blocks "
-                           "ran without autograd or do not reach the loss. Measure with every decoder block "
-                           "running the backward pass (no block skipped below the lowest selected layer).")
+        raise RuntimeError(_NO_GRADIENT.format(names=silent))
     return _mean_over_ranks(torch.stack(norms), device)
 
 
@@ -111,8 +115,9 @@ def outlier_ratios(model: nn.Module, layers: Sequence[AdapterLayer], batch: Any,
         ratio_l = #{A_ij > M * mean(A)} / #A        over every linear map of block l
 
     The linear maps are the block's ``nn.Linear`` modules and GPT-2 style ``Conv1D`` ones, and the
-    base layers of its adapter modules (peft LoRA's ``base_layer``); the adapters' own small matrices
-    are left out. OWL reports the ratio in percent; a fraction here (sampling in proportion is the same).
+    base layers of its adapter modules (peft LoRA's ``base_layer``): the pretrained weights, without the
+    adapters' change (zero at LoRA's initialisation, small later); the adapters' own matrices are left
+    out. OWL reports the ratio in percent; a fraction here (sampling in proportion is the same).
     Input norms come from forward hooks on the linear maps, in eval mode without gradients; scaling
     all ``||X_j||`` of a layer by one constant (OWL averages over calibration samples) leaves the ratio
     unchanged.
