@@ -21,8 +21,9 @@ def tiny_model_dir(tmp_path_factory):
 
 def _train_args(model_dir, data, out, *extra):
     return ["train", "--model", str(model_dir), "--data", str(data), "--output_dir", str(out), "--eval_tasks", "none",
-            "--max_steps", "4", "--train_samples", "24", "--heldout_samples", "8", "--per_device_train_batch_size", "2",
-            "--rank", "4", "--alpha", "8", "--probe_interval", "2", "--logging_steps", "1", *extra]
+            "--max_steps", "4", "--train_samples", "24", "--heldout_samples", "8",
+            "--per_device_train_batch_size", "2", "--rank", "4", "--alpha", "8", "--probe_interval", "2",
+            "--logging_steps", "1", *extra]
 
 
 def test_train_eval_plot(tiny_model_dir, data_file, tmp_path, capsys):

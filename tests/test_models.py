@@ -60,7 +60,8 @@ def test_convert_keeps_an_existing_folder(tmp_path):
 
 def tiny_checkpoint(folder: Path) -> Path:
     """A random 2-layer LLaMA and a word-level tokenizer without a pad token, saved to ``folder``."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "hello", "world"])}
@@ -134,4 +135,6 @@ def test_a_model_that_ignores_logits_to_keep_keeps_every_logit():
     from tests.tiny_models import tiny_model
 
     reasons = models.batch_layout_unsupported(FullLogitsLM(tiny_model("llama")), padding_free=False)
-    assert reasons == {"labelled_logits_only": "its forward keeps 3 logit rows of 2 asked, loss off by 0.0e+00 (relative)"}
+    assert reasons == {
+        "labelled_logits_only": "its forward keeps 3 logit rows of 2 asked, loss off by 0.0e+00 (relative)"
+    }

@@ -17,7 +17,8 @@ def test_parse_list_converts_and_keeps_order():
     (" , ", int, None, r"--seeds=' , ' is empty; give comma-separated values, e.g. --seeds 1,2"),
     ("1,x", int, None, r"--seeds='1,x': 'x' is not an int; use a comma-separated list of ints"),
     ("1,1", int, None, r"--seeds='1,1' repeats a value"),
-    ("full,tiny", str, ("full", "half"), r"--seeds='full,tiny': unknown 'tiny'; use a comma-separated list of full, half"),
+    ("full,tiny", str, ("full", "half"),
+     r"--seeds='full,tiny': unknown 'tiny'; use a comma-separated list of full, half"),
 ])
 def test_parse_list_refuses_bad_values_naming_the_option(text, kind, allowed, message):
     with pytest.raises(ValueError, match=message):

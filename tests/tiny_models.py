@@ -96,7 +96,8 @@ def quantized_peft_model(directory, bits: str, method: str = "lora", num_layers:
                                                     dtype=torch.float32)
     from istune.core.probe import keep_quantized_layers_trainable
 
-    keep_quantized_layers_trainable(model)  # no CPU repacking at eval-mode forwards (it drops gradients), as istune train
+    # no CPU repacking at eval-mode forwards (it drops gradients), as istune train
+    keep_quantized_layers_trainable(model)
     torch.manual_seed(seed + 1)
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=method == "dora",
                            init_lora_weights=False)

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 
 def _train_parser():
@@ -100,7 +100,7 @@ def _parse_train(argv: Sequence[str]):
     return run, model_args, adapter, ist, training
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": _train, "eval": _eval, "plot": _plot, "plan": _plan, "bench": _bench, "analyze": _analyze}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
@@ -137,10 +137,12 @@ def _eval(argv: Sequence[str]) -> int:
                "  istune eval --model smollm2-135m --adapter runs/istune/adapter --output eval.json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", nargs="?", help="Output folder of `istune train` (or use --model).")
-    parser.add_argument("--model", help="Hub id, local folder or 'smollm2-135m': evaluate this model instead of a run.")
+    parser.add_argument("--model",
+                        help="Hub id, local folder or 'smollm2-135m': evaluate this model instead of a run.")
     parser.add_argument("--adapter", help="With --model: an adapter folder (a run's adapter/, a run folder, or a peft "
                                           "adapter); without --model its base model is read from it.")
-    parser.add_argument("--eval_tasks", default=None, help="Tasks ('all' or comma-separated); default: the run's, or all.")
+    parser.add_argument("--eval_tasks", default=None,
+                        help="Tasks ('all' or comma-separated); default: the run's, or all.")
     parser.add_argument("--eval_limit", type=int, default=None,
                         help="Items per task (a seeded sample); default: the run's, or the full test sets.")
     parser.add_argument("--eval_seed", type=int, default=0, help="Seed of the --eval_limit sample (with --model).")
@@ -152,10 +154,13 @@ def _eval(argv: Sequence[str]) -> int:
                         help="Prompts per generate call. Default: the run's, or 32.")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="Weights with --model ('auto': bfloat16 on a GPU that has it, else float32).")
-    parser.add_argument("--output", default=None, help="Results JSON (default: <run_dir>/eval.json; none with --model).")
+    parser.add_argument("--output", default=None,
+                        help="Results JSON (default: <run_dir>/eval.json; none with --model).")
     parser.add_argument("--harness", action="store_true",
-                        help="Also score with lm-evaluation-harness (lm-eval 0.4.13) on the same items: acc, acc_norm.")
-    parser.add_argument("--no_cache", action="store_true", help="With --model alone: recompute, ignore cached results.")
+                        help="Also score with lm-evaluation-harness (lm-eval 0.4.13) on the same items: "
+                        "acc, acc_norm.")
+    parser.add_argument("--no_cache", action="store_true",
+                        help="With --model alone: recompute, ignore cached results.")
     args = parser.parse_args(argv)
     if (args.run_dir is None) == (args.model is None and args.adapter is None):
         parser.error("give either a run folder or --model/--adapter, not both and not neither")
@@ -177,8 +182,8 @@ def _eval(argv: Sequence[str]) -> int:
 
 
 def _plot(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="istune plot",
-                                     description="Plot layer importance over training (paper Fig. 4) and the selections.")
+    parser = argparse.ArgumentParser(
+        prog="istune plot", description="Plot layer importance over training (paper Fig. 4) and the selections.")
     parser.add_argument("run_dir", help="Output folder of a run (holds ist_log.jsonl), or the log file.")
     parser.add_argument("--out_dir", default=None, help="Where the PNGs go; default: the run folder.")
     args = parser.parse_args(argv)

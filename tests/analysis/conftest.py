@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from istune.config import ISTConfig
 from istune.adapters.methods import AdapterArgs, save_adapters
+from istune.config import ISTConfig
 from istune.runs import RunArgs
 
 from ..eval.conftest import make_tokenizer

@@ -1,4 +1,5 @@
-"""Figure 2(a): greedy search is the stepwise argmin/argmax; β=0 removal is exactly a zeroed LoRA B; the command's output."""
+"""Figure 2(a): greedy search is the stepwise argmin/argmax; β=0 removal is exactly a zeroed LoRA B;
+the command's output."""
 
 from __future__ import annotations
 

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
 
 from istune.analysis.cli import main
-from istune.recipe.train import train_run
 from istune.analysis.sweep import plan_sweep, summarize
+from istune.recipe.train import train_run
 
 
 def test_parts_share_runs_and_carry_their_settings():
-    planned, rows = plan_sweep(["mu", "beta", "ablation"], 4, mu_values=[1, 10], beta_values=[0, 0.25], update_layers=2,
-                               ablation_update_layers=[1, 2], mu=10, beta=0.25, probe_interval=3, seeds=[5])
+    planned, rows = plan_sweep(["mu", "beta", "ablation"], 4, mu_values=[1, 10], beta_values=[0, 0.25],
+                               update_layers=2, ablation_update_layers=[1, 2], mu=10, beta=0.25, probe_interval=3,
+                               seeds=[5])
     by_name = {run.name: run.ist for run in planned}
     assert sorted(by_name) == sorted(["random-u2-seed5", "ist-u2-mu1-beta0.25-seed5", "ist-u2-mu10-beta0.25-seed5",
                                       "ist-u2-mu10-beta0-seed5", "all-seed5", "random-u1-seed5",
                                       "ist-u1-mu10-beta0.25-seed5"])
     mu1 = by_name["ist-u2-mu1-beta0.25-seed5"]
-    assert (mu1.strategy, mu1.update_layers, mu1.mu, mu1.beta, mu1.probe_interval, mu1.seed) == ("ist", 2, 1, 0.25, 3, 5)
+    assert ((mu1.strategy, mu1.update_layers, mu1.mu, mu1.beta, mu1.probe_interval, mu1.seed)
+            == ("ist", 2, 1, 0.25, 3, 5))
     assert by_name["ist-u2-mu10-beta0-seed5"].beta == 0
     assert (by_name["random-u1-seed5"].strategy, by_name["random-u1-seed5"].update_layers) == ("random", 1)
     assert by_name["all-seed5"].strategy == "all"
@@ -32,7 +33,8 @@ def test_parts_share_runs_and_carry_their_settings():
 
 
 def test_unused_layer_counts_are_not_checked():
-    planned, rows = plan_sweep(["ablation"], 2, update_layers=8, ablation_update_layers=[1])  # N_u=8 is for mu/beta only
+    # N_u=8 is for mu/beta only
+    planned, rows = plan_sweep(["ablation"], 2, update_layers=8, ablation_update_layers=[1])
     assert sorted(run.name for run in planned) == ["all-seed42", "ist-u1-mu10-beta0.25-seed42", "random-u1-seed42"]
 
 
@@ -86,7 +88,8 @@ def test_sweep_resumes_run_by_run(tiny_model_dir, data_file, tmp_path):
     record = json.loads(first["ist-u1-mu1-beta0.25-seed42"])
     assert record["ist"]["mu"] == 1 and record["settings"]["max_steps"] == 2 and record["heldout_loss"] > 0
     assert len(record["importance"]) == 4 and record["ist"]["strategy"] == "ist" and record["run_folder"] is None
-    assert record["metadata"]["command"].endswith("-m istune analyze " + " ".join(_sweep_args(out, tiny_model_dir, data_file)))
+    command = "-m istune analyze " + " ".join(_sweep_args(out, tiny_model_dir, data_file))
+    assert record["metadata"]["command"].endswith(command)
     result = json.loads((out / "sweep.json").read_text())
     assert [row["label"] for row in result["parts"]["mu"]] == ["random, N_u=1", "IST μ=1", "IST μ=10"]
     assert "| IST μ=10 | 1 |" in (out / "sweep.md").read_text()

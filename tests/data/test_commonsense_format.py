@@ -88,7 +88,8 @@ CASES = [
     (
         "openbookqa",
         "A hemisphere experiences summer when",
-        ["it's tilted towards Jupiter", "it's angled towards the moon", "it's angled towards the largest star", "it spins"],
+        ["it's tilted towards Jupiter", "it's angled towards the moon", "it's angled towards the largest star",
+         "it spins"],
         2,
         "Please choose the correct answer to the question: A hemisphere experiences summer when\n\n"
         "Answer1: it's tilted towards Jupiter Answer2: it's angled towards the moon "
@@ -137,7 +138,8 @@ def test_unknown_task_lists_the_tasks():
     [
         ("Question: Why?\n A. x\n B. y\nAnswer:", 2, "Question: Why?", ["x", "y"]),
         ("P1\nP2\nQuestion: ok?\n A. yes\n B. no\nAnswer:", 2, "P1\nP2\nQuestion: ok?", ["yes", "no"]),
-        ("Ctx\nChoose:\n A. , then a\n B. b\n C. c. d\n D. e\nAnswer:", 4, "Ctx\nChoose:", [", then a", "b", "c. d", "e"]),
+        ("Ctx\nChoose:\n A. , then a\n B. b\n C. c. d\n D. e\nAnswer:", 4, "Ctx\nChoose:",
+         [", then a", "b", "c. d", "e"]),
     ],
 )
 def test_split_mc_query(query, n, stem, options):

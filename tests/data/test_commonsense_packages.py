@@ -28,7 +28,9 @@ LEADS = {
     "boolq": ("Please answer the following question with true or false, question: ", "true/false"),
     "piqa": ("Please choose the correct solution to the question: ", "solution1/solution2"),
     "social_i_qa": ("Please choose the correct answer to the question: ", "answer1/answer2/answer3"),
-    "hellaswag": ("Please choose the correct ending to complete the given sentence: ", "ending1/ending2/ending3/ending4"),
+    "hellaswag": (
+        "Please choose the correct ending to complete the given sentence: ", "ending1/ending2/ending3/ending4"
+    ),
     "winogrande": (
         "Please choose the correct answer to fill in the blank to complete the given sentence: ",
         "option1/option2",

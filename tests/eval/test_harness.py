@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("lm_eval")
 
+from istune.data import load_eval_items  # noqa: E402
 from istune.data.commonsense_format import COMMONSENSE_TASKS  # noqa: E402
 from istune.eval.harness import build_task, harness_docs, run_harness  # noqa: E402
 from istune.eval.scoring import evaluate_scoring, option_logprobs  # noqa: E402
-from istune.data import load_eval_items  # noqa: E402
 
 # Tasks whose lm-eval prompt and options are istune's own scoring context and options.
 SAME_DEFINITION = ["piqa", "ARC-Easy", "ARC-Challenge", "boolq"]

@@ -5,8 +5,8 @@ import torch
 
 from istune.data import CausalLMCollator, InstructionDataset
 from istune.eval import result_cache
-from istune.eval.result_cache import ResultCache, folder_fingerprint
 from istune.eval.cached import evaluate_base, evaluate_model
+from istune.eval.result_cache import ResultCache, folder_fingerprint
 from istune.models import load_model_and_tokenizer
 
 from .conftest import make_model, make_tokenizer
@@ -82,7 +82,8 @@ def test_a_change_of_items_or_method_misses(model_dir):
 def test_other_weights_or_code_miss(model_dir, tmp_path, monkeypatch):
     run(model_dir, method="score", heldout=False)
     other = str(save_model(tmp_path / "other", seed=1))
-    assert folder_fingerprint(other)["files"]["model.safetensors"] != folder_fingerprint(model_dir)["files"]["model.safetensors"]
+    weights = "model.safetensors"
+    assert folder_fingerprint(other)["files"][weights] != folder_fingerprint(model_dir)["files"][weights]
     _, calls, cache = run(other, method="score", heldout=False)
     assert calls > 0 and cache.hits == 0
     monkeypatch.setattr(result_cache, "CACHE_VERSION", result_cache.CACHE_VERSION + 1)

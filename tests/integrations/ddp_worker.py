@@ -22,8 +22,8 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from istune import ISTCallback, ISTConfig, SparseTuner, add_ist

@@ -65,8 +65,9 @@ def test_only_the_main_process_writes_the_log(ranks):
 def test_diverging_ranks_fail_loudly_on_every_rank(ranks):
     _, results, _ = ranks
     for result in results:
-        assert result["importance_drift"].startswith("RuntimeError: IST ranks are out of sync after 6 optimizer steps: "
-                                                     "rank 1 differs from rank 0 in importance")
+        assert result["importance_drift"].startswith(
+            "RuntimeError: IST ranks are out of sync after 6 optimizer steps: "
+            "rank 1 differs from rank 0 in importance")
         assert "after 0 optimizer steps: rank 1 differs from rank 0 in RNG state, selection" in result["seed_per_rank"]
 
 

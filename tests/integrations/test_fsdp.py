@@ -19,8 +19,8 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from . import ddp_worker
 from ..tiny_models import tiny_model
+from . import ddp_worker
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_FILE = REPO / "configs" / "accelerate" / "fsdp2.yaml"

@@ -148,8 +148,8 @@ def test_saved_adapters_hold_every_layer_and_load_with_plain_peft(tmp_path):
 
 
 @pytest.mark.parametrize("setup, message", [
-    (dict(trainer=SimpleNamespace(is_deepspeed_enabled=True)), "istune does not support DeepSpeed ZeRO: .*adapters IST "
-                                                               "freezes still move"),
+    (dict(trainer=SimpleNamespace(is_deepspeed_enabled=True)),
+     "istune does not support DeepSpeed ZeRO: .*adapters IST freezes still move"),
     (dict(args={"deepspeed": "ds_config.json"}), "DeepSpeed ZeRO"),
     (dict(args={"fsdp": True, "fsdp_config": {"version": 1}}), "istune does not support FSDP1 .*use_orig_params"),
     (dict(trainer=SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(
@@ -209,4 +209,5 @@ def test_torch_compile_is_warned_about(caplog):
     args = SimpleNamespace(fsdp=[], deepspeed=None, torch_compile=True)
     with caplog.at_level(logging.WARNING):
         check_trainer_setup(args, peft_model("llama", "lora", num_layers=2))
-    assert "recompiled for every new layer selection" in caplog.text and "does not support torch.compile" in caplog.text
+    assert "recompiled for every new layer selection" in caplog.text
+    assert "does not support torch.compile" in caplog.text

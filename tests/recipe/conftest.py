@@ -25,6 +25,6 @@ def tiny_llama_dir(tmp_path_factory):
 def train_args(model_dir, data, out, *extra) -> list[str]:
     """`istune train` for 4 steps of batch 2 on the tiny model and data file, no task evaluation."""
     return ["train", "--model", str(model_dir), "--data", str(data), "--output_dir", str(out), "--eval_tasks", "none",
-            "--max_steps", "4", "--train_samples", "24", "--heldout_samples", "8", "--per_device_train_batch_size", "2",
-            "--rank", "4", "--alpha", "8", "--update_layers", "1", "--probe_interval", "2", "--logging_steps", "1",
-            *extra]
+            "--max_steps", "4", "--train_samples", "24", "--heldout_samples", "8",
+            "--per_device_train_batch_size", "2", "--rank", "4", "--alpha", "8", "--update_layers", "1",
+            "--probe_interval", "2", "--logging_steps", "1", *extra]

@@ -1,4 +1,5 @@
-"""Resuming `istune train` from a checkpoint: bit-identical to the uninterrupted run; other runs' checkpoints refused."""
+"""Resuming `istune train` from a checkpoint: bit-identical to the uninterrupted run;
+other runs' checkpoints refused."""
 
 import json
 

@@ -34,7 +34,8 @@ def test_config_file_reaches_every_dataclass(tmp_path):
     config.write_text("model: some/model\ndtype: bfloat16\nmethod: dora\nmu: 100\nnum_train_epochs: 3\n"
                       "max_steps: -1\ngradient_accumulation_steps: 4\nlearning_rate: 2.0e-4\nseed: 5\n")
     run, model_args, adapter, ist, training = _parse_train(["--config", str(config), "--learning_rate", "1e-4"])
-    assert (run.model, model_args.dtype, adapter.method, ist.mu, ist.seed) == ("some/model", "bfloat16", "dora", 100, 5)
+    assert ((run.model, model_args.dtype, adapter.method, ist.mu, ist.seed)
+            == ("some/model", "bfloat16", "dora", 100, 5))
     assert (training.num_train_epochs, training.max_steps, training.gradient_accumulation_steps) == (3, -1, 4)
     assert training.learning_rate == 1e-4 and training.seed == 5
 
@@ -121,7 +122,8 @@ def _lora_gradients(model_dir, forward_in_eval_first: bool, keep_trainable: bool
 
     model, _ = load_model_and_tokenizer(str(model_dir), **loading_kwargs(ModelArgs(load_in_4bit=True)))
     if keep_trainable:
-        assert keep_quantized_layers_trainable(model) in (0, 14)  # 14 Linear4bit layers, where bitsandbytes would repack
+        # 14 Linear4bit layers, where bitsandbytes would repack
+        assert keep_quantized_layers_trainable(model) in (0, 14)
     torch.manual_seed(0)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                                        init_lora_weights=False))

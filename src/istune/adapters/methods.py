@@ -12,7 +12,6 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from torch import nn
 
@@ -34,7 +33,7 @@ class AdapterArgs:
     rank: int = field(default=32, metadata={"help": "LoRA/DoRA rank r; AdaLoRA's initial rank (paper: 32)."})
     alpha: float = field(default=64, metadata={"help": "LoRA/DoRA/AdaLoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    target_modules: Optional[list[str]] = field(
+    target_modules: list[str] | None = field(
         default=None, metadata={"help": "Module names to adapt. Default: LoRA on q/k/v/up/down projections for "
                                 "LLaMA-like models (all linear layers otherwise); bottleneck adapters on the MLP."})
     bottleneck_size: int = field(default=256, metadata={

@@ -15,8 +15,8 @@ or a run's learned importance (its folder). Runs are resumable: see
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from istune.analysis.training_runs import PlannedRun, TrainFn, TrainingSize, run_all
 from istune.config import ISTConfig
@@ -39,19 +39,21 @@ def read_ranking(source: str) -> list[int]:
             ranking = None
         if not ranking:
             raise ValueError(f"--ranking={source!r} holds no complete 'ranking'; give the layer_removal.json of "
-                             "`istune analyze remove-layers` run with a greedy order over all layers, or an IST run folder.")
+                             "`istune analyze remove-layers` run with a greedy order over all layers, "
+                             "or an IST run folder.")
         return [int(position) for position in ranking]
     if not path.is_dir():
-        raise ValueError(f"--ranking={source!r} is neither a layer_removal.json file nor a run folder; check the path.")
+        raise ValueError(f"--ranking={source!r} is neither a layer_removal.json file nor a run folder; "
+                         "check the path.")
     results = read_results(path, option="--ranking")
     importance = learned_importance(results)
     if importance is None:
-        raise ValueError(f"--ranking={source!r} is a run with strategy {results['ist']['strategy']!r}, which learns no "
-                         "importance; give an IST run folder or a layer_removal.json.")
+        raise ValueError(f"--ranking={source!r} is a run with strategy {results['ist']['strategy']!r}, which learns "
+                         "no importance; give an IST run folder or a layer_removal.json.")
     return importance_order(importance, high_first=True)
 
 
-def parse_layer_sets(text: Optional[str]) -> list[list[int]]:
+def parse_layer_sets(text: str | None) -> list[list[int]]:
     """``"0,1;5"`` -> [[0, 1], [5]]."""
     if text is None:
         return []
@@ -70,7 +72,7 @@ def parse_layer_sets(text: Optional[str]) -> list[list[int]]:
     return sets
 
 
-def plan_layer_sets(num_layers: int, ranking: Optional[list[int]], kinds: Sequence[str], k_values: Sequence[int],
+def plan_layer_sets(num_layers: int, ranking: list[int] | None, kinds: Sequence[str], k_values: Sequence[int],
                     layer_sets: Sequence[list[int]], seed: int) -> list[PlannedRun]:
     """The runs for the chosen sets, each checked against N_L (positions 0..N_L-1)."""
     unknown = [kind for kind in kinds if kind not in KINDS]
@@ -81,8 +83,9 @@ def plan_layer_sets(num_layers: int, ranking: Optional[list[int]], kinds: Sequen
         raise ValueError("--kinds top/bottom need --ranking (a layer_removal.json or an IST run folder); "
                          "or use --kinds all with --layer_sets.")
     if ranking is not None and sorted(ranking) != list(range(num_layers)):
-        raise ValueError(f"--ranking orders {len(ranking)} layers {sorted(ranking)[:6]}..., but the model has N_L={num_layers} "
-                         f"adapter layers (0..{num_layers - 1}); give a ranking made for this model and method.")
+        raise ValueError(f"--ranking orders {len(ranking)} layers {sorted(ranking)[:6]}..., but the model has "
+                         f"N_L={num_layers} adapter layers (0..{num_layers - 1}); "
+                         "give a ranking made for this model and method.")
     for k in k_values if needs_ranking else []:
         if not 1 <= k <= num_layers:
             raise ValueError(f"--k_values has k={k}, out of range: the model has N_L={num_layers} adapter layers; "
@@ -111,7 +114,7 @@ def plan_layer_sets(num_layers: int, ranking: Optional[list[int]], kinds: Sequen
     return list(unique.values())
 
 
-def train_layer_sets(out_dir: str, size: TrainingSize, ranking_source: Optional[str] = None,
+def train_layer_sets(out_dir: str, size: TrainingSize, ranking_source: str | None = None,
                      kinds: Sequence[str] = KINDS, k_values: Sequence[int] = (1, 2, 4, 8),
                      layer_sets: Sequence[list[int]] = (), seed: int = 42, keep_adapters: bool = False,
                      argv: Sequence[str] = (), *, train: TrainFn) -> dict:

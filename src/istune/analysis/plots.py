@@ -86,7 +86,8 @@ def plot_sweep(parts: dict[str, list[dict]], path: Path) -> Path:
             if part == "mu":
                 axis.set_xscale("log")
             axis.set(xlabel="μ (importance learning rate)" if part == "mu" else "β (response suppression)",
-                     ylabel="held-out answer loss", title="μ sweep (Table 10)" if part == "mu" else "β sweep (Table 11)")
+                     ylabel="held-out answer loss",
+                     title="μ sweep (Table 10)" if part == "mu" else "β sweep (Table 11)")
             axis.legend(fontsize=8)
         else:
             labels = [row["label"] for row in rows]

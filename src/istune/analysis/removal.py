@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 ORDERS = ("importance_low_first", "importance_high_first", "greedy_least", "greedy_most", "random")
 RESULT_FILE = "layer_removal.json"
@@ -46,7 +46,7 @@ def removal_curve(order: Sequence[int], loss_of_removed: LossOfRemoved) -> list[
 
 
 def greedy_removal(num_layers: int, loss_of_removed: LossOfRemoved, remove: str = "least",
-                   steps: Optional[int] = None) -> tuple[list[int], list[float]]:
+                   steps: int | None = None) -> tuple[list[int], list[float]]:
     """Greedy order: at each step remove the layer whose removal gives the lowest ('least') or highest ('most') loss.
 
     Args:
@@ -101,7 +101,7 @@ def heldout_loss_of_removed(loaded, batch_size: int = 8) -> LossOfRemoved:
     return loss
 
 
-def default_orders(importance: Optional[Sequence[float]]) -> list[str]:
+def default_orders(importance: Sequence[float] | None) -> list[str]:
     return [order for order in ORDERS if importance is not None or not order.startswith("importance")]
 
 
@@ -116,8 +116,8 @@ def check_orders(orders: Sequence[str], run_dir: str, strategy: str, has_importa
                          f"{strategy!r}, which learns no importance; drop the importance_* orders or give an IST run.")
 
 
-def remove_layers(run_dir: str, out_dir: Optional[str] = None, orders: Optional[Sequence[str]] = None,
-                  max_removed: Optional[int] = None, heldout_samples: Optional[int] = None, seed: int = 0,
+def remove_layers(run_dir: str, out_dir: str | None = None, orders: Sequence[str] | None = None,
+                  max_removed: int | None = None, heldout_samples: int | None = None, seed: int = 0,
                   metric: str = "perplexity", batch_size: int = 8, argv: Sequence[str] = ()) -> dict:
     """Run the removal orders on a trained run; write ``layer_removal.json`` and ``layer_removal.png``.
 
@@ -148,11 +148,13 @@ def remove_layers(run_dir: str, out_dir: Optional[str] = None, orders: Optional[
         raise ValueError(f"--max_removed={max_removed} is more than the run's N_L={num_layers} adapter layers; "
                          f"use at most {num_layers}.")
     if importance is not None and len(importance) != num_layers:
-        raise ValueError(f"{run_dir}/results.json has {len(importance)} importance values for N_L={num_layers} layers.")
+        raise ValueError(f"{run_dir}/results.json has {len(importance)} importance values "
+                         f"for N_L={num_layers} layers.")
     steps = max_removed or num_layers
     loss, cache = cached(heldout_loss_of_removed(loaded, batch_size))
 
-    record: dict = {"run_dir": str(run_dir), "num_layers": num_layers, "layer_names": [l.name for l in loaded.layers],
+    record: dict = {"run_dir": str(run_dir), "num_layers": num_layers,
+                    "layer_names": [layer.name for layer in loaded.layers],
                     "heldout_examples": len(loaded.heldout), "importance": importance, "orders": {}}
     for order_name in orders:
         print(f"istune analyze remove-layers: order {order_name}", flush=True)
@@ -166,7 +168,8 @@ def remove_layers(run_dir: str, out_dir: Optional[str] = None, orders: Optional[
         record["orders"][order_name] = {"removed": removed, "loss": losses,
                                         "perplexity": [math.exp(min(value, 700.0)) for value in losses]}
     record["loss_without_removal"] = loss([])
-    record["single_removal_loss"] = {str(p): cache[frozenset([p])] for p in range(num_layers) if frozenset([p]) in cache}
+    record["single_removal_loss"] = {str(p): cache[frozenset([p])]
+                                     for p in range(num_layers) if frozenset([p]) in cache}
     record["ranking"] = _greedy_ranking(record["orders"], num_layers)
     record["evaluations"] = len(cache)
     record["metadata"] = run_metadata("-m istune analyze remove-layers", list(argv), repo_root())
@@ -177,7 +180,7 @@ def remove_layers(run_dir: str, out_dir: Optional[str] = None, orders: Optional[
     return record
 
 
-def _greedy_ranking(orders: dict, num_layers: int) -> Optional[list[int]]:
+def _greedy_ranking(orders: dict, num_layers: int) -> list[int] | None:
     """Layers by contribution, most important first: greedy-most's order, else greedy-least's reversed."""
     if len(orders.get("greedy_most", {}).get("removed", [])) == num_layers:
         return list(orders["greedy_most"]["removed"])

@@ -27,9 +27,9 @@ import itertools
 import json
 import random
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from istune.bench.probes import spearman, top_k_overlap
 
@@ -47,7 +47,7 @@ class Group:
 # ---- statistics ------------------------------------------------------------------------------
 
 
-def pairwise_agreement(vectors: Sequence[Sequence[float]], k: int) -> tuple[Optional[float], float]:
+def pairwise_agreement(vectors: Sequence[Sequence[float]], k: int) -> tuple[float | None, float]:
     """Mean Spearman (None when every pair has a constant vector) and mean top-k overlap over all pairs."""
     rhos, overlaps = [], []
     for a, b in itertools.combinations(vectors, 2):
@@ -76,7 +76,7 @@ def permutation_baseline(vectors: Sequence[Sequence[float]], k: int, permutation
             "overlap_mean": statistics.fmean(overlaps), "overlap_95": _percentile(overlaps, 0.95)}
 
 
-def _percentile(values: list[float], q: float) -> Optional[float]:
+def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
@@ -107,7 +107,7 @@ def agreement_curve(group: Group, k: int, every: int = 10, permutations: int = P
     return rows
 
 
-def reproducible_from(rows: list[dict]) -> Optional[int]:
+def reproducible_from(rows: list[dict]) -> int | None:
     """The first checkpoint after which the mean Spearman stays above the baseline's 95th percentile; None if never."""
     first = None
     for row in rows:
@@ -229,7 +229,8 @@ def format_study(result: dict) -> str:
         lines.append(f"\n### {group['label']} ({group['seeds']} seeds, N_L = {group['num_layers']})\n")
         lines.append("Reproducible (mean Spearman above the permutation 95th percentile from then on): "
                      + (f"from {verdict} updates." if verdict is not None else "not within these updates."))
-        lines.append(f"\n| updates | Spearman | permuted: mean / 95th pct | top-{k} overlap | permuted: mean / 95th pct |")
+        lines.append(f"\n| updates | Spearman | permuted: mean / 95th pct | top-{k} overlap "
+                     "| permuted: mean / 95th pct |")
         lines.append("|---:|---:|---:|---:|---:|")
         for row in group["rows"]:
             rho = "n/a" if row["spearman"] is None else f"{row['spearman']:.3f}"
@@ -239,7 +240,7 @@ def format_study(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: Optional[float]) -> str:
+def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
@@ -275,7 +276,7 @@ def write_study(result: dict, out: Path, meta: dict) -> None:
     write_text(out / "reproducibility.json", json.dumps({**meta, **result}, indent=2))
     write_text(out / "reproducibility.md", (
         f"# Reproducibility of the learned importance\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, "
-        f"{meta['date']}, {meta['machine']}.\n\nPairwise agreement of the seeds' importance rankings after each number "
-        f"of updates, beside a permutation baseline ({PERMUTATIONS} shuffles of every seed's vector).\n"
+        f"{meta['date']}, {meta['machine']}.\n\nPairwise agreement of the seeds' importance rankings after each "
+        f"number of updates, beside a permutation baseline ({PERMUTATIONS} shuffles of every seed's vector).\n"
         f"{format_study(result)}\n\n![reproducibility](reproducibility.png)\n"))
     plot_study(result, out / "reproducibility.png")

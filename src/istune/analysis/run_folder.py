@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
@@ -38,7 +38,7 @@ class LoadedRun:
     layers: list[AdapterLayer]
     heldout: Any
     collate: Any
-    importance: Optional[list[float]]
+    importance: list[float] | None
 
     @property
     def strategy(self) -> str:
@@ -50,19 +50,19 @@ def read_results(run_dir: str | Path, option: str = "run_dir") -> dict[str, Any]
     folder = Path(run_dir)
     results_file = folder / "results.json"
     if not results_file.is_file() or not (folder / "adapter").is_dir():
-        raise ValueError(f"{option}={str(run_dir)!r} is not the output folder of a finished `istune train` run (it needs "
-                         "results.json and adapter/); give the --output_dir of a run that has finished.")
+        raise ValueError(f"{option}={str(run_dir)!r} is not the output folder of a finished `istune train` run (it "
+                         "needs results.json and adapter/); give the --output_dir of a run that has finished.")
     return json.loads(results_file.read_text())
 
 
-def learned_importance(results: dict[str, Any]) -> Optional[list[float]]:
+def learned_importance(results: dict[str, Any]) -> list[float] | None:
     """The run's final importance I, or None when its strategy learns none."""
     if results.get("ist", {}).get("strategy") != "ist" or not results.get("importance"):
         return None
     return [float(value) for value in results["importance"]]
 
 
-def load_run(run_dir: str | Path, heldout_samples: Optional[int] = None) -> LoadedRun:
+def load_run(run_dir: str | Path, heldout_samples: int | None = None) -> LoadedRun:
     """Load base model + adapters of ``run_dir`` and the run's held-out examples.
 
     Args:
@@ -71,8 +71,8 @@ def load_run(run_dir: str | Path, heldout_samples: Optional[int] = None) -> Load
     """
     import torch
 
-    from istune.data import CausalLMCollator, InstructionDataset
     from istune.adapters.methods import load_adapters
+    from istune.data import CausalLMCollator, InstructionDataset
     from istune.models import load_model_and_tokenizer
     from istune.runs import RunArgs, load_rows, saved_training_value
 
@@ -90,7 +90,7 @@ def load_run(run_dir: str | Path, heldout_samples: Optional[int] = None) -> Load
     return LoadedRun(folder, results, model, layers, heldout, CausalLMCollator(tokenizer), learned_importance(results))
 
 
-def _discover_layers(model: nn.Module, initial_state, layers_path: Optional[str]) -> list[AdapterLayer]:
+def _discover_layers(model: nn.Module, initial_state, layers_path: str | None) -> list[AdapterLayer]:
     """The adapter layers of a model loaded for inference (where peft froze every parameter).
 
     Layer discovery reads ``requires_grad``, so adapter parameters are marked trainable

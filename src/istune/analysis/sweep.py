@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from istune.analysis.training_runs import PlannedRun, TrainFn, TrainingSize, run_all
 from istune.config import ISTConfig
@@ -48,11 +48,13 @@ def _config(option: str, value, **fields) -> ISTConfig:
 def plan_sweep(parts: Sequence[str], num_layers: int, *, mu_values: Sequence[float] = (0.1, 1, 10, 100, 1000),
                beta_values: Sequence[float] = (0.0, 0.1, 0.25, 0.5), update_layers: int = 8,
                ablation_update_layers: Sequence[int] = (4, 8), mu: float = 10.0, beta: float = 0.25,
-               probe_interval: int = 10, seeds: Sequence[int] = (42,)) -> tuple[list[PlannedRun], dict[str, list[dict]]]:
+               probe_interval: int = 10, seeds: Sequence[int] = (42,)
+               ) -> tuple[list[PlannedRun], dict[str, list[dict]]]:
     """The runs of the chosen parts, and per part its table rows (label, swept value, run names by seed).
 
     Raises:
-        ValueError: an unknown part, an empty list, or a value ISTConfig refuses (N_u above N_L, β outside [0, 1], ...).
+        ValueError: an unknown part, an empty list, or a value ISTConfig refuses (N_u above N_L,
+            β outside [0, 1], ...).
     """
     unknown = [part for part in parts if part not in PARTS]
     if unknown or not parts:
@@ -107,7 +109,7 @@ def plan_sweep(parts: Sequence[str], num_layers: int, *, mu_values: Sequence[flo
     return list(runs.values()), rows
 
 
-def _row(label: str, value: Optional[float], names: list[str]) -> dict:
+def _row(label: str, value: float | None, names: list[str]) -> dict:
     return {"label": label, "value": value, "runs": names}
 
 
@@ -131,7 +133,8 @@ def format_tables(summary: dict[str, list[dict]]) -> str:
     lines = []
     for part, part_rows in summary.items():
         lines += [f"### {TITLES[part]}", "",
-                  "| setting | seeds | held-out loss (mean) | min – max | option-scoring acc. (%) |", "|---|---|---|---|---|"]
+                  "| setting | seeds | held-out loss (mean) | min – max | option-scoring acc. (%) |",
+                  "|---|---|---|---|---|"]
         for row in part_rows:
             accuracy = f"{100 * row['mean_accuracy']:.1f}" if row["mean_accuracy"] is not None else "–"
             lines.append(f"| {row['label']} | {len(row['losses'])} | {row['mean_loss']:.4f} | "

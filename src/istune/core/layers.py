@@ -14,8 +14,8 @@ plain model ready for that.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -45,9 +45,9 @@ class AdapterLayer:
     name: str
     adapters: list[nn.Module]
     parameters: list[nn.Parameter]
-    block: Optional[nn.Module] = None
+    block: nn.Module | None = None
     parameter_names: list[str] = field(default_factory=list)
-    initial: Optional[list[torch.Tensor]] = None
+    initial: list[torch.Tensor] | None = None
 
     @property
     def is_full_layer(self) -> bool:
@@ -112,8 +112,8 @@ def prepare_full_layer_tuning(
     """
     adapters = [name for name, m in model.named_modules() if is_adapter_module(m)]
     if adapters:
-        raise ValueError(f"prepare_full_layer_tuning is for a model without adapters, but this one has {len(adapters)} "
-                         f"adapter modules (e.g. '{adapters[0]}'); start from the plain base model.")
+        raise ValueError("prepare_full_layer_tuning is for a model without adapters, but this one has "
+                         f"{len(adapters)} adapter modules (e.g. '{adapters[0]}'); start from the plain base model.")
     if layers_path is None:
         candidates = _candidates(model)
         if not candidates:

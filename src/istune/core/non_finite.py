@@ -19,7 +19,6 @@ device anyway (the Trainer reading the loss to log it), warns, and stops trainin
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
@@ -35,7 +34,7 @@ class NonFiniteSteps:
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._counters: Optional[torch.Tensor] = None  # (in a row, since the last report, last such step), int64
+        self._counters: torch.Tensor | None = None  # (in a row, since the last report, last such step), int64
 
     def zero_step_if_non_finite(self, gradients: list[torch.Tensor], step: int) -> None:
         """Make this step's gradients all zero when any entry of any of them is NaN/inf (no host sync)."""

@@ -18,7 +18,7 @@ full layers (LISA-style) it is twice the layer's weights.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

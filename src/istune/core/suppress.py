@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -178,8 +178,9 @@ def suppress_layer_deltas(layers: Iterable[AdapterLayer], beta: float) -> Iterat
     layers = list(layers)
     for layer in layers:
         if layer.initial is None or layer.block is None:
-            raise ValueError(f"Full layer {layer.index} ('{layer.name}') has no initial weights to suppress its change "
-                             "towards; call istune.core.suppress.prepare_suppression(model, layers) before training.")
+            raise ValueError(f"Full layer {layer.index} ('{layer.name}') has no initial weights to suppress its "
+                             "change towards; call istune.core.suppress.prepare_suppression(model, layers) "
+                             "before training.")
     swapped: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
     hooks = []
 

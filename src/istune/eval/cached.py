@@ -13,13 +13,14 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from istune.eval.tasks import method_list
 
 
 def evaluate_parts(model, tokenizer, items: dict[str, list[dict]], methods: Sequence[str], batch_size: int,
-                   cache=None, progress: bool = True, generation_batch_size: Optional[int] = None,
+                   cache=None, progress: bool = True, generation_batch_size: int | None = None,
                    ) -> dict[str, dict[str, dict[str, Any]]]:
     """``{method: {task: summary}}`` for each method and task; parts found in ``cache`` are not recomputed.
 
@@ -62,7 +63,7 @@ def evaluate_parts(model, tokenizer, items: dict[str, list[dict]], methods: Sequ
 
 
 def evaluate_model(model, tokenizer, items: dict[str, list[dict]], heldout, collate, method: str, batch_size: int,
-                   cache=None, generation_batch_size: Optional[int] = None) -> dict[str, Any]:
+                   cache=None, generation_batch_size: int | None = None) -> dict[str, Any]:
     """Held-out loss (when ``heldout`` is given) and accuracy per task and method, as ``istune train`` records them:
     ``{"heldout_loss": x, "<method>": {"tasks": {task: accuracy}, "average": mean}}``."""
     from istune.eval.loss import heldout_loss
@@ -88,7 +89,7 @@ def evaluate_model(model, tokenizer, items: dict[str, list[dict]], heldout, coll
 
 def evaluate_base(model, tokenizer, items: dict[str, list[dict]], heldout, collate, *, method: str, batch_size: int,
                   model_name: str, use_cache: bool = True,
-                  generation_batch_size: Optional[int] = None) -> dict[str, Any]:
+                  generation_batch_size: int | None = None) -> dict[str, Any]:
     """``evaluate_model`` for the untuned model of ``istune train``, from the cache where it can be.
 
     The cache is keyed by the model's files and load settings, the items, the method and

@@ -127,7 +127,8 @@ def check_generation_items(items: Sequence[dict[str, Any]], task: str) -> None:
     name = normalize_task(task)
     for index, item in enumerate(items):
         if "answer" not in item:
-            raise KeyError(f"item {index} of task {task!r} has no 'answer' (keys: {sorted(item)}); add the gold answer")
+            raise KeyError(f"item {index} of task {task!r} has no 'answer' (keys: {sorted(item)}); "
+                           "add the gold answer")
         if name in NUMBER_TASKS:
             parse_gold_number(item["answer"])
 

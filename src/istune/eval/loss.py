@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -28,7 +29,8 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Any], collate_fn: Ca
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
-                batch = move_to_device(collate_fn([examples[i] for i in range(start, min(start + batch_size, len(examples)))]), device)
+                end = min(start + batch_size, len(examples))
+                batch = move_to_device(collate_fn([examples[i] for i in range(start, end)]), device)
                 labels = batch.pop("labels")
                 for key in ("logits_to_keep", "shift_labels"):  # a collator's own selection; replaced below
                     batch.pop(key, None)

@@ -43,7 +43,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 CACHE_VERSION = 1  # bump when the meaning of a cached entry changes
 EVAL_CACHE_ENV = "ISTUNE_EVAL_CACHE"  # replaces <cache_root()>/eval (the tests point it at a temporary folder)
@@ -95,7 +95,7 @@ def folder_fingerprint(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return {"folder": str(root), "files": files}
 
 
-def local_model_folder(name_or_path: str) -> Optional[Path]:
+def local_model_folder(name_or_path: str) -> Path | None:
     """The folder holding ``name_or_path``'s files: the folder itself, the embedded model's converted
     folder, or a hub snapshot already in the local Hugging Face cache; None when there is none."""
     from istune.models import resolve_model_path
@@ -152,7 +152,8 @@ class ResultCache:
         self.misses = 0
 
     @classmethod
-    def for_model(cls, model: Any, name_or_path: str, root: str | os.PathLike[str] | None = None) -> Optional["ResultCache"]:
+    def for_model(cls, model: Any, name_or_path: str,
+                  root: str | os.PathLike[str] | None = None) -> ResultCache | None:
         """The cache of ``model``, loaded from ``name_or_path``; None when its files cannot be found on disk."""
         folder = local_model_folder(name_or_path)
         if folder is None:

@@ -12,7 +12,7 @@ kind (lora_A, lora_E or lora_B): a neutral prior, neither favoured nor cut first
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -45,8 +45,9 @@ def _sparse_aware(allocator, model: nn.Module) -> Iterator[None]:
                 allocator.ipt[name] = (parameter * parameter.grad).abs().detach()
                 allocator.exp_avg_ipt[name] = (allocator.beta1 * allocator.exp_avg_ipt[name]
                                                + (1 - allocator.beta1) * allocator.ipt[name])
+                uncertainty = (allocator.ipt[name] - allocator.exp_avg_ipt[name]).abs()
                 allocator.exp_avg_unc[name] = (allocator.beta2 * allocator.exp_avg_unc[name]
-                                               + (1 - allocator.beta2) * (allocator.ipt[name] - allocator.exp_avg_ipt[name]).abs())
+                                               + (1 - allocator.beta2) * uncertainty)
 
     def element_score(name):
         if name in allocator.exp_avg_ipt:

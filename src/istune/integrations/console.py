@@ -15,8 +15,6 @@ Nothing else changes: the reporters and ``ist_log.jsonl`` still get every value.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
 
 PER_LAYER_PREFIXES = ("ist/importance/layer_", "ist/selected/layer_")
@@ -55,7 +53,7 @@ class ReadablePrinterCallback(PrinterCallback):
 _READABLE = {ProgressCallback: ReadableProgressCallback, PrinterCallback: ReadablePrinterCallback}
 
 
-def use_readable_console(handler: Optional[CallbackHandler]) -> None:
+def use_readable_console(handler: CallbackHandler | None) -> None:
     """Replace the Trainer's own printers in ``handler`` by the readable ones, keeping their state.
 
     Only the exact transformers classes are replaced: a printer of the user's own is left as it is.

@@ -30,7 +30,6 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate import state as accelerate_state
@@ -56,7 +55,7 @@ MAX_NON_FINITE_STEPS = 10  # consecutive optimizer steps with NaN/inf gradients 
 HISTORY_FLUSH_EVENTS = 64  # selection and probe events kept in memory before they are appended to the log
 
 
-def add_ist(trainer, config: Optional[ISTConfig] = None, **options) -> "ISTCallback":
+def add_ist(trainer, config: ISTConfig | None = None, **options) -> ISTCallback:
     """Add IST to a Trainer already built; the callback is given the Trainer.
 
     The same training as ``Trainer(..., callbacks=[ISTCallback(config)])``; with the Trainer in hand the
@@ -119,7 +118,7 @@ class ISTCallback(TrainerCallback):
         >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[ISTCallback()])
     """
 
-    def __init__(self, config: Optional[ISTConfig] = None, probe_dataset=None, log_file: str = LOG_FILE,
+    def __init__(self, config: ISTConfig | None = None, probe_dataset=None, log_file: str = LOG_FILE,
                  readable_console: bool = True, *, trainer=None):
         if config is not None and not isinstance(config, ISTConfig):
             raise TypeError(f"ISTCallback(config=...) takes an ISTConfig, not a {type(config).__name__}; "
@@ -129,12 +128,12 @@ class ISTCallback(TrainerCallback):
         self.log_file = log_file
         self.readable_console = readable_console
         self.trainer = None
-        self.tuner: Optional[SparseTuner] = None
-        self.sampler: Optional[ProbeSampler] = None
-        self._selection_counts: Optional[torch.Tensor] = None
+        self.tuner: SparseTuner | None = None
+        self.sampler: ProbeSampler | None = None
+        self._selection_counts: torch.Tensor | None = None
         self._steps_since_log = 0
-        self._last_probe: Optional[dict] = None
-        self._log_path: Optional[str] = None
+        self._last_probe: dict | None = None
+        self._log_path: str | None = None
         self._sharded_optimizer = None  # under FSDP2: the optimizer whose per-layer state checkpoints record
         self._non_finite = NonFiniteSteps(MAX_NON_FINITE_STEPS)
         self._outside_parameters: list = []

@@ -12,7 +12,6 @@ import base64
 import json
 import logging
 import os
-from typing import Optional
 
 import torch
 
@@ -26,7 +25,7 @@ logger = logging.getLogger(__name__)
 STATE_KEY = "istune"  # key of the IST state inside TrainerState.stateful_callbacks (saved with every checkpoint)
 
 
-def export_state(tuner: SparseTuner, sampler: Optional[ProbeSampler] = None, sharded_optimizer=None) -> dict:
+def export_state(tuner: SparseTuner, sampler: ProbeSampler | None = None, sharded_optimizer=None) -> dict:
     """The tuner's state (and the probe sampler's RNG) as JSON values for ``trainer_state.json``.
 
     Under FSDP2 (``sharded_optimizer`` given) it also records which layers have optimizer state
@@ -49,7 +48,7 @@ def export_state(tuner: SparseTuner, sampler: Optional[ProbeSampler] = None, sha
     return exported
 
 
-def restore_state(state, tuner: SparseTuner, sampler: Optional[ProbeSampler] = None) -> None:
+def restore_state(state, tuner: SparseTuner, sampler: ProbeSampler | None = None) -> None:
     """Continue ``tuner`` (and ``sampler``) from the IST state in the resumed ``TrainerState``.
 
     Raises:

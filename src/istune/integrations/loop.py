@@ -21,7 +21,8 @@ The whole integration is two calls around each optimizer step::
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,11 +37,11 @@ def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Iterable[Any],
-    config: Optional[ISTConfig] = None,
+    config: ISTConfig | None = None,
     *,
     probe_batches=None,
     gradient_accumulation_steps: int = 1,
-    max_steps: Optional[int] = None,
+    max_steps: int | None = None,
 ) -> SparseTuner:
     """Train ``model`` with IST over ``batches`` (dicts the model takes, with ``labels``).
 

@@ -24,7 +24,7 @@ import functools
 import json
 import logging
 import os
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -41,8 +41,8 @@ def layers_with_optimizer_state(optimizer: torch.optim.Optimizer, layers: list[A
     return [j for j, layer in enumerate(layers) if all(p in state for p in layer.parameters)]
 
 
-def guard_checkpoints(trainer, state_key: str, current_layers: Callable[[], Optional[list[AdapterLayer]]],
-                      layers_path: Optional[str] = None) -> None:
+def guard_checkpoints(trainer, state_key: str, current_layers: Callable[[], list[AdapterLayer] | None],
+                      layers_path: str | None = None) -> None:
     """Wrap ``trainer``'s checkpoint saving and optimizer loading (once) for FSDP2 runs; other runs pass through.
 
     Args:
@@ -98,7 +98,7 @@ def _is_fsdp2(trainer) -> bool:
     return plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
 
 
-def _saved_layers(checkpoint: Optional[str], state_key: str) -> Optional[set[int]]:
+def _saved_layers(checkpoint: str | None, state_key: str) -> set[int] | None:
     """The layers the checkpoint holds optimizer state for, or None (no checkpoint, or no such record)."""
     path = os.path.join(checkpoint, "trainer_state.json") if checkpoint else None
     if path is None or not os.path.exists(path):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional
 
 import torch
 from torch import nn
@@ -56,8 +55,8 @@ def check_trainer_setup(args, model: nn.Module, trainer=None, accelerator_state=
         _check_ddp(args, model, trainer)
         if uses_reentrant_checkpointing(model):
             raise ValueError(
-                "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) fails "
-                "with 'Expected to mark a variable ready only once'. Use the non-reentrant variant: "
+                "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) "
+                "fails with 'Expected to mark a variable ready only once'. Use the non-reentrant variant: "
                 "TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': False}) (the default in "
                 "transformers 5), or model.gradient_checkpointing_enable({'use_reentrant': False})."
             )
@@ -82,7 +81,7 @@ def uses_reentrant_checkpointing(model: nn.Module) -> bool:
     return False
 
 
-def _check_sharding(args, model: nn.Module, trainer, accelerator_state=None) -> Optional[int]:
+def _check_sharding(args, model: nn.Module, trainer, accelerator_state=None) -> int | None:
     """Refuse the sharded engines IST cannot train; return the FSDP version (2, or None without FSDP).
 
     What IST cannot do under FSDP2 is refused by SparseTuner (:func:`istune.core.sharding.check_fsdp2`).
@@ -112,11 +111,11 @@ def _check_sharding(args, model: nn.Module, trainer, accelerator_state=None) -> 
     return version
 
 
-_USE_FSDP2 = ("Shard with FSDP2 instead: TrainingArguments(fsdp='full_shard auto_wrap', fsdp_config={'version': 2}) or "
-              "accelerate launch --config_file configs/accelerate/fsdp2.yaml; or use DDP. See docs/distributed.md.")
+_USE_FSDP2 = ("Shard with FSDP2 instead: TrainingArguments(fsdp='full_shard auto_wrap', fsdp_config={'version': 2}) "
+              "or accelerate launch --config_file configs/accelerate/fsdp2.yaml; or use DDP. See docs/distributed.md.")
 
 
-def fsdp_version(args, model: nn.Module, trainer=None, accelerator_state=None) -> Optional[int]:
+def fsdp_version(args, model: nn.Module, trainer=None, accelerator_state=None) -> int | None:
     """1 or 2 when the model is (to be) sharded with FSDP, else None.
 
     The accelerator's state (the Trainer's, or ``accelerator_state``) decides when there is one:
@@ -170,7 +169,7 @@ def _trainer_find_unused_parameters(args, model: nn.Module) -> bool:
     return True
 
 
-def _find_ddp(model: Optional[nn.Module]) -> Optional[DistributedDataParallel]:
+def _find_ddp(model: nn.Module | None) -> DistributedDataParallel | None:
     """The DDP wrapper in a chain of wrappers (torch.compile's OptimizedModule keeps it as ``_orig_mod``)."""
     while model is not None and not isinstance(model, DistributedDataParallel):
         model = getattr(model, "_orig_mod", None)

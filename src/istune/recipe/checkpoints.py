@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -63,7 +63,7 @@ def read_run_file(folder: str | os.PathLike) -> dict[str, Any]:
         return {}
 
 
-def run_state(output_dir: str | os.PathLike) -> Optional[str]:
+def run_state(output_dir: str | os.PathLike) -> str | None:
     """How far the run in ``output_dir`` got: "complete", "trained", "partial" or None (see the module docstring)."""
     folder = Path(output_dir)
     if (folder / RESULTS_FILE).is_file():
@@ -99,7 +99,7 @@ class RunFileCallback(TrainerCallback):
             write_run_file(checkpoint, self.record)
 
 
-def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
     """``--resume_from_checkpoint``: None, a checkpoint folder, or 'true' for the latest in ``output_dir``."""
     if value is None or str(value).lower() in ("", "false", "none"):
         return None
@@ -116,7 +116,7 @@ def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
     return str(value)
 
 
-def latest_complete_checkpoint(output_dir: str) -> Optional[str]:
+def latest_complete_checkpoint(output_dir: str) -> str | None:
     """The ``checkpoint-K`` of ``output_dir`` with the largest K whose saving finished (it holds the run file)."""
     folder = Path(output_dir)
     if not folder.is_dir():
@@ -126,7 +126,7 @@ def latest_complete_checkpoint(output_dir: str) -> Optional[str]:
     return str(max(steps)[1]) if steps else None
 
 
-def check_resume(checkpoint: str, record: dict[str, Any], num_layers: Optional[int] = None) -> None:
+def check_resume(checkpoint: str, record: dict[str, Any], num_layers: int | None = None) -> None:
     """Refuse a checkpoint whose run differs from ``record`` in what it trains or how IST selects.
 
     Args:
@@ -135,9 +135,9 @@ def check_resume(checkpoint: str, record: dict[str, Any], num_layers: Optional[i
     folder = Path(checkpoint)
     if not (folder / RUN_FILE).is_file():
         raise ValueError(f"--resume_from_checkpoint={checkpoint!r} has no {RUN_FILE}: its saving was cut short, or "
-                         "`istune train` did not save it. Resume from an earlier checkpoint (or --resume_from_checkpoint "
-                         "true for the latest complete one); a checkpoint of your own script resumes with "
-                         "trainer.train(resume_from_checkpoint=...).")
+                         "`istune train` did not save it. Resume from an earlier checkpoint (or "
+                         "--resume_from_checkpoint true for the latest complete one); a checkpoint of your own "
+                         "script resumes with trainer.train(resume_from_checkpoint=...).")
     saved = json.loads((folder / RUN_FILE).read_text())
     differences = [f"--{name}={record.get(group, {}).get(name)!r} (checkpoint: {saved.get(group, {}).get(name)!r})"
                    for group, names in MUST_MATCH.items() for name in names

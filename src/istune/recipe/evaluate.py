@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from istune.eval.cached import evaluate_model, evaluate_parts
 from istune.eval.tasks import method_list, parse_eval_tasks
@@ -22,9 +22,9 @@ from istune.io import write_text
 
 # ----------------------------------------------------------------------------- istune eval RUN_DIR
 
-def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int] = None,
-                 method: Optional[str] = None, batch_size: Optional[int] = None, output: Optional[str] = None,
-                 harness: bool = False, generation_batch_size: Optional[int] = None) -> dict:
+def evaluate_run(run_dir: str, tasks: str | None = None, limit: int | None = None,
+                 method: str | None = None, batch_size: int | None = None, output: str | None = None,
+                 harness: bool = False, generation_batch_size: int | None = None) -> dict:
     """Load base model + adapters from ``run_dir``, evaluate on the run's held-out data and items,
     write ``eval.json`` there (or ``output``) and print the table."""
     from istune.adapters.methods import load_adapters
@@ -36,7 +36,8 @@ def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int]
     folder = Path(run_dir)
     results_file = folder / "results.json"
     if not results_file.is_file() or not (folder / "adapter").is_dir():
-        raise FileNotFoundError(f"{folder} is not the output folder of `istune train` (needs results.json and adapter/).")
+        raise FileNotFoundError(f"{folder} is not the output folder of `istune train` "
+                                "(needs results.json and adapter/).")
     saved = json.loads(results_file.read_text())
     overrides = {k: v for k, v in {"eval_tasks": tasks, "eval_limit": limit, "eval_method": method,
                                    "generation_batch_size": generation_batch_size}.items() if v is not None}
@@ -50,7 +51,8 @@ def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int]
         _check_harness(task_names)
     _, heldout_rows = load_rows(run, saved_training_value(saved, "seed"))
     items = load_eval_items(task_names, run.eval_limit, run.eval_seed)
-    base, tokenizer = load_model_and_tokenizer(run.model, **loading_kwargs(ModelArgs(**saved.get("model_loading", {}))))
+    model_args = ModelArgs(**saved.get("model_loading", {}))
+    base, tokenizer = load_model_and_tokenizer(run.model, **loading_kwargs(model_args))
     model = load_adapters(base, folder / "adapter").eval()
     heldout = InstructionDataset(heldout_rows, tokenizer, run.cutoff_len, train_on_inputs=False)
     tuned = evaluate_model(model, tokenizer, items, heldout, CausalLMCollator(tokenizer), run.eval_method, batch_size,
@@ -73,16 +75,16 @@ def evaluate_run(run_dir: str, tasks: Optional[str] = None, limit: Optional[int]
 class EvalArgs:
     """What ``istune eval --model`` evaluates and how."""
 
-    model: Optional[str] = None
-    adapter: Optional[str] = None
+    model: str | None = None
+    adapter: str | None = None
     eval_tasks: str = "all"
-    eval_limit: Optional[int] = None
+    eval_limit: int | None = None
     eval_seed: int = 0
     eval_method: str = "both"
     eval_batch_size: int = 8
     generation_batch_size: int = 32
     dtype: str = "auto"
-    output: Optional[str] = None
+    output: str | None = None
     harness: bool = False
     cache: bool = True
 
@@ -93,7 +95,7 @@ class AdapterFolder:
 
     path: Path
     kind: str
-    base_model: Optional[str]
+    base_model: str | None
 
 
 def find_adapter(path: str) -> AdapterFolder:
@@ -103,8 +105,8 @@ def find_adapter(path: str) -> AdapterFolder:
     Raises:
         ValueError: Naming the folder, what is missing and what would do.
     """
-    from istune.adapters.model import CONFIG_NAME, WEIGHTS_NAME
     from istune.adapters.methods import METHOD_FILE, AdapterArgs
+    from istune.adapters.model import CONFIG_NAME, WEIGHTS_NAME
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -116,7 +118,8 @@ def find_adapter(path: str) -> AdapterFolder:
         try:
             args = AdapterArgs(**json.loads((folder / METHOD_FILE).read_text()))
         except (ValueError, TypeError) as error:
-            raise ValueError(f"--adapter={path!r}: {folder / METHOD_FILE} is not a valid method file ({error}).") from None
+            raise ValueError(f"--adapter={path!r}: {folder / METHOD_FILE} is not a valid method file "
+                             f"({error}).") from None
         needed = {"series": [CONFIG_NAME, WEIGHTS_NAME], "parallel": [CONFIG_NAME, WEIGHTS_NAME],
                   "full": ["config.json"]}.get(args.method, ["adapter_config.json"])
         missing = [name for name in needed if not (folder / name).is_file()]
@@ -128,7 +131,8 @@ def find_adapter(path: str) -> AdapterFolder:
         return AdapterFolder(folder, "istune", base)
     if (folder / "adapter_config.json").is_file():
         if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
-            raise ValueError(f"--adapter={path!r}: adapter_config.json but no adapter_model.safetensors/.bin in {folder}.")
+            raise ValueError(f"--adapter={path!r}: adapter_config.json but no adapter_model.safetensors/.bin "
+                             f"in {folder}.")
         base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
         return AdapterFolder(folder, "peft", base)
     raise ValueError(f"--adapter={path!r} holds neither {METHOD_FILE} (istune) nor adapter_config.json (peft); "
@@ -146,7 +150,7 @@ def load_adapter(base_model, adapter: AdapterFolder):
     return peft.PeftModel.from_pretrained(base_model, adapter.path).eval()
 
 
-def check_eval_args(args: EvalArgs) -> tuple[list[str], Optional[AdapterFolder], str]:
+def check_eval_args(args: EvalArgs) -> tuple[list[str], AdapterFolder | None, str]:
     """Validate ``args`` without loading anything; return (tasks, adapter, model name)."""
     from istune.models import DTYPES
 
@@ -159,7 +163,8 @@ def check_eval_args(args: EvalArgs) -> tuple[list[str], Optional[AdapterFolder],
     if (model.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
         raise ValueError(f"--model={model!r}: no such folder; give a model folder, a hub id or 'smollm2-135m'.")
     if args.eval_limit is not None and args.eval_limit < 1:
-        raise ValueError(f"--eval_limit={args.eval_limit!r} must be at least 1 (leave it unset for the full test sets).")
+        raise ValueError(f"--eval_limit={args.eval_limit!r} must be at least 1 "
+                         "(leave it unset for the full test sets).")
     for name in ("eval_batch_size", "generation_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)!r} must be at least 1.")
@@ -196,8 +201,10 @@ def evaluate_pretrained(args: EvalArgs) -> dict[str, Any]:
     parts = evaluate_parts(model, tokenizer, items, method_list(args.eval_method), args.eval_batch_size, cache,
                            generation_batch_size=args.generation_batch_size)
     results: dict[str, Any] = {
-        "model": model_name, "adapter": str(adapter.path) if adapter else None, "dtype": str(dtype).removeprefix("torch."),
-        "eval_tasks": tasks, "eval_limit": args.eval_limit, "eval_seed": args.eval_seed, "eval_method": args.eval_method,
+        "model": model_name, "adapter": str(adapter.path) if adapter else None,
+        "dtype": str(dtype).removeprefix("torch."),
+        "eval_tasks": tasks, "eval_limit": args.eval_limit, "eval_seed": args.eval_seed,
+        "eval_method": args.eval_method,
     }
     for method, summaries in parts.items():
         results[method] = {"tasks": summaries,
@@ -236,10 +243,11 @@ def format_comparison(results: dict[str, Any]) -> str:
         lines.append(f"{task:<14}{count[task]['total']:>6}" +
                      "".join(f"{'-' if v is None else f'{100 * v:.1f}':>18}" for v in cells))
     averages = []
-    for title, get in columns:
+    for _, get in columns:
         values = [get(task) for task in tasks if get(task) is not None]
         averages.append(sum(values) / len(values) if values else None)
-    lines.append(f"{'average':<14}{'':>6}" + "".join(f"{'-' if v is None else f'{100 * v:.1f}':>18}" for v in averages))
+    lines.append(f"{'average':<14}{'':>6}" +
+                 "".join(f"{'-' if v is None else f'{100 * v:.1f}':>18}" for v in averages))
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ import importlib.util
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from istune.adapters.methods import AdapterArgs
 from istune.config import ISTConfig
@@ -47,7 +47,7 @@ def check_model_args(args: ModelArgs, method: str) -> None:
 
 
 def check_job(run: RunArgs, model_args: ModelArgs, adapter: AdapterArgs, ist: ISTConfig,
-              training) -> tuple[list[str], Optional[str], Optional[str]]:
+              training) -> tuple[list[str], str | None, str | None]:
     """Everything that can be checked before the model loads.
 
     Returns:
@@ -93,7 +93,7 @@ def _holds_a_run(output_dir: str, state: str) -> str:
             "or pass --overwrite to train it again.")
 
 
-def _num_layers(model: str) -> Optional[int]:
+def _num_layers(model: str) -> int | None:
     """N_L from the model's config when it is a local folder (no download, no conversion); else None."""
     config = Path(model) / "config.json"
     if not config.is_file():

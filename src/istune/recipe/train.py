@@ -18,7 +18,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from istune.adapters.methods import AdapterArgs, add_adapters, load_adapters, save_adapters
 from istune.config import ISTConfig
@@ -34,7 +34,7 @@ TRAINING_RESULTS = ("training", "batch_layout", "train_seconds", "importance", "
 
 
 def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
-          model_args: Optional[ModelArgs] = None) -> dict[str, Any]:
+          model_args: ModelArgs | None = None) -> dict[str, Any]:
     """Run the whole recipe and return the results (also written to ``output_dir/results.json``).
 
     With ``--resume_from_checkpoint true`` on an output folder whose training finished, the

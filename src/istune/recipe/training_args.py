@@ -64,7 +64,10 @@ def _has_accelerator() -> bool:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively: x86 with AVX512-BF16 or AMX; other CPUs if a bf16 matmul runs."""
+    """Whether this CPU computes in bfloat16 natively.
+
+    x86: with AVX512-BF16 or AMX; other CPUs: if a bf16 matmul runs.
+    """
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
