@@ -56,6 +56,7 @@ class ProbeOnceRule(SelectionRule):
             raise ValueError(f"probe_by={probe_by!r} is not a probe; use one of {', '.join(map(repr, PROBES))} "
                              "('gradient' ranks by adapter-gradient norms and works from LoRA's initialisation).")
         self.probe_by = probe_by
+        self.uses_probe_losses = probe_by == "suppression"  # the tuner must prepare eq. 8 suppression for it
         self.chosen: list[int] | None = None
         self.scores: list[float] | None = None
 
