@@ -57,7 +57,8 @@ def test_config_file_gives_defaults_that_flags_override(tiny_model_dir, data_fil
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--strategy", "lisa"], "ISTConfig.strategy='lisa'"),
+        (["--strategy", "lsia"], "ISTConfig.strategy='lsia'"),
+        (["--strategy", "badam", "--exploration", "0.5"], "ISTConfig.exploration=0.5"),
         (["--beta", "2"], "ISTConfig.beta=2.0"),
         (["--method", "prefix"], "--method='prefix'"),
         (["--method", "adalora", "--adalora_target_rank", "4"], "--adalora_target_rank=4 must be below --rank=4"),

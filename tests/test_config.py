@@ -8,7 +8,7 @@ from istune import ISTConfig
 @pytest.mark.parametrize(
     "kwargs,field,value",
     [
-        ({"strategy": "lisa"}, "strategy", "'lisa'"),
+        ({"strategy": "lsia"}, "strategy", "'lsia'"),
         ({"update_fraction": 0.0}, "update_fraction", "0.0"),
         ({"update_fraction": 1.5}, "update_fraction", "1.5"),
         ({"update_layers": 0}, "update_layers", "0"),
@@ -30,12 +30,80 @@ from istune import ISTConfig
         ({"strategy": "random", "layers": [0]}, "layers", "[0]"),
         ({"probe_batch_size": 0}, "probe_batch_size", "0"),
         ({"reward_scale": "std"}, "reward_scale", "'std'"),
+        # the selection rules' parameters: out of range, or set for a rule that does not use them
+        ({"switch_interval": 0}, "switch_interval", "0"),
+        ({"strategy": "lisa", "switch_interval": -3}, "switch_interval", "-3"),
+        ({"strategy": "badam", "switch_interval": 2.5}, "switch_interval", "2.5"),
+        ({"strategy": "owlore", "outlier_threshold": 0}, "outlier_threshold", "0"),
+        ({"strategy": "owlore", "outlier_threshold": -1.0}, "outlier_threshold", "-1.0"),
+        ({"strategy": "owlore", "outlier_threshold": float("inf")}, "outlier_threshold", "inf"),
+        ({"strategy": "owlore", "calibration_interval": -1}, "calibration_interval", "-1"),
+        ({"strategy": "gradnorm", "exploration": 1.5}, "exploration", "1.5"),
+        ({"strategy": "gradnorm", "exploration": -0.1}, "exploration", "-0.1"),
+        ({"strategy": "gradnorm", "gradnorm_decay": 1.0}, "gradnorm_decay", "1.0"),
+        ({"strategy": "gradnorm", "gradnorm_decay": -0.5}, "gradnorm_decay", "-0.5"),
+        ({"strategy": "badam", "block_order": "sideways"}, "block_order", "'sideways'"),
+        ({"strategy": "probe-once", "probe_by": "loss"}, "probe_by", "'loss'"),
+        ({"strategy": "random", "block_order": "random"}, "block_order", "'random'"),
+        ({"strategy": "ist", "exploration": 0.2}, "exploration", "0.2"),
+        ({"strategy": "lisa", "outlier_threshold": 5.0}, "outlier_threshold", "5.0"),
+        ({"strategy": "gradnorm", "calibration_interval": 10}, "calibration_interval", "10"),
+        ({"strategy": "owlore", "probe_by": "suppression"}, "probe_by", "'suppression'"),
+        ({"strategy": "fixed", "layers": [0], "switch_interval": 2}, "switch_interval", "2"),
+        ({"strategy": "probe-once", "switch_interval": 4}, "switch_interval", "4"),
+        ({"strategy": "badam", "layers": [0]}, "layers", "[0]"),
     ],
 )
 def test_bad_values_name_field_and_value(kwargs, field, value):
     with pytest.raises(ValueError) as error:
         ISTConfig(**kwargs)
     assert f"ISTConfig.{field}={value}" in str(error.value)
+
+
+def test_unknown_strategy_lists_every_rule_and_a_registered_one_is_accepted():
+    from istune.core.rules import RandomRule
+    from istune.core.selection import register_rule, rule_names
+
+    with pytest.raises(ValueError) as error:
+        ISTConfig(strategy="lsia")
+    assert all(repr(name) in str(error.value) for name in rule_names())
+    assert "register_rule" in str(error.value)
+
+    class Mine(RandomRule):
+        name = "config-test-rule"
+
+    register_rule(Mine.name, Mine)
+    config = ISTConfig(strategy="config-test-rule", exploration=0.5)  # a rule of one's own may read any field
+    assert config.resolve(8).update_layers == 2  # N_u as for 'random'
+
+
+def test_built_in_names_are_the_registered_rules_and_defaults_are_the_rules():
+    from istune.config import STRATEGIES
+    from istune.core.rules import badam, gradnorm, owlore, probe_once
+    from istune.core.selection import rule_names
+
+    assert set(STRATEGIES) <= set(rule_names())
+    config = ISTConfig()
+    assert (config.outlier_threshold, config.calibration_interval) == (owlore.DEFAULT_OUTLIER_THRESHOLD,
+                                                                      owlore.DEFAULT_CALIBRATION_INTERVAL)
+    assert (config.exploration, config.gradnorm_decay) == (gradnorm.DEFAULT_EXPLORATION,
+                                                           gradnorm.DEFAULT_GRADNORM_DECAY)
+    assert (config.probe_by, config.block_order) == (probe_once.DEFAULT_PROBE_BY, badam.DEFAULT_BLOCK_ORDER)
+    assert config.switch_interval == 1
+
+
+@pytest.mark.parametrize("strategy,kwargs", [
+    ("lisa", {"switch_interval": 50, "update_layers": 2}),
+    ("badam", {"block_order": "random", "switch_interval": 5}),
+    ("owlore", {"outlier_threshold": 5.0, "calibration_interval": 100, "switch_interval": 2}),
+    ("gradnorm", {"exploration": 0.0, "gradnorm_decay": 0.5}),
+    ("probe-once", {"probe_by": "suppression"}),
+    ("ist", {"switch_interval": 3}),
+])
+def test_each_rule_takes_its_own_parameters(strategy, kwargs):
+    config = ISTConfig(strategy=strategy, **kwargs)
+    assert all(getattr(config, name) == value for name, value in kwargs.items())
+    assert config.resolve(8).update_layers == kwargs.get("update_layers", 2)
 
 
 def test_defaults_are_the_papers():

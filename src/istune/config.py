@@ -9,9 +9,24 @@ starts, before any step.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field, fields
 
-STRATEGIES = ("ist", "random", "fixed", "all")
+# The built-in selection rules (istune.core.rules registers each under this name); more can be registered
+# with istune.core.selection.register_rule.
+STRATEGIES = ("ist", "random", "fixed", "all", "lisa", "badam", "owlore", "gradnorm", "probe-once")
+BLOCK_ORDERS = ("ascending", "descending", "random")
+PROBES = ("gradient", "suppression")
+# The rules each rule parameter applies to; any other built-in rule refuses a value other than the default.
+RULE_PARAMETERS = {
+    "switch_interval": ("ist", "random", "lisa", "badam", "owlore", "gradnorm"),
+    "block_order": ("badam",),
+    "outlier_threshold": ("owlore",),
+    "calibration_interval": ("owlore",),
+    "exploration": ("gradnorm",),
+    "gradnorm_decay": ("gradnorm",),
+    "probe_by": ("probe-once",),
+}
 OPTIMIZER_STATE_POLICIES = ("keep", "offload", "drop")
 REWARD_SCALES = ("paper", "spread")
 
@@ -22,14 +37,19 @@ class ISTConfig:
 
     Example:
         >>> ISTConfig()                        # the paper: 25% of layers per step, IST policy
-        >>> ISTConfig(strategy="random")       # random sparse tuning baseline (LISA-style)
+        >>> ISTConfig(strategy="random")       # random sparse tuning baseline
         >>> ISTConfig(strategy="fixed", layers=[0, 5, 11])
+        >>> ISTConfig(strategy="lisa", update_layers=2, switch_interval=50)   # LISA (Pan et al. 2024)
     """
 
     strategy: str = field(
         default="ist",
-        metadata={"help": "How to choose the layers trained each step: 'ist' (importance-aware, the paper), "
-                  "'random' (uniform N_u layers each step), 'fixed' (always `layers`), 'all' (plain PEFT)."},
+        metadata={"help": "The selection rule, how the layers trained each step are chosen: 'ist' (importance-aware, "
+                  "the paper), 'random' (uniform N_u layers), 'lisa' (uniform, LISA, Pan et al. 2024), 'badam' "
+                  "(blocks of N_u consecutive layers in turn, BAdam, Luo et al. 2024), 'owlore' (by outlier ratio, "
+                  "OwLore, Li et al. 2024), 'gradnorm' (by a running estimate of the gradient norm), 'probe-once' "
+                  "(N_u layers picked by a probe at step 0), 'fixed' (always `layers`), 'all' (plain PEFT), or a "
+                  "rule registered with istune.core.selection.register_rule. See docs/methods.md, Selection rules."},
     )
     update_fraction: float | None = field(
         default=None,
@@ -83,6 +103,49 @@ class ISTConfig:
     probe_batch_size: int | None = field(
         default=None, metadata={"help": "Examples in the probe batch; default: the training batch size per device."}
     )
+    switch_interval: int = field(
+        default=1,
+        metadata={"help": "K: keep each selection for K optimizer steps; the rule chooses again at steps 0, K, 2K, "
+                  "... 'ist': the importance-sampled set is held K steps (the probes still run every T_c steps); "
+                  "'random' and 'lisa': LISA's sampling period K (Pan et al. 2024); 'badam': BAdam's "
+                  "switch_block_every (Luo et al. 2024); 'owlore', 'gradnorm': steps between draws. 'fixed', 'all' "
+                  "and 'probe-once' never change their layers and take no K. Default 1: a new selection every step."},
+    )
+    block_order: str = field(
+        default="ascending",
+        metadata={"help": "BAdam's switch_mode (Luo et al. 2024), the order in which the blocks of N_u consecutive "
+                  "layers train: 'ascending' (the bottom block first, default), 'descending' (the top block "
+                  "first), 'random' (a fresh permutation of the blocks at every pass). Only for strategy 'badam'."},
+    )
+    outlier_threshold: float = field(
+        default=13.0,
+        metadata={"help": "M: OwLore (Li et al. 2024) counts a weight x input-activation score as an outlier above "
+                  "M x its layer's mean; layers are sampled in proportion to their share of outliers. Default 13 "
+                  "(OwLore's LLaMA-2 ratios; OWL prunes with 5). Only for strategy 'owlore'."},
+    )
+    calibration_interval: int = field(
+        default=0,
+        metadata={"help": "R: OwLore re-measures the outlier ratios every R optimizer steps; 0 (default) measures "
+                  "them once, at the first step, as OwLore does. Only for strategy 'owlore'."},
+    )
+    exploration: float = field(
+        default=0.1,
+        metadata={"help": "ε in [0, 1]: the uniform share of the 'gradnorm' probabilities, p_i = (1 - ε)·g_i/Σg + "
+                  "ε/N_L, so every layer is revisited (an ε-mixture in place of MISA's bandit weights; MISA 2025, "
+                  "GRASS 2026). 0: gradient norms alone, 1: uniform. Default 0.1. Only for strategy 'gradnorm'."},
+    )
+    gradnorm_decay: float = field(
+        default=0.9,
+        metadata={"help": "γ in [0, 1): the weight a layer's gradient-norm estimate keeps when the layer trains, "
+                  "g_i <- γ·g_i + (1 - γ)·|grad_i| (an EMA, as MISA 2025). Default 0.9. Only for strategy "
+                  "'gradnorm'."},
+    )
+    probe_by: str = field(
+        default="gradient",
+        metadata={"help": "How 'probe-once' (after Aletheia 2026) picks its N_u layers at step 0: 'gradient' "
+                  "(default: the largest adapter-gradient norms) or 'suppression' (IST's eq. 8 probe with each "
+                  "layer alone at full response: the lowest losses). Only for strategy 'probe-once'."},
+    )
 
     recompute_unselected: bool = field(
         default=False,
@@ -106,8 +169,11 @@ class ISTConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            _fail("strategy", self.strategy, f"use one of {', '.join(repr(s) for s in STRATEGIES)}")
+        names = strategy_names()
+        if self.strategy not in names:
+            _fail("strategy", self.strategy, f"use one of {', '.join(repr(s) for s in names)}, or register a rule "
+                  "with istune.core.selection.register_rule(name, factory) before building the config")
+        self._check_rule_parameters()
         _check_pair(self, "update_fraction", "update_layers")
         _check_pair(self, "probe_fraction", "probe_layers")
         for name in ("num_probes", "probe_interval"):
@@ -155,6 +221,34 @@ class ISTConfig:
             _fail("layers", self.layers,
                   f"`layers` only applies to strategy 'fixed', not {self.strategy!r}; remove it")
 
+    def _check_rule_parameters(self) -> None:
+        """The selection rules' parameters: in range, and set only for a rule that uses them."""
+        _check_count(self, "switch_interval")
+        if self.block_order not in BLOCK_ORDERS:
+            _fail("block_order", self.block_order, f"use one of {', '.join(map(repr, BLOCK_ORDERS))}")
+        if not _is_number(self.outlier_threshold) or self.outlier_threshold <= 0:
+            _fail("outlier_threshold", self.outlier_threshold, "OwLore's outlier multiplier M must be a finite "
+                  "number > 0 (OwLore: 13, OWL: 5)")
+        if isinstance(self.calibration_interval, bool) or not isinstance(self.calibration_interval, int) \
+                or self.calibration_interval < 0:
+            _fail("calibration_interval", self.calibration_interval, "R must be an integer >= 0 (steps between "
+                  "measurements of the outlier ratios; 0 measures them once, at the start)")
+        if not _is_number(self.exploration) or not 0 <= self.exploration <= 1:
+            _fail("exploration", self.exploration, "ε, the uniform share of the layer probabilities, must lie in "
+                  "[0, 1] (0: gradient norms alone, 1: uniform; default 0.1)")
+        if not _is_number(self.gradnorm_decay) or not 0 <= self.gradnorm_decay < 1:
+            _fail("gradnorm_decay", self.gradnorm_decay, "γ, the weight an estimate keeps at each observation, "
+                  "must lie in [0, 1) (default 0.9)")
+        if self.probe_by not in PROBES:
+            _fail("probe_by", self.probe_by, f"use one of {', '.join(map(repr, PROBES))}")
+        if self.strategy not in STRATEGIES:
+            return  # a registered rule of the user's own: it may read any of them
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, rules in RULE_PARAMETERS.items():
+            if self.strategy not in rules and getattr(self, name) != defaults[name]:
+                _fail(name, getattr(self, name), f"`{name}` only applies to strategy "
+                      f"{' or '.join(map(repr, rules))}, not {self.strategy!r}; remove it")
+
     def resolve(self, num_layers: int) -> ResolvedCounts:
         """Turn fractions into layer counts for a model with ``num_layers`` adapter layers (N_L).
 
@@ -186,6 +280,21 @@ class ResolvedCounts:
     num_layers: int
     update_layers: int
     probe_layers: int
+
+
+def strategy_names() -> list[str]:
+    """The names ``ISTConfig.strategy`` accepts: the built-in rules and any registered since, sorted.
+
+    A rule is registered through :mod:`istune.core.selection`; until that module is loaded no rule can
+    have been, so the built-in names are all there are (the config does not import the core).
+    """
+    selection = sys.modules.get("istune.core.selection")
+    registered = selection.rule_names() if selection is not None else []
+    return sorted(set(STRATEGIES) | set(registered))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _fail(name: str, value, fix: str):

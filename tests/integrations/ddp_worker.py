@@ -40,6 +40,9 @@ CONFIG = dict(update_layers=1, probe_interval=2, seed=0)
 FSDP2 = dict(fsdp="full_shard auto_wrap", fsdp_config={"version": 2, "state_dict_type": "FULL_STATE_DICT"})
 # The FSDP2 runs use SGD with momentum: torch cannot load an FSDP2 checkpoint of an optimizer without state.
 MOMENTUM = dict(optim_args="momentum=0.9")
+# The selection rules besides IST, each in the plain loop (about a second each).
+RULES = {"lisa": {"switch_interval": 2}, "badam": {"block_order": "random"}, "owlore": {"calibration_interval": 2},
+         "gradnorm": {}, "probe-once": {"probe_by": "suppression"}}
 
 
 class Examples(torch.utils.data.Dataset):
@@ -113,18 +116,21 @@ def train(output_dir: str, world_size: int, rank: int, config: dict = CONFIG, re
     return trainer, ist, recorder
 
 
-def plain_loop(rank: int, steps: int = 4) -> dict:
-    """SparseTuner on a DDP-wrapped model in a plain loop; each rank trains and probes on its own rows."""
+def plain_loop(rank: int, steps: int = 4, config: dict = CONFIG) -> dict:
+    """SparseTuner on a DDP-wrapped model in a plain loop; each rank trains, probes and measures on its own rows."""
     model = peft_model("llama", "lora", num_layers=NUM_LAYERS)
     wrapped = DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    tuner = SparseTuner(wrapped, ISTConfig(**CONFIG), optimizer=optimizer)
+    probe_ids = Examples(4, seed=20 + rank).ids
+    tuner = SparseTuner(wrapped, ISTConfig(**config), optimizer=optimizer,
+                        probe_batches=lambda: {"input_ids": probe_ids, "labels": probe_ids})
     ids = Examples(2 * steps, seed=10 + rank).ids
     selections = []
     for step in range(steps):
         selections.append(tuner.begin_step())
         batch = {"input_ids": ids[2 * step:2 * step + 2], "labels": ids[2 * step:2 * step + 2]}
         wrapped(**batch).loss.backward()
+        tuner.before_optimizer_step()  # 'gradnorm' learns from the (all-reduced) gradients
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tuner.end_step(probe_batch=batch)
@@ -224,6 +230,8 @@ def main(out_dir: str, mode: str = "ddp") -> None:
                                                                    ddp_find_unused_parameters=False))
     result["static_graph"] = _error_of(lambda: train(scratch, world_size, rank, ddp_static_graph=True))
     result["plain_loop"] = plain_loop(rank)
+    result["rules"] = {rule: plain_loop(rank, config={**CONFIG, "strategy": rule, **options})
+                       for rule, options in RULES.items()}
     result["plain_loop_find_unused_false"] = _error_of(lambda: SparseTuner(DistributedDataParallel(
         peft_model("llama", "lora", num_layers=NUM_LAYERS))))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as handle:

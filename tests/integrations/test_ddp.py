@@ -89,3 +89,13 @@ def test_sparse_tuner_on_a_ddp_model_in_a_plain_loop(ranks):
     assert any(abs(v) > 0 for v in loops[0]["importance"])
     for result in results:
         assert result["plain_loop_find_unused_false"].startswith("ValueError: IST freezes the adapters")
+
+
+def test_every_rule_agrees_across_ranks(ranks):
+    _, results, _ = ranks
+    assert results[0]["rules"].keys() == set(ddp_worker.RULES)
+    for rule, run in results[0]["rules"].items():
+        other = results[1]["rules"][rule]
+        assert run["selections"] == other["selections"], rule  # each rank measured its own rows: means agree
+        assert run["weights_digest"] == other["weights_digest"], rule
+        assert all(len(selection) == 1 for selection in run["selections"])

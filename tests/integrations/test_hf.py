@@ -85,6 +85,36 @@ def test_trainer_trains_exactly_the_selected_layers(tmp_path, strategy):
     assert all(p.requires_grad for layer in ist.tuner.layers for p in layer.parameters)  # restored at the end
 
 
+NEW_RULES = {"lisa": {"switch_interval": 2}, "badam": {"block_order": "random"}, "owlore": {"calibration_interval": 2},
+             "gradnorm": {"exploration": 0.3}, "probe-once": {"probe_by": "suppression"}}
+
+
+@pytest.mark.parametrize("rule", NEW_RULES)
+def test_every_rule_trains_exactly_its_selection_in_the_trainer(tmp_path, rule):
+    ist = ISTCallback(ISTConfig(strategy=rule, update_layers=2, **NEW_RULES[rule]))
+    watcher = ParameterWatcher(ist)
+    trainer = _trainer(tmp_path, [ist, watcher])
+    trainer.train()
+    assert watcher.steps == 6
+    events = _read_log(tmp_path)
+    assert [e["step"] for e in events if e["event"] == "select"] == list(range(1, 7))
+    assert (ist.sampler is None) == (rule in ("lisa", "badam"))  # a probe sampler only for the rules that measure
+    assert sum(e["event"] == "gradients" for e in events) == (6 if rule == "gradnorm" else 0)
+    assert all(f"ist/selected/layer_{j:02d}" in trainer.state.log_history[0] for j in range(NUM_LAYERS))
+    assert "ist/importance/layer_00" not in trainer.state.log_history[0]
+
+
+def test_a_rule_object_reaches_the_tuner_through_add_ist(tmp_path):
+    from istune.core.rules import BAdamRule
+
+    trainer = _trainer(tmp_path, [], max_steps=4)
+    rule = BAdamRule("descending")
+    ist = add_ist(trainer, ISTConfig(update_layers=2), rule=rule)
+    trainer.train()
+    assert ist.tuner.rule is rule and ist.tuner.rule_name == "badam"
+    assert [e["selected"] for e in _read_log(tmp_path) if e["event"] == "select"] == [[2, 3], [0, 1]] * 2
+
+
 def _read_log(folder):
     return [json.loads(line) for line in (folder / "ist_log.jsonl").read_text().splitlines()]
 

@@ -1,5 +1,6 @@
 """The plain PyTorch loop of istune.integrations.loop, as documented."""
 
+import pytest
 import torch
 
 from istune import ISTConfig
@@ -34,6 +35,24 @@ def test_plain_loop_with_gradient_accumulation():
     assert tuner.importance.abs().sum() > 0
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert all(p.requires_grad for layer in tuner.layers for p in layer.parameters)
+
+
+@pytest.mark.parametrize("rule", ["lisa", "badam", "owlore", "gradnorm", "probe-once"])
+def test_plain_loop_trains_every_rule(rule):
+    model = peft_model("qwen2", "lora", num_layers=4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    data = _dataset()
+    loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=_collate)
+    sampler = ProbeSampler(data, _collate, batch_size=4, seed=0)
+    tuner = train(model, optimizer, loader, ISTConfig(strategy=rule, update_layers=1), probe_batches=sampler,
+                  gradient_accumulation_steps=2, max_steps=5)
+    selections = [e["selected"] for e in tuner.history if e["event"] == "select"]
+    assert tuner.step == 5 and len(selections) == 5 and all(len(s) == 1 for s in selections)
+    if rule == "badam":  # ascending blocks of one layer
+        assert selections == [[0], [1], [2], [3], [0]]
+    # the loop tells a gradient rule the norms of the layers that trained, once per optimizer step
+    gradients = [e for e in tuner.history if e["event"] == "gradients"]
+    assert [e["layers"] for e in gradients] == (selections if rule == "gradnorm" else [])
 
 
 def test_probe_sampler_is_seeded_and_leaves_global_rng_alone():

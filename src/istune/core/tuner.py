@@ -2,9 +2,21 @@
 
 Per optimizer step::
 
-    tuner.begin_step()        # fine-tuning loop: pick S (eq. 6-7), freeze every other layer's adapters
-    loss.backward(); optimizer.step(); optimizer.zero_grad()
+    tuner.begin_step()        # fine-tuning loop: pick S (the rule; IST: eq. 6-7), freeze every other layer's adapters
+    loss.backward()
+    tuner.before_optimizer_step()   # only rules that watch gradients ('gradnorm') need it; cheap otherwise
+    optimizer.step(); optimizer.zero_grad()
     tuner.end_step()          # every T_c steps: importance-updating loop (eq. 8-10)
+
+Which layers train is the selection rule's (:mod:`istune.core.selection`): ``config.strategy``
+names one in the registry (:mod:`istune.core.rules`), or ``SparseTuner(..., rule=obj)`` passes
+one. Every ``switch_interval`` (K) steps the tuner asks it with a :class:`StepView`, whose
+measurements (probe losses, gradient norms, outlier ratios) are computed only when the rule calls
+them, on one probe batch per step; in between it keeps the rule's last selection. It checks every
+selection (:func:`~istune.core.selection.check_selection`), keeps the rule's state in its own
+(``state_dict()["rule"]``) and, for a rule with ``wants_gradients``, reports the gradient norms
+of the layers that trained. IST's importance-updating loop runs here, for the rule that sets
+``runs_importance_probes``.
 
 Freezing happens before the forward pass, so autograd saves nothing for frozen
 adapters and they get no gradient (``grad is None``): the optimizer never moves them,
@@ -27,7 +39,10 @@ update (:mod:`istune.core.distributed`), so all ranks train the same layers.
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,7 +50,7 @@ import torch
 from torch import nn
 
 from istune.config import ISTConfig
-from istune.core import distributed, policy, sharding
+from istune.core import distributed, measures, policy, sharding
 from istune.core.checkpointing import LayerCheckpointing
 from istune.core.checks import (
     check_optimizer_holds,
@@ -46,6 +61,8 @@ from istune.core.checks import (
 from istune.core.layers import AdapterLayer, find_adapter_layers
 from istune.core.optimizer_state import UnselectedOptimizerState
 from istune.core.probe import LossFn, default_loss, keep_quantized_layers_trainable, move_to_device, probe_mode
+from istune.core.rules import AllLayersRule
+from istune.core.selection import SelectionRule, StepView, check_selection, rule_factory
 from istune.core.suppress import prepare_suppression, suppress_layers
 
 logger = logging.getLogger(__name__)
@@ -59,16 +76,19 @@ class SparseTuner:
             ``find_unused_parameters=True`` (checked); the tuner works on the module inside.
         config: the IST hyperparameters.
         probe_batches: called for a probe batch when an importance update is due and
-            :meth:`end_step` got none.
+            :meth:`end_step` got none, and when the rule asks for a measurement (once per step).
         loss_fn: ``loss_fn(model, batch) -> scalar`` for probes; default ``model(**batch).loss``.
         optimizer: if given, checked to hold every adapter parameter. Required when
             ``config.unselected_optimizer_state`` is 'offload' or 'drop'.
+        rule: a selection rule object (:class:`~istune.core.selection.SelectionRule`) to use instead
+            of the one ``config.strategy`` names; N_u still comes from the config.
 
     Attributes:
         importance: ``(N_L,)`` float64 importance vector I (zeros at the start).
         selected: layer positions trained in the current step.
         step: optimizer steps completed.
         layers: the adapter layers found in the model (position j = ``layers[j]``).
+        rule: the selection rule; ``rule_name`` its name.
     """
 
     def __init__(
@@ -79,10 +99,13 @@ class SparseTuner:
         probe_batches: Callable[[], Any] | None = None,
         loss_fn: LossFn | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        rule: SelectionRule | None = None,
     ):
         model = distributed.unwrap_ddp(model)  # refuses a DDP wrapper that cannot skip frozen adapters
         self.model = model
         self.config = config or ISTConfig()
+        self.rule = rule if rule is not None else build_rule(self.config)
+        self.rule_name = _rule_name(self.rule)
         self.layers: list[AdapterLayer] = find_adapter_layers(model, self.config.layers_path)
         self.counts = self.config.resolve(len(self.layers))  # N_u and N_c against N_L
         self._prepare_model()
@@ -100,7 +123,7 @@ class SparseTuner:
         self._synced_once = False  # ranks compared at the first step (fresh or resumed), then at every update
         self._mask_hook = self._keep_mask_before_forward()
         logger.info("IST: %d adapter layers (N_L), training %d per step (N_u), strategy %r",
-                    self.num_layers, self.counts.update_layers, self.config.strategy)
+                    self.num_layers, self.counts.update_layers, self.rule_name)
 
     def _prepare_model(self) -> None:
         """Refuse what IST cannot train in this model; prepare quantized layers and suppression (eq. 8)."""
@@ -108,7 +131,8 @@ class SparseTuner:
         sharding.check_fsdp2(self.model, self.config, self.layers)  # what IST cannot do on an FSDP2-sharded model
         if keep_quantized_layers_trainable(self.model):  # before the first eval-mode probe forward (bitsandbytes, CPU)
             logger.info("IST: bitsandbytes' CPU repacking of 4-bit layers turned off; it would drop their gradients.")
-        if self.config.strategy == "ist":
+        self._suppression_prepared = self.rule.runs_importance_probes or getattr(self.rule, "uses_probe_losses", False)
+        if self._suppression_prepared:
             prepare_suppression(self.model, self.layers)  # refuses what eq. 8 cannot suppress; keeps W0 of full layers
 
     def _unselected_optimizer_state(self, optimizer: torch.optim.Optimizer | None):
@@ -125,7 +149,7 @@ class SparseTuner:
 
     def _keep_mask_before_forward(self):
         """peft's set_adapter / enable_adapter_layers turn requires_grad back on: re-apply it before each forward."""
-        if self.config.strategy == "all":
+        if isinstance(self.rule, AllLayersRule):
             return None
         return self.model.register_forward_pre_hook(lambda *_: self._apply_mask())
 
@@ -133,10 +157,16 @@ class SparseTuner:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def uses_probe_batches(self) -> bool:
+        """Whether probe batches may be needed: IST's probes, or a rule that may measure (all but those
+        declaring ``uses_probe_batches = False``, as 'random', 'fixed', 'all', 'lisa', 'badam')."""
+        return self.rule.runs_importance_probes or getattr(self.rule, "uses_probe_batches", True)
+
     # ---- fine-tuning loop -------------------------------------------------------------------
 
     def begin_step(self) -> list[int]:
-        """Choose this step's layers S (eq. 6-7) and freeze the adapters of every other layer."""
+        """Choose this step's layers S (the rule; IST: eq. 6-7) and freeze the adapters of every other layer."""
         self.selected = self._select_layers()
         self._apply_mask()
         self._clear_unselected_gradients()
@@ -153,7 +183,7 @@ class SparseTuner:
         Returns the probe record when an update ran (or was skipped), else None.
         """
         self.step += 1
-        if self.config.strategy != "ist" or self.step % self.config.probe_interval != 0:
+        if not self.rule.runs_importance_probes or self.step % self.config.probe_interval != 0:
             return None
         if probe_batch is None:
             if self.probe_batches is None:
@@ -163,15 +193,78 @@ class SparseTuner:
         return self.update_importance(probe_batch)
 
     def _select_layers(self) -> list[int]:
-        """S: sampled by importance ('ist', eq. 6-7), uniformly ('random'), the configured layers, or all."""
-        strategy, count = self.config.strategy, self.counts.update_layers
-        if strategy == "ist":
-            return policy.sample_layers(self.importance, count, self.generator)
-        if strategy == "random":
-            return policy.sample_uniform_layers(self.num_layers, count, self.generator)
-        if strategy == "fixed":
-            return sorted(self.config.layers)
-        return list(range(self.num_layers))
+        """S: the rule's selection at steps 0, K, 2K, ... (K = ``switch_interval``), checked; else the last one."""
+        if self.step % self.config.switch_interval != 0:
+            return list(self.selected)
+        count = self.counts.update_layers
+        selection = self.rule.select(self._step_view())
+        return check_selection(self.rule_name, selection, self.num_layers, count, self.step)
+
+    def _step_view(self) -> StepView:
+        """What the rule sees; its measurements run only if called, all on one probe batch per step."""
+        batch = []
+
+        def probe_batch() -> Any:
+            if not batch:
+                if self.probe_batches is None:
+                    raise ValueError(f"selection rule {self.rule_name!r} asked for a measurement at step "
+                                     f"{self.step}, but the tuner has no probe batches: pass "
+                                     "SparseTuner(probe_batches=...) (ISTCallback passes its own).")
+                batch.append(self.probe_batches())
+            return batch[0]
+
+        def probe_losses(candidates: list[list[int]]) -> torch.Tensor:
+            if not self._suppression_prepared:
+                self._prepare_suppression_late()
+            return self._measured("probe_losses", self.probe_losses(probe_batch(), candidates))
+
+        def gradient_norms() -> torch.Tensor:
+            self._checkpointing.select([layer.index for layer in self.layers])  # every block runs its backward
+            norms = measures.gradient_norms(self.model, self.layers, probe_batch(), self.loss_fn)
+            return self._measured("gradient_norms", norms)
+
+        def outlier_ratios(multiplier: float) -> torch.Tensor:
+            ratios = measures.outlier_ratios(self.model, self.layers, probe_batch(), multiplier, self.loss_fn)
+            return self._measured("outlier_ratios", ratios)
+
+        return StepView(step=self.step, num_layers=self.num_layers, count=self.counts.update_layers,
+                        previous=tuple(self.selected) if self.step > 0 else (), generator=self.generator,
+                        importance=self.importance, probe_losses=probe_losses, gradient_norms=gradient_norms,
+                        outlier_ratios=outlier_ratios)
+
+    def _measured(self, what: str, values: torch.Tensor) -> torch.Tensor:
+        """Log a measurement the rule asked for (a "measure" event) and hand it back."""
+        self.history.append({"event": "measure", "step": self.step, "what": what,
+                             "values": torch.as_tensor(values).flatten().tolist()})
+        return values
+
+    def _prepare_suppression_late(self) -> None:
+        """Suppression (eq. 8) for a rule that asks for probe losses without saying so in advance."""
+        if self.step > 0 and any(layer.is_full_layer for layer in self.layers):
+            raise ValueError(f"selection rule {self.rule_name!r} asked for probe losses at step {self.step}, but "
+                             "suppressing full layers needs their initial weights, which are gone by now; set "
+                             "`uses_probe_losses = True` on the rule so the tuner keeps them from the start.")
+        prepare_suppression(self.model, self.layers)
+        self._suppression_prepared = True
+
+    def before_optimizer_step(self) -> dict[int, float] | None:
+        """Tell a rule that ``wants_gradients`` the adapter-gradient norm of each layer that trained this step.
+
+        Call after the backward pass (and a gradient scaler's ``unscale_``), before ``optimizer.step()``.
+        A step with a NaN/inf norm is not reported. Costs nothing for the other rules.
+
+        Returns:
+            ``{position: norm}`` as reported, or None when nothing was reported.
+        """
+        if not self.rule.wants_gradients:
+            return None
+        norms = measures.layer_gradient_norms(self.layers, self.selected)
+        if not all(math.isfinite(norm) for norm in norms.values()):
+            return None
+        self.rule.observe_gradients(self.step, norms)
+        self.history.append({"event": "gradients", "step": self.step, "layers": list(norms),
+                             "norms": list(norms.values())})
+        return norms
 
     def _apply_mask(self) -> None:
         """requires_grad on for the selected layers' adapters, off for the others (before the forward pass)."""
@@ -260,6 +353,7 @@ class SparseTuner:
             "importance": self.importance,
             "selection": torch.tensor(self.selected, dtype=torch.int64),
             "RNG state": self.generator.get_state(),
+            "rule state": torch.tensor(list(_rule_state_json(self.rule).encode()), dtype=torch.uint8),
         }
         device = distributed.collective_device(next(self.model.parameters()).device)
         distributed.check_in_sync(fields, self.step, device)
@@ -267,14 +361,15 @@ class SparseTuner:
     # ---- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly: importance, RNG state, step, selection."""
+        """Everything needed to continue exactly: importance, RNG state, step, selection, the rule's state."""
         return {
             "num_layers": self.num_layers,
-            "strategy": self.config.strategy,
+            "strategy": self.rule_name,
             "importance": self.importance.clone(),
             "generator": self.generator.get_state(),
             "step": self.step,
             "selected": list(self.selected),
+            "rule": self.rule.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -301,9 +396,12 @@ class SparseTuner:
             generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8))
         except (RuntimeError, TypeError, ValueError) as error:
             raise ValueError(f"IST state has an invalid RNG state ({error}).") from None
-        if state.get("strategy", self.config.strategy) != self.config.strategy:
-            logger.warning("IST state was saved with strategy %r, this run uses %r; continuing from its importance.",
-                           state["strategy"], self.config.strategy)
+        same_rule = state.get("strategy", self.rule_name) == self.rule_name
+        if not same_rule:
+            logger.warning("IST state was saved with strategy %r, this run uses %r; continuing from its importance, "
+                           "the rule starts afresh.", state["strategy"], self.rule_name)
+        elif state.get("rule") is not None:  # states of earlier versions have none: the rules they had keep none
+            self.rule.load_state_dict(state["rule"])
         self.importance = importance.clone()
         self.generator = generator
         self.step = step
@@ -321,6 +419,35 @@ class SparseTuner:
         for layer in self.layers:
             for parameter in layer.parameters:
                 parameter.requires_grad_(True)
+
+
+def build_rule(config: ISTConfig) -> SelectionRule:
+    """The rule ``config.strategy`` names, built by its registered factory with ``factory(config)`` (or ``factory()``).
+
+    Raises:
+        ValueError: no rule has that name (the message lists them), or the factory built no SelectionRule.
+    """
+    factory = rule_factory(config.strategy)
+    try:
+        takes_config = bool(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: try the config
+        takes_config = True
+    rule = factory(config) if takes_config else factory()
+    if not isinstance(rule, SelectionRule):
+        raise ValueError(f"the factory registered for strategy {config.strategy!r} returned {rule!r}, not a "
+                         "SelectionRule; register a SelectionRule subclass or a function returning one.")
+    return rule
+
+
+def _rule_name(rule: SelectionRule) -> str:
+    if not isinstance(rule, SelectionRule):
+        raise TypeError(f"a selection rule must be an istune.core.selection.SelectionRule (subclass it and implement "
+                        f"select(view)), not {type(rule).__name__}.")
+    return rule.name or type(rule).__name__
+
+
+def _rule_state_json(rule: SelectionRule) -> str:
+    return json.dumps(rule.state_dict(), sort_keys=True, default=str)
 
 
 def _all_blocks(model: nn.Module, layers: list[AdapterLayer]) -> list[nn.Module]:

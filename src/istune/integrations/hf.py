@@ -15,7 +15,8 @@ once that the reporters get no IST metric when ``report_to`` names some (they ar
 
 Events per optimizer step (transformers 5.x): ``on_step_begin`` picks the layers and
 freezes the rest before the first micro-batch's forward, so gradient accumulation keeps
-one selection per optimizer step; ``on_pre_optimizer_step`` zeroes, on the device, the
+one selection per optimizer step; ``on_pre_optimizer_step`` tells a rule that learns from
+gradients ('gradnorm') the norms of the layers that trained, then zeroes, on the device, the
 gradients of a step that has a NaN/inf one (:mod:`istune.core.non_finite`); ``on_step_end``
 (after ``optimizer.step`` and ``zero_grad``) counts the step, runs the importance probes every T_c steps and puts
 the IST state into the TrainerState that every checkpoint saves.
@@ -41,6 +42,7 @@ from istune.config import ISTConfig
 from istune.core import distributed, sharding
 from istune.core.non_finite import NonFiniteSteps
 from istune.core.probe import ProbeSampler, default_loss, preserved_global_rng
+from istune.core.selection import SelectionRule
 from istune.core.tuner import SparseTuner
 from istune.integrations import adalora, sharded_checkpoints
 from istune.integrations.console import console_logs, use_readable_console
@@ -66,7 +68,7 @@ def add_ist(trainer, config: ISTConfig | None = None, **options) -> ISTCallback:
         trainer: a ``transformers.Trainer`` (or subclass: TRL's ``SFTTrainer``, ...), before ``train()``.
         config: IST hyperparameters; default the paper's.
         **options: the other arguments of :class:`ISTCallback` (``probe_dataset``, ``log_file``,
-            ``readable_console``).
+            ``readable_console``, ``rule``).
 
     Returns:
         The callback, whose ``importance``, ``selected`` and ``tuner`` are readable during training.
@@ -107,6 +109,8 @@ class ISTCallback(TrainerCallback):
         trainer: the Trainer this callback is (to be) added to with ``trainer.add_callback``;
             :func:`add_ist` does both. Without it (``Trainer(callbacks=[ISTCallback()])``) the
             reporters get no IST metric (see the module's docstring).
+        rule: a selection rule object (:class:`~istune.core.selection.SelectionRule`) to use instead
+            of the one ``config.strategy`` names.
 
     Attributes:
         importance: the importance vector I (``N_L`` floats), once training started.
@@ -119,11 +123,12 @@ class ISTCallback(TrainerCallback):
     """
 
     def __init__(self, config: ISTConfig | None = None, probe_dataset=None, log_file: str = LOG_FILE,
-                 readable_console: bool = True, *, trainer=None):
+                 readable_console: bool = True, *, trainer=None, rule: SelectionRule | None = None):
         if config is not None and not isinstance(config, ISTConfig):
             raise TypeError(f"ISTCallback(config=...) takes an ISTConfig, not a {type(config).__name__}; "
                             "build one with ISTConfig(**values).")
         self.config = config or ISTConfig()
+        self.rule = rule
         self.probe_dataset = probe_dataset
         self.log_file = log_file
         self.readable_console = readable_console
@@ -190,9 +195,9 @@ class ISTCallback(TrainerCallback):
         if self.tuner is not None:
             self.tuner.close()
         loss_fn = _probe_loss(args, next(model.parameters()).device)
-        self.tuner = SparseTuner(model, self.config, optimizer=optimizer, loss_fn=loss_fn)
+        self.tuner = SparseTuner(model, self.config, optimizer=optimizer, loss_fn=loss_fn, rule=self.rule)
         self._sharded_optimizer = optimizer if sharding.is_fsdp2(model) else None
-        if self.config.strategy == "ist":
+        if self.tuner.uses_probe_batches:  # IST's probes, or a rule that may measure ('owlore', 'gradnorm', ...)
             self.sampler = self._probe_sampler(args, train_dataloader)
             self.tuner.probe_batches = self.sampler
         self._selection_counts = torch.zeros(self.tuner.num_layers)
@@ -246,6 +251,9 @@ class ISTCallback(TrainerCallback):
         self._steps_since_log += 1
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # A rule that learns from gradients reads the trained layers' norms (nothing happens for other rules). Before
+        # the zeroing below: a NaN/inf step shows non-finite norms here and goes unreported; after, it would read 0.
+        self.tuner.before_optimizer_step()
         # A NaN/inf gradient would make every trained adapter NaN. fp16's GradScaler skips such steps itself.
         if args.fp16:
             return
@@ -285,11 +293,10 @@ class ISTCallback(TrainerCallback):
             write_text(os.path.join(checkpoint, self.log_file), Path(self._log_path).read_text(encoding="utf-8"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        strategy = self.config.strategy
-        if self.tuner is None or logs is None or "loss" not in logs or strategy in ("all", "fixed"):
+        if self.tuner is None or logs is None or "loss" not in logs or self.tuner.rule_name in ("all", "fixed"):
             return  # 'all' and 'fixed' have nothing that changes to report
         metrics = {}
-        if strategy == "ist":
+        if self.tuner.rule.runs_importance_probes:
             metrics.update({f"ist/importance/layer_{i:02d}": float(v) for i, v in enumerate(self.tuner.importance)})
         rates = self._selection_counts / max(self._steps_since_log, 1)
         metrics.update({f"ist/selected/layer_{i:02d}": float(v) for i, v in enumerate(rates)})

@@ -1,9 +1,11 @@
 """What ISTCallback keeps of a run: the IST state in every Trainer checkpoint, and the JSON-lines log.
 
-The state (importance, RNG states, step, selection) goes into ``TrainerState.stateful_callbacks``
-under :data:`STATE_KEY`, so every checkpoint's ``trainer_state.json`` holds it and a resumed run
-continues exactly. The log has one JSON line per selection and per probe; on resume it keeps the
-events of the steps already trained.
+The state (importance, RNG states, step, selection, the selection rule's state) goes into
+``TrainerState.stateful_callbacks`` under :data:`STATE_KEY`, so every checkpoint's
+``trainer_state.json`` holds it and a resumed run continues exactly. The log has one JSON line per
+selection and per probe, and per measurement a rule asked for ("measure": outlier ratios, gradient
+norms, probe losses; "gradients": the norms a gradient rule was told); on resume it keeps the events
+of the steps already trained.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from istune.io import write_text
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "istune"  # key of the IST state inside TrainerState.stateful_callbacks (saved with every checkpoint)
+BEFORE_THE_STEP = ("select", "measure", "gradients")  # events recorded before the step they belong to had run
 
 
 def export_state(tuner: SparseTuner, sampler: ProbeSampler | None = None, sharded_optimizer=None) -> dict:
@@ -39,6 +42,7 @@ def export_state(tuner: SparseTuner, sampler: ProbeSampler | None = None, sharde
         "generator": _encode_rng(tuner_state["generator"]),
         "step": tuner_state["step"],
         "selected": tuner_state["selected"],
+        "rule": tuner_state["rule"],
     }
     if sampler is not None:
         exported["probe_generator"] = _encode_rng(sampler.generator.get_state())
@@ -78,7 +82,7 @@ def append_events(path: str, events: list[dict]) -> None:
         return
     with open(path, "a", encoding="utf-8") as handle:
         for event in events:
-            if event["event"] == "select":  # recorded before the step ran: name it by the step it trains
+            if event["event"] in BEFORE_THE_STEP:  # recorded before the step ran: name it by the step it trains
                 event = {**event, "step": event["step"] + 1}
             handle.write(json.dumps(event) + "\n")
 

@@ -9,14 +9,18 @@ The whole integration is two calls around each optimizer step::
     tuner = SparseTuner(model, ISTConfig(), optimizer=optimizer,
                         probe_batches=ProbeSampler(dataset, collate_fn, batch_size=8, seed=0))
     for batch in loader:
-        tuner.begin_step()                   # eq. 6-7: choose N_u layers, freeze the others
+        tuner.begin_step()                   # the rule (IST: eq. 6-7) chooses N_u layers; the others freeze
         model(**batch).loss.backward()
+        tuner.before_optimizer_step()        # gradient rules ('gradnorm') read the trained layers' norms here
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tuner.end_step()                     # every T_c steps: probes and importance update (eq. 8-10)
     tuner.close()                            # every adapter trainable again
 
-:func:`train` below is that loop, with gradient accumulation, as a runnable function.
+``before_optimizer_step`` is the one extra call a rule that learns from gradients needs
+(``ISTConfig(strategy="gradnorm")``); for every other rule it returns at once, and leaving it out
+changes nothing for them. :func:`train` below is that loop, with gradient accumulation, as a
+runnable function.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 
 from istune.config import ISTConfig
 from istune.core.probe import move_to_device
+from istune.core.selection import SelectionRule
 from istune.core.tuner import SparseTuner
 from istune.integrations import adalora
 
@@ -42,6 +47,7 @@ def train(
     probe_batches=None,
     gradient_accumulation_steps: int = 1,
     max_steps: int | None = None,
+    rule: SelectionRule | None = None,
 ) -> SparseTuner:
     """Train ``model`` with IST over ``batches`` (dicts the model takes, with ``labels``).
 
@@ -50,15 +56,17 @@ def train(
         optimizer: built over every adapter parameter.
         batches: micro-batches; ``gradient_accumulation_steps`` of them make one optimizer step.
         config: IST hyperparameters (default: the paper's).
-        probe_batches: callable returning a probe batch (e.g. a :class:`~istune.core.ProbeSampler`).
+        probe_batches: callable returning a probe batch (e.g. a :class:`~istune.core.ProbeSampler`); IST's
+            probes and the rules that measure ('owlore', 'gradnorm', 'probe-once') need it.
         gradient_accumulation_steps: micro-batches per optimizer step; the selection changes
             only between optimizer steps.
         max_steps: stop after this many optimizer steps.
+        rule: a selection rule object to use instead of the one ``config.strategy`` names.
 
     Returns:
         The tuner, closed (adapters trainable again), with its importance and history.
     """
-    tuner = SparseTuner(model, config, optimizer=optimizer, probe_batches=probe_batches)
+    tuner = SparseTuner(model, config, optimizer=optimizer, probe_batches=probe_batches, rule=rule)
     device = next(model.parameters()).device
     model.train()
     micro_step = 0
@@ -70,6 +78,7 @@ def train(
             loss.backward()
             micro_step += 1
             if micro_step % gradient_accumulation_steps == 0:
+                tuner.before_optimizer_step()
                 optimizer.step()
                 if adalora.is_adalora(model):  # rank reallocation: after the step, before zero_grad (as peft says)
                     adalora.update_and_allocate(model, tuner.step)

@@ -3,6 +3,9 @@
 Both read the ``ist_log.jsonl`` that ISTCallback writes into the output folder::
 
     istune plot runs/my-run            # writes runs/my-run/importance.png and selection.png
+
+The selection plot (steps x layers, black where a layer trained) is drawn for every selection rule,
+so the rules' choices can be compared by eye; the importance plot only for runs that learn one ('ist').
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import os
 from pathlib import Path
 
 from istune.io import atomic_file
+from istune.recipe.checkpoints import read_run_file
 
 LOG_FILE = "ist_log.jsonl"
 
 
 def read_log(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
-    """Return the (selection events, probe events) of a run folder or a log file."""
+    """Return the (selection events, probe events) of a run folder or a log file; other events are left out."""
     path = Path(run_dir)
     if path.is_dir():
         path = path / LOG_FILE
@@ -33,7 +37,10 @@ def read_log(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
                 event = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}, line {number}: not JSON ({error}).") from None
-            (selections if event.get("event") == "select" else probes).append(event)
+            if event.get("event") == "select":
+                selections.append(event)
+            elif event.get("event") == "probe":
+                probes.append(event)
     return selections, probes
 
 
@@ -73,7 +80,9 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     figure, axis = plt.subplots(figsize=(8, max(3, 0.22 * num_layers)))
     axis.imshow(chosen, aspect="auto", cmap="Greys", origin="lower", interpolation="nearest",
                 extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, num_layers - 0.5))
-    axis.set(xlabel="optimizer step", ylabel="layer", title="Layers trained at each step (black)")
+    strategy = read_run_file(Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent).get("ist", {})
+    rule = f"'{strategy['strategy']}': " if "strategy" in strategy else ""
+    axis.set(xlabel="optimizer step", ylabel="layer", title=f"{rule}layers trained at each step (black)")
     written.append(_save(figure, out_dir / "selection.png"))
     return written
 
