@@ -67,7 +67,7 @@ def parse_ist_fields(text: str) -> dict[str, Any]:
 
 def _convert(name: str, raw: str, annotation: str, text: str) -> Any:
     """``raw`` as the type ``annotation`` names (bool, list of ints, int, float; None for Optional fields)."""
-    if raw.lower() in ("none", "null") and "Optional" in annotation:
+    if raw.lower() in ("none", "null") and ("Optional" in annotation or "None" in annotation):
         return None
     if "bool" in annotation:
         if raw.lower() in ("true", "1", "yes", "false", "0", "no"):
