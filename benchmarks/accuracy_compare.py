@@ -51,17 +51,16 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from istune import ISTCallback, ISTConfig
-from istune.io import git_commit, write_text
+from istune.adapters.methods import AdapterArgs, add_adapters
 from istune.bench.stats import mean_ci95, paired_item_ci95, seeds_for_power
-from istune.data import CausalLMCollator, InstructionDataset
+from istune.data import CausalLMCollator, InstructionDataset, load_eval_items
 from istune.data.commonsense_format import COMMONSENSE_TASKS
 from istune.eval import evaluate_tasks
 from istune.eval.loss import heldout_loss
 from istune.integrations.hf import LOG_FILE
-from istune.adapters.methods import AdapterArgs, add_adapters
+from istune.io import git_commit, write_text
 from istune.models import load_model_and_tokenizer
 from istune.options import parse_list, require_at_least_one
-from istune.data import load_eval_items
 from istune.runs import RunArgs, batch_layout, load_rows
 
 ARMS = {  # name -> legend; the settings are in arm_config
@@ -121,7 +120,8 @@ def run_one(arm: str, seed: int, opts, folder: Path) -> dict:
     train_rows, heldout_rows = load_rows(run, seed)  # depends on the seed only: same for every arm
     items = load_eval_items(opts.tasks.split(","), opts.eval_limit, EVAL_SEED)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    layout = batch_layout(RunArgs(), model)  # packed, labelled logits only: `istune train`'s batches, if the model takes them
+    # packed, labelled logits only: `istune train`'s batches, if the model takes them
+    layout = batch_layout(RunArgs(), model)
     collate = CausalLMCollator(tokenizer, **layout)
     train_set = InstructionDataset(train_rows, tokenizer, opts.cutoff_len, train_on_inputs=False)
     heldout = InstructionDataset(heldout_rows, tokenizer, opts.cutoff_len, train_on_inputs=False)
@@ -180,7 +180,8 @@ def run_base(opts) -> dict:
 
 def _correct(evaluated: dict) -> dict:
     """{method: {task: [correct per item]}} from ``evaluate_tasks``."""
-    return {m: {t: [bool(r["correct"]) for r in recs] for t, recs in evaluated[m]["records"].items()} for m in evaluated}
+    return {m: {t: [bool(r["correct"]) for r in recs] for t, recs in evaluated[m]["records"].items()}
+            for m in evaluated}
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -211,10 +212,12 @@ def report(out: Path) -> str:
     for a in arms:
         rs = [by[(a, k)] for k in seeds]
         loss = mean_ci95([r["curve"][-1][1] for r in rs])
-        acc = {m: mean_ci95([100 * statistics.fmean(sum(r["accuracy"][m].values(), [])) for r in rs]) for m in ("score", "generate")}
+        acc = {m: mean_ci95([100 * statistics.fmean(sum(r["accuracy"][m].values(), [])) for r in rs])
+               for m in ("score", "generate")}
         updates = [r.get("importance_updates") for r in rs]
-        lines.append(f"| {a} | {len(rs)} | {loss[0]:.4f} ± {loss[1]:.4f} | {acc['score'][0]:.1f} ± {acc['score'][1]:.1f} | "
-                     f"{acc['generate'][0]:.1f} ± {acc['generate'][1]:.1f} | {statistics.fmean(r['train_seconds'] for r in rs):.0f} | "
+        seconds = statistics.fmean(r["train_seconds"] for r in rs)
+        lines.append(f"| {a} | {len(rs)} | {loss[0]:.4f} ± {loss[1]:.4f} | {acc['score'][0]:.1f} ± "
+                     f"{acc['score'][1]:.1f} | {acc['generate'][0]:.1f} ± {acc['generate'][1]:.1f} | {seconds:.0f} | "
                      f"{'n/a' if None in updates else ', '.join(map(str, updates))} |")
     lines += ["", "Paired differences (same seed, same items), 95% CI: held-out loss over seeds; accuracies over "
               "the items, each item's difference averaged over the seeds first.", "",
@@ -230,9 +233,11 @@ def report(out: Path) -> str:
         for m in ("score", "generate"):
             da[m] = paired_item_ci95([[100 * (int(u) - int(v)) for t in x["accuracy"][m]
                                        for u, v in zip(x["accuracy"][m][t], y["accuracy"][m][t])] for x, y in pairs])
-        lines.append(f"| {a} − {b} | {len(pairs)} | {dl[0]:+.4f} ± {dl[1]:.4f} | {dm[0]:+.4f} ± {dm[1]:.4f} | {da['score'][0]:+.1f} ± {da['score'][1]:.1f} | "
+        lines.append(f"| {a} − {b} | {len(pairs)} | {dl[0]:+.4f} ± {dl[1]:.4f} | {dm[0]:+.4f} ± {dm[1]:.4f} | "
+                     f"{da['score'][0]:+.1f} ± {da['score'][1]:.1f} | "
                      f"{da['generate'][0]:+.1f} ± {da['generate'][1]:.1f} |")
-    lines += ["", *_seed_spread_table(by, seeds), "", *_arm_settings(by, seeds, arms), "", *_per_task_table(out, by, seeds, arms)]
+    lines += ["", *_seed_spread_table(by, seeds), "", *_arm_settings(by, seeds, arms), "",
+              *_per_task_table(out, by, seeds, arms)]
     _plot(out, by, seeds, arms)
     return "\n".join(lines)
 
@@ -251,12 +256,13 @@ def _seed_spread_table(by, seeds, effect: float = 1.8) -> list[str]:
         if not all((a, k) in by and (b, k) in by for k in seeds):
             continue
         for m in ("score", "generate"):
-            pairs = [(sum(by[(a, k)]["accuracy"][m].values(), []), sum(by[(b, k)]["accuracy"][m].values(), [])) for k in seeds]
+            pairs = [(sum(by[(a, k)]["accuracy"][m].values(), []), sum(by[(b, k)]["accuracy"][m].values(), []))
+                     for k in seeds]
             diffs = [100 * (statistics.fmean(map(int, x)) - statistics.fmean(map(int, y))) for x, y in pairs]
             differ = statistics.fmean(statistics.fmean(u != v for u, v in zip(x, y)) for x, y in pairs)
             sd = statistics.stdev(diffs)
-            lines.append(f"| {a} − {b} | {m} | {', '.join(f'{d:+.2f}' for d in diffs)} | {sd:.2f} | {100 * differ:.0f}% | "
-                         f"{seeds_for_power(sd, effect)} |")
+            lines.append(f"| {a} − {b} | {m} | {', '.join(f'{d:+.2f}' for d in diffs)} | {sd:.2f} | "
+                         f"{100 * differ:.0f}% | {seeds_for_power(sd, effect)} |")
     return lines
 
 
@@ -317,7 +323,8 @@ def _plot(out: Path, by, seeds, arms) -> None:
         late_from = next(i for i, step in enumerate(steps) if step >= steps[-1] / 3)  # as in _late_mean
         for axis, first in ((whole, 0), (late, late_from)):
             axis.plot(steps[first:], [statistics.fmean(v) for v in values[first:]], marker=".", label=ARMS[a])
-            axis.fill_between(steps[first:], [min(v) for v in values[first:]], [max(v) for v in values[first:]], alpha=0.2)
+            axis.fill_between(steps[first:], [min(v) for v in values[first:]], [max(v) for v in values[first:]],
+                              alpha=0.2)
     whole.set_yscale("log")  # format learning drops the loss 20-fold first; the arms differ after it
     whole.set(xlabel="optimizer step", ylabel="held-out answer loss (log scale)", title="whole run")
     late.set(xlabel="optimizer step", ylabel="held-out answer loss", title="after format learning (last two thirds)")
@@ -340,28 +347,33 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--arms", default=None, help=f"Comma-separated arms, run in this order per seed: "
                         f"{', '.join(ARMS)}. Default: {DEFAULT_ARMS}.")
     parser.add_argument("--strategies", default=None, help="Old name of --arms (all, random, ist).")
-    parser.add_argument("--seeds", default="1,2,3", help="Comma-separated seeds; every arm of a seed runs before the next seed.")
+    parser.add_argument("--seeds", default="1,2,3",
+                        help="Comma-separated seeds; every arm of a seed runs before the next seed.")
     parser.add_argument("--max_steps", type=int, default=300,
-                        help="Optimizer steps per run. 300 steps make 150 importance updates at T_c = 2, 30 at T_c = 10.")
+                        help="Optimizer steps per run. 300 steps make 150 importance updates at T_c = 2, 30 at "
+                        "T_c = 10.")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--mu", type=float, default=10.0, help="μ of the ist and ist-tc2 arms (the paper's for commonsense).")
+    parser.add_argument("--mu", type=float, default=10.0,
+                        help="μ of the ist and ist-tc2 arms (the paper's for commonsense).")
     parser.add_argument("--spread_mu", type=float, default=0.1,
                         help="μ of the ist-spread arm, in units of the rewards' spread over the N_c candidates. 0.1: "
                         "the main job's probes (runs/istune, commonsense) had paper-scale rewards of root mean square "
-                        "about 0.01 after format learning, so μ = 10 moved I by about 0.1 per update; 0.1 keeps that step "
-                        "(see benchmarks/results/accuracy-updates/PROTOCOL.md).")
+                        "about 0.01 after format learning, so μ = 10 moved I by about 0.1 per update; 0.1 keeps that "
+                        "step (see benchmarks/results/accuracy-updates/PROTOCOL.md).")
     parser.add_argument("--cutoff_len", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=256, help="Held-out training-mix examples for the loss curve.")
     parser.add_argument("--curve_every", type=int, default=25, help="Held-out loss every this many steps.")
-    parser.add_argument("--tasks", default="boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa",
+    parser.add_argument("--tasks",
+                        default="boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa",
                         help="Comma-separated commonsense tasks (default: all eight, in the earlier studies' order).")
-    parser.add_argument("--eval_limit", type=int, default=100, help="Items per task (a seeded sample, the same for every run).")
+    parser.add_argument("--eval_limit", type=int, default=100,
+                        help="Items per task (a seeded sample, the same for every run).")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--train_only", action="store_true",
-                        help="Train and keep each run's IST log only: no held-out curve, no evaluation, no report. For "
-                        "`istune analyze reproducibility --logs` (importance learned during training), e.g. with "
+                        help="Train and keep each run's IST log only: no held-out curve, no evaluation, no report. "
+                        "For `istune analyze reproducibility --logs` (importance learned during training), e.g. with "
                         "--arms ist-tc2-mu100.")
     return parser
 
@@ -371,11 +383,13 @@ def check_options(opts) -> tuple[list[str], list[int]]:
     if opts.arms is not None and opts.strategies is not None:
         raise ValueError(f"--arms={opts.arms!r} and --strategies={opts.strategies!r}: --strategies is the old name of "
                          "--arms; give only --arms.")
-    flag, text = ("strategies", opts.strategies) if opts.strategies is not None else ("arms", opts.arms or DEFAULT_ARMS)
+    old_name = opts.strategies is not None
+    flag, text = ("strategies", opts.strategies) if old_name else ("arms", opts.arms or DEFAULT_ARMS)
     arms = parse_list(flag, text, allowed=ARMS)
     seeds = parse_list("seeds", opts.seeds, int)
     parse_list("tasks", opts.tasks, allowed=COMMONSENSE_TASKS)
-    require_at_least_one(opts, ("max_steps", "batch_size", "rank", "cutoff_len", "heldout", "curve_every", "eval_limit"))
+    require_at_least_one(opts, ("max_steps", "batch_size", "rank", "cutoff_len", "heldout", "curve_every",
+                                "eval_limit"))
     for name, fix in (("lr", "e.g. 3e-4"), ("mu", "the paper: 10 for commonsense"), ("spread_mu", "e.g. 0.1")):
         value = getattr(opts, name)
         if not (math.isfinite(value) and value > 0):
@@ -394,15 +408,16 @@ def check_saved(out: Path, arms: list[str], seeds: list[int], opts) -> None:
         for name in names:
             if name in saved.get("options", {}) and saved["options"][name] != getattr(opts, name):
                 raise ValueError(f"{path} was made with --{name}={saved['options'][name]!r}, this call has "
-                                 f"--{name}={getattr(opts, name)!r}; use the same value, another --out, or delete the file.")
+                                 f"--{name}={getattr(opts, name)!r}; use the same value, another --out, or delete "
+                                 "the file.")
         if arm is not None and saved.get("train_only", False) != opts.train_only:
             made, now = ("with", "without") if saved.get("train_only") else ("without", "with")
             raise ValueError(f"{path} was made {made} --train_only, this call is {now} it; use the same, another "
                              "--out, or delete the file.")
         config = saved.get("ist_config")
         if arm is not None and config is not None and config != arm_config(arm, seed, opts).to_dict():
-            raise ValueError(f"{path} was made with another ISTConfig ({config}) than arm {arm!r} has now (check --mu, "
-                             "--spread_mu); use the same options, another --out, or delete the file.")
+            raise ValueError(f"{path} was made with another ISTConfig ({config}) than arm {arm!r} has now (check "
+                             "--mu, --spread_mu); use the same options, another --out, or delete the file.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -435,7 +450,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     table = report(out)
     header = (f"# LoRA on every layer vs random sparse vs IST arms, SmolLM2-135M, commonsense mix\n\n"
-              f"Command: `.venv/bin/python benchmarks/accuracy_compare.py {' '.join(sys.argv[1:] if argv is None else argv)}`  \n"
+              f"Command: `.venv/bin/python benchmarks/accuracy_compare.py "
+              f"{' '.join(sys.argv[1:] if argv is None else argv)}`  \n"
               f"Commit: {commit}; "
               f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
     write_text(out / "results.md", header + table + "\n")

@@ -62,7 +62,8 @@ def test_report_means_and_paired_differences(accuracy_compare, tmp_path):
     # Seed spread: per-seed differences over all items (score 75-50, 50-25; generation 50-50, 25-50).
     score = [cell.strip() for cell in table.split("| ist − all | score |")[1].split("\n")[0].strip(" |").split("|")]
     assert score == ["+25.00, +25.00", "0.00", "25%", "2"]  # same difference at both seeds: s = 0
-    generate = [cell.strip() for cell in table.split("| ist − all | generate |")[1].split("\n")[0].strip(" |").split("|")]
+    generate = [cell.strip()
+                for cell in table.split("| ist − all | generate |")[1].split("\n")[0].strip(" |").split("|")]
     assert generate[:2] == ["+0.00, -25.00", f"{statistics.stdev([0, -25]):.2f}"]
     assert int(generate[3]) == seeds_for_power(statistics.stdev([0, -25]), 1.8)
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
@@ -101,7 +102,8 @@ def test_per_task_table_puts_the_base_model_beside_the_strategies(accuracy_compa
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--arms", "ist,lisa"], "--arms='ist,lisa': unknown 'lisa'; use a comma-separated list of all, random, ist, ist-tc2, ist-spread"),
+    (["--arms", "ist,lisa"],
+     "--arms='ist,lisa': unknown 'lisa'; use a comma-separated list of all, random, ist, ist-tc2, ist-spread"),
     (["--strategies", "ist,lisa"], "--strategies='ist,lisa': unknown 'lisa'"),
     (["--arms", "ist", "--strategies", "ist"], "--strategies is the old name of --arms; give only --arms"),
     (["--seeds", "1,two"], "'two' is not an int"),
@@ -171,7 +173,8 @@ def tiny_study(accuracy_compare, monkeypatch):
         return LlamaForCausalLM(config), tokenizer
 
     def rows(run, seed):
-        made = [{"instruction": f"question {i % 7} ?", "input": "", "output": f"the answer is {'true' if i % 2 else 'false'}",
+        made = [{"instruction": f"question {i % 7} ?", "input": "",
+                 "output": f"the answer is {'true' if i % 2 else 'false'}",
                  "answer": "true" if i % 2 else "false"} for i in range(40)]
         return made[run.heldout_samples:run.heldout_samples + run.train_samples], made[:run.heldout_samples]
 
@@ -208,7 +211,8 @@ def test_arms_make_their_importance_updates_keep_their_logs_and_resume(accuracy_
     trajectories = [log_trajectory(path) for path in paths]
     assert label == "ist-tc2" and [len(t) for t in trajectories] == [5, 5]
     assert trajectories[0][-1] == pytest.approx(runs[("ist-tc2", 1)]["importance"])
-    analysis_cli.main(["reproducibility", "--logs", f"ist-tc2:{folders}", "--every", "1", "--out", str(tmp_path / "repro")])
+    analysis_cli.main(["reproducibility", "--logs", f"ist-tc2:{folders}", "--every", "1",
+                       "--out", str(tmp_path / "repro")])
     study = json.loads((tmp_path / "repro" / "reproducibility.json").read_text())
     assert [row["updates"] for row in study["groups"][0]["rows"]] == [1, 2, 3, 4, 5]
     results = (out / "results.md").read_text()

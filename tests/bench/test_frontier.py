@@ -77,9 +77,11 @@ def test_stored_layers_rows_measure_memory_at_both_worst_steps():
 
     size, row = frontier.SIZES["test"], frontier.ROWS["lora+ist+gc+stored3"]  # 4 layers, N_u = 1, M = 3
     assert frontier.stored_worst_step(row, 4) == [1]
-    assert frontier.stored_worst_step(row, 3) is None and frontier.stored_worst_step(frontier.ROWS["lora+ist"], 4) is None
+    assert frontier.stored_worst_step(row, 3) is None
+    assert frontier.stored_worst_step(frontier.ROWS["lora+ist"], 4) is None
     assert frontier.stored_worst_step(frontier.ROWS["lora+ist+stored8"], 30) == [22, 23, 24, 25, 26, 27, 28, 29]
-    assert frontier.stored_worst_step(frontier.ROWS["lora+ist+gc+stored3"], 30) == [22, 23, 24, 25, 26, 27, 28, 29]  # M < N_u
+    # M < N_u:
+    assert frontier.stored_worst_step(frontier.ROWS["lora+ist+gc+stored3"], 30) == [22, 23, 24, 25, 26, 27, 28, 29]
 
     trainer = frontier.make_trainer(row, size, frontier.build_model(size, row), 1, "unused", layers=[1])
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ISTCallback))

@@ -1,4 +1,5 @@
-"""The GPU suite's CPU smoke mode (--tiny): rows run, results are written after each row, the budget and resume work."""
+"""The GPU suite's CPU smoke mode (--tiny): rows run, results are written after each row, the budget and resume
+work."""
 
 from __future__ import annotations
 

@@ -238,7 +238,8 @@ def test_every_row_has_an_eager_column_beside_sdpa(tmp_path, monkeypatch):
     settings = dataclasses.replace(TINY, seq_len=64, steps=1, rank=32, bottleneck_size=256, dtype="bfloat16")
     text = out.with_suffix(".md").read_text()
 
-    assert saved["meta"]["settings"]["attention"] == "sdpa" and saved["meta"]["settings"]["extra_attentions"] == ["eager"]
+    recorded = saved["meta"]["settings"]
+    assert recorded["attention"] == "sdpa" and recorded["extra_attentions"] == ["eager"]
     assert "| shape | row | sdpa GB | ratio | eager GB | ratio | eager / sdpa |" in text
     for key in ("lora", "lora+ist"):
         eager = measure(SHAPES["tiny-llama"], ROWS[key], dataclasses.replace(settings, attention="eager"))

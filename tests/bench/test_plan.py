@@ -10,6 +10,9 @@ import pytest
 import torch
 import transformers as tf
 
+from istune.adapters.methods import AdapterArgs, add_adapters
+from istune.config import ISTConfig
+from istune.core.tuner import SparseTuner
 from istune.planning import planner
 from istune.planning.kernels import nf4_bytes
 from istune.planning.rows import ROWS as ALL_ROWS
@@ -17,9 +20,6 @@ from istune.planning.rows import Row, stored_row, table_names
 from istune.planning.shapes import BUILTIN_CONFIGS, resolve_model_config
 from istune.planning.tracker import MemoryTracker
 from istune.planning.worst_case import worst_case_selections
-from istune.config import ISTConfig
-from istune.core.tuner import SparseTuner
-from istune.adapters.methods import AdapterArgs, add_adapters
 
 TOLERANCE = 0.10  # the issue's bound on |predicted - measured| / measured
 ROWS = {name: ALL_ROWS[key] for name, key in table_names(planner.PLAN_KEYS).items()}  # istune plan's names
@@ -116,7 +116,8 @@ def test_fp32_sdpa_with_grouped_kv_heads_is_planned_as_the_gpus_math_kernel():
                                           ("bfloat16", "sdpa", "cpu")]}
     probabilities = config.num_hidden_layers * SETTINGS.batch_size * config.num_attention_heads \
         * SETTINGS.seq_len ** 2 * 4  # each layer's (B, H, L, L) fp32 probabilities
-    gpu_fp32, cpu_fp32, eager = peak["float32", "sdpa", "cuda"], peak["float32", "sdpa", "cpu"], peak["float32", "eager", "cuda"]
+    gpu_fp32, cpu_fp32 = peak["float32", "sdpa", "cuda"], peak["float32", "sdpa", "cpu"]
+    eager = peak["float32", "eager", "cuda"]
     # The math kernel keeps the probabilities, the fused one does not (it keeps its own small log-sum-exp instead).
     assert gpu_fp32 - cpu_fp32 >= 0.9 * probabilities
     assert abs(gpu_fp32 - eager) / eager < 0.05  # ... as eager attention keeps them (eager adds one causal mask)
@@ -179,8 +180,8 @@ def test_4bit_prediction_matches_a_bitsandbytes_cpu_run(row_key, tmp_path):
     # The tracker does not see bitsandbytes' quantization state (plain attributes, not buffers), which the
     # prediction counts: a few percent of a tiny model's weights.
     assert abs(predicted["peak_bytes"] - measured) / measured <= TOLERANCE
-    assert predicted["params_total"] == sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters()) \
-        + sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    base = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
+    assert predicted["params_total"] == base + sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
 # ------------------------------------------------------------------------------ configs and bad input
@@ -210,7 +211,8 @@ def test_benchmark_shapes_resolve_by_name(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config, source = resolve_model_config("LLaMA-12x768")
     assert source.startswith("config: benchmark shape llama-12x768")
-    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size) == (12, 768, 2048, 32000)
+    sizes = (config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size)
+    assert sizes == (12, 768, 2048, 32000)
     with pytest.raises(ValueError, match="llama-12x768"):  # the error lists the benchmark shapes
         resolve_model_config("no-such-model")
 
@@ -312,7 +314,8 @@ def test_a_recipe_file_is_planned_and_its_comment_filled(gc, row_key, monkeypatc
     lines = path.read_text().splitlines()
     assert lines[2].startswith(planner.COMMENT_PREFIX) and "GiB" in lines[2] and lines[3].startswith("model:")
     result, _ = planner.predict_recipe(path)
-    assert result["row"] == row_key and result["peak_bytes"] == planner.predict(tiny_config(), row, settings)["peak_bytes"]
+    assert result["row"] == row_key
+    assert result["peak_bytes"] == planner.predict(tiny_config(), row, settings)["peak_bytes"]
     assert cli.main(["plan", "--recipe", str(path), "--fill"]) == 0  # filled again: replaced, not added
     assert sum(line.startswith(planner.COMMENT_PREFIX) for line in path.read_text().splitlines()) == 1
 
@@ -331,7 +334,8 @@ def test_worst_case_selections_store_the_most_selected_blocks():
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("stored, expected", [(3, [[0, 5], [3, 5]]), (1, [[0, 5], [4, 5]])])
-def test_stored_layers_is_planned_at_the_larger_of_its_two_worst_steps_and_matches_cpu(checkpointing, stored, expected):
+def test_stored_layers_is_planned_at_the_larger_of_its_two_worst_steps_and_matches_cpu(checkpointing, stored,
+                                                                                        expected):
     config = tiny_config()  # 6 layers, N_u = 2
     row = stored_row(stored, checkpointing)
     candidates = worst_case_selections(6, 2, stored)

@@ -55,7 +55,7 @@ def example(length: int, labelled: int, start: int = 1) -> dict:
 
 def loss_terms(batch: dict) -> list[list[int]]:
     """Per row, the (context token, label) pairs the shifted causal-LM loss uses."""
-    return [[(int(i), int(l)) for i, l in zip(ids[:-1], labels[1:]) if l != -100]
+    return [[(int(i), int(label)) for i, label in zip(ids[:-1], labels[1:]) if label != -100]
             for ids, labels in zip(batch["input_ids"], batch["labels"])]
 
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from istune.io import write_json
 
@@ -31,7 +31,7 @@ class ChildFailed(RuntimeError):
     """The child exited without a result: its last lines of output say why."""
 
 
-def run_in_child(function: str, kwargs: dict[str, Any], timeout: Optional[float] = None) -> Any:
+def run_in_child(function: str, kwargs: dict[str, Any], timeout: float | None = None) -> Any:
     """Call ``function`` (``"istune.<module>:<name>"``) with ``kwargs`` (JSON values) in a fresh Python process.
 
     Raises:

@@ -4,17 +4,11 @@
     python -m istune.bench.eval_time --items 16 --tasks boolq,piqa --rounds 2
     python -m istune.bench.eval_time --count_only --items 24   # work counted, not timed (a busy machine)
 
-Each round times, per task, option scoring pair by pair (``share_context=False``,
-the old path) and with each context run once (the new default), in alternating order,
-then the held-out loss of the main job's 64 held-out examples over every position
-(the old path) and over labelled positions only. A slow spell of a shared machine
-hits old and new alike. Also checked: the same predictions and the largest log-prob
-difference. Results go to ``benchmarks/results/eval_time.{json,md}``.
-
-``--count_only`` counts instead of timing (deterministic, for a machine too busy to time
-on): positions through the decoder layers (padding included) and positions projected onto
-the vocabulary, old and new, and the ratio of multiply-adds they imply for the model.
-Written to ``benchmarks/results/eval_work.{json,md}``.
+Each round times, per task, option scoring pair by pair (``share_context=False``, the old path) and with
+each context run once, in alternating order, then the held-out loss of the main job's held-out examples
+over every position (old) and over labelled positions only (new); predictions and log-probs are checked
+equal. ``--count_only`` counts positions through the decoder layers and through the vocabulary projection
+instead, and the multiply-adds they imply (to ``benchmarks/results/eval_work``).
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -46,10 +40,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _timed(function) -> tuple[float, Any]:
-    started = time.perf_counter()
-    value = function()
-    return time.perf_counter() - started, value
+def _setup(opts: argparse.Namespace):
+    """The model, tokenizer, evaluation items and the main job's held-out examples."""
+    from istune.config import ISTConfig
+    from istune.data import InstructionDataset, load_eval_items
+    from istune.eval.tasks import parse_eval_tasks
+    from istune.models import load_model_and_tokenizer
+    from istune.runs import RunArgs, load_rows
+
+    model, tokenizer = load_model_and_tokenizer(opts.model)
+    items = load_eval_items(parse_eval_tasks(opts.tasks), opts.items, seed=0)
+    heldout = InstructionDataset(load_rows(RunArgs(), ISTConfig().seed)[1], tokenizer, RunArgs().cutoff_len,
+                                 train_on_inputs=False)
+    return model.eval(), tokenizer, items, heldout
 
 
 def full_positions_loss(model, examples, collate, batch_size: int) -> float:
@@ -58,103 +61,84 @@ def full_positions_loss(model, examples, collate, batch_size: int) -> float:
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             batch = collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))])
-            labels = batch.pop("labels")
+            labels = batch.pop("labels")[:, 1:]
             logits = model(**batch).logits[:, :-1].float()
-            targets = labels[:, 1:]
-            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                        ignore_index=-100, reduction="sum").item()
-            tokens += int((targets != -100).sum())
+            tokens += int((labels != -100).sum())
     return total / tokens
 
 
 def measure(opts: argparse.Namespace, progress=print) -> dict[str, Any]:
-    from istune.config import ISTConfig
-    from istune.data import CausalLMCollator, InstructionDataset
+    """Old ("pairwise") and new ("shared") times of every part, per round; their medians and the checks."""
+    from istune.data import CausalLMCollator
+    from istune.eval.generation import evaluate_generation
     from istune.eval.loss import heldout_loss
     from istune.eval.scoring import evaluate_scoring
-    from istune.eval.tasks import parse_eval_tasks
-    from istune.planning.step import load_model_and_tokenizer
-    from istune.data import load_eval_items
-    from istune.runs import RunArgs, load_rows
 
-    tasks = parse_eval_tasks(opts.tasks)
-    items = load_eval_items(tasks, opts.items, seed=0)
-    model, tokenizer = load_model_and_tokenizer(opts.model)
-    model.eval()
-    _, heldout_rows = load_rows(RunArgs(), ISTConfig().seed)
-    heldout = InstructionDataset(heldout_rows, tokenizer, RunArgs().cutoff_len, train_on_inputs=False)
+    model, tokenizer, items, heldout = _setup(opts)
     collate = CausalLMCollator(tokenizer)
-    times: dict[str, dict[str, list[float]]] = {task: {"pairwise": [], "shared": []} for task in tasks}
-    times["heldout_loss"] = {"pairwise": [], "shared": []}  # all positions / labelled positions
+    parts: dict[str, Any] = {task: lambda old, task=task: evaluate_scoring(
+        model, tokenizer, items[task], task, batch_size=opts.batch_size, share_context=not old) for task in items}
+    if opts.generate_task:  # LLM-Adapters' 32 new tokens against a fitted budget
+        task = opts.generate_task
+        parts[f"generate {task}"] = lambda old: evaluate_generation(
+            model, tokenizer, items[task], task, batch_size=opts.batch_size,
+            max_new_tokens=32 if old else opts.fitted_budget)
+    parts["heldout_loss"] = lambda old: (full_positions_loss if old else heldout_loss)(
+        model, heldout, collate, opts.batch_size)
+    times = {name: {"pairwise": [], "shared": []} for name in parts}
     checks: dict[str, Any] = {}
-    generated: dict[int, list] = {}
     for round_index in range(opts.rounds):
-        for task in tasks:
-            order = ["pairwise", "shared"] if round_index % 2 == 0 else ["shared", "pairwise"]
+        for name, run in parts.items():
             results = {}
-            for variant in order:
-                seconds, results[variant] = _timed(lambda: evaluate_scoring(
-                    model, tokenizer, items[task], task, batch_size=opts.batch_size,
-                    share_context=variant == "shared"))
-                times[task][variant].append(seconds)
-            old, new = results["pairwise"].records, results["shared"].records
-            checks[task] = {
-                "same_predictions": all(o["prediction"] == n["prediction"] and
-                                        o["prediction_per_char"] == n["prediction_per_char"] for o, n in zip(old, new)),
-                "max_logprob_difference": max(abs(a - b) for o, n in zip(old, new)
-                                              for a, b in zip(o["logprobs"], n["logprobs"])),
-            }
-            progress(f"{task}: pairwise {times[task]['pairwise'][-1]:.1f} s, shared {times[task]['shared'][-1]:.1f} s")
-        if opts.generate_task:  # the generation budget: LLM-Adapters' 32 new tokens against a fitted one
-            from istune.eval.generation import evaluate_generation
-
-            task = opts.generate_task
-            for budget in (32, opts.fitted_budget):
-                seconds, result = _timed(lambda: evaluate_generation(model, tokenizer, items[task], task,
-                                                                    batch_size=opts.batch_size, max_new_tokens=budget))
-                times.setdefault(f"generate {task}", {"pairwise": [], "shared": []})
-                generated[budget] = result.records
-                times[f"generate {task}"]["pairwise" if budget == 32 else "shared"].append(seconds)
-                progress(f"generate {task}, {budget} new tokens: {seconds:.1f} s")
-            checks["generate"] = {"same_predictions": all(a["prediction"] == b["prediction"] for a, b in
-                                                         zip(generated[32], generated[opts.fitted_budget])),
-                                  "responses_32": [r["response"] for r in generated[32]]}
-        seconds_full, full = _timed(lambda: full_positions_loss(model, heldout, collate, opts.batch_size))
-        seconds_kept, kept = _timed(lambda: heldout_loss(model, heldout, collate, opts.batch_size))
-        times["heldout_loss"]["pairwise"].append(seconds_full)
-        times["heldout_loss"]["shared"].append(seconds_kept)
-        checks["heldout_loss"] = {"all_positions": full, "labelled_positions": kept}
-        progress(f"held-out loss: all positions {seconds_full:.1f} s, labelled positions {seconds_kept:.1f} s")
+            for variant in ("pairwise", "shared")[:: 1 if round_index % 2 == 0 else -1]:
+                started = time.perf_counter()
+                results[variant] = run(variant == "pairwise")
+                times[name][variant].append(time.perf_counter() - started)
+            old, new = results["pairwise"], results["shared"]
+            if name == "heldout_loss":
+                checks[name] = {"all_positions": old, "labelled_positions": new}
+            elif name.startswith("generate"):
+                checks["generate"] = {"same_predictions": all(a["prediction"] == b["prediction"]
+                                                              for a, b in zip(old.records, new.records)),
+                                      "responses_32": [r["response"] for r in old.records]}
+            else:
+                checks[name] = {
+                    "same_predictions": all(o["prediction"] == n["prediction"] and o["prediction_per_char"] ==
+                                            n["prediction_per_char"] for o, n in zip(old.records, new.records)),
+                    "max_logprob_difference": max(abs(a - b) for o, n in zip(old.records, new.records)
+                                                  for a, b in zip(o["logprobs"], n["logprobs"]))}
+            progress(f"{name}: old {times[name]['pairwise'][-1]:.1f} s, new {times[name]['shared'][-1]:.1f} s")
     rows = {name: {"old_s": statistics.median(t["pairwise"]), "new_s": statistics.median(t["shared"])}
             for name, t in times.items()}
     for row in rows.values():
         row["ratio"] = row["new_s"] / row["old_s"]
     return {"rows": rows, "checks": checks, "times": times,
-            "settings": {"model": opts.model, "tasks": tasks, "items": opts.items, "batch_size": opts.batch_size,
+            "settings": {"model": opts.model, "tasks": list(items), "items": opts.items, "batch_size": opts.batch_size,
                          "rounds": opts.rounds, "heldout_examples": len(heldout),
                          "fitted_budget": opts.fitted_budget}}
 
 
+def _padded(lengths: list[int], batch_size: int) -> int:
+    """Positions of ``lengths`` in batches of ``batch_size``, each padded to its longest."""
+    return sum(len(lengths[s:s + batch_size]) * max(lengths[s:s + batch_size])
+               for s in range(0, len(lengths), batch_size))
+
+
 def count_work(opts: argparse.Namespace) -> dict[str, Any]:
     """Positions through the body and through the vocabulary projection, old and new (see the module doc)."""
-    from istune.config import ISTConfig
-    from istune.data import InstructionDataset
     from istune.eval.scoring import encode_option
-    from istune.eval.tasks import parse_eval_tasks
-    from istune.planning.step import load_model_and_tokenizer
-    from istune.data import load_eval_items
-    from istune.runs import RunArgs, load_rows
 
-    model, tokenizer = load_model_and_tokenizer(opts.model)
+    model, tokenizer, items, heldout = _setup(opts)
     head = model.get_output_embeddings().weight.numel()
     body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     batch_size = opts.batch_size
     rows: dict[str, dict[str, Any]] = {}
-    for task, rows_of_task in load_eval_items(parse_eval_tasks(opts.tasks), opts.items, seed=0).items():
-        encoded = [encode_option(tokenizer, item["context"], option, " ") for item in rows_of_task for option in item["options"]]
-        order = sorted(encoded, key=lambda e: -(len(e[0]) + len(e[1])))
-        old = sum(len(order[s:s + batch_size]) * (len(order[s][0]) + len(order[s][1]))
-                  for s in range(0, len(order), batch_size))
+    for task, task_items in items.items():
+        encoded = [encode_option(tokenizer, item["context"], option, " ") for item in task_items
+                   for option in item["options"]]
+        old = _padded(sorted((len(c) + len(o) for c, o, _ in encoded), reverse=True), batch_size)
         groups: dict[tuple, list] = {}
         for context, option, _ in encoded:
             groups.setdefault(tuple(context), []).append(option)
@@ -169,87 +153,70 @@ def count_work(opts: argparse.Namespace) -> dict[str, Any]:
                 new_body += len(options) * max(map(len, options))
                 new_head += sum(len(option) - 1 for option in options)
         rows[f"score {task}"] = {"old_body": old, "old_vocab": old, "new_body": new_body, "new_vocab": new_head}
-    _, heldout_rows = load_rows(RunArgs(), ISTConfig().seed)
-    examples = InstructionDataset(heldout_rows, tokenizer, RunArgs().cutoff_len, train_on_inputs=False)
-    examples = [examples[i] for i in range(len(examples))]
-    padded = sum(len(examples[s:s + batch_size]) * max(len(e["input_ids"]) for e in examples[s:s + batch_size])
-                 for s in range(0, len(examples), batch_size))
+    examples = [heldout[i] for i in range(len(heldout))]
+    padded = _padded([len(e["input_ids"]) for e in examples], batch_size)
     labelled = sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
     rows["held-out loss"] = {"old_body": padded, "old_vocab": padded, "new_body": padded, "new_vocab": labelled}
-    scoring = [r for name, r in rows.items() if name.startswith("score")]
-    rows["all scoring"] = {key: sum(r[key] for r in scoring) for key in ("old_body", "old_vocab", "new_body", "new_vocab")}
+    keys = ("old_body", "old_vocab", "new_body", "new_vocab")
+    rows["all scoring"] = {k: sum(r[k] for n, r in rows.items() if n.startswith("score")) for k in keys}
     for row in rows.values():
-        row["ratio"] = (body * row["new_body"] + head * row["new_vocab"]) / (body * row["old_body"] + head * row["old_vocab"])
+        row["ratio"] = ((body * row["new_body"] + head * row["new_vocab"])
+                        / (body * row["old_body"] + head * row["old_vocab"]))
     return {"rows": rows, "settings": {"model": opts.model, "items": opts.items, "batch_size": batch_size,
                                        "body_parameters": body, "vocab_projection_parameters": head}}
 
 
 def format_counts(result: dict[str, Any], meta: dict[str, Any]) -> str:
+    from istune.bench.records import markdown_table
+
     settings = result["settings"]
-    lines = [
-        "# Evaluation work: option scoring with shared contexts, held-out loss on labelled positions",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Date: {meta['date']}; commit {meta['commit']}.",
-        "",
-        f"{settings['model']}, {settings['items']} items per task (eval seed 0, as the main job), batch size "
-        f"{settings['batch_size']}. Counted, not timed: token positions through the decoder layers (padding "
-        "included) and positions projected onto the vocabulary. The ratio weighs them by the multiply-adds per "
-        f"position ({settings['body_parameters'] / 1e6:.1f} M in the layers, "
-        f"{settings['vocab_projection_parameters'] / 1e6:.1f} M in the vocabulary projection); on a CPU, "
-        "where these passes are compute-bound, time follows it.",
-        "",
-        "| part | layer positions old | new | vocab positions old | new | work new / old |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, row in result["rows"].items():
-        lines.append(f"| {name} | {row['old_body']} | {row['new_body']} | {row['old_vocab']} | {row['new_vocab']} | "
-                     f"{row['ratio']:.2f} |")
-    return "\n".join(lines) + "\n"
+    table = markdown_table(["part", "layer positions old", "new", "vocab positions old", "new", "work new / old"],
+                           ([name, r["old_body"], r["new_body"], r["old_vocab"], r["new_vocab"], f"{r['ratio']:.2f}"]
+                            for name, r in result["rows"].items()))
+    return (f"# Evaluation work: option scoring with shared contexts, held-out loss on labelled positions\n\n"
+            f"Command: `{meta['command']}`  \nDate: {meta['date']}; commit {meta['commit']}.\n\n"
+            f"{settings['model']}, {settings['items']} items per task (eval seed 0, as the main job), batch size "
+            f"{settings['batch_size']}. Counted, not timed: token positions through the decoder layers (padding "
+            "included) and positions projected onto the vocabulary. The ratio weighs them by the multiply-adds per "
+            f"position ({settings['body_parameters'] / 1e6:.1f} M in the layers, "
+            f"{settings['vocab_projection_parameters'] / 1e6:.1f} M in the vocabulary projection); on a CPU, "
+            f"where these passes are compute-bound, time follows it.\n\n{table}\n")
 
 
 def format_markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
-    settings = result["settings"]
-    lines = [
-        "# Evaluation time: option scoring with shared contexts, held-out loss on labelled positions",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Date: {meta['date']}; commit {meta['commit']}; {meta['machine']}.",
-        "",
-        f"{settings['model']}, {settings['items']} items per task (eval seed 0), batch size {settings['batch_size']}, "
-        f"{settings['rounds']} interleaved round(s), medians. Old = one sequence per (context, option) pair / "
-        "logits at every position; new = each context once with its KV cache copied per option / logits only "
-        "where a label is.",
-        "",
-        "| part | old (s) | new (s) | new / old | same predictions | max abs log-prob diff |",
-        "|---|---:|---:|---:|:---:|---:|",
-    ]
+    from istune.bench.records import markdown_table
+
+    settings, checks, cells = result["settings"], result["checks"], []
+    for name, row in result["rows"].items():
+        times = [f"{row['old_s']:.1f}", f"{row['new_s']:.1f}", f"{row['ratio']:.2f}"]
+        if name == "heldout_loss":
+            check = checks[name]
+            cells.append([f"held-out loss ({settings['heldout_examples']} ex.)", *times,
+                          f"{check['all_positions']:.6f} vs {check['labelled_positions']:.6f}", ""])
+        elif not name.startswith("generate"):
+            cells.append([f"score {name}", *times, "yes" if checks[name]["same_predictions"] else "NO",
+                          f"{checks[name]['max_logprob_difference']:.1e}"])
+    text = (f"# Evaluation time: option scoring with shared contexts, held-out loss on labelled positions\n\n"
+            f"Command: `{meta['command']}`  \nDate: {meta['date']}; commit {meta['commit']}; {meta['machine']}.\n\n"
+            f"{settings['model']}, {settings['items']} items per task (eval seed 0), batch size "
+            f"{settings['batch_size']}, {settings['rounds']} interleaved round(s), medians. Old = one sequence per "
+            "(context, option) pair / logits at every position; new = each context once with its KV cache copied "
+            "per option / logits only where a label is.\n\n"
+            + markdown_table(["part", "old (s)", "new (s)", "new / old", "same predictions", "max abs log-prob diff"],
+                             cells, "lrrrcr") + "\n")
     for name, row in result["rows"].items():
         if name.startswith("generate"):
-            continue
-        check = result["checks"][name]
-        if name == "heldout_loss":
-            same = f"{check['all_positions']:.6f} vs {check['labelled_positions']:.6f}"
-            lines.append(f"| held-out loss ({settings['heldout_examples']} ex.) | {row['old_s']:.1f} | {row['new_s']:.1f} "
-                         f"| {row['ratio']:.2f} | {same} | |")
-        else:
-            lines.append(f"| score {name} | {row['old_s']:.1f} | {row['new_s']:.1f} | {row['ratio']:.2f} | "
-                         f"{'yes' if check['same_predictions'] else 'NO'} | {check['max_logprob_difference']:.1e} |")
-    generate = [(name, row) for name, row in result["rows"].items() if name.startswith("generate")]
-    if generate:
-        name, row = generate[0]
-        same = result["checks"]["generate"]["same_predictions"]
-        lines += ["", f"Generation ({name}, untuned model): 32 new tokens {row['old_s']:.1f} s, "
-                      f"{settings['fitted_budget']} new tokens {row['new_s']:.1f} s ({row['ratio']:.2f}); "
-                      f"same predictions: {'yes' if same else 'NO'}. Not changed in the recipe (see the report)."]
-    scoring = [row for name, row in result["rows"].items() if name != "heldout_loss" and not name.startswith("generate")]
+            same = "yes" if checks["generate"]["same_predictions"] else "NO"
+            text += (f"\nGeneration ({name}, untuned model): 32 new tokens {row['old_s']:.1f} s, "
+                     f"{settings['fitted_budget']} new tokens {row['new_s']:.1f} s ({row['ratio']:.2f}); "
+                     f"same predictions: {same}. Not changed in the recipe (see the report).\n")
+    scoring = [r for name, r in result["rows"].items() if "max_logprob_difference" in checks.get(name, {})]
     old, new = sum(r["old_s"] for r in scoring), sum(r["new_s"] for r in scoring)
-    lines += ["", f"All scoring: {old:.1f} s -> {new:.1f} s ({new / old:.2f} of the time)."]
-    return "\n".join(lines) + "\n"
+    return text + f"\nAll scoring: {old:.1f} s -> {new:.1f} s ({new / old:.2f} of the time).\n"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m istune.bench.eval_time``: time old and new scoring and held-out loss, print and write ``--out``.json/.md."""
+def main(argv: list[str] | None = None) -> int:
+    """``python -m istune.bench.eval_time``: time (or count) old and new, print and write ``--out``.json/.md."""
     from istune.bench.records import run_metadata, write_record
     from istune.options import require_at_least_one
 

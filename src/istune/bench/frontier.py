@@ -5,27 +5,18 @@
     istune bench frontier --size tiny                       # 8 x 256 LLaMA, 4 x 256 tokens (per-step overhead)
     istune bench frontier --size test --rows lora,ist       # seconds: what the tests run
 
-Every row trains with transformers' ``Trainer`` (LoRA r=32, alpha 64, dropout 0.05 on
-q/k/v/up/down; fp32; random token ids; IST through ``ISTCallback``; "+ ckpt" rows set
-``gradient_checkpointing=True``, non-reentrant), on a model with random weights built from
-the size's config (SmolLM2: its real weights; memory and time depend on shapes only).
+Every row trains with transformers' ``Trainer`` (LoRA r=32, alpha 64, dropout 0.05; fp32; random token
+ids; IST through ``ISTCallback``; checkpointing rows: non-reentrant) on a model with random weights.
 
-- **Memory**: each row runs in its own process (``memory_steps`` steps; the IST seed is
-  chosen so that one step selects layer 0, the worst case; a row with ``stored_layers`` runs
-  a second process at its other worst step, :func:`stored_worst_step`, and reports the
-  larger). Measured: the growth of the peak
-  resident set size (VmHWM, reset just before ``trainer.train()``) over the resident size
-  at that moment: activations, gradients, optimizer state and every temporary of training.
-- **Time**: rows interleaved in rounds (each round trains every row ``--steps`` steps with a
-  fresh Trainer; its first step is dropped). A step is the wall time between two
-  ``on_step_end`` events: the callback's work, probes included, is part of it. IST rows draw
-  their layers as in training (seed 42 + round, the same draws for every IST row of a round;
-  not the memory runs' worst case), and an IST step's time depends on the lowest layer it
-  selects, so the **mean** is reported: mean of the steps without an importance update, plus
-  the mean time of one update divided by T_c.
+- **Memory**: each row in its own process (:mod:`istune.bench.child`), ``memory_steps`` steps, IST seeded to
+  select layer 0 (with ``stored_layers``, also :func:`stored_worst_step`; the larger counts): the growth of
+  the peak resident set over ``trainer.train()`` (:class:`~istune.planning.step.RssPeak`).
+- **Time**: rows interleaved in rounds, a fresh Trainer each; a step is the time between two
+  ``on_step_end`` events, so the Trainer's and the callback's work (probes included) is part of it. IST rows
+  draw as in training (seed 42 + round); the mean of the steps without an importance update plus one
+  update's mean time over T_c is reported.
 
-Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (memory against time, the frontier drawn:
-the rows no other row beats on both axes).
+Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (memory against time, the frontier drawn).
 """
 
 from __future__ import annotations
@@ -37,17 +28,19 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from transformers import TrainerCallback
 
+from istune.bench import records
 from istune.bench.child import run_in_child
 from istune.bench.records import run_metadata, write_record
 from istune.planning.rows import ROWS as ALL_ROWS
 from istune.planning.rows import Row, table_names
+from istune.planning.shapes import SHAPES
 
 DEFAULT_OUT = "benchmarks/results/frontier"
 PROBE_INTERVAL = 10  # T_c, the paper's default: the time of an importance update is amortised over it
@@ -75,14 +68,12 @@ class Size:
     rounds: int
     memory_steps: int
     config: dict = field(default_factory=dict)
-    model: Optional[str] = None
+    model: str | None = None
 
 
 SIZES: dict[str, Size] = {size.name: size for size in (
     Size("llama-12x768", "LLaMA architecture, 12 layers x 768 (MLP 2048, 12 heads, vocab 32000), SDPA", 1, 1024,
-         steps=11, rounds=2, memory_steps=3,
-         config=dict(num_hidden_layers=12, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
-                     num_key_value_heads=12, vocab_size=32000)),
+         steps=11, rounds=2, memory_steps=3, config=SHAPES["llama-12x768"].sizes),
     Size("smollm2-135m", "SmolLM2-135M-Instruct (30 layers x 576), SDPA", 1, 1024, steps=5, rounds=2,
          memory_steps=3, model="smollm2-135m"),
     Size("tiny", "LLaMA architecture, 8 layers x 256 (MLP 688, 4 heads, vocab 32000), SDPA", 4, 256,
@@ -95,14 +86,12 @@ SIZES: dict[str, Size] = {size.name: size for size in (
 )}
 
 
-# ---- one row ---------------------------------------------------------------------------------
-
-
 def build_model(size: Size, row: Row) -> torch.nn.Module:
     """The size's model (random weights from its config, or the named model) with the row's trainable parts."""
     import transformers
 
-    from istune.planning.step import build_model as build, load_model
+    from istune.planning.step import build_model as build
+    from istune.planning.step import load_model
 
     row = dataclasses.replace(row, checkpointing=False)  # the Trainer turns it on (activation_checkpointing)
     torch.manual_seed(0)
@@ -112,18 +101,6 @@ def build_model(size: Size, row: Row) -> torch.nn.Module:
         return build(None, row, model=model, seed=None, total_steps=1000)
     config = transformers.LlamaConfig(**size.config, attn_implementation="sdpa")
     return build(config, row, seed=0, total_steps=1000)
-
-
-class _TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, size: Size, vocab_size: int, examples: int):
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab_size, (examples, size.seq_len), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -153,7 +130,7 @@ def ist_seed(row: Row, size: Size, num_layers: int) -> int:
     return worst_case_seed(config.strategy, num_layers, count, 42, size.memory_steps)[0]
 
 
-def stored_worst_step(row: Row, num_layers: int) -> Optional[list[int]]:
+def stored_worst_step(row: Row, num_layers: int) -> list[int] | None:
     """With ``stored_layers = M`` (1 <= M < N_L), the other step whose peak can be the largest
     (:func:`istune.planning.worst_case.worst_case_selections`): its memory run fixes it. Else None."""
     from istune.config import ISTConfig
@@ -167,7 +144,7 @@ def stored_worst_step(row: Row, num_layers: int) -> Optional[list[int]]:
 
 
 def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, output_dir: str, clock=None,
-                 seed: Optional[int] = None, layers: Optional[list[int]] = None):
+                 seed: int | None = None, layers: list[int] | None = None):
     """A Trainer for ``steps`` steps of ``row`` (ISTCallback with T_c = 10 for IST rows).
 
     ``seed``: IST's seed; default the one whose first steps select layer 0 (the memory runs' worst case).
@@ -193,7 +170,9 @@ def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, outpu
         lr_scheduler_type="constant", logging_steps=10, report_to=[], save_strategy="no", disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), seed=0, dataloader_num_workers=0,
         activation_checkpointing=row.checkpointing, activation_checkpointing_kwargs={"use_reentrant": False})
-    dataset = _TokenDataset(size, model.config.vocab_size, steps * size.batch_size)
+    ids = torch.randint(0, model.config.vocab_size, (steps * size.batch_size, size.seq_len),
+                        generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]  # random token ids
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # no log lines on stdout (the memory runs report there)
     return trainer
@@ -271,9 +250,6 @@ def measure_time(rows: list[Row], size: Size, steps: int, rounds: int, progress:
     return results
 
 
-# ---- results ---------------------------------------------------------------------------------
-
-
 def frontier_keys(rows: list[dict]) -> list[str]:
     """Rows no other row beats on both memory and time (lower is better on both)."""
     def beaten(a: dict) -> bool:
@@ -304,14 +280,13 @@ def markdown_table(rows: list[dict]) -> str:
     def ratio(r: dict, name: str) -> str:
         return f"{r[name]:.2f}" if name in r else "–"
 
-    lines = ["| configuration | memory GB | vs LoRA | vs LoRA + ckpt | s/step | vs LoRA | vs LoRA + ckpt "
-             "| probe update s | frontier |", "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
-    for r in rows:
-        probe = f"{r['probe_update_s']:.3f}" if r["probe_update_s"] is not None else "–"
-        lines.append(f"| {r['label']} | {r['memory_bytes'] / 1e9:.3f} | {ratio(r, 'memory_vs_lora')} "
-                     f"| {ratio(r, 'memory_vs_lora+gc')} | {r['seconds_per_step']:.3f} | {ratio(r, 'time_vs_lora')} "
-                     f"| {ratio(r, 'time_vs_lora+gc')} | {probe} | {'yes' if r['on_frontier'] else ''} |")
-    return "\n".join(lines)
+    return records.markdown_table(
+        ["configuration", "memory GB", "vs LoRA", "vs LoRA + ckpt", "s/step", "vs LoRA", "vs LoRA + ckpt",
+         "probe update s", "frontier"],
+        ([r["label"], f"{r['memory_bytes'] / 1e9:.3f}", ratio(r, "memory_vs_lora"), ratio(r, "memory_vs_lora+gc"),
+          f"{r['seconds_per_step']:.3f}", ratio(r, "time_vs_lora"), ratio(r, "time_vs_lora+gc"),
+          "–" if r["probe_update_s"] is None else f"{r['probe_update_s']:.3f}", "yes" if r["on_frontier"] else ""]
+         for r in rows), "l" + "r" * 7 + "c")
 
 
 def plot(rows: list[dict], title: str):
@@ -348,7 +323,8 @@ def write_results(out: Path, meta: dict, settings: dict, rows: list[dict]) -> st
         f"Command: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, {meta['machine']}; "
         f"load before the run: {settings['load']}.  \n{settings['description']}, batch {settings['batch_size']} x "
         f"{settings['seq_len']} tokens, fp32, LoRA/DoRA r=32, alpha 64, dropout 0.05 on q/k/v/up/down, HF Trainer, "
-        f"IST defaults (N_u = 25%, T_c = {PROBE_INTERVAL}). Memory: growth of peak RSS over {settings['memory_steps']} "
+        f"IST defaults (N_u = 25%, T_c = {PROBE_INTERVAL}). Memory: growth of peak RSS over "
+        f"{settings['memory_steps']} "
         f"steps, each row in its own process, IST's worst step (layer 0 selected) included. Time: means over "
         f"{settings['rounds']} interleaved rounds x {settings['steps'] - 1} timed steps "
         f"({settings.get('clock', 'wall')} clock; IST rows draw layers as in training, seed {TIME_SEED} + round), "
@@ -356,10 +332,7 @@ def write_results(out: Path, meta: dict, settings: dict, rows: list[dict]) -> st
     return table
 
 
-# ---- command line ----------------------------------------------------------------------------
-
-
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="istune bench frontier", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -368,14 +341,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="steps per row per round (default: the size's)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the size's)")
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
-                        help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared machine "
-                        "(with OMP_NUM_THREADS=1 it is the work done; it leaves out time spent waiting)")
+                        help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a shared "
+                        "machine (with OMP_NUM_THREADS=1 it is the work done; it leaves out time spent waiting)")
     parser.add_argument("--skip", default=None, choices=["memory", "time"], help="measure only the other one")
     parser.add_argument("--out", default=None, help=f"results go to OUT.json/.md/.png; default {DEFAULT_OUT}-SIZE")
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``istune bench frontier``: measure, print the table, write the results. Bad options raise ValueError."""
     from istune.options import parse_list
 

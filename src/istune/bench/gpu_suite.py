@@ -1,41 +1,19 @@
 """The GPU suite: measured peak memory and step time of the frontier rows on a LLaMA-7B shape, and SmolLM2 runs.
 
-One command on a machine with one CUDA GPU (H100 class; estimated 6–9 minutes, ``--budget_s`` caps it)::
+One command on a machine with one CUDA GPU (``--budget_s`` caps it; install torch's CUDA build there)::
 
     bash scripts/setup.sh && .venv/bin/python benchmarks/gpu_suite.py     # = istune bench gpu
     .venv/bin/python benchmarks/gpu_suite.py --tiny                       # CPU smoke test: tiny shapes, seconds
 
-(The torch that ``scripts/setup.sh`` pins is a CPU build; on the GPU machine install the same
-version's CUDA build, e.g. ``pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128``.)
+Part 1, each frontier row (:data:`FRONTIER_ROWS`) in its own process on LLaMA-7B's shape (random weights
+made on the GPU), bf16, SDPA, LoRA r = 32, batch 1 x 1024: memory is one measured step
+(:func:`istune.planning.step.measured_steps`, IST at the worst step ``istune plan`` assumes) under
+:class:`~istune.planning.step.CudaPeak`, beside ``istune plan``'s prediction; time is ``--steps`` steps of
+the row's real policy (probes included), one by one with ``torch.cuda.synchronize``.
+Part 2: ``--finetune_steps`` steps of SmolLM2-135M on the commonsense mix for LoRA, random sparse and IST
+(:func:`istune.integrations.loop.train`), the held-out loss at the end.
 
-Part 1, the frontier on LLaMA-7B's shape (``istune.bench.shapes.SHAPES["llama-7b"]``: 32 layers
-× 4096, random weights initialised on the GPU, no download), bf16 weights, SDPA attention,
-LoRA r = 32 on q/k/v/up/down (dropout 0.05), AdamW, batch 1 × 1024 tokens. Rows: LoRA,
-LoRA + gradient checkpointing, IST, IST + ``recompute_unselected``, IST + gradient
-checkpointing, the same with ``stored_layers=2``, IST with ``stored_layers=8``, random
-sparse, LISA-style (2 whole layers a step, embeddings and head
-trained, state of unselected layers dropped), and with ``--dora`` DoRA and DoRA + IST.
-Each row runs in its own process:
-
-- memory: one step that trains every layer (AdamW state for all), for IST rows a settling step
-  with the worst-case selection (layer 0 and the N_u − 1 top layers, as ``istune plan``
-  assumes; with ``stored_layers`` the larger of the plan's two worst steps), then one step after ``torch.cuda.reset_peak_memory_stats``: its
-  ``max_memory_allocated`` and ``max_memory_reserved``. Beside it, ``istune plan``'s prediction
-  for the same row (computed on the meta device in the same process);
-- time: the row's real policy (IST: importance updates every T_c = 10 steps with N_c = 3
-  probes, included), ``--warmup_steps`` untimed, then ``--steps`` (20 = 2 T_c) timed one by
-  one with ``torch.cuda.synchronize``; the mean (probe steps included) and the median (the
-  plain steps). Rows run one after another, not interleaved.
-
-Part 2: ``--finetune_steps`` (200) steps of SmolLM2-135M (the embedded model) on the
-commonsense mix, batch 4, cutoff 256, lr 3e-4, for LoRA, random sparse and IST, through
-:func:`istune.integrations.loop.train`; the held-out loss (64 examples) at the end, the time
-and the peak.
-
-Results are written after every row (``benchmarks/results/gpu_suite.{json,md}``, each file
-whole), so an interrupted suite keeps what it measured, and ``--resume`` skips rows already
-measured with the same settings. ``--budget_s`` stops starting rows when the time left is
-less than the longest row so far took.
+Results are written after every row; ``--resume`` keeps rows measured with the same settings.
 """
 
 from __future__ import annotations
@@ -48,13 +26,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from istune.bench.child import ChildFailed, run_in_child
-from istune.bench.records import run_metadata, write_record
+from istune.bench.records import markdown_table, run_metadata, write_record
 from istune.planning.rows import ROWS, Row, table_names
+from istune.planning.shapes import SHAPES
 
 __all__ = ["FRONTIER_ROWS", "FINETUNE_ROWS", "SuiteSettings", "build_parser", "main", "run_row"]
 
@@ -104,10 +83,7 @@ def tiny_settings(device: str) -> SuiteSettings:
                          heldout_samples=8)
 
 
-# ------------------------------------------------------------------------------ part 1: the frontier rows
-
-
-def _predict(row: Row, settings: SuiteSettings, config) -> Optional[dict]:
+def _predict(row: Row, settings: SuiteSettings, config) -> dict | None:
     """istune plan's prediction for the row (meta device), or None where the planner has no such row."""
     if row.method == "lisa":
         return None
@@ -126,7 +102,6 @@ def _predict(row: Row, settings: SuiteSettings, config) -> Optional[dict]:
 def run_frontier_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
     from istune.config import ISTConfig
     from istune.core.tuner import SparseTuner
-    from istune.planning.shapes import SHAPES
     from istune.planning.step import CudaPeak, build_model, make_batch, measured_steps, timed_step, trainable
     from istune.planning.tracker import MemoryTracker
 
@@ -173,23 +148,17 @@ def run_frontier_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------------ part 2: SmolLM2 fine-tuning
-
-
-def _tiny_finetune_model_and_tokenizer():
-    """--tiny: a 2-layer random LLaMA and a word-level tokenizer over the data's vocabulary (no files needed)."""
+def _tiny_tokenizer(rows: list[dict]):
+    """--tiny: a word-level tokenizer over the data's vocabulary (no files needed)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    words = ["<pad>", "<unk>", "<s>", "</s>", *sorted(set(" ".join(r["instruction"] + " " + r["output"]
-                                                                 for r in _tiny_rows()).split()))]
+    text = " ".join(r["instruction"] + " " + r["output"] for r in rows)
+    words = ["<pad>", "<unk>", "<s>", "</s>", *sorted(set(text.split()))]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(words), pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    return LlamaForCausalLM(config), tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
 
 
 def _tiny_rows() -> list[dict]:
@@ -209,14 +178,21 @@ def run_finetune_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
 
     device = torch.device(settings.device)
     torch.manual_seed(settings.seed)
-    if settings.tiny:
-        model, tokenizer = _tiny_finetune_model_and_tokenizer()
+    adapter = dict(rank=settings.rank, alpha=2 * settings.rank)
+    if settings.tiny:  # a 4-layer random LLaMA
         rows = _tiny_rows()
+        tokenizer = _tiny_tokenizer(rows)
+        config = SHAPES["tiny-llama"].config()
+        config.update(dict(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2, eos_token_id=3))
+        model = build_model(config, ROWS["lora"], device=device, seed=None, adapter=adapter,
+                            total_steps=settings.finetune_steps)
     else:
         from istune.data import build_commonsense_train
-        from istune.planning.step import load_model_and_tokenizer
+        from istune.models import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype=torch.float32)
+        model = build_model(None, ROWS["lora"], model=model.to(device), device=device, seed=None, adapter=adapter,
+                            total_steps=settings.finetune_steps)
         rows = build_commonsense_train()
     order = list(range(len(rows)))
     random.Random(settings.seed).shuffle(order)
@@ -226,8 +202,6 @@ def run_finetune_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
     collate = CausalLMCollator(tokenizer)
     train_set = InstructionDataset(train_rows, tokenizer, settings.cutoff_len, train_on_inputs=False)
     heldout_set = InstructionDataset(heldout, tokenizer, settings.cutoff_len, train_on_inputs=False)
-    model = build_model(None, ROWS["lora"], model=model.to(device), device=device, seed=None,
-                        adapter=dict(rank=settings.rank, alpha=2 * settings.rank), total_steps=settings.finetune_steps)
     optimizer = torch.optim.AdamW(trainable(model), lr=3e-4)
     loader = torch.utils.data.DataLoader(train_set, batch_size=settings.finetune_batch_size, shuffle=True,
                                          collate_fn=collate, generator=torch.Generator().manual_seed(settings.seed))
@@ -259,9 +233,6 @@ def run_row(key: str, settings: SuiteSettings | dict) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-# ------------------------------------------------------------------------------ the whole suite
-
-
 def _row_in_subprocess(key: str, settings: SuiteSettings, timeout_s: float) -> dict[str, Any]:
     """Run a row in a fresh Python process (its own CUDA context and peak counters); an OOM stays in it."""
     try:
@@ -272,54 +243,46 @@ def _row_in_subprocess(key: str, settings: SuiteSettings, timeout_s: float) -> d
         return {"key": key, "label": ALL_ROWS[key].label, "status": f"failed: {error}"}
 
 
-def _size(value: Optional[float], unit: int) -> str:
+def _size(value: float | None, unit: int) -> str:
     return "–" if value is None else f"{value / unit:.2f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
     meta, rows = result["meta"], {r["key"]: r for r in result["rows"]}
-    settings = meta["settings"]
-    unit, unit_name = (1024**2, "MiB") if settings["tiny"] else (GIB, "GiB")
-    lines = [f"# GPU suite{' (--tiny smoke test)' if settings['tiny'] else ''}", ""]
-    if meta["device"] != "cuda":
-        lines += [f"**{NOT_MEASURED}.** This run used {meta['device']}; its figures are live tensor bytes "
-                  "(MemoryTracker), not a GPU's.", ""]
-    lines += [f"Command: `{meta['command']}`  ", f"Date: {meta['date']}; commit {meta['commit']}; {meta['machine']}",
-              "", f"## Frontier: {settings['shape']} shape, {settings['dtype']}, batch {settings['batch_size']} x "
-              f"{settings['seq_len']} tokens, SDPA, r = {settings['rank']}", "",
-              f"| row | peak allocated {unit_name} | reserved {unit_name} | istune plan {unit_name} | plan / measured | memory vs LoRA | "
-              "step s, mean (median) | time vs LoRA | status |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    settings, tiny = meta["settings"], meta["settings"]["tiny"]
+    unit, name = (1024**2, "MiB") if tiny else (GIB, "GiB")
     lora = rows.get("lora", {})
-    for row in FRONTIER_ROWS:
-        r = rows.get(row.key)
-        if r is None:
-            continue
-        done = r["status"] == "done"
-        prediction = (r.get("prediction") or {}).get("peak_bytes")
-        ratio = f"{prediction / r['peak_allocated_bytes']:.3f}" if done and prediction else "–"
-        mem = f"{r['peak_allocated_bytes'] / lora['peak_allocated_bytes']:.2f}" if done and lora.get(
-            "status") == "done" else "–"
-        speed = f"{r['step_seconds_mean'] / lora['step_seconds_mean']:.2f}" if done and lora.get(
-            "status") == "done" else "–"
-        step = f"{r['step_seconds_mean']:.3f} ({r['step_seconds_median']:.3f})" if done else "–"
-        lines.append(f"| {row.label} | {_size(r.get('peak_allocated_bytes'), unit)} | "
-                     f"{_size(r.get('peak_reserved_bytes'), unit)} | {_size(prediction, unit)} | {ratio} | {mem} | {step} | {speed} | {r['status']} |")
-    lines += ["", f"## SmolLM2-135M{' (--tiny: a 4-layer random model)' if settings['tiny'] else ''}, "
-              f"{settings['finetune_steps']} steps on the commonsense mix, batch {settings['finetune_batch_size']}, "
-              f"cutoff {settings['cutoff_len']}", "",
-              f"| row | held-out loss | train s | peak allocated {unit_name} | status |", "|---|---:|---:|---:|---|"]
-    for row in FINETUNE_ROWS:
-        r = rows.get(row.key)
-        if r is not None:
-            done = r["status"] == "done"
-            lines.append(f"| {row.label} | {r['heldout_loss']:.4f} | {r['train_seconds']:.1f} | "
-                         f"{_size(r.get('peak_allocated_bytes'), unit)} | {r['status']} |" if done else
-                         f"| {row.label} | – | – | – | {r['status']} |")
-    lines += ["", f"Memory: one step per row, isolation '{meta.get('isolation')}' (IST rows: the worst step, layer 0 "
-              "selected). Time: the row's real policy; the mean over the timed steps includes IST's probes (every "
-              "T_c = 10 steps), the median is a plain step. 'istune plan' is the planner's prediction of "
-              "max_memory_allocated for the same row (random sparse: IST's row; LISA: not planned)."]
-    return "\n".join(lines) + "\n"
+    frontier = []
+    for r in (rows[row.key] for row in FRONTIER_ROWS if row.key in rows):
+        peak, plan = r.get("peak_allocated_bytes"), (r.get("prediction") or {}).get("peak_bytes")
+        done, versus = r["status"] == "done", r["status"] == "done" and lora.get("status") == "done"
+        frontier.append([r["label"], _size(peak, unit), _size(r.get("peak_reserved_bytes"), unit), _size(plan, unit),
+                         f"{plan / peak:.3f}" if done and plan else "–",
+                         f"{peak / lora['peak_allocated_bytes']:.2f}" if versus else "–",
+                         f"{r['step_seconds_mean']:.3f} ({r['step_seconds_median']:.3f})" if done else "–",
+                         f"{r['step_seconds_mean'] / lora['step_seconds_mean']:.2f}" if versus else "–", r["status"]])
+    finetune = [[r["label"], f"{r['heldout_loss']:.4f}", f"{r['train_seconds']:.1f}",
+                 _size(r.get("peak_allocated_bytes"), unit), r["status"]] if r["status"] == "done" else
+                [r["label"], "–", "–", "–", r["status"]]
+                for r in (rows[row.key] for row in FINETUNE_ROWS if row.key in rows)]
+    warning = (f"**{NOT_MEASURED}.** This run used {meta['device']}; its figures are live tensor bytes "
+               "(MemoryTracker), not a GPU's.\n\n" if meta["device"] != "cuda" else "")
+    return (f"# GPU suite{' (--tiny smoke test)' if tiny else ''}\n\n{warning}Command: `{meta['command']}`  \n"
+            f"Date: {meta['date']}; commit {meta['commit']}; {meta['machine']}\n\n"
+            f"## Frontier: {settings['shape']} shape, {settings['dtype']}, batch {settings['batch_size']} x "
+            f"{settings['seq_len']} tokens, SDPA, r = {settings['rank']}\n\n"
+            + markdown_table(["row", f"peak allocated {name}", f"reserved {name}", f"istune plan {name}",
+                              "plan / measured", "memory vs LoRA", "step s, mean (median)", "time vs LoRA", "status"],
+                             frontier, "lrrrrrrrl")
+            + f"\n\n## SmolLM2-135M{' (--tiny: a 4-layer random model)' if tiny else ''}, "
+            f"{settings['finetune_steps']} steps on the commonsense mix, batch {settings['finetune_batch_size']}, "
+            f"cutoff {settings['cutoff_len']}\n\n"
+            + markdown_table(["row", "held-out loss", "train s", f"peak allocated {name}", "status"], finetune,
+                             "lrrrl")
+            + f"\n\nMemory: one step per row, isolation '{meta.get('isolation')}' (IST rows: the worst step, layer 0 "
+            "selected). Time: the row's real policy; the mean over the timed steps includes IST's probes (every "
+            "T_c = 10 steps), the median is a plain step. 'istune plan' is the planner's prediction of "
+            "max_memory_allocated for the same row (random sparse: IST's row; LISA: not planned).\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,8 +311,8 @@ def _settings(args: argparse.Namespace) -> SuiteSettings:
     if device not in ("cuda", "cpu"):
         raise ValueError(f"--device={device!r}: use cuda or cpu.")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device=cuda, but this torch ({torch.__version__}, CUDA {torch.version.cuda}) sees no GPU; "
-                         "install a CUDA build of torch on the GPU machine, or run --tiny on the CPU.")
+        raise ValueError(f"--device=cuda, but this torch ({torch.__version__}, CUDA {torch.version.cuda}) sees no "
+                         "GPU; install a CUDA build of torch on the GPU machine, or run --tiny on the CPU.")
     if device == "cpu" and not args.tiny:
         raise ValueError("--device=cpu runs only with --tiny (a 7B shape on a CPU takes hours); add --tiny.")
     settings = tiny_settings(device) if args.tiny else SuiteSettings(device=device)
@@ -362,7 +325,7 @@ def _settings(args: argparse.Namespace) -> SuiteSettings:
     return SuiteSettings(**{**asdict(settings), **changes})
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from istune.options import parse_list
 
     argv = list(sys.argv[1:] if argv is None else argv)

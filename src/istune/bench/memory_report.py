@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
-from istune.planning.rows import ROWS, Row
+from istune.bench.records import markdown_table
+from istune.planning.rows import METHOD_LABELS, ROWS, Row
 from istune.planning.shapes import SHAPES
 from istune.planning.tracker import CATEGORIES
 
@@ -21,41 +22,42 @@ def gb(n: float) -> str:
     return f"{n / GB:.2f}"
 
 
-def _ratio(runs: dict[str, dict], key: str) -> Optional[float]:
+def _ratio(runs: dict[str, dict], key: str) -> float | None:
     run = runs.get(key)
     base = runs.get(run["baseline"]) if run and run["baseline"] else None
     return run["peak_bytes"] / base["peak_bytes"] if base else None
 
 
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
+def _table(head: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    return markdown_table(head, rows, align).splitlines()
 
 
-def _head(cells: list[str], left: int = 1) -> list[str]:
-    return [_row(cells), "|" + "---|" * left + "---:|" * (len(cells) - left)]
+def _label(key: str) -> str:
+    return next(v.label for v in VARIANTS if v.key == key)
+
+
+def _baseline(key: str) -> str | None:
+    return next(v.baseline for v in VARIANTS if v.key == key)
 
 
 def main_table(runs: dict[str, dict[str, dict]]) -> list[str]:
     """The paper's layout: a row per shape; each method without and with IST, and their ratio (worst-case peaks)."""
     keys = [k for k in MAIN_KEYS if any(k in by_key for by_key in runs.values())]
-    labels = {v.key: v.label for v in VARIANTS}
     head = ["shape", "base weights"]
     for key in keys:
-        head.append(labels[key])
-        baseline = next(v.baseline for v in VARIANTS if v.key == key)
-        if baseline in keys:
-            head.append("ratio" if key.startswith(baseline) else f"/ {labels[baseline]}")
-    lines = _head(head)
+        head.append(_label(key))
+        if _baseline(key) in keys:
+            head.append("ratio" if key.startswith(_baseline(key)) else f"/ {_label(_baseline(key))}")
+    rows = []
     for shape, by_key in runs.items():
         cells = [shape, gb(next(iter(by_key.values()))["base_weight_bytes"])]
         for key in keys:
-            run = by_key.get(key)
-            cells.append(gb(run["peak_bytes"]) if run else "")
-            if next(v.baseline for v in VARIANTS if v.key == key) in keys:
+            cells.append(gb(by_key[key]["peak_bytes"]) if key in by_key else "")
+            if _baseline(key) in keys:
                 ratio = _ratio(by_key, key)
                 cells.append(f"{ratio:.2f}" if ratio is not None else "")
-        lines.append(_row(cells))
-    return lines
+        rows.append(cells)
+    return _table(head, rows)
 
 
 def extras_table(runs: dict[str, dict[str, dict]]) -> list[str]:
@@ -63,15 +65,10 @@ def extras_table(runs: dict[str, dict[str, dict]]) -> list[str]:
     keys = [v.key for v in VARIANTS if v.key not in MAIN_KEYS and any(v.key in r for r in runs.values())]
     if not keys:
         return []
-    labels = {v.key: v.label for v in VARIANTS}
-    lines = _head(["shape"] + [c for key in keys for c in (labels[key], "ratio")])
-    for shape, by_key in runs.items():
-        cells = [shape]
-        for key in keys:
-            ratio = _ratio(by_key, key)
-            cells += [gb(by_key[key]["peak_bytes"]) if key in by_key else "", f"{ratio:.2f}" if ratio else ""]
-        lines.append(_row(cells))
-    return lines
+    rows = [[shape] + [cell for key in keys for cell in (gb(by_key[key]["peak_bytes"]) if key in by_key else "",
+                                                          f"{_ratio(by_key, key):.2f}" if _ratio(by_key, key) else "")]
+            for shape, by_key in runs.items()]
+    return _table(["shape"] + [c for key in keys for c in (_label(key), "ratio")], rows)
 
 
 def attention_table(runs: dict[str, dict[str, dict]], attention: str, extras: list[str]) -> list[str]:
@@ -79,9 +76,9 @@ def attention_table(runs: dict[str, dict[str, dict]], attention: str, extras: li
     head = ["shape", "row", f"{attention} GB", "ratio"]
     for extra in extras:
         head += [f"{extra} GB", "ratio", f"{extra} / {attention}"]
-    lines = _head(head, left=2)
+    rows = []
     for shape, by_key in runs.items():
-        for key, run in by_key.items():
+        for run in by_key.values():
             base = by_key.get(run["baseline"])
             cells = [shape, run["label"], gb(run["peak_bytes"]),
                      f"{run['peak_bytes'] / base['peak_bytes']:.2f}" if base else ""]
@@ -89,41 +86,38 @@ def attention_table(runs: dict[str, dict[str, dict]], attention: str, extras: li
                 peak = run["extra_attention"][extra]["peak_bytes"]
                 base_peak = base["extra_attention"][extra]["peak_bytes"] if base else None
                 cells += [gb(peak), f"{peak / base_peak:.2f}" if base else "", f"{peak / run['peak_bytes']:.2f}"]
-            lines.append(_row(cells))
-    return lines
+            rows.append(cells)
+    return _table(head, rows, "ll" + "r" * (len(head) - 2))
 
 
 def steps_table(runs: dict[str, dict[str, dict]]) -> list[str]:
     """Sparse rows: worst-case and mean step peaks (ratio to the plain method) and every step's selection."""
-    lines = _head(["shape", "row", "N_u of N_L", "worst step GB", "ratio", "mean step GB", "ratio",
-                   "layers selected per step (worst step marked *)"], left=2)
-    lines[1] = "|---|---|---:|---:|---:|---:|---:|---|"
-    for shape, by_key in runs.items():
-        for key, run in by_key.items():
+    rows = []
+    for by_key in runs.values():
+        for run in by_key.values():
             if run["ist_config"] is None:
                 continue
             base = by_key.get(run["baseline"])
-            ratio = (lambda n: f"{n / base['peak_bytes']:.2f}") if base else (lambda n: "")
+
+            def ratio(n: float, base=base) -> str:
+                return f"{n / base['peak_bytes']:.2f}" if base else ""
+
             selections = "; ".join(",".join(map(str, s["selected"])) + ("*" if s["step"] == run["worst_step"] else "")
                                    for s in run["steps"])
-            lines.append(_row([shape, run["label"], f"{run['update_layers']} of {run['num_layers']}",
-                               gb(run["peak_bytes"]), ratio(run["peak_bytes"]), gb(run["mean_step_peak_bytes"]),
-                               ratio(run["mean_step_peak_bytes"]), selections]))
-    return lines
+            rows.append([run["shape"], run["label"], f"{run['update_layers']} of {run['num_layers']}",
+                         gb(run["peak_bytes"]), ratio(run["peak_bytes"]), gb(run["mean_step_peak_bytes"]),
+                         ratio(run["mean_step_peak_bytes"]), selections])
+    return _table(["shape", "row", "N_u of N_L", "worst step GB", "ratio", "mean step GB", "ratio",
+                   "layers selected per step (worst step marked *)"], rows, "llrrrrrl")
 
 
 def breakdown_table(runs: dict[str, dict[str, dict]]) -> list[str]:
     """What the (worst-case) peak of every run is made of."""
-    lines = _head(["shape", "row", "peak GB", "phase", *CATEGORIES, "trainable params (M)",
-                   "trained at the peak step (M)"], left=2)
-    lines[1] = "|---|---|---:|---|" + "---:|" * (len(CATEGORIES) + 2)
-    for shape, by_key in runs.items():
-        for run in by_key.values():
-            lines.append(_row([shape, run["label"], gb(run["peak_bytes"]), run["peak_phase"],
-                               *(gb(run["peak_breakdown"][c]) for c in CATEGORIES),
-                               f"{run['params_trainable'] / 1e6:.1f}",
-                               f"{run['params_trained_worst_step'] / 1e6:.1f}"]))
-    return lines
+    rows = [[run["shape"], run["label"], gb(run["peak_bytes"]), run["peak_phase"],
+             *(gb(run["peak_breakdown"][c]) for c in CATEGORIES), f"{run['params_trainable'] / 1e6:.1f}",
+             f"{run['params_trained_worst_step'] / 1e6:.1f}"] for by_key in runs.values() for run in by_key.values()]
+    return _table(["shape", "row", "peak GB", "phase", *CATEGORIES, "trainable params (M)",
+                   "trained at the peak step (M)"], rows, "llrl" + "r" * (len(CATEGORIES) + 2))
 
 
 def paper_table(runs: dict[str, dict[str, dict]]) -> list[str]:
@@ -132,30 +126,27 @@ def paper_table(runs: dict[str, dict[str, dict]]) -> list[str]:
     if not shown:
         return []
     methods = [m for m in ("series", "parallel", "lora") if any(f"{m}+ist" in runs[s] for s in shown)]
-    names = {"series": "Series", "parallel": "Parallel", "lora": "LoRA"}
-    lines = _head(["shape", "paper: weights / Full GB"]
-                  + [f"paper {names[m]} → +IST GB (ratio)" for m in methods]
-                  + [f"here {names[m]} ratio" for m in methods])
+    rows = []
     for shape in shown:
         paper = SHAPES[shape].paper
-        full = "OOM" if paper["full"] is None else paper["full"]
-        cells = [shape, f"{paper['weights']} / {full}"]
+        cells = [shape, f"{paper['weights']} / {'OOM' if paper['full'] is None else paper['full']}"]
         cells += [f"{paper[m]} → {paper[m + '+ist']} ({paper[m + '+ist'] / paper[m]:.2f})" for m in methods]
         cells += [f"{_ratio(runs[shape], m + '+ist'):.2f}" if f"{m}+ist" in runs[shape] else "" for m in methods]
-        lines.append(_row(cells))
-    return lines
+        rows.append(cells)
+    return _table(["shape", "paper: weights / Full GB"]
+                  + [f"paper {METHOD_LABELS[m]} → +IST GB (ratio)" for m in methods]
+                  + [f"here {METHOD_LABELS[m]} ratio" for m in methods], rows)
 
 
 def check_table(records: list[dict]) -> list[str]:
-    lines = _head(["shape", "attention", "row", "measured peak (bytes)", "meta peak (bytes)", "difference",
-                   "measured mean step", "meta mean step", "difference", "within 0.1 percent"], left=3)
-    for r in records:
-        attention = r.get("attention", "eager") + (", attention dropout off" if r.get("attention_dropout_off") else "")
-        lines.append(_row([r["shape"], attention, f"{r['label']} ({r['device']})", str(r["measured_peak_bytes"]),
-                           str(r["meta_peak_bytes"]), f"{r['relative_difference']:.2e}",
-                           f"{r['measured_mean_step_peak_bytes']:.0f}", f"{r['meta_mean_step_peak_bytes']:.0f}",
-                           f"{r['relative_difference_mean']:.2e}", "yes" if r["agrees"] else "NO"]))
-    return lines
+    rows = [[r["shape"], r.get("attention", "eager") + (", attention dropout off" if r.get("attention_dropout_off")
+                                                        else ""),
+             f"{r['label']} ({r['device']})", r["measured_peak_bytes"], r["meta_peak_bytes"],
+             f"{r['relative_difference']:.2e}", f"{r['measured_mean_step_peak_bytes']:.0f}",
+             f"{r['meta_mean_step_peak_bytes']:.0f}", f"{r['relative_difference_mean']:.2e}",
+             "yes" if r["agrees"] else "NO"] for r in records]
+    return _table(["shape", "attention", "row", "measured peak (bytes)", "meta peak (bytes)", "difference",
+                   "measured mean step", "meta mean step", "difference", "within 0.1 percent"], rows, "lll" + "r" * 7)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -164,10 +155,7 @@ def markdown(result: dict[str, Any]) -> str:
     other_attentions = list(settings.get("extra_attentions", []))
     attention = f"{settings['attention']} attention"
     if settings["attention"] == "sdpa" and meta["device"] == "meta":
-        attention += (" (on the meta device as the fused GPU kernel keeps it: output and log-sum-exp, no attention "
-                      "matrix; `istune.planning.kernels.fused_sdpa_on_meta`; except float32 with grouped KV heads, "
-                      "TinyLLaMA's, where a GPU runs SDPA's math kernel, which keeps the attention probabilities as "
-                      "eager does)")
+        attention += " (on the meta device as a GPU's kernels keep it: `istune.planning.kernels`)"
     if other_attentions:
         attention += f"; every row measured with {' and '.join(other_attentions)} attention too (its own column)"
     lines = [
@@ -212,9 +200,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "## Further IST options (GB; ratio to the plain method)", "", *extras]
     if other_attentions:
         lines += ["", f"## {settings['attention']} and {' and '.join(other_attentions)} attention, every row (GB; "
-                  "ratio to the plain method)", "", *attention_table(runs, settings["attention"], other_attentions), "",
-                  "Eager attention keeps each layer's (batch × heads × tokens × tokens) attention probabilities for the "
-                  "backward pass; SDPA's fused kernel keeps its output and one log-sum-exp per query row."]
+                  "ratio to the plain method)", "", *attention_table(runs, settings["attention"], other_attentions)]
     if meta["skipped_variants"]:
         lines += ["", "Skipped (this ISTConfig has no such option): " + ", ".join(meta["skipped_variants"]) + "."]
     lines += ["", "## Sparse rows: worst-case and mean step", "", *steps_table(runs), "",
@@ -231,12 +217,9 @@ def markdown(result: dict[str, Any]) -> str:
     if result["check"]:
         lines += ["", "## Meta device against a measured run", "", *check_table(result["check"]), "",
                   f"Small shapes at {meta['check_seq_len']} tokens, every row and attention, on both devices. The few "
-                  "bytes of difference are AdamW's step counters (CPU scalars, counted when the parameters are on the "
-                  "CPU) and, for SDPA, the 24-byte RNG state per layer that the meta stand-in keeps as the GPU kernel "
-                  "does and the CPU kernel does not. torch's CPU flash kernel has no dropout: with attention dropout "
-                  "(GPT-2) the CPU runs SDPA's math fallback, which keeps the attention probabilities and the dropout "
-                  "mask; a GPU's fused kernels apply dropout inside the kernel and the stand-in keeps the same bytes "
-                  "with or without it, so SDPA rows of such shapes are checked with attention dropout off."]
+                  "bytes of difference: AdamW's step counters (CPU scalars) and, for SDPA, the 24-byte RNG state per "
+                  "layer the meta stand-in keeps as a GPU's kernel does. SDPA rows of shapes with attention dropout "
+                  "are checked with it off (the CPU's flash kernel has none: `istune.planning.kernels`)."]
     lines += ["", "## How it was measured", "", *NOTES, ""]
     return "\n".join(lines)
 
@@ -258,5 +241,3 @@ NOTES = [
     "- `recompute_unselected` checkpoints the unselected layers; the tracker counts what checkpointing saves as "
     "`other`, not `activations`.",
 ]
-
-

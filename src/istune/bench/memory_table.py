@@ -1,8 +1,5 @@
 """Peak training memory per model shape and PEFT method, with and without IST (the paper's Table 1).
 
-Run (from the repository root; the four paper shapes, SDPA and eager, take about 17 minutes on the meta
-device with two CPU threads, ``--check`` about 8 more)::
-
     .venv/bin/python -m istune.bench.memory_table                      # every shape and method, meta device
     .venv/bin/python -m istune.bench.memory_table --shapes gpt2-small --methods lora --device cpu
     .venv/bin/python -m istune.bench.memory_table --check              # also check meta against a CPU run
@@ -10,58 +7,14 @@ device with two CPU threads, ``--check`` about 8 more)::
     .venv/bin/python -m istune.bench.memory_table --quantize 4bit --device cpu --shapes llama-12x768 \\
         --methods lora --seq_len 512 --out benchmarks/results/qlora_memory.json    # QLoRA: a 4-bit base
 
-It writes ``benchmarks/results/memory_table.json`` and ``.md`` beside it (each written whole,
-then renamed into place) and prints the tables.
-
-How it measures: the model is built from its config (random weights) with the method's
-adapters, and a few AdamW steps run inside :class:`istune.bench.MemoryTracker`, which counts
-live tensor storages and splits the peak into weights / gradients / optimizer state / saved
-activations / other. On the ``meta`` device (the default) tensors have shapes but no data,
-so the tracker sees the same storages as on a real device without allocating any memory:
-LLaMA-13B full fine-tuning is measured in seconds. ``--check`` runs small shapes on both
-the CPU and the meta device, for each attention measured, and requires the peaks to agree
-within 0.1 percent.
-
-Attention: SDPA (transformers' default) is the table's, and every row is measured with eager
-attention too, an extra column (``--attention sdpa``: without it; ``--attention eager``: eager
-alone). Eager keeps each layer's ``(B, H, L, L)`` attention probabilities for the backward
-pass; SDPA's fused kernels (flash or memory-efficient on a GPU, flash on a CPU) keep their
-output and one log-sum-exp per query row. On the meta device SDPA would run its math
-decomposition, which keeps the matrix as eager does, so meta rows run inside the planner's
-stand-in :func:`istune.planning.kernels.fused_sdpa_on_meta` (what the fused GPU kernel
-saves, plus the meta kernel's 24-byte RNG state per layer). SDPA batches carry no mask: an
-all-ones one is dropped by transformers anyway, which then passes ``is_causal``. One exception:
-fp32 with grouped KV heads (TinyLLaMA's 4 KV heads) keeps the attention matrix under SDPA too,
-because on a GPU that call falls back to the math kernel (:mod:`istune.planning.kernels`);
-``--check`` predicts with the kernels of the device it compares with (the CPU's flash kernel
-takes fp32 and GQA).
-
-SDPA in ``--check``: torch's CPU flash kernel has no dropout, so with attention dropout (GPT-2:
-``attn_pdrop`` 0.1) the CPU runs SDPA's math fallback, which keeps the probabilities and the
-dropout mask (more than eager). A GPU's fused kernels apply dropout inside the kernel, and the
-stand-in keeps the same bytes with or without it; so ``--check`` runs SDPA rows of such shapes
-without attention dropout on both devices (its table says so). Eager rows run as they are.
-
-What each run is:
-
-- Plain rows train every layer. IST rows train N_u layers per step (ISTConfig defaults:
-  25 percent); the layers trained decide the memory, the importance does not, so the
-  importance updates (no-grad probe forwards, which cannot run on the meta device) are
-  not measured and the importance stays at zero (uniform draws).
-- Before the measured steps, one unmeasured step trains every layer: in a long run every
-  layer has been selected at some point, so AdamW holds state for all of them (unless
-  ``unselected_optimizer_state`` drops it). LISA is the exception (see below). Sparse rows
-  then run one unmeasured step of their own, so that each measured step starts with what
-  the step before it left.
-- The row's peak is its WORST-CASE step (:mod:`istune.planning.worst_case`): the largest of the
-  measured steps, seeded (the first seed at or after ``--seed``) to include one that selects
-  layer 0; the table states every step's selection and the mean of the per-step peaks.
-- ``--quantize 4bit`` loads the base model in 4-bit nf4 (bitsandbytes; QLoRA) before the
-  adapters go on, so the frozen weights shrink about 4x (embeddings and LM head stay in
-  ``--dtype``); it needs a real device (bitsandbytes has no meta kernels) and adapter methods.
-- LISA-style rows train ``--lisa_layers`` whole decoder layers (and, as in the LISA paper,
-  the embeddings and LM head) during one sampling period; the measured steps lie inside
-  one period, with optimizer state for the active layers only.
+Each row is built from its shape's config (random weights; on the ``meta`` device without memory) and
+runs :func:`istune.planning.step.measured_steps` inside a :class:`~istune.planning.tracker.MemoryTracker`:
+a warm-up step training every layer (not for LISA, whose measured steps lie in one sampling period), a
+settling step, then ``--steps`` measured steps, seeded to include IST's worst case
+(:mod:`istune.planning.worst_case`). SDPA on the meta device runs through
+:func:`istune.planning.kernels.fused_sdpa_on_meta` (what a GPU's kernels keep; the kernels module says
+why). ``--check`` runs small shapes on the CPU and on meta and requires the peaks to agree within 0.1
+percent (SDPA rows without attention dropout: the CPU's flash kernel has none).
 """
 
 from __future__ import annotations
@@ -74,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -82,6 +35,7 @@ from istune.bench.memory_report import VARIANTS, check_table, gb, markdown
 from istune.bench.records import run_metadata, write_record
 from istune.config import ISTConfig
 from istune.core.tuner import SparseTuner
+from istune.options import parse_list, require_at_least_one
 from istune.planning.kernels import fused_sdpa_on_meta
 from istune.planning.rows import Row
 from istune.planning.shapes import SHAPES, Shape
@@ -101,6 +55,8 @@ OPTIMIZER_IMPLS = ("foreach", "for-loop")
 QUANTIZATIONS = ("none", "4bit")
 ADAPTER_METHODS = ("series", "parallel", "lora")  # what --quantize can be combined with
 CHECK_TOLERANCE = 1e-3  # meta and measured peaks must agree within 0.1 percent
+
+
 @dataclass(frozen=True)
 class Settings:
     """What every run shares (the command line's options)."""
@@ -126,9 +82,6 @@ def variants_for(methods: list[str]) -> tuple[list[Row], list[Row]]:
     chosen = [v for v in VARIANTS if v.method in methods]
     usable = [v for v in chosen if v.ist is None or set(v.ist) <= known]
     return usable, [v for v in chosen if v not in usable]
-
-
-# ------------------------------------------------------------------------------ one run
 
 
 def _quantizer(settings: Settings, device: str):
@@ -244,11 +197,8 @@ def _measure(shape: Shape, variant: Row, settings: Settings, device: str) -> dic
 
 
 def measure_row(shape: Shape, variant: Row, settings: Settings, device: str = "meta") -> dict[str, Any]:
-    """:func:`measure` with ``settings.attention``, and again with each of ``settings.extra_attentions``.
-
-    The extra measurements go into the run's ``extra_attention`` (keyed by attention): worst-case
-    and mean step peaks, the worst step's phase and breakdown. The layer draws are the same.
-    """
+    """:func:`measure` with ``settings.attention``, and again (the same draws) with each of
+    ``settings.extra_attentions``, whose peaks, phase and breakdown go into the run's ``extra_attention``."""
     run = measure(shape, variant, settings, device)
     run["extra_attention"] = {}
     for attention in settings.extra_attentions:
@@ -260,13 +210,7 @@ def measure_row(shape: Shape, variant: Row, settings: Settings, device: str = "m
 
 
 def without_attention_dropout(shape: Shape) -> tuple[Shape, bool]:
-    """``shape`` with attention dropout 0, and whether that changed it.
-
-    The CPU runs SDPA's fused (flash) kernel only without dropout; with dropout it runs the math
-    fallback, which keeps the attention probabilities and the dropout mask. A GPU's fused kernels
-    take dropout, and the meta stand-in keeps the same bytes either way, so the CPU check of SDPA
-    rows runs without it.
-    """
+    """``shape`` with attention dropout 0, and whether that changed it (why: :mod:`istune.planning.kernels`)."""
     field = ATTENTION_DROPOUT[shape.family]
     if getattr(shape.config(), field) == 0:
         return shape, False
@@ -275,12 +219,9 @@ def without_attention_dropout(shape: Shape) -> tuple[Shape, bool]:
 
 def check_meta(shape_names: list[str], variants: list[Row], settings: Settings,
                device: str = "cpu") -> list[dict[str, Any]]:
-    """Run every row on ``device`` and on the meta device, for each attention measured; how far apart the peaks are.
-
-    SDPA rows on the CPU run without attention dropout (:func:`without_attention_dropout`; the
-    record's ``attention_dropout_off`` says so). Returns one record per (shape, attention, row): both
-    peaks, the worst-case and mean, their relative difference and ``agrees`` (within ``CHECK_TOLERANCE``).
-    """
+    """Run every row on ``device`` and on meta, for each attention; one record per (shape, attention, row): both
+    peaks (worst-case and mean), their relative difference and ``agrees`` (within ``CHECK_TOLERANCE``). SDPA rows
+    on the CPU run without attention dropout (``attention_dropout_off``)."""
     records = []
     for name, attention in ((n, a) for n in shape_names for a in (settings.attention, *settings.extra_attentions)):
         one = dataclasses.replace(settings, attention=attention, extra_attentions=())
@@ -306,9 +247,6 @@ def check_meta(shape_names: list[str], variants: list[Row], settings: Settings,
             print(f"check {name:12s} {attention:5s} {variant.label:35s} {device} {measured['peak_bytes']} B, meta "
                   f"{predicted['peak_bytes']} B: {worst:.1e} apart", flush=True)
     return records
-
-
-# ------------------------------------------------------------------------------ command line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,15 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _names(option: str, value: str, known) -> list[str]:
-    names = [n.strip() for n in value.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise ValueError(f"{option}={value!r}: {'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'empty'}; "
-                         f"give a comma list of: {', '.join(known)}.")
-    return names
-
-
 def _one_of(option: str, value: str, known) -> None:
     if value not in known:
         raise ValueError(f"{option}={value!r} is not one of {', '.join(known)}; use one of those.")
@@ -378,17 +307,13 @@ def validate(args: argparse.Namespace) -> tuple[list[str], list[str], list[str],
     Raises:
         ValueError: naming the option, its value and what to give instead.
     """
-    shapes = _names("--shapes", args.shapes, SHAPES)
-    methods = _names("--methods", args.methods, METHODS)
-    check_shapes = _names("--check_shapes", args.check_shapes, SHAPES) if args.check else []
-    for option in ("seq_len", "batch_size", "steps", "rank", "bottleneck_size", "lisa_layers", "check_seq_len"):
-        value = getattr(args, option)
-        if value < 1:
-            raise ValueError(f"--{option}={value} must be a positive integer.")
+    shapes = parse_list("shapes", args.shapes, allowed=SHAPES)
+    methods = parse_list("methods", args.methods, allowed=METHODS)
+    check_shapes = parse_list("check_shapes", args.check_shapes, allowed=SHAPES) if args.check else []
+    require_at_least_one(args, ("seq_len", "batch_size", "steps", "rank", "bottleneck_size", "lisa_layers",
+                                "check_seq_len"))
     _one_of("--dtype", args.dtype, DTYPES)
-    attentions = _names("--attention", args.attention, ATTENTIONS)
-    if len(set(attentions)) < len(attentions):
-        raise ValueError(f"--attention={args.attention!r} names an attention twice; give each once (e.g. sdpa,eager).")
+    attentions = parse_list("attention", args.attention, allowed=ATTENTIONS)
     _one_of("--device", args.device, DEVICES)
     _one_of("--optimizer_impl", args.optimizer_impl, OPTIMIZER_IMPLS)
     _one_of("--quantize", args.quantize, QUANTIZATIONS)
@@ -414,7 +339,7 @@ def validate(args: argparse.Namespace) -> tuple[list[str], list[str], list[str],
     return shapes, methods, check_shapes, attentions
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the table; return 0, or 1 when ``--check`` finds the meta device off (nothing is written then)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

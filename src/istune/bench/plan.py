@@ -14,11 +14,22 @@ import argparse
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 from istune.bench.records import run_metadata, write_record
-from istune.planning.planner import (DTYPES, FOOTNOTE, PLAN_KEYS, PLAN_METHODS, PlanSettings, check_layer_counts,
-                                     fill_comment, header, plan, predict_recipe, table, validate_settings)
+from istune.planning.planner import (
+    DTYPES,
+    FOOTNOTE,
+    PLAN_KEYS,
+    PLAN_METHODS,
+    PlanSettings,
+    check_layer_counts,
+    fill_comment,
+    header,
+    plan,
+    predict_recipe,
+    table,
+    validate_settings,
+)
 from istune.planning.rows import ROWS, stored_row, table_names
 
 __all__ = ["build_parser", "main"]
@@ -63,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from istune.config import ISTConfig
-    from istune.planning.shapes import resolve_model_config
     from istune.options import parse_list
+    from istune.planning.shapes import resolve_model_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -4,34 +4,15 @@
     istune bench probes --run runs/istune          # the adapters of an `istune train` run folder
     istune bench probes --updates 10 --variants batch1,nc2 --train_steps 4    # a quick look
 
-The adapters are trained first (or loaded) and then FROZEN: only importance updates run
-(``SparseTuner.update_importance``: N_c no-grad probe forwards, eq. 8-10), ``--updates``
-of them from zero importance, so runs differ only in how importance is estimated:
+The adapters are trained (or loaded) and then FROZEN; only ``--updates`` importance updates run
+(``SparseTuner.update_importance``, from zero importance). The reference is the full probe (the training
+batch, full length, N_c of the config) with ``--seed``; each variant (:data:`VARIANTS`: ``full`` = the
+reference with another seed, the noise floor; smaller batches, truncated tokens, fewer candidates) runs
+with each of ``--seeds``. Agreement with the reference: Spearman correlation of the importance vectors and
+the overlap of their top-N_u sets. Cost: seconds per update (noisy) and probe tokens per update (exact).
 
-* reference: the full probe -- probe batch = the training batch size, full length, N_c of
-  the config -- with seed ``--seed`` (candidate draws and probe batches);
-* every variant (``--variants``) with each comparison seed (``--seeds``): ``full`` is the
-  reference configuration with another seed, i.e. the noise floor; ``batch1``/``batch2``
-  probe on the first 1 or 2 rows of the same probe batches; ``half`` keeps the last half of
-  each probe batch's tokens (``truncate_batch``: the answer tokens that carry labels stay);
-  ``tokens32`` the last 32 tokens; ``nc2`` uses N_c = 2 candidates (N_c = 1 learns nothing: ISTConfig refuses it).
-
-A variant is as good as the full probe when its final importance agrees with the reference
-about as well as the reference's own rerun (``full``) does. Agreement: Spearman rank
-correlation of the importance vectors and the overlap of their top-N_u sets. Cost: seconds
-per update (wall clock: contended machines make these noisy) and probe tokens per update
-(rows x padded length x candidates: exact). Results go to
-``benchmarks/results/probe_cost.{json,md}``.
-
-Not implemented: all N_c candidates in one forward. For LoRA/AdaLoRA (and istune's
-bottleneck adapters) it is feasible: repeat the probe batch N_c times and, instead of
-multiplying each suppressed module's ``scaling`` by β, give it a ``(N_c*B, 1, 1)`` tensor
-holding 1 or β per example block (peft's LoRA forward computes ``Δ(x) * scaling``, which
-broadcasts; ``scales_linearly`` would have to accept a tensor). The blend hook of the other
-tuners broadcasts a β tensor the same way. Full layers cannot (one weight per batch), and
-the per-candidate loss must be computed from the logits (mean over each block's labelled
-tokens), which holds N_c x B x T x vocab logits. It saves launch overhead on a GPU with
-small probe batches, not arithmetic: on a CPU it would gain little.
+Not implemented: all N_c candidates in one forward (a ``(N_c*B, 1, 1)`` β tensor as LoRA's ``scaling``); it
+would save launch overhead on a GPU, not arithmetic.
 """
 
 from __future__ import annotations
@@ -43,9 +24,10 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -61,10 +43,10 @@ class Variant:
 
     key: str
     label: str
-    probe_batch_size: Optional[int] = None  # rows of each probe batch kept (its first ones)
-    length_fraction: Optional[float] = None  # keep the last ceil(f x padded length) tokens of each row
-    max_length: Optional[int] = None  # keep the last max_length tokens of each row
-    num_probes: Optional[int] = None  # N_c
+    probe_batch_size: int | None = None  # rows of each probe batch kept (its first ones)
+    length_fraction: float | None = None  # keep the last ceil(f x padded length) tokens of each row
+    max_length: int | None = None  # keep the last max_length tokens of each row
+    num_probes: int | None = None  # N_c
 
     def shrink(self, batch: dict) -> dict:
         """The probe batch this variant sees, cut from the full probe batch."""
@@ -89,26 +71,11 @@ VARIANTS = {
 REFERENCE = Variant("reference", "full probe (reference)")
 
 
-# ---- probe batches ---------------------------------------------------------------------------
-
-
 def truncate_batch(batch: dict, max_length: int, pad_token_id: int = 0) -> dict:
-    """Keep at most ``max_length`` tokens of each row, ending at its last labelled token.
-
-    The window is taken from the end (answers come last in instruction data) so that the
-    labelled tokens stay in the loss: when a row's labelled span plus the one token that
-    predicts its first label fits in ``max_length``, every loss term of the row is kept
-    (with less context before it); otherwise the last ``max_length`` tokens are kept. Rows
-    are right-padded again (``pad_token_id``, attention 0, label -100) to the longest kept row.
-
-    Args:
-        batch: ``input_ids``, ``labels`` and optionally ``attention_mask``, each ``(B, T)``,
-            right-padded (as ``CausalLMCollator`` makes them).
-        max_length: tokens to keep per row, >= 1.
-
-    Raises:
-        ValueError: for other keys (their truncation is unknown) or ``max_length`` < 1.
-    """
+    """Keep at most ``max_length`` (>= 1) tokens of each row of a right-padded batch (``input_ids``, ``labels``,
+    optionally ``attention_mask``, each ``(B, T)``), ending at its last labelled token: answers come last, so
+    the loss terms stay (with less context) when they fit. Rows are right-padded again to the longest kept
+    (``pad_token_id``, attention 0, label -100). Other keys raise ValueError (their truncation is unknown)."""
     if max_length < 1:
         raise ValueError(f"max_length={max_length!r} must be at least 1 token.")
     other = sorted(set(batch) - {"input_ids", "labels", "attention_mask"})
@@ -139,9 +106,6 @@ def truncate_batch(batch: dict, max_length: int, pad_token_id: int = 0) -> dict:
 def probe_tokens(batch: dict) -> int:
     """Tokens one probe forward processes: rows x padded length."""
     return int(batch["input_ids"].numel())
-
-
-# ---- ranking agreement -----------------------------------------------------------------------
 
 
 def average_ranks(values: Sequence[float]) -> list[float]:
@@ -180,9 +144,6 @@ def top_k_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:
     return len(set(top_k(a, k)) & set(top_k(b, k))) / k
 
 
-# ---- importance runs -------------------------------------------------------------------------
-
-
 @dataclass
 class ProbeSource:
     """Where probe batches come from: a map-style dataset of tokenized rows, its collator, the full batch size."""
@@ -194,13 +155,9 @@ class ProbeSource:
 
 def importance_run(model: torch.nn.Module, config: ISTConfig, variant: Variant, seed: int, source: ProbeSource,
                    updates: int) -> dict:
-    """``updates`` importance updates from zero on the frozen ``model``; returns importance and costs.
-
-    ``trajectory`` holds the importance after each update (``trajectory[-1]`` is the final one).
-
-    The seed drives both the candidate draws (``ISTConfig.seed``) and the probe batches, so
-    variants run with the same seed see the same probe examples (or their first rows).
-    """
+    """``updates`` importance updates from zero on the frozen ``model``: importance (and its ``trajectory``, one
+    per update) and costs. ``seed`` drives the candidate draws and the probe batches: variants run with the
+    same seed see the same probe examples (or their first rows)."""
     from istune.core.probe import ProbeSampler
     from istune.core.tuner import SparseTuner
 
@@ -223,7 +180,7 @@ def importance_run(model: torch.nn.Module, config: ISTConfig, variant: Variant, 
             "skipped_updates": skipped, "update_layers": tuner.counts.update_layers}
 
 
-def probe_config(config: ISTConfig, seed: int, num_probes: Optional[int] = None) -> ISTConfig:
+def probe_config(config: ISTConfig, seed: int, num_probes: int | None = None) -> ISTConfig:
     """``config`` as strategy 'ist' with ``seed`` (and N_c), minus what needs training (an optimizer, a fixed set)."""
     changes: dict[str, Any] = {"strategy": "ist", "seed": seed, "layers": None,
                                "num_probes": num_probes or config.num_probes}
@@ -265,25 +222,19 @@ def compare(model: torch.nn.Module, config: ISTConfig, source: ProbeSource, vari
     return {"reference": reference, "update_layers": k, "rows": rows}
 
 
-def _mean(values: list[Optional[float]]) -> Optional[float]:
+def _mean(values: list[float | None]) -> float | None:
     """Mean of the defined values; None when none is (no ranking to compare)."""
     defined = [v for v in values if v is not None]
     return statistics.fmean(defined) if defined else None
 
 
-def _show(value: Optional[float], spec: str) -> str:
+def _show(value: float | None, spec: str) -> str:
     return "n/a (constant)" if value is None else format(value, spec)
 
 
-# ---- models and data -------------------------------------------------------------------------
-
-
 def make_adapters_trainable(model: torch.nn.Module) -> int:
-    """Turn ``requires_grad`` on for every adapter parameter (found by structure), as loaded adapters are frozen.
-
-    SparseTuner finds the layers it chooses from by their trainable parameters. Nothing
-    trains here: no optimizer exists and probes run without gradients.
-    """
+    """Turn ``requires_grad`` on for every adapter parameter (loaded adapters are frozen): SparseTuner finds its
+    layers by their trainable parameters. Nothing trains: no optimizer exists, probes run without gradients."""
     from istune.core.layers import is_adapter_module
 
     count = 0
@@ -301,12 +252,11 @@ def make_adapters_trainable(model: torch.nn.Module) -> int:
 def load_run(folder: Path, packed: bool = False) -> tuple[torch.nn.Module, ISTConfig, ProbeSource, dict]:
     """Base model + adapters of an ``istune train`` output folder, its IST config and its training data.
 
-    ``packed``: probe batches as ``istune train`` collates them by default (padding-free, logits of the
-    labelled positions only, where the model allows): the same losses, less work. The probe
-    variants that cut batches (``truncate_batch``) need the padded layout, the default.
+    ``packed``: probe batches as ``istune train`` collates them (padding-free where the model allows): the same
+    losses, less work; the variants that cut batches (``truncate_batch``) need the padded default.
     """
-    from istune.data import CausalLMCollator, InstructionDataset
     from istune.adapters.methods import AdapterArgs, load_adapters
+    from istune.data import CausalLMCollator, InstructionDataset
     from istune.models import load_model_and_tokenizer
     from istune.runs import RunArgs, batch_layout, load_rows, saved_training_value
 
@@ -334,13 +284,10 @@ def load_run(folder: Path, packed: bool = False) -> tuple[torch.nn.Module, ISTCo
     return model, config, source, described
 
 
-def train_briefly(name: Optional[str], steps: int, batch_size: int, cutoff_len: int, learning_rate: float,
+def train_briefly(name: str | None, steps: int, batch_size: int, cutoff_len: int, learning_rate: float,
                   seed: int, pool: int = 1000, progress: Callable[[str], None] = print):
-    """LoRA (r=32, alpha 64) on all layers of ``name``, ``steps`` AdamW steps on the commonsense mix.
-
-    Returns the model (adapters trainable, not to be trained further), the probe source (a
-    seeded sample of ``pool`` training rows, the trained ones first) and a description.
-    """
+    """LoRA (r=32, alpha 64) on ``name``, ``steps`` AdamW steps on the commonsense mix; the model, the probe
+    source (a seeded sample of ``pool`` training rows, the trained ones first) and a description."""
     from istune.data import CausalLMCollator, InstructionDataset, build_commonsense_train
     from istune.planning.rows import ROWS
     from istune.planning.step import build_model, load_model_and_tokenizer, trainable
@@ -364,17 +311,15 @@ def train_briefly(name: Optional[str], steps: int, batch_size: int, cutoff_len: 
         losses.append(loss.item())
         progress(f"train step {step + 1}/{steps}: loss {losses[-1]:.3f}")
     model.eval()
-    described = {"model": name or "smollm2-135m", "method": "lora", "train_steps": steps, "train_batch_size": batch_size,
-                 "learning_rate": learning_rate, "cutoff_len": cutoff_len, "train_losses": losses}
+    described = {"model": name or "smollm2-135m", "method": "lora", "train_steps": steps,
+                 "train_batch_size": batch_size, "learning_rate": learning_rate, "cutoff_len": cutoff_len,
+                 "train_losses": losses}
     return model, ProbeSource(dataset, collate, batch_size), described
 
 
 def adapter_checksum(model: torch.nn.Module) -> float:
     """Sum of |w| over the adapter parameters: equal before and after shows nothing trained."""
     return float(sum(p.detach().double().abs().sum() for p in model.parameters() if p.requires_grad))
-
-
-# ---- output ----------------------------------------------------------------------------------
 
 
 def markdown_table(result: dict) -> str:
@@ -386,8 +331,8 @@ def markdown_table(result: dict) -> str:
              f"| {reference['seconds_per_update']:.2f} (1.00x) |"]
     for row in result["rows"]:
         lines.append(f"| {row['label']} | {_show(row['spearman'], '.3f')} | {_show(row['top_overlap'], '.2f')} "
-                     f"| {row['tokens_per_update']:.0f} "
-                     f"({row['relative_tokens']:.2f}x) | {row['seconds_per_update']:.2f} ({row['relative_seconds']:.2f}x) |")
+                     f"| {row['tokens_per_update']:.0f} ({row['relative_tokens']:.2f}x) "
+                     f"| {row['seconds_per_update']:.2f} ({row['relative_seconds']:.2f}x) |")
     return "\n".join(lines)
 
 
@@ -398,10 +343,11 @@ def write_results(out: Path, meta: dict, result: dict, settings: dict) -> str:
     table = markdown_table(result)
     seeds = ", ".join(map(str, settings["seeds"]))
     write_record(out, {**meta, "settings": settings, **result}, (
-        f"# Probe cost vs importance ranking\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, "
-        f"{meta['machine']}.\n\nModel: {_describe(settings['model'])}. Adapters frozen; {settings['updates']} importance "
-        f"updates from zero importance per run. Reference: full probe (batch {settings['probe_batch_size']}, full length, "
-        f"N_c = {settings['num_probes']}), seed {settings['reference_seed']}; every other row: seed(s) {seeds} "
+        f"# Probe cost vs importance ranking\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, "
+        f"{meta['date']}, {meta['machine']}.\n\nModel: {_describe(settings['model'])}. Adapters frozen; "
+        f"{settings['updates']} importance updates from zero importance per run. Reference: full probe (batch "
+        f"{settings['probe_batch_size']}, full length, N_c = {settings['num_probes']}), seed "
+        f"{settings['reference_seed']}; every other row: seed(s) {seeds} "
         f"(mean over seeds). The 'other seed' row is the noise floor: a variant is as good as the full probe when it "
         f"agrees with the reference about as well. Seconds per update are wall clock on a shared machine; the token "
         f"counts are exact.{_training_note(result)}\n\n{table}\n"))
@@ -409,7 +355,8 @@ def write_results(out: Path, meta: dict, result: dict, settings: dict) -> str:
 
 
 def _describe(model: dict) -> str:
-    return ", ".join(f"{key} {value}" for key, value in model.items() if key not in ("training_importance", "train_losses"))
+    return ", ".join(f"{key} {value}" for key, value in model.items()
+                     if key not in ("training_importance", "train_losses"))
 
 
 def _training_note(result: dict) -> str:
@@ -420,11 +367,14 @@ def _training_note(result: dict) -> str:
             f"(they moved meanwhile): Spearman {rho:.3f}.")
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="istune bench probes", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default=None, help="an `istune train` output folder: its adapters, IST config and data")
-    parser.add_argument("--model", default=None, help="without --run: hub id or path (default the embedded SmolLM2-135M)")
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default=None,
+                        help="an `istune train` output folder: its adapters, IST config and data")
+    parser.add_argument("--model", default=None,
+                        help="without --run: hub id or path (default the embedded SmolLM2-135M)")
     parser.add_argument("--train_steps", type=int, default=30, help="without --run: LoRA steps before freezing")
     parser.add_argument("--batch_size", type=int, default=4, help="without --run: training batch = full probe batch")
     parser.add_argument("--cutoff_len", type=int, default=256, help="without --run: tokens per example at most")
@@ -439,7 +389,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``istune bench probes``: compare probe variants, print the table, write ``--out``.json/.md."""
     import sys
 

@@ -41,7 +41,8 @@ def paired_item_ci95(per_seed: list[list[float]]) -> tuple[float, float]:
     narrow the interval by up to sqrt(seeds)).
     """
     if not per_seed or any(len(row) != len(per_seed[0]) for row in per_seed):
-        raise ValueError(f"paired_item_ci95 needs the same items at every seed; got lengths {[len(r) for r in per_seed]}")
+        lengths = [len(r) for r in per_seed]
+        raise ValueError(f"paired_item_ci95 needs the same items at every seed; got lengths {lengths}")
     per_item = [statistics.fmean(column) for column in zip(*per_seed)]
     return mean_ci95(per_item)
 

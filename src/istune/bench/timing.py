@@ -4,16 +4,11 @@
     istune bench time --steps 4 --rounds 2 --strategies lora,ist
     istune bench time --ist probe_batch_size=2 --ist num_probes=2   # two extra IST rows
 
-Every row lives in one process and the rows are measured in interleaved rounds (round r
-runs ``--steps`` steps of every row in turn), so a slow spell of a shared machine hits all
-of them alike. A step is timed in three parts: forward (``begin_step`` included: selection
-and freezing happen before the forward), backward, and optimizer step + ``zero_grad``. Each
-importance update (``update_importance``: N_c no-grad probe forwards) is timed on its own;
-its median divided by T_c is the probe cost amortised per step. Reported: medians, and the
-ratio of the total to LoRA's. Results go to ``benchmarks/results/step_time.{json,md}``.
-
-Rows are a table (:data:`ROWS`): an adapter method plus ISTConfig fields. ``--ist
-FIELD=VALUE[,FIELD=VALUE]`` adds one more LoRA + IST row with those fields.
+All rows live in one process and run in interleaved rounds (round r: ``--steps`` steps of every row in
+turn), so a slow spell of a shared machine hits all alike. Each step is timed in parts by
+:func:`istune.planning.step.timed_step`; each importance update apart, its median over T_c being the probe
+cost per step. Reported: medians and the ratio of the total to LoRA's (``benchmarks/results/step_time``).
+``--ist FIELD=VALUE[,FIELD=VALUE]`` adds a LoRA + IST row with those ISTConfig fields.
 """
 
 from __future__ import annotations
@@ -21,12 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
+from istune.bench import records
 from istune.bench.records import run_metadata, write_record
 from istune.config import ISTConfig
 from istune.planning.rows import ROWS, Row
@@ -69,13 +66,12 @@ def parse_ist_fields(text: str) -> dict[str, Any]:
 
 
 def _convert(name: str, raw: str, annotation: str, text: str) -> Any:
+    """``raw`` as the type ``annotation`` names (bool, list of ints, int, float; None for Optional fields)."""
     if raw.lower() in ("none", "null") and "Optional" in annotation:
         return None
     if "bool" in annotation:
-        if raw.lower() in ("true", "1", "yes"):
-            return True
-        if raw.lower() in ("false", "0", "no"):
-            return False
+        if raw.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return raw.lower() in ("true", "1", "yes")
         raise ValueError(f"--ist {text!r}: {name}={raw!r} is not a boolean; write {name}=true or {name}=false.")
     if "list" in annotation:
         try:
@@ -99,9 +95,6 @@ def extra_row(values: dict[str, Any]) -> Row:
     """A LoRA + IST row with extra ISTConfig fields (``--ist``)."""
     shown = ", ".join(f"{k}={v}" for k, v in values.items())
     return Row(f"lora+ist({shown})", f"LoRA + IST ({shown})", "lora", {"strategy": "ist", **values}, False, "lora")
-
-
-# ---- measuring -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -189,35 +182,33 @@ def measure(rows: list[Row], load_model: Callable[[], torch.nn.Module], batch_si
     return summaries
 
 
-# ---- output ----------------------------------------------------------------------------------
-
-
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| strategy | forward s | backward s | optimizer s | step s | probe update s | probes s/step "
-             "| total s/step | vs LoRA |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        update = f"{r['probe_update']:.3f}" if r["probe_update"] is not None else "–"
-        ratio = f"{r['vs_lora']:.2f}" if r["vs_lora"] is not None else "–"
-        lines.append(f"| {r['label']} | {r['forward']:.3f} | {r['backward']:.3f} | {r['optimizer']:.3f} "
-                     f"| {r['step']:.3f} | {update} | {r['probe_per_step']:.3f} | {r['total']:.3f} | {ratio} |")
-    return "\n".join(lines)
+    def show(value: float | None, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    return records.markdown_table(
+        ["strategy", "forward s", "backward s", "optimizer s", "step s", "probe update s", "probes s/step",
+         "total s/step", "vs LoRA"],
+        ([r["label"], *(f"{r[part]:.3f}" for part in (*PARTS, "step")), show(r["probe_update"], ".3f"),
+          f"{r['probe_per_step']:.3f}", f"{r['total']:.3f}", show(r["vs_lora"], ".2f")] for r in rows))
 
 
 def write_results(out: Path, meta: dict, rows: list[dict], settings: dict) -> str:
     """Write ``out.json`` and ``out.md`` (each whole or not at all); return the table."""
     table = markdown_table(rows)
     write_record(out, {**meta, "settings": settings, "rows": rows}, (
-        f"# Time per step\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, {meta['machine']}. "
+        f"# Time per step\n\nCommand: `{meta['command']}`  \nCommit {meta['commit']}, {meta['date']}, "
+        f"{meta['machine']}. "
         f"Model {settings['model']}, batch {settings['batch_size']} x {settings['seq_len']} tokens. Medians over "
         f"{settings['rounds']} interleaved rounds x {settings['steps']} steps; probe update = median time of one "
         f"`update_importance` (N_c probe forwards), amortised per step by dividing by T_c.\n\n{table}\n"))
     return table
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="istune bench time", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub id or local path; default the embedded SmolLM2-135M")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=256, help="tokens per row (random ids, all in the loss)")
@@ -231,13 +222,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_model(name: Optional[str]) -> torch.nn.Module:
+def load_model(name: str | None) -> torch.nn.Module:
     from istune.planning.step import load_model
 
     return load_model(name)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``istune bench time``: measure, print the table, write ``--out``.json/.md. Bad options raise ValueError."""
     import sys
 

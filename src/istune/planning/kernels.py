@@ -26,27 +26,22 @@ counts the tensors it keeps. Two kernels need a stand-in there:
   ``bitsandbytes.autograd._functions.MatMul4Bit`` saves (nothing but the packed weight),
   with the dequantized ``(out, in)`` weight as a backward temporary, as its backward makes.
 
-nf4 storage, per weight of ``n`` parameters with block size 64 (QLoRA, Dettmers et al. 2023,
-section 3 "Double Quantization"; bitsandbytes ``quantize_4bit``):
+nf4 storage of a weight of ``n`` parameters (QLoRA, Dettmers et al. 2023, section 3; bitsandbytes
+``quantize_4bit``, block 64): ``ceil(n / 2)`` packed bytes and the 64-byte nf4 code, plus one fp32 absmax per
+block (0.5 bit per parameter) or, with double quantization, 8-bit absmaxes, one fp32 absmax per 256 of them,
+their mean and the 1 KiB code of the 8-bit map (0.127 bit per parameter): :func:`nf4_bytes`.
 
-- packed weight: ``ceil(n / 2)`` bytes (two 4-bit codes per byte), and the 16-entry fp32
-  nf4 code each weight's quantization state holds (64 bytes);
-- without double quantization: one fp32 absmax per block of 64: ``4 * ceil(n / 64)`` bytes
-  (32/64 = 0.5 bit per parameter);
-- with double quantization: the absmaxes quantized to 8 bits (``ceil(n / 64)`` bytes), one
-  fp32 absmax per 256 of them (``4 * ceil(ceil(n / 64) / 256)`` bytes), their fp32 mean
-  (4 bytes) and the 256-entry fp32 code of the 8-bit map (1 KiB): 8/64 + 32/(64·256) =
-  0.127 bit per parameter, as the paper states.
-
-So a 7B model's linear layers take 0.5 + 0.0157 bytes per parameter with double
-quantization (0.5 + 0.0625 without).
+Also here, because it is the same question: ``--check`` of ``istune bench memory`` compares with the CPU's
+kernels (``kernels="cpu"``); torch's CPU flash kernel has no dropout, so with attention dropout the CPU
+runs SDPA's math fallback (probabilities and dropout mask kept), while a GPU's fused kernels apply dropout
+inside the kernel: SDPA rows of such shapes are checked without attention dropout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -66,9 +61,6 @@ def nf4_bytes(numel: int, double_quant: bool = True) -> int:
     if not double_quant:
         return packed + nf4_code + 4 * blocks
     return packed + nf4_code + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 + 4 * 256
-
-
-# ------------------------------------------------------------------------------ SDPA
 
 
 KERNEL_DEVICES = ("cuda", "cpu")  # whose SDPA kernel choice the meta device stands in for
@@ -112,9 +104,6 @@ def fused_sdpa_on_meta(kernels: str = "cuda") -> Iterator[None]:
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
         masking_utils.find_packed_sequence_indices = find_packed
-
-
-# ------------------------------------------------------------------------------ 4-bit
 
 
 class _MatMul4bit(torch.autograd.Function):

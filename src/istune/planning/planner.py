@@ -1,50 +1,14 @@
 """The planner: a training run's peak GPU memory predicted from the model's config alone (no weights, no GPU).
 
-    istune plan --model huggyllama/llama-7b --batch_size 4 --seq_len 256 --dtype bfloat16
-    istune plan --model meta-llama/Meta-Llama-3-8B --batch_size 1 --seq_len 1024 --load_in_4bit
-    istune plan --model path/to/model_folder --batch_size 8 --seq_len 512 --json plan.json
-    istune plan --recipe configs/paper/llama7b_lora_ist.yaml [--fill]   # the row a recipe file runs
-
-How it predicts: the model is built from its config on PyTorch's meta device (tensors
-with shapes and no data: a 13B model costs no memory), gets the method's adapters, and runs
-AdamW steps exactly as training does, inside :class:`istune.planning.tracker.MemoryTracker`, which
-counts the bytes of every tensor alive and keeps the largest total (the same accounting as
-``istune bench memory``). Each row: one step that trains every layer (AdamW then holds state
-for all of them, as late in a long run), one IST settling step, then the measured step.
-
-What it counts, per row:
-
-- the weights in ``--dtype`` (with ``--load_in_4bit``: nf4 storage with its quantization
-  state, see :mod:`istune.planning.kernels`, and what peft's
-  ``prepare_model_for_kbit_training`` keeps in float32: embeddings, norms, LM head; the
-  hidden states then flow in float32 between the 4-bit matmuls, as they do on a GPU);
-- adapter gradients and AdamW's state (peft keeps adapters in float32 over bf16 weights);
-- the activations autograd saves, the logits and the loss's float32 copies, and every
-  temporary alive at the peak (the backward's gradients, AdamW's foreach temporaries);
-- SDPA attention as the fused GPU kernel keeps it (output and log-sum-exp, no attention
-  matrix); ``--attn_implementation eager`` keeps the ``(B, H, L, L)`` probabilities. So does
-  SDPA in float32 on a model with grouped KV heads (SmolLM2, TinyLLaMA, LLaMA-3): there a GPU
-  runs SDPA's math kernel (:mod:`istune.planning.kernels`); the plan's header says so.
-
-IST's peak over a run is its worst step: the one whose selection holds layer 0 (everything
-above the lowest selected layer takes part in the backward pass; any run of more than a few
-steps draws layer 0). The planner measures that step: layer 0 and the N_u − 1 top layers.
-The IST rows follow istune's checkpointing design: with gradient checkpointing, layers below
-the lowest selected one run without autograd and layers from it upward keep only their
-input; with ``recompute_unselected`` the unselected layers above it keep only their input;
-``unselected_optimizer_state`` ``drop`` and ``offload`` free the state of unselected layers
-on the GPU (``offload`` keeps it in pinned CPU memory instead).
-
-What it does not count: the prediction is tensor bytes, what ``torch.cuda.max_memory_allocated``
-reports. A GPU needs more: the CUDA context and kernels' code (outside PyTorch's allocator,
-typically 0.5–1 GiB), cuBLAS/flash-attention workspaces, and the caching allocator's rounding
-and fragmentation (``max_memory_reserved`` above ``max_memory_allocated``). The ``budget``
-column adds a margin for those: ``prediction × 1.10 + 1 GiB``, a rule of thumb, not a
-measurement (``benchmarks/gpu_suite.py`` records allocated and reserved peaks beside the
-prediction to check it). Mixed-precision autocast over float32 weights (``--bf16`` with
-``--dtype float32``) is not modelled: the weights and activations are taken in ``--dtype``.
-Agreement with measured peaks of real CPU runs (tiny models, the same MemoryTracker) is
-tested within 10% (``tests/bench/test_plan.py``).
+Its command line is ``istune plan`` (:mod:`istune.bench.plan`). Each row's model is built on PyTorch's
+meta device (shapes, no data) and runs :func:`istune.planning.step.measured_steps` inside a
+:class:`~istune.planning.tracker.MemoryTracker`: weights (``--load_in_4bit``: nf4 with its state and peft's
+float32 parts), adapter gradients, AdamW's state, saved activations, logits and every temporary alive at
+the peak. SDPA and 4-bit layers keep what their GPU kernels keep (:mod:`istune.planning.kernels`). IST rows
+measure the worst step (:mod:`istune.planning.worst_case`). The prediction is tensor bytes
+(``torch.cuda.max_memory_allocated``); ``budget`` adds a rule-of-thumb margin for the CUDA context,
+workspaces and fragmentation (``prediction × 1.10 + 1 GiB``). Bf16 autocast over float32 weights is not
+modelled. Agreement with real CPU runs is tested within 10% (``tests/bench/test_plan.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -90,13 +54,13 @@ class PlanSettings:
     method: str = "lora"
     rank: int = 32  # the paper: r = 32
     lora_dropout: float = 0.05  # the paper's recipes (dropout keeps a mask and a copy of each adapter input)
-    target_modules: Optional[tuple[str, ...]] = None  # None: istune's default placement (LoRA on q/k/v/up/down)
+    target_modules: tuple[str, ...] | None = None  # None: istune's default placement (LoRA on q/k/v/up/down)
     bottleneck_size: int = 256
     load_in_4bit: bool = False
     double_quant: bool = True  # QLoRA's recipe (bnb_4bit_use_double_quant)
     attention: str = "sdpa"
-    update_fraction: Optional[float] = None  # N_u / N_L; None: ISTConfig's default (0.25)
-    update_layers: Optional[int] = None
+    update_fraction: float | None = None  # N_u / N_L; None: ISTConfig's default (0.25)
+    update_layers: int | None = None
     optimizer_impl: str = "foreach"  # AdamW's default on CUDA
     seed: int = 0  # of the random token ids (their values do not change the memory)
     kernels: str = "cuda"  # whose SDPA kernel choice to model: a GPU's, or "cpu" (what the tests measure against)
@@ -134,9 +98,6 @@ def check_layer_counts(config, settings: PlanSettings) -> None:
         ISTConfig(update_fraction=settings.update_fraction, update_layers=settings.update_layers).resolve(num_layers)
 
 
-# ------------------------------------------------------------------------------ one prediction
-
-
 def _quantizer(settings: PlanSettings):
     """The 4-bit base (``--load_in_4bit``): nf4 linear layers in the decoder, then peft's kbit preparation."""
     def quantize(model: torch.nn.Module) -> torch.nn.Module:
@@ -153,7 +114,7 @@ def _quantizer(settings: PlanSettings):
     return quantize
 
 
-def predict(config, row: Row, settings: PlanSettings, selected: Optional[list[int]] = None) -> dict[str, Any]:
+def predict(config, row: Row, settings: PlanSettings, selected: list[int] | None = None) -> dict[str, Any]:
     """Predicted peak bytes of one row's training step, and what makes it up.
 
     Args:
@@ -179,7 +140,7 @@ def predict(config, row: Row, settings: PlanSettings, selected: Optional[list[in
                key=lambda result: result["peak_bytes"])
 
 
-def _predict(config, row: Row, settings: PlanSettings, selected: Optional[list[int]], started: float) -> dict:
+def _predict(config, row: Row, settings: PlanSettings, selected: list[int] | None, started: float) -> dict:
     from istune.core.layers import find_adapter_layers
     from istune.core.tuner import SparseTuner
     from istune.planning.tracker import MemoryTracker
@@ -248,9 +209,6 @@ def plan(config, settings: PlanSettings, rows: tuple[Row, ...], progress: bool =
     return results
 
 
-# ------------------------------------------------------------------------------ output
-
-
 def _gib(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f}"
 
@@ -278,9 +236,7 @@ def header(source: str, config, settings: PlanSettings, results: list[dict]) -> 
     n_u = f"; IST trains N_u = {len(ist[0]['selected'])} of N_L = {ist[0]['num_layers']} layers, worst step " \
           f"(layers {ist[0]['selected']})" if ist else ""
     math = ("\nSDPA in float32 with grouped KV heads: a GPU runs its math kernel here, which keeps the (B, H, L, L) "
-            "attention probabilities as eager attention does (flash attention takes only 16-bit inputs; the "
-            "memory-efficient kernel takes no grouped heads); --dtype bfloat16, or the Trainer's bf16 autocast (not "
-            "modelled here), avoids it."
+            "attention probabilities (istune.planning.kernels); --dtype bfloat16 avoids it."
             if _sdpa_math_on_gpu(config, settings) else "")
     return (f"{source}\n{getattr(config, 'model_type', '?')}, {counts['params_total'] / 1e9:.2f}B parameters "
             f"(adapters included); "
@@ -303,8 +259,6 @@ FOOTNOTE = ("Peak = tensor bytes at the worst moment of a step (what torch.cuda.
             "+ 1 GiB (a rule of thumb). Random sparse tuning has IST's memory (same N_u). 'offload' keeps the state "
             "in pinned CPU memory: on the GPU it is 'drop'.")
 
-
-# ------------------------------------------------------------------------------ recipe files
 
 # Recipe keys (the Trainer's names first, then istune's) -> PlanSettings fields.
 _RECIPE_KEYS = {

@@ -17,9 +17,8 @@ to the key.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from collections.abc import Iterable
-from typing import Optional
+from dataclasses import dataclass
 
 __all__ = ["ALIASES", "METHOD_LABELS", "ROWS", "Row", "stored_row", "table_names"]
 
@@ -44,20 +43,22 @@ class Row:
     key: str
     label: str
     method: str = "lora"
-    ist: Optional[dict] = None
+    ist: dict | None = None
     checkpointing: bool = False
-    baseline: Optional[str] = None
+    baseline: str | None = None
 
     @property
     def probes(self) -> bool:
         """True when the row's tuner runs importance updates (strategy 'ist')."""
         return self.ist is not None and self.ist.get("strategy", "ist") == "ist"
 
-    def with_method(self, method: str) -> "Row":
+    def with_method(self, method: str) -> Row:
         """This LoRA row for another adapter method (``istune plan --method``): key, label and baseline follow."""
         if self.method == method:
             return self
-        swap = (lambda text: method + text[len(self.method):] if text and text.startswith(self.method) else text)
+        def swap(text):
+            return method + text[len(self.method):] if text and text.startswith(self.method) else text
+
         return dataclasses.replace(self, key=swap(self.key), method=method, baseline=swap(self.baseline),
                                    label=METHOD_LABELS[method] + self.label[len(METHOD_LABELS[self.method]):])
 
@@ -79,7 +80,7 @@ def _family(method: str) -> tuple[Row, ...]:
     )
 
 
-def stored_row(stored_layers: int, checkpointing: bool, method: str = "lora", ist: Optional[dict] = None) -> Row:
+def stored_row(stored_layers: int, checkpointing: bool, method: str = "lora", ist: dict | None = None) -> Row:
     """IST with ``stored_layers = M`` (M of the layers that run backward keep their activations), plus ``ist``."""
     ist = {**(ist or {}), "stored_layers": stored_layers}
     key = (f"{method}+ist{'+recompute' if ist.get('recompute_unselected') else ''}{'+gc' if checkpointing else ''}"
@@ -125,7 +126,7 @@ ALIASES: dict[str, str] = {
 }
 
 
-def table_names(keys: Iterable[str], local: Optional[dict[str, str]] = None) -> dict[str, str]:
+def table_names(keys: Iterable[str], local: dict[str, str] | None = None) -> dict[str, str]:
     """Every name a table accepts for its rows (their keys and the aliases of them) -> the key.
 
     ``local``: names one table gives another meaning than :data:`ALIASES` (the frontier's ``lisa``).

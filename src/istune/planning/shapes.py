@@ -1,29 +1,16 @@
 """Model configs without a download: the benchmarks' shapes, and ``istune plan``'s model lookup.
 
-:data:`SHAPES` are the models the memory benchmarks measure (the paper's Table 1 models, as
-configs: random weights, no download). A shape is a transformers config and nothing else: the
-memory of a training step depends on the sizes of the tensors, not on their values.
-
-``resolve_model_config(name)`` tries, in order:
-
-1. ``smollm2-135m`` (the embedded default): the converted folder's ``config.json`` when it
-   exists, else the built-in shape of SmolLM2-135M-Instruct.
-2. A local folder holding ``config.json``.
-3. A hub id already in the local Hugging Face cache (``local_files_only``: nothing downloads).
-4. A built-in shape: the ``config.json`` values (shapes only) of the models the paper's
-   recipes name, copied here from their hub pages so that planning needs no network.
-5. A benchmark shape of :data:`SHAPES` (``llama-12x768``, ``tiny-llama``, ...),
-   so that the frontier's and the memory table's shapes can be planned too.
-
-Only the sizes matter for memory (layer count, widths, heads, vocabulary, tied
-embeddings); the values below are those of each model's published ``config.json``.
+:data:`SHAPES` are the models the memory benchmarks measure (the paper's Table 1 models and small ones for
+tests), as transformers configs: a step's memory depends on the tensors' sizes, not their values.
+:func:`resolve_model_config` finds a config offline: ``smollm2-135m``, a local folder, the local Hugging Face
+cache, :data:`BUILTIN_CONFIGS` (the published ``config.json`` sizes of the recipes' models) or a shape.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import transformers
 
@@ -35,38 +22,28 @@ PAPER_COLUMNS = ("weights", "full", "series", "parallel", "lora", "series+ist", 
 
 @dataclass(frozen=True)
 class Shape:
-    """One model shape.
-
-    Attributes:
-        name: the name used on the command line (``--shapes``).
-        family: ``"gpt2"`` or ``"llama"`` (which transformers config class).
-        sizes: keyword arguments of the config (layer count, widths, heads, vocabulary).
-        description: one line for tables.
-        paper: the paper's Table 1 row in GB, keyed by ``PAPER_COLUMNS`` (None for shapes it has no row for).
-    """
+    """One model shape: its ``--shapes`` name, ``family`` (``gpt2`` or ``llama``), the config's ``sizes``, a
+    one-line ``description`` and the ``paper``'s Table 1 row in GB keyed by ``PAPER_COLUMNS`` (or None)."""
 
     name: str
     family: str
     sizes: dict
     description: str
-    paper: Optional[dict] = field(default=None)
+    paper: dict | None = field(default=None)
 
     @property
     def num_layers(self) -> int:
         return self.sizes["n_layer"] if self.family == "gpt2" else self.sizes["num_hidden_layers"]
 
     def config(self, attention: str = "sdpa", seq_len: int = 1024) -> transformers.PretrainedConfig:
-        """The transformers config of this shape, with ``attention`` as its attention implementation.
-
-        GPT-2 has learned positions: ``n_positions`` is raised to ``seq_len`` when that is longer.
-        """
+        """The transformers config with ``attention``; GPT-2's ``n_positions`` raised to ``seq_len`` if shorter."""
         if self.family == "gpt2":
             sizes = {**self.sizes, "n_positions": max(self.sizes.get("n_positions", 1024), seq_len)}
             return transformers.GPT2Config(**sizes, attn_implementation=attention)
         return transformers.LlamaConfig(**self.sizes, attn_implementation=attention)
 
 
-def _paper(*values: Optional[float]) -> dict:
+def _paper(*values: float | None) -> dict:
     return dict(zip(PAPER_COLUMNS, values))
 
 
@@ -114,7 +91,6 @@ _LLAMA_1 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidde
             "eos_token_id": 2, "tie_word_embeddings": False}
 _LLAMA_7B = {**_LLAMA_1, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32}
-
 _LLAMA_13B = {**_LLAMA_1, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
               "num_attention_heads": 40, "num_key_value_heads": 40}
 
@@ -148,13 +124,8 @@ def _builtin(hub_id: str):
 def resolve_model_config(name: str):
     """The transformers config of ``name`` and where it came from (one line for the output).
 
-    Args:
-        name: ``smollm2-135m``, a local folder with ``config.json``, or a hub id (in the local
-            cache, or one of :data:`BUILTIN_CONFIGS`).
-
     Raises:
-        ValueError: naming ``--model``, the value, and what to give instead, when no config is found
-            or a config cannot be read.
+        ValueError: naming ``--model``, the value and what to give instead, when no config is found or read.
     """
     from transformers import AutoConfig
 

@@ -1,19 +1,14 @@
 """The one measuring engine: build a row's model, and run warm-up -> settle -> measured steps under a meter.
 
-    model = build_model(config, row, dtype="float32", device="meta", adapter=AdapterArgs(rank=8), total_steps=10)
+    model = build_model(config, row, dtype="float32", device="meta", adapter=dict(rank=8), total_steps=10)
     optimizer = torch.optim.AdamW(trainable(model))
-    selections = measured_steps(model, optimizer, make_batch(...), MemoryTracker(model, optimizer), tuner)
+    selections, tuner = measured_steps(model, optimizer, make_batch(...), MemoryTracker(model, optimizer), make_tuner)
 
-- the **warm-up** step trains every layer, so AdamW holds state for all of them, as late in a
-  long run (skipped for LISA: its measured steps start a sampling period);
-- the **settling** step is the tuner's first: from then on each step starts with what the step
-  before it left (``unselected_optimizer_state='drop'`` has freed the unselected layers' state);
-- the **measured** steps run inside a meter: :class:`~istune.planning.tracker.MemoryTracker`
-  (live tensor bytes, any device, meta included), :class:`CudaPeak` (the allocator's counters)
-  or :class:`RssPeak` (the process's peak resident set, Linux).
-
-Every model of the benchmarks is built here (:func:`build_model`, :func:`load_model`): the only
-place that imports the recipe layer's model loading and adapters.
+The warm-up step trains every layer (AdamW then holds state for all, as late in a long run); the settling
+step is the tuner's first, so each measured step starts with what the step before it left. The meters:
+:class:`~istune.planning.tracker.MemoryTracker` (live tensor bytes, meta device included), :class:`CudaPeak`
+(the allocator's counters) and :class:`RssPeak` (the peak resident set, Linux). :func:`timed_step` is the
+one timed step.
 """
 
 from __future__ import annotations
@@ -23,7 +18,7 @@ import copy
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -35,25 +30,22 @@ __all__ = ["CudaPeak", "DTYPES", "RssPeak", "build_model", "load_model", "load_m
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# ------------------------------------------------------------------------------ models
-
-
-def load_model_and_tokenizer(name: Optional[str], **kwargs):
-    """A pretrained model and its tokenizer by hub id, folder or ``smollm2-135m`` (None: the embedded SmolLM2)."""
+def load_model_and_tokenizer(name: str | None, **kwargs):
+    """A pretrained model and its tokenizer by hub id, folder or ``smollm2-135m`` (:mod:`istune.models`)."""
     from istune.models import load_model_and_tokenizer as load
 
     return load(name, **kwargs)
 
 
-def load_model(name: Optional[str], **kwargs) -> torch.nn.Module:
+def load_model(name: str | None, **kwargs) -> torch.nn.Module:
     return load_model_and_tokenizer(name, **kwargs)[0]
 
 
 def build_model(config, row: Row, *, dtype: str = "float32", device: str | torch.device = "cpu",
-                seed: Optional[int] = 0,
-                adapter=None, total_steps: int = 10, train_embeddings: bool = True, input_grads: Optional[bool] = None,
-                base: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
-                model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+                seed: int | None = 0,
+                adapter=None, total_steps: int = 10, train_embeddings: bool = True, input_grads: bool | None = None,
+                base: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                model: torch.nn.Module | None = None) -> torch.nn.Module:
     """The model of ``config`` (random weights made on ``device``) with ``row``'s trainable parameters.
 
     Args:
@@ -66,8 +58,8 @@ def build_model(config, row: Row, *, dtype: str = "float32", device: str | torch
         input_grads: with checkpointing, turn the embeddings' output gradient on (True, as the Trainer does
             for a peft model), off (False: IST-aware checkpointing) or leave it (None).
     """
-    from istune.core.layers import prepare_full_layer_tuning
     from istune.adapters.methods import AdapterArgs, add_adapters
+    from istune.core.layers import prepare_full_layer_tuning
 
     if seed is not None:  # None: the random state as it is (the caller seeded before loading)
         torch.manual_seed(seed)
@@ -119,16 +111,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     optimizer.zero_grad(set_to_none=True)
 
 
-# ------------------------------------------------------------------------------ meters
-
-
 class CudaPeak:
     """The CUDA allocator's peak over the block: ``peak_allocated_bytes`` and ``peak_reserved_bytes``."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.allocated, self.reserved = device, None, None
 
-    def __enter__(self) -> "CudaPeak":
+    def __enter__(self) -> CudaPeak:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         return self
@@ -159,7 +148,7 @@ class RssPeak(CudaPeak):
                     return int(line.split()[1]) * 1024
         raise RuntimeError(f"/proc/self/status has no {field_name}")  # pragma: no cover
 
-    def __enter__(self) -> "RssPeak":
+    def __enter__(self) -> RssPeak:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
             handle.write("5")  # reset the peak resident set size (VmHWM) to the current one
         self.before = self._status("VmRSS")
@@ -172,10 +161,7 @@ class RssPeak(CudaPeak):
         return {"rss_before_bytes": self.before, "peak_rss_bytes": self.peak, "growth_bytes": self.peak - self.before}
 
 
-# ------------------------------------------------------------------------------ the measured step
-
-
-def _tuner_step(model, optimizer, batch, tuner) -> Optional[list[int]]:
+def _tuner_step(model, optimizer, batch, tuner) -> list[int] | None:
     selected = list(tuner.begin_step()) if tuner is not None else None
     train_step(model, optimizer, batch)
     if tuner is not None:
@@ -184,8 +170,8 @@ def _tuner_step(model, optimizer, batch, tuner) -> Optional[list[int]]:
 
 
 def measured_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any], meter,
-                   make_tuner: Optional[Callable[[], Any]] = None, steps: int = 1,
-                   warm_up: bool = True) -> tuple[list[Optional[list[int]]], Any]:
+                   make_tuner: Callable[[], Any] | None = None, steps: int = 1,
+                   warm_up: bool = True) -> tuple[list[list[int] | None], Any]:
     """Warm-up (every layer), then the tuner (made by ``make_tuner``) settles for one step, then ``steps`` steps
     run inside ``meter``, one region each.
 

@@ -1,59 +1,31 @@
 """Peak memory of training steps, split by what the memory holds.
 
-``MemoryTracker`` counts the bytes of tensor storages alive while it is active
-and remembers the largest total (the peak) together with what made it up.
+``MemoryTracker`` counts the bytes of tensor storages alive inside its block and keeps the largest total
+(the peak) with what made it up. A ``TorchDispatchMode`` sees the output of every aten operator, the
+backward's too; each output's untyped storage is recorded once (whatever its views) with a weak reference
+whose callback takes its bytes off when it is freed. Storage bytes, not allocator blocks: the figures do not
+depend on the device or allocator rounding. Of what exists on entry, only the model's parameters and
+buffers, their ``.grad`` and the optimizer's state are counted. On CUDA the allocator's own peak is
+reported beside it.
 
-How it counts:
+Categories (``CATEGORIES``): ``weights`` (parameters and buffers), ``gradients`` (some parameter's
+``.grad``), ``optimizer`` (its state; inside ``optimizer.step()`` also the step's temporaries),
+``activations`` (saved for backward, seen through ``saved_tensors_hooks``) and ``other`` (logits, loss,
+activation gradients, the backward's temporaries). A storage keeps its first category, except that becoming
+a ``.grad`` or optimizer state moves it there and being saved for backward moves it from ``other`` to
+``activations``. ``scopes`` (optional) attribute activations to modules (the innermost scope whose forward
+saved them).
 
-- A ``TorchDispatchMode`` sees the output of every aten operator run inside
-  the block, the backward pass's too (the autograd engine carries the mode
-  to its threads). Each output's untyped storage is recorded once, whatever
-  number of views point at it, with a weak reference whose callback takes
-  its bytes off again when the storage is freed. Counting is in storage
-  bytes (``nbytes``), not allocator blocks, so the figures do not depend on
-  the device or on allocator rounding and are the same from run to run.
-- Storages that already exist on entry are counted when they are the
-  model's parameters or buffers, a parameter's ``.grad`` or the optimizer's
-  state. Any other tensor made before the block is not counted.
-- On a CUDA device the allocator's own peak
-  (``torch.cuda.max_memory_allocated``) is reported beside it.
-
-Categories (``CATEGORIES``):
-
-==============  ===========================================================
-``weights``     storages of the model's parameters and buffers
-``gradients``   storages that are some parameter's ``.grad``
-``optimizer``   the optimizer's state; during ``optimizer.step()`` also the
-                step's temporaries (they are gone when the step returns)
-``activations`` tensors autograd saved for the backward pass (seen through
-                ``torch.autograd.graph.saved_tensors_hooks``)
-``other``       everything else alive: outputs nobody saved (logits, loss),
-                gradients of activations, temporaries of the backward pass
-==============  ===========================================================
-
-A storage keeps the category it was first given, except that becoming a
-parameter's ``.grad`` or part of the optimizer's state moves it there, and
-being saved for backward moves it from ``other`` to ``activations``.
-Gradients are recognised after each operator, so the split is exact at
-operator granularity; the total is exact at every operator.
-
-``scopes`` (optional) attributes activations to modules, e.g. one scope per
-decoder layer: a saved tensor belongs to the innermost scope whose forward
-was running when autograd first saved it.
-
-Limits: kernels' private workspace (cuBLAS, cuDNN) and allocations that
-bypass the dispatcher are not seen; tensors saved inside another
-``saved_tensors_hooks`` context (activation checkpointing) count as
-``other``; sparse and other non-strided layouts are ignored.
+Limits: kernels' private workspaces and allocations that bypass the dispatcher are not seen; tensors saved
+inside another ``saved_tensors_hooks`` context (activation checkpointing) count as ``other``; non-strided
+layouts are ignored.
 
 Example::
 
     with MemoryTracker(model, optimizer) as tracker:
         for step in range(4):
             with tracker.region(f"step {step}"):
-                model(**batch).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                train_step(model, optimizer, batch)
     tracker.report()["peak_bytes"]
 """
 
@@ -129,29 +101,21 @@ def _strided_tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 
 class MemoryTracker(TorchDispatchMode):
-    """Track the peak of live tensor bytes inside a ``with`` block, split into categories.
+    """Track the peak of live tensor bytes inside a ``with`` block (used once), split into categories.
 
     Args:
-        model (torch.nn.Module): the model trained in the block; its parameters
-            and buffers are the ``weights`` and their ``.grad`` the ``gradients``.
-        optimizer (torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None):
-            the optimizer(s) whose state is the ``optimizer`` category. Default None.
-        device (torch.device | str | None): count only storages on this device.
-            Default: the device of the model's first parameter (CPU if it has none).
-        scopes (Mapping[str, torch.nn.Module] | None): named modules (decoder
-            layers, say) to attribute saved activations to. Default None.
+        model: the model trained in the block: its parameters and buffers are the ``weights``.
+        optimizer: the optimizer(s) whose state is the ``optimizer`` category. Default None.
+        device: count only storages on this device. Default: the device of the model's first parameter.
+        scopes: named modules (decoder layers, say) to attribute saved activations to. Default None.
 
-    The tracker is a context manager and is used once. Inside it, ``region(name)``
-    marks a stretch (a training step, say) whose own peak is reported too.
+    Inside the block, ``region(name)`` marks a stretch (a training step, say) whose own peak is reported too.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
-        device: torch.device | str | None = None,
-        scopes: Mapping[str, torch.nn.Module] | None = None,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+                 device: torch.device | str | None = None,
+                 scopes: Mapping[str, torch.nn.Module] | None = None) -> None:
         super().__init__()
         self.model = model
         if optimizer is None:
@@ -335,7 +299,7 @@ class MemoryTracker(TorchDispatchMode):
 
     # ------------------------------------------------------------------ context
 
-    def __enter__(self) -> "MemoryTracker":
+    def __enter__(self) -> MemoryTracker:
         if self._state != "new":
             raise RuntimeError("a MemoryTracker is used once: make a new one for a new measurement")
         self._state = "active"
@@ -381,11 +345,7 @@ class MemoryTracker(TorchDispatchMode):
 
     @contextlib.contextmanager
     def region(self, name: str) -> Iterator[None]:
-        """Report the peak inside this stretch of the block separately, under ``name``.
-
-        The region's peak counts everything alive, also what was alive before it
-        began. Regions do not nest.
-        """
+        """Report the peak inside this stretch separately, under ``name`` (everything alive counts; no nesting)."""
         if self._state != "active":
             raise RuntimeError("region() is used inside the tracker's `with` block")
         if self._region is not None:
@@ -413,15 +373,10 @@ class MemoryTracker(TorchDispatchMode):
         """The measurement, in bytes.
 
         Returns:
-            dict: ``peak_bytes`` (largest total), ``peak_breakdown`` (per category
-            at that moment), ``peak_phase`` (one of ``PHASES``), ``peak_activations_by_scope`` (activations per scope
-            at that moment; empty without scopes), ``category_max`` (each
-            category's own largest value, not necessarily at the same moment),
-            ``current`` (per category now, or at the block's end), ``regions``
-            (list of ``{name, peak_bytes, peak_breakdown, peak_activations_by_scope,
-            peak_phase}`` in the order they ran), ``device``, and
-            ``allocator_peak_bytes`` (the CUDA allocator's peak over the block,
-            everything resident on the device included; None off CUDA).
+            dict: ``peak_bytes``, and at that moment ``peak_breakdown`` (per category), ``peak_phase`` (one of
+            ``PHASES``) and ``peak_activations_by_scope``; ``category_max`` (each category's own largest),
+            ``current`` (now, or at the block's end), ``regions`` (each region's peak, in order), ``device`` and
+            ``allocator_peak_bytes`` (the CUDA allocator's peak over the block; None off CUDA).
         """
         current = self.current()
         return {

@@ -12,8 +12,6 @@ selected blocks (which keep more than unselected ones).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from istune.core import policy
@@ -26,7 +24,7 @@ def worst_case_selection(num_layers: int, update_layers: int) -> list[int]:
     return [0] + list(range(num_layers - update_layers + 1, num_layers))
 
 
-def worst_case_selections(num_layers: int, update_layers: int, stored_layers: Optional[int] = None) -> list[list[int]]:
+def worst_case_selections(num_layers: int, update_layers: int, stored_layers: int | None = None) -> list[list[int]]:
     """The steps whose peak can be the largest: :func:`worst_case_selection`, and with ``stored_layers = M``
     (1 <= M < N_L) also the step that stores the most selected blocks: the lowest selected layer at
     N_L − max(M, N_u) and the N_u − 1 top layers. For M >= N_u every block that runs the backward pass is
