@@ -99,6 +99,8 @@ def test_stored_layers_rows_measure_memory_at_both_worst_steps():
 def test_rules_that_choose_from_a_measurement_add_a_memory_run_with_layer_0_fixed(monkeypatch):
     """owlore, gradnorm and probe-once run as they train (their first-step measurement inside the measured
     trainer.train()) and once with layer 0 fixed; lisa and badam reach layer 0 in their own first steps."""
+    # with --rows only: a run without --rows measures what the recorded commands measured
+    assert not set(frontier.RULE_KEYS) & set(frontier.DEFAULT_KEYS) and set(frontier.RULE_KEYS) <= set(frontier.NAMES)
     assert frontier.worst_step(frontier.ROWS["lora+gradnorm"], 30) == [0, 23, 24, 25, 26, 27, 28, 29]  # N_u = 8
     for key in ("lora+owlore", "lora+probe-once"):
         assert frontier.worst_step(frontier.ROWS[key], 4) == [0]  # N_u = 1 of 4

@@ -51,10 +51,11 @@ PROBE_INTERVAL = 10  # T_c, the paper's default: the time of an importance updat
 TIME_SEED = 42  # IST's seed in round 0 of the time runs (ISTConfig's default); round k uses TIME_SEED + k
 
 # LISA-style here: 2 whole layers a step, embeddings and head frozen (LISA trains them too).
-ROWS: dict[str, Row] = {key: ALL_ROWS[key] for key in (
-    "lora", "lora+gc", "lora+ist", "lora+ist+recompute", "lora+ist+gc", "lora+ist+gc+stored3", "lora+ist+stored8",
-    "lora+random", "full+random2", "dora", "dora+gc", "dora+ist", "dora+ist+gc",
-    "lora+lisa", "lora+badam", "lora+owlore", "lora+gradnorm", "lora+probe-once")}
+DEFAULT_KEYS = ("lora", "lora+gc", "lora+ist", "lora+ist+recompute", "lora+ist+gc", "lora+ist+gc+stored3",
+                "lora+ist+stored8", "lora+random", "full+random2", "dora", "dora+gc", "dora+ist", "dora+ist+gc")
+# The peers' selection rules: with --rows only, so a run without --rows measures what the records' commands did.
+RULE_KEYS = ("lora+lisa", "lora+badam", "lora+owlore", "lora+gradnorm", "lora+probe-once")
+ROWS: dict[str, Row] = {key: ALL_ROWS[key] for key in DEFAULT_KEYS + RULE_KEYS}
 # The names --rows lists (this table's keys before one key per configuration; the keys work too).
 ROW_NAMES = ("lora", "lora+ckpt", "ist", "ist+recompute", "ist+ckpt", "ist+ckpt+stored3", "ist+stored8", "random",
              "lisa", "dora", "dora+ckpt", "dora+ist", "dora+ist+ckpt", "lora+lisa", "lora+badam", "lora+owlore",
@@ -364,7 +365,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="llama-12x768", help=f"one of {', '.join(SIZES)}")
-    parser.add_argument("--rows", default=None, help=f"comma-separated rows, default all: {', '.join(ROW_NAMES)}")
+    parser.add_argument("--rows", default=None, help=f"comma-separated rows of {', '.join(ROW_NAMES)}; default all "
+                        f"but the selection rules ({', '.join(RULE_KEYS)})")
     parser.add_argument("--steps", type=int, default=None, help="steps per row per round (default: the size's)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the size's)")
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
@@ -384,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.size not in SIZES:
         raise ValueError(f"--size={opts.size!r} is not a known size; use one of {', '.join(SIZES)}.")
     size = SIZES[opts.size]
-    chosen = {NAMES[name] for name in parse_list("rows", opts.rows, allowed=NAMES)} if opts.rows else set(ROWS)
+    chosen = {NAMES[name] for name in parse_list("rows", opts.rows, allowed=NAMES)} if opts.rows else set(DEFAULT_KEYS)
     keys = [key for key in ROWS if key in chosen]
     steps, rounds = opts.steps or size.steps, opts.rounds or size.rounds
     if steps < 2 or rounds < 1:  # the first step of a round is a warm-up
