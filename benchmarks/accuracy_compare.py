@@ -13,6 +13,14 @@ report), for the importance it learns during training:
 
     .venv/bin/python benchmarks/accuracy_compare.py --arms ist-tc2-mu100 --train_only --out <folder>
 
+The peers' selection rules (issue 24; their settings and the reasons for each K in
+``benchmarks/results/accuracy-rules/PROTOCOL.md``), with the same N_u: ``lisa`` N_u layers uniformly,
+held K = 20 steps; ``badam`` blocks of N_u consecutive layers in ascending order, switched every
+K = 25 steps; ``owlore`` N_u layers in proportion to their outlier ratios (M = 13, measured once),
+re-drawn every K = 25 steps; ``gradnorm`` N_u layers by a running estimate of their adapter-gradient
+norm (ε = 0.1, γ = 0.9), re-drawn every step; ``probe-once`` the N_u layers with the largest
+adapter-gradient norms at step 0, then always those.
+
 Same data sample, data order, adapter init and steps for every arm at a given seed; training
 batches are packed and project only the labelled positions onto the vocabulary, as
 ``istune train`` does (``batch_layout``: the same loss, half the time). The runs go seed by
@@ -53,6 +61,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from istune import ISTCallback, ISTConfig
 from istune.adapters.methods import AdapterArgs, add_adapters
 from istune.bench.stats import mean_ci95, paired_item_ci95, seeds_for_power
+from istune.config import RULE_PARAMETERS
 from istune.data import CausalLMCollator, InstructionDataset, load_eval_items
 from istune.data.commonsense_format import COMMONSENSE_TASKS
 from istune.eval import evaluate_tasks
@@ -70,11 +79,19 @@ ARMS = {  # name -> legend; the settings are in arm_config
     "ist-tc2": "LoRA + IST, T_c = 2",
     "ist-spread": "LoRA + IST, T_c = 2, spread-scaled rewards",
     "ist-tc2-mu100": "LoRA + IST, T_c = 2, μ = 100 (for the reproducibility study: run with --train_only)",
+    "lisa": "LoRA + LISA: uniform, held K steps (Pan et al. 2024)",
+    "badam": "LoRA + BAdam's order: blocks of N_u consecutive layers, ascending (Luo et al. 2024)",
+    "owlore": "LoRA + OwLore: sampled by outlier ratio (Li et al. 2024)",
+    "gradnorm": "LoRA + gradient norm: sampled by a running adapter-gradient norm (after MISA 2025, GRASS 2026)",
+    "probe-once": "LoRA + one-time probe: the largest gradient norms at step 0, then fixed (after Aletheia 2026)",
 }
 DEFAULT_ARMS = "all,random,ist,ist-tc2,ist-spread"
+# The peers' rules (issue 24): each is compared with random layers and with LoRA on every layer.
+RULE_ARMS = ("lisa", "badam", "owlore", "gradnorm", "probe-once")
 # The paired differences reported, A − B, for the arms present.
 PAIRS = (("ist", "all"), ("ist", "random"), ("random", "all"), ("ist-tc2", "all"), ("ist-tc2", "random"),
-         ("ist-tc2", "ist"), ("ist-spread", "ist-tc2"), ("ist-spread", "random"))
+         ("ist-tc2", "ist"), ("ist-spread", "ist-tc2"), ("ist-spread", "random"),
+         *((rule, other) for rule in RULE_ARMS for other in ("random", "all")))
 # Options that shape a run: a saved run is reused only if it was made with the same values.
 RUN_OPTIONS = ("max_steps", "batch_size", "lr", "rank", "cutoff_len", "heldout", "curve_every", "tasks", "eval_limit")
 EVAL_SEED = 0  # the same evaluation items for every arm and seed
@@ -90,6 +107,13 @@ def arm_config(arm: str, seed: int, opts) -> ISTConfig:
         "ist-tc2": {"strategy": "ist", "probe_interval": 2, "mu": opts.mu},
         "ist-spread": {"strategy": "ist", "probe_interval": 2, "reward_scale": "spread", "mu": opts.spread_mu},
         "ist-tc2-mu100": {"strategy": "ist", "probe_interval": 2, "mu": 100.0},
+        # K (switch_interval): the peers' defaults brought to a 300-step run; the reasons are in
+        # benchmarks/results/accuracy-rules/PROTOCOL.md.
+        "lisa": {"strategy": "lisa", "switch_interval": 20},  # LMFlow's lisa_interval_steps default
+        "badam": {"strategy": "badam", "block_order": "ascending", "switch_interval": 25},  # 3 passes of 4 blocks
+        "owlore": {"strategy": "owlore", "outlier_threshold": 13.0, "calibration_interval": 0, "switch_interval": 25},
+        "gradnorm": {"strategy": "gradnorm", "exploration": 0.1, "gradnorm_decay": 0.9, "switch_interval": 1},
+        "probe-once": {"strategy": "probe-once", "probe_by": "gradient"},
     }[arm]
     return ISTConfig(seed=seed, **settings)
 
@@ -267,12 +291,18 @@ def _seed_spread_table(by, seeds, effect: float = 1.8) -> list[str]:
 
 
 def _arm_settings(by, seeds, arms) -> list[str]:
-    """One line per arm: what it is, with T_c, μ and the reward scale its runs were saved with."""
+    """One line per arm: what it is, with the settings its runs were saved with (IST's T_c, μ and reward scale;
+    a peer rule's K and parameters)."""
     lines = ["Arms:", ""]
     for a in arms:
         config = by[(a, seeds[0])].get("ist_config")
-        detail = "" if not config or config["strategy"] != "ist" else (
-            f" (T_c = {config['probe_interval']}, μ = {config['mu']:g}, rewards: {config['reward_scale']})")
+        detail = ""
+        if config and config["strategy"] == "ist":
+            detail = f" (T_c = {config['probe_interval']}, μ = {config['mu']:g}, rewards: {config['reward_scale']})"
+        elif config and a in RULE_ARMS:
+            settings = [f"{'K' if name == 'switch_interval' else name} = {config[name]}"
+                        for name, rules in RULE_PARAMETERS.items() if config["strategy"] in rules and name in config]
+            detail = f" ({', '.join(settings)})"
         lines.append(f"- `{a}`: {ARMS[a]}{detail}")
     return lines
 
@@ -415,9 +445,18 @@ def check_saved(out: Path, arms: list[str], seeds: list[int], opts) -> None:
             raise ValueError(f"{path} was made {made} --train_only, this call is {now} it; use the same, another "
                              "--out, or delete the file.")
         config = saved.get("ist_config")
-        if arm is not None and config is not None and config != arm_config(arm, seed, opts).to_dict():
+        if arm is not None and config is not None and not same_config(config, arm_config(arm, seed, opts)):
             raise ValueError(f"{path} was made with another ISTConfig ({config}) than arm {arm!r} has now (check "
                              "--mu, --spread_mu); use the same options, another --out, or delete the file.")
+
+
+def same_config(saved: dict, config: ISTConfig) -> bool:
+    """Whether a run saved with ISTConfig ``saved`` (a dict) was made with ``config``. A field ISTConfig gained after
+    the run was saved (``stored_layers``, the rules' parameters) is absent from it: it matches if ``config`` holds
+    that field's default, the value every earlier run had."""
+    expected, defaults = config.to_dict(), ISTConfig().to_dict()
+    same = all(saved[name] == value if name in saved else value == defaults[name] for name, value in expected.items())
+    return same and set(saved) <= set(expected)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -449,7 +488,8 @@ def main(argv: list[str] | None = None) -> None:
     if opts.train_only:
         return
     table = report(out)
-    header = (f"# LoRA on every layer vs random sparse vs IST arms, SmolLM2-135M, commonsense mix\n\n"
+    compared = "the layer-selection rules" if set(arms) & set(RULE_ARMS) else "random sparse vs IST arms"
+    header = (f"# LoRA on every layer vs {compared}, SmolLM2-135M, commonsense mix\n\n"
               f"Command: `.venv/bin/python benchmarks/accuracy_compare.py "
               f"{' '.join(sys.argv[1:] if argv is None else argv)}`  \n"
               f"Commit: {commit}; "

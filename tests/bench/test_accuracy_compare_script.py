@@ -102,9 +102,9 @@ def test_per_task_table_puts_the_base_model_beside_the_strategies(accuracy_compa
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--arms", "ist,lisa"],
-     "--arms='ist,lisa': unknown 'lisa'; use a comma-separated list of all, random, ist, ist-tc2, ist-spread"),
-    (["--strategies", "ist,lisa"], "--strategies='ist,lisa': unknown 'lisa'"),
+    (["--arms", "ist,misa"],
+     "--arms='ist,misa': unknown 'misa'; use a comma-separated list of all, random, ist, ist-tc2, ist-spread"),
+    (["--strategies", "ist,misa"], "--strategies='ist,misa': unknown 'misa'"),
     (["--arms", "ist", "--strategies", "ist"], "--strategies is the old name of --arms; give only --arms"),
     (["--seeds", "1,two"], "'two' is not an int"),
     (["--seeds", "1,1"], "--seeds='1,1' repeats a value"),
@@ -152,6 +152,49 @@ def test_report_pairs_every_arm_present_and_reads_runs_saved_before_arms(accurac
     assert _row(table, "ist-spread − ist-tc2")[2].startswith("-0.0100 ± ")
     assert _row(table, "ist-tc2")[6] == "151, 152" and _row(table, "all")[6] == "n/a"
     assert "- `ist-spread`: LoRA + IST, T_c = 2, spread-scaled rewards (T_c = 2, μ = 0.1, rewards: spread)" in table
+
+
+def test_report_pairs_each_rule_with_random_and_all_and_names_its_settings(accuracy_compare, tmp_path):
+    T, F = True, False
+    opts = accuracy_compare._parser().parse_args([])
+    for seed in (1, 2):
+        _save_run(tmp_path, "all", seed, 0.20, [T, F, T, F], [T, T, F, F])
+        _save_run(tmp_path, "random", seed, 0.21, [T, F, T, F], [T, T, F, F])
+        _save_run(tmp_path, "badam", seed, 0.19 + seed / 100, [T, T, T, F], [T, T, F, F])
+        run = json.loads((tmp_path / "runs" / f"badam-seed{seed}.json").read_text())
+        config = accuracy_compare.arm_config("badam", seed, opts).to_dict()
+        run.update(arm="badam", strategy="badam", ist_config=config)
+        (tmp_path / "runs" / f"badam-seed{seed}.json").write_text(json.dumps(run))
+
+    table = accuracy_compare.report(tmp_path)
+
+    paired = table.split("Seed spread")[0]
+    comparisons = [line.split("|")[1].strip() for line in paired.splitlines() if " − " in line]
+    assert comparisons == ["random − all", "badam − random", "badam − all"]
+    assert _row(table, "badam − random")[2].startswith("-0.0050 ± ")  # (0.20 - 0.21 + 0.21 - 0.21) / 2
+    assert _row(table, "badam − all")[4].startswith("+25.0 ± ")  # one more item right of four, both seeds
+    assert "- `badam`: LoRA + BAdam's order: blocks of N_u consecutive layers, ascending (Luo et al. 2024) " \
+           "(K = 25, block_order = ascending)" in table
+
+
+def test_runs_saved_before_istconfig_gained_fields_are_still_resumed(accuracy_compare, tmp_path, capsys):
+    """accuracy-updates' runs were saved before stored_layers and the rules' parameters existed: the same command
+    must still accept them (the new fields hold their defaults), and refuse a run whose new field differs."""
+    opts = accuracy_compare._parser().parse_args(["--out", str(tmp_path)])
+    saved = accuracy_compare.arm_config("random", 1, opts).to_dict()
+    for name in ("stored_layers", "switch_interval", "block_order", "outlier_threshold", "calibration_interval",
+                 "exploration", "gradnorm_decay", "probe_by"):
+        del saved[name]
+    _save_run(tmp_path, "random", 1, 0.2, [True] * 4, [False] * 4)
+    run = json.loads((tmp_path / "runs" / "random-seed1.json").read_text())
+    run.update(arm="random", ist_config=saved, options={"max_steps": 300})
+    (tmp_path / "runs" / "random-seed1.json").write_text(json.dumps(run))
+    accuracy_compare.check_saved(tmp_path, ["random"], [1], opts)  # accepted
+
+    run["ist_config"] = {**saved, "switch_interval": 5}
+    (tmp_path / "runs" / "random-seed1.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match="random-seed1.json was made with another ISTConfig"):
+        accuracy_compare.check_saved(tmp_path, ["random"], [1], opts)
 
 
 # ---- training the arms on a tiny model ----------------------------------------------------------
@@ -267,3 +310,30 @@ def test_a_train_only_run_is_not_reused_by_a_full_run(accuracy_compare, tmp_path
         accuracy_compare.main(["--out", str(tmp_path), "--arms", "ist-tc2", "--seeds", "1"])
     assert "ist-tc2-seed1.json was made with --train_only, this call is without it" in capsys.readouterr().err
     assert not (tmp_path / "base.json").exists()
+
+
+@pytest.mark.parametrize("arm", ["lisa", "badam", "owlore", "gradnorm", "probe-once"])
+def test_each_rule_arm_trains_with_its_settings_and_keeps_its_selections(accuracy_compare, tiny_study, tmp_path, arm):
+    """A smoke run of each peer rule's arm: 4 steps on the tiny LLaMA (N_L = 4, N_u = 1), evaluated and reported."""
+    out = tmp_path / "study"
+    options = ["--out", str(out), "--arms", arm, "--seeds", "1", *TINY]
+    options[options.index("--max_steps") + 1], options[options.index("--curve_every") + 1] = "4", "4"
+
+    accuracy_compare.main(options)
+
+    run = json.loads((out / "runs" / f"{arm}-seed1.json").read_text())
+    expected = accuracy_compare.arm_config(arm, 1, accuracy_compare._parser().parse_args(options))
+    assert run["arm"] == arm and run["strategy"] == arm and run["ist_config"] == expected.to_dict()
+    assert [step for step, _ in run["curve"]] == [0, 4] and run["importance_updates"] == 0
+    assert {len(run["accuracy"][m]["boolq"]) for m in ("score", "generate")} == {2}
+    events = [json.loads(line) for line in (out / "runs" / f"{arm}-seed1" / "ist_log.jsonl").read_text().splitlines()]
+    selections = [event["selected"] for event in events if event["event"] == "select"]
+    assert len(selections) == 4 and all(len(s) == 1 for s in selections)  # N_u = 25% of 4 layers
+    if arm == "badam":
+        assert selections == [[0]] * 4  # ascending: the bottom block for the first K = 25 steps
+    elif arm != "gradnorm":  # K = 20 or 25 > 4 steps, or fixed after the probe: one selection held
+        assert all(s == selections[0] for s in selections)
+    measured = [(event["step"], event["what"]) for event in events if event["event"] == "measure"]
+    # one measurement, before the first step (logged as step 1, as its selection)
+    assert [step for step, _ in measured] == ([] if arm in ("lisa", "badam") else [1])
+    assert f"| {arm} | 1 |" in (out / "results.md").read_text()

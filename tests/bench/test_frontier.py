@@ -94,3 +94,36 @@ def test_stored_layers_rows_measure_memory_at_both_worst_steps():
     few = frontier.ROWS["lora+ist+stored8"]  # M >= N_L = 4: no second worst step, no second run
     assert frontier.measure_memory_here(few, size, stored_worst=True) == {"row": few.key, "fixed_layers": None,
                                                                          "skipped": True}
+
+
+def test_rules_that_choose_from_a_measurement_add_a_memory_run_with_layer_0_fixed(monkeypatch):
+    """owlore, gradnorm and probe-once run as they train (their first-step measurement inside the measured
+    trainer.train()) and once with layer 0 fixed; lisa and badam reach layer 0 in their own first steps."""
+    # with --rows only: a run without --rows measures what the recorded commands measured
+    assert not set(frontier.RULE_KEYS) & set(frontier.DEFAULT_KEYS) and set(frontier.RULE_KEYS) <= set(frontier.NAMES)
+    assert frontier.worst_step(frontier.ROWS["lora+gradnorm"], 30) == [0, 23, 24, 25, 26, 27, 28, 29]  # N_u = 8
+    for key in ("lora+owlore", "lora+probe-once"):
+        assert frontier.worst_step(frontier.ROWS[key], 4) == [0]  # N_u = 1 of 4
+    for key in ("lora+lisa", "lora+badam", "lora+random", "lora+ist"):
+        assert frontier.worst_step(frontier.ROWS[key], 30) is None
+    calls = []
+
+    def child(target, kwargs):
+        calls.append((kwargs["row"], kwargs["stored_worst"]))
+        return {"growth_bytes": 2.0 if kwargs["stored_worst"] else 1.0}
+
+    monkeypatch.setattr(frontier, "run_in_child", child)
+    rows = [frontier.ROWS[key] for key in ("lora+lisa", "lora+badam", "lora+gradnorm")]
+    memory = frontier.measure_memory(rows, frontier.SIZES["test"], progress=lambda _: None)
+    assert calls == [("lora+lisa", False), ("lora+badam", False), ("lora+gradnorm", False), ("lora+gradnorm", True)]
+    assert memory["lora+gradnorm"]["growth_bytes"] == 2.0 and len(memory["lora+gradnorm"]["runs"]) == 2
+
+
+def test_rule_rows_train_with_their_rule_and_time_their_first_step(tmp_path):
+    out = tmp_path / "frontier"
+    assert frontier.main(["--size", "test", "--rows", "lora+badam,lora+probe-once", "--out", str(out)]) == 0
+    rows = {row["key"]: row for row in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert rows["lora+badam"]["ist"] == {"strategy": "badam"} and rows["lora+probe-once"]["first_step_s"] > 0
+    assert rows["lora+probe-once"]["memory"]["fixed_layers"] in (None, [0])  # the larger of its two runs
+    assert len(rows["lora+probe-once"]["memory"]["runs"]) == 2 and len(rows["lora+badam"]["memory"]["runs"]) == 1
+    assert "| LoRA + one-time gradient probe |" in out.with_suffix(".md").read_text()

@@ -10,11 +10,15 @@ ids; IST through ``ISTCallback``; checkpointing rows: non-reentrant) on a model 
 
 - **Memory**: each row in its own process (:mod:`istune.bench.child`), ``memory_steps`` steps, IST seeded to
   select layer 0 (with ``stored_layers``, also :func:`stored_worst_step`; the larger counts): the growth of
-  the peak resident set over ``trainer.train()`` (:class:`~istune.planning.step.RssPeak`).
+  the peak resident set over ``trainer.train()`` (:class:`~istune.planning.step.RssPeak`). A rule that
+  chooses from a measurement of the model ('owlore', 'gradnorm', 'probe-once') runs as it trains, its
+  measurement at the first step included (gradient norms: one backward with every adapter trainable; outlier
+  ratios: one forward without gradients), and once more with layer 0 fixed (:func:`worst_step`).
 - **Time**: rows interleaved in rounds, a fresh Trainer each; a step is the time between two
   ``on_step_end`` events, so the Trainer's and the callback's work (probes included) is part of it. IST rows
   draw as in training (seed 42 + round); the mean of the steps without an importance update plus one
-  update's mean time over T_c is reported.
+  update's mean time over T_c is reported. The first step of each round is not in that mean; its own mean
+  (``first_step_s``) holds a rule's one-time measurement.
 
 Writes ``OUT.json``, ``OUT.md`` and ``OUT.png`` (memory against time, the frontier drawn).
 """
@@ -47,12 +51,19 @@ PROBE_INTERVAL = 10  # T_c, the paper's default: the time of an importance updat
 TIME_SEED = 42  # IST's seed in round 0 of the time runs (ISTConfig's default); round k uses TIME_SEED + k
 
 # LISA-style here: 2 whole layers a step, embeddings and head frozen (LISA trains them too).
-ROWS: dict[str, Row] = {key: ALL_ROWS[key] for key in (
-    "lora", "lora+gc", "lora+ist", "lora+ist+recompute", "lora+ist+gc", "lora+ist+gc+stored3", "lora+ist+stored8",
-    "lora+random", "full+random2", "dora", "dora+gc", "dora+ist", "dora+ist+gc")}
+DEFAULT_KEYS = ("lora", "lora+gc", "lora+ist", "lora+ist+recompute", "lora+ist+gc", "lora+ist+gc+stored3",
+                "lora+ist+stored8", "lora+random", "full+random2", "dora", "dora+gc", "dora+ist", "dora+ist+gc")
+# The peers' selection rules: with --rows only, so a run without --rows measures what the records' commands did.
+RULE_KEYS = ("lora+lisa", "lora+badam", "lora+owlore", "lora+gradnorm", "lora+probe-once")
+ROWS: dict[str, Row] = {key: ALL_ROWS[key] for key in DEFAULT_KEYS + RULE_KEYS}
 # The names --rows lists (this table's keys before one key per configuration; the keys work too).
 ROW_NAMES = ("lora", "lora+ckpt", "ist", "ist+recompute", "ist+ckpt", "ist+ckpt+stored3", "ist+stored8", "random",
-             "lisa", "dora", "dora+ckpt", "dora+ist", "dora+ist+ckpt")
+             "lisa", "dora", "dora+ckpt", "dora+ist", "dora+ist+ckpt", "lora+lisa", "lora+badam", "lora+owlore",
+             "lora+gradnorm", "lora+probe-once")
+# Rules whose first selections a seed steers to layer 0 (uniform draws, as worst_case_seed simulates them) or
+# that start at layer 0 whatever the seed (BAdam's ascending order). The others choose from a measurement of
+# the model: their memory runs add a run with layer 0 fixed (worst_step).
+SEEDED_RULES = ("ist", "random", "lisa", "badam")
 NAMES = table_names(ROWS, local={"lisa": "full+random2"})
 
 
@@ -130,6 +141,18 @@ def ist_seed(row: Row, size: Size, num_layers: int) -> int:
     return worst_case_seed(config.strategy, num_layers, count, 42, size.memory_steps)[0]
 
 
+def worst_step(row: Row, num_layers: int) -> list[int] | None:
+    """The step whose peak can be the largest and which the memory run's seeded draws may not reach, to train
+    as a fixed selection: :func:`stored_worst_step`, or for a rule that chooses from a measurement ('owlore',
+    'gradnorm', 'probe-once') layer 0 and the top N_u − 1 layers. None when the seeded draws reach every one."""
+    from istune.config import ISTConfig
+    from istune.planning.worst_case import worst_case_selection
+
+    if row.ist is not None and ISTConfig(**row.ist).strategy not in SEEDED_RULES:
+        return worst_case_selection(num_layers, ISTConfig(**row.ist).resolve(num_layers).update_layers)
+    return stored_worst_step(row, num_layers)
+
+
 def stored_worst_step(row: Row, num_layers: int) -> list[int] | None:
     """With ``stored_layers = M`` (1 <= M < N_L), the other step whose peak can be the largest
     (:func:`istune.planning.worst_case.worst_case_selections`): its memory run fixes it. Else None."""
@@ -181,14 +204,14 @@ def make_trainer(row: Row, size: Size, model: torch.nn.Module, steps: int, outpu
 def measure_memory_here(row: Row | str, size: Size | str, stored_worst: bool = False) -> dict:
     """Peak RSS growth of ``memory_steps`` Trainer steps of ``row``, in this process (Linux).
 
-    ``stored_worst``: train :func:`stored_worst_step`'s layers every step instead of IST's seeded draws.
+    ``stored_worst``: train :func:`worst_step`'s layers every step instead of the rule's own selections.
     """
     from istune.core.layers import find_adapter_layers
     from istune.planning.step import RssPeak
 
     row, size = ROWS[row] if isinstance(row, str) else row, SIZES[size] if isinstance(size, str) else size
     model = build_model(size, row)
-    layers = stored_worst_step(row, len(find_adapter_layers(model))) if stored_worst else None
+    layers = worst_step(row, len(find_adapter_layers(model))) if stored_worst else None
     if stored_worst and layers is None:  # M < N_u or M >= N_L: the layer-0 step is the only worst one
         return {"row": row.key, "fixed_layers": None, "skipped": True}
     with tempfile.TemporaryDirectory() as output_dir:
@@ -202,7 +225,8 @@ def measure_memory(rows: list[Row], size: Size, progress: Callable[[str], None])
     """Each row in its own Python process (so no row inherits another's allocator state)."""
     results = {}
     for row in rows:
-        stored = row.ist is not None and row.ist.get("stored_layers") is not None
+        stored = row.ist is not None and (row.ist.get("stored_layers") is not None
+                                          or row.ist.get("strategy", "ist") not in SEEDED_RULES)
         runs = [run_in_child("istune.bench.frontier:measure_memory_here",
                              {"row": row.key, "size": size.name, "stored_worst": worst})
                 for worst in ((False, True) if stored else (False,))]
@@ -220,6 +244,7 @@ def measure_time(rows: list[Row], size: Size, steps: int, rounds: int, progress:
     from istune.integrations.hf import ISTCallback
 
     plain: dict[str, list[float]] = {row.key: [] for row in rows}
+    first: dict[str, list[float]] = {row.key: [] for row in rows}
     updates: dict[str, list[float]] = {row.key: [] for row in rows}
     with tempfile.TemporaryDirectory() as output_dir:
         for index in range(rounds):
@@ -230,6 +255,7 @@ def measure_time(rows: list[Row], size: Size, steps: int, rounds: int, progress:
                                        seed=TIME_SEED + index)
                 trainer.train()
                 durations = [b - a for a, b in zip(step_clock.ends, step_clock.ends[1:])]
+                first[row.key].append(durations[0])  # warm-up, and a rule's measurement at the first step
                 probes = row.probes
                 for step, seconds in enumerate(durations[1:], start=2):  # step 1: warm-up
                     if not (probes and step % PROBE_INTERVAL == 0):
@@ -244,7 +270,7 @@ def measure_time(rows: list[Row], size: Size, steps: int, rounds: int, progress:
     for row in rows:
         step = statistics.fmean(plain[row.key])
         update = statistics.fmean(updates[row.key]) if updates[row.key] else None
-        results[row.key] = {"step_s": step, "probe_update_s": update,
+        results[row.key] = {"step_s": step, "probe_update_s": update, "first_step_s": statistics.fmean(first[row.key]),
                             "seconds_per_step": step + (update or 0.0) / PROBE_INTERVAL,
                             "samples": {"steps": len(plain[row.key]), "probe_updates": len(updates[row.key])}}
     return results
@@ -282,11 +308,12 @@ def markdown_table(rows: list[dict]) -> str:
 
     return records.markdown_table(
         ["configuration", "memory GB", "vs LoRA", "vs LoRA + ckpt", "s/step", "vs LoRA", "vs LoRA + ckpt",
-         "probe update s", "frontier"],
+         "probe update s", "first step s", "frontier"],
         ([r["label"], f"{r['memory_bytes'] / 1e9:.3f}", ratio(r, "memory_vs_lora"), ratio(r, "memory_vs_lora+gc"),
           f"{r['seconds_per_step']:.3f}", ratio(r, "time_vs_lora"), ratio(r, "time_vs_lora+gc"),
-          "–" if r["probe_update_s"] is None else f"{r['probe_update_s']:.3f}", "yes" if r["on_frontier"] else ""]
-         for r in rows), "l" + "r" * 7 + "c")
+          "–" if r["probe_update_s"] is None else f"{r['probe_update_s']:.3f}",
+          f"{r['first_step_s']:.3f}" if "first_step_s" in r else "–", "yes" if r["on_frontier"] else ""]
+         for r in rows), "l" + "r" * 8 + "c")
 
 
 def plot(rows: list[dict], title: str):
@@ -328,7 +355,8 @@ def write_results(out: Path, meta: dict, settings: dict, rows: list[dict]) -> st
         f"steps, each row in its own process, IST's worst step (layer 0 selected) included. Time: means over "
         f"{settings['rounds']} interleaved rounds x {settings['steps'] - 1} timed steps "
         f"({settings.get('clock', 'wall')} clock; IST rows draw layers as in training, seed {TIME_SEED} + round), "
-        f"probe updates amortised over T_c.\n\n{table}\n"), figure)
+        f"probe updates amortised over T_c; first step s: the untimed first step of a round (warm-up, and the "
+        f"one-time measurement of 'owlore', 'gradnorm', 'probe-once').\n\n{table}\n"), figure)
     return table
 
 
@@ -337,7 +365,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="llama-12x768", help=f"one of {', '.join(SIZES)}")
-    parser.add_argument("--rows", default=None, help=f"comma-separated rows, default all: {', '.join(ROW_NAMES)}")
+    parser.add_argument("--rows", default=None, help=f"comma-separated rows of {', '.join(ROW_NAMES)}; default all "
+                        f"but the selection rules ({', '.join(RULE_KEYS)})")
     parser.add_argument("--steps", type=int, default=None, help="steps per row per round (default: the size's)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: the size's)")
     parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
@@ -357,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.size not in SIZES:
         raise ValueError(f"--size={opts.size!r} is not a known size; use one of {', '.join(SIZES)}.")
     size = SIZES[opts.size]
-    chosen = {NAMES[name] for name in parse_list("rows", opts.rows, allowed=NAMES)} if opts.rows else set(ROWS)
+    chosen = {NAMES[name] for name in parse_list("rows", opts.rows, allowed=NAMES)} if opts.rows else set(DEFAULT_KEYS)
     keys = [key for key in ROWS if key in chosen]
     steps, rounds = opts.steps or size.steps, opts.rounds or size.rounds
     if steps < 2 or rounds < 1:  # the first step of a round is a warm-up
@@ -370,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     memory = measure_memory(rows, size, show) if opts.skip != "memory" else \
         {row.key: {"growth_bytes": float("nan")} for row in rows}
     times = measure_time(rows, size, steps, rounds, show, CLOCKS[opts.clock]) if opts.skip != "time" else \
-        {row.key: {"step_s": float("nan"), "probe_update_s": None, "seconds_per_step": float("nan")} for row in rows}
+        {row.key: {"step_s": float("nan"), "probe_update_s": None, "first_step_s": float("nan"),
+                   "seconds_per_step": float("nan")} for row in rows}
     combined = combine(rows, memory, times)
     settings = {"size": size.name, "description": size.description, "batch_size": size.batch_size,
                 "seq_len": size.seq_len, "steps": steps, "rounds": rounds, "memory_steps": size.memory_steps,

@@ -7,6 +7,7 @@ gradient checkpointing. Its key spells exactly that, ``<method>[+ist|+random][+r
     lora+ist           LoRA + IST (defaults)        lora+ist+gc:drop    ... + checkpointing, unselected state dropped
     lora+ist+stored8   IST, stored_layers=8         full+ist            whole decoder layers, drawn uniformly
     lisa               LISA: 2 whole layers + embeddings and head, state of the active layers only
+    lora+badam         LoRA, N_u layers chosen by another selection rule (lisa, badam, owlore, gradnorm, probe-once)
 
 Every table (``istune plan``, ``istune bench memory|time|frontier|gpu``) takes its rows from
 :data:`ROWS`. The names the tables accepted before (``lora+ckpt``, ``lora:ckpt``, ``ist``, ...)
@@ -20,7 +21,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["ALIASES", "METHOD_LABELS", "ROWS", "Row", "stored_row", "table_names"]
+__all__ = ["ALIASES", "METHOD_LABELS", "ROWS", "RULE_ROWS", "Row", "stored_row", "table_names"]
 
 METHOD_LABELS = {"lora": "LoRA", "dora": "DoRA", "series": "Series", "parallel": "Parallel", "full": "Full",
                  "lisa": "LISA"}
@@ -90,6 +91,14 @@ def stored_row(stored_layers: int, checkpointing: bool, method: str = "lora", is
     return Row(key, label, method, ist, checkpointing, method)
 
 
+# The peers' selection rules on LoRA (issue 24; docs/methods.md "Selection rules"), each with ISTConfig's defaults:
+# K = 1, a new selection every step, so a short timing run sees each rule's spread of selections.
+RULE_LABELS = {"lisa": "LISA (uniform)", "badam": "BAdam order (ascending blocks)",
+               "owlore": "OwLore (outlier ratios)", "gradnorm": "gradient-norm sampling",
+               "probe-once": "one-time gradient probe"}
+RULE_ROWS = tuple(Row(f"lora+{rule}", f"LoRA + {label}", "lora", {"strategy": rule}, False, "lora")
+                  for rule, label in RULE_LABELS.items())
+
 # Full + IST draws uniformly ('random'): at zero importance that is what 'ist' draws too, and 'ist' on whole
 # layers keeps a CPU copy of their initial weights, which the meta device cannot make.
 _FULL_IST = {"strategy": "random"}
@@ -110,6 +119,7 @@ ROWS: dict[str, Row] = {row.key: row for row in (
     Row("lora+ist+recompute+probe1", "LoRA + IST (recompute unselected, probe batch 1)", "lora",
         {"recompute_unselected": True, "probe_batch_size": 1}, False, "lora"),
     *(stored_row(m, gc) for m, gc in ((3, True), (8, False), (2, True))),
+    *RULE_ROWS,
 )}
 
 # Names the tables accepted before one key per configuration: each still works on the command line.
