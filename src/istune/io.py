@@ -131,6 +131,20 @@ def atomic_dir(path: str | os.PathLike[str], replace: bool = False) -> Iterator[
         raise
 
 
+def save_figure(figure: Any, path: str | os.PathLike[str], tight_layout: bool = True, dpi: int = 120) -> Path:
+    """Save a matplotlib ``figure`` as ``path`` (format from the suffix) through :func:`atomic_file`, then close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_file(path) as tmp:
+            if tight_layout:
+                figure.tight_layout()
+            figure.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(figure)
+    return Path(path)
+
+
 def git_commit(repo: str | os.PathLike[str]) -> str:
     """Short commit of ``repo``, with ``+uncommitted changes`` when the tree is dirty; ``unknown`` outside git."""
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from istune.io import atomic_file
+from istune.io import save_figure
 
 ORDER_LABELS = {
     "importance_low_first": "by IST importance, least important first",
@@ -22,18 +22,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def save_figure(figure, path: Path) -> Path:
-    """Save ``figure`` as ``path`` (whole or not at all, :func:`istune.io.atomic_file`) and close it."""
-    plt = _pyplot()
-    try:
-        with atomic_file(path) as tmp:
-            figure.tight_layout()
-            figure.savefig(tmp, dpi=120)
-    finally:
-        plt.close(figure)
-    return path
 
 
 def plot_removal(record: dict, path: Path, metric: str = "perplexity") -> Path:

@@ -246,7 +246,8 @@ def _fmt(value: float | None) -> str:
 
 def plot_study(result: dict, path: Path) -> Path:
     """Spearman and top-N_u overlap against the number of updates, each group beside its permutation band."""
-    from istune.analysis.plots import _pyplot, save_figure
+    from istune.analysis.plots import _pyplot
+    from istune.io import save_figure
 
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))

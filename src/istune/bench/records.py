@@ -40,12 +40,7 @@ def write_record(out: Path, data: Any, markdown: str | None, figure=None, indent
     out = Path(out)
     written = [io.write_json(out.with_suffix(".json"), data, indent=indent)]
     if figure is not None:
-        import matplotlib.pyplot as plt
-
-        with io.atomic_file(out.with_suffix(".png")) as tmp:
-            figure.savefig(tmp, dpi=120)
-        plt.close(figure)
-        written.append(out.with_suffix(".png"))
+        written.append(io.save_figure(figure, out.with_suffix(".png"), tight_layout=False))
     if markdown is not None:
         written.append(write_text(out.with_suffix(".md"), markdown))
     return written

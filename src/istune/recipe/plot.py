@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from istune.io import atomic_file
+from istune.io import save_figure
 from istune.recipe.checkpoints import read_run_file
 
 LOG_FILE = "ist_log.jsonl"
@@ -73,7 +73,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
                             extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, num_layers - 0.5))
         axis.set(xlabel="optimizer step", ylabel="layer", title="Layer importance I over training")
         figure.colorbar(image, ax=axis, label="importance I")
-        written.append(_save(figure, out_dir / "importance.png"))
+        written.append(save_figure(figure, out_dir / "importance.png"))
 
     steps = [e["step"] for e in selections]
     chosen = [[1.0 if layer in e["selected"] else 0.0 for e in selections] for layer in range(num_layers)]
@@ -83,17 +83,5 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     strategy = read_run_file(Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent).get("ist", {})
     rule = f"'{strategy['strategy']}': " if "strategy" in strategy else ""
     axis.set(xlabel="optimizer step", ylabel="layer", title=f"{rule}layers trained at each step (black)")
-    written.append(_save(figure, out_dir / "selection.png"))
+    written.append(save_figure(figure, out_dir / "selection.png"))
     return written
-
-
-def _save(figure, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_file(path) as tmp:
-            figure.tight_layout()
-            figure.savefig(tmp, dpi=120)
-    finally:
-        plt.close(figure)
-    return path
