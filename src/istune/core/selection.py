@@ -93,11 +93,17 @@ class SelectionRule:
         name: the rule's name, as ``ISTConfig(strategy=...)`` and ``istune train --strategy`` take it.
         wants_gradients: the tuner calls :meth:`observe_gradients` before every optimizer step.
         runs_importance_probes: the tuner runs IST's importance-updating loop (eq. 8-10) every T_c steps.
+        uses_probe_losses: the rule calls ``view.probe_losses``, so the tuner prepares suppression (eq. 8)
+            before the first step.
+        uses_probe_batches: the rule may call a measurement, so the Trainer callback builds a probe
+            sampler; False for rules that never measure (no probe data is read for them).
     """
 
     name: str = ""
     wants_gradients: bool = False
     runs_importance_probes: bool = False
+    uses_probe_losses: bool = False
+    uses_probe_batches: bool = True
 
     def select(self, view: StepView) -> Sequence[int]:
         """The ``view.count`` distinct layer positions (each in ``[0, view.num_layers)``) to train this step."""

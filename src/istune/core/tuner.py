@@ -131,7 +131,7 @@ class SparseTuner:
         sharding.check_fsdp2(self.model, self.config, self.layers)  # what IST cannot do on an FSDP2-sharded model
         if keep_quantized_layers_trainable(self.model):  # before the first eval-mode probe forward (bitsandbytes, CPU)
             logger.info("IST: bitsandbytes' CPU repacking of 4-bit layers turned off; it would drop their gradients.")
-        self._suppression_prepared = self.rule.runs_importance_probes or getattr(self.rule, "uses_probe_losses", False)
+        self._suppression_prepared = self.rule.runs_importance_probes or self.rule.uses_probe_losses
         if self._suppression_prepared:
             prepare_suppression(self.model, self.layers)  # refuses what eq. 8 cannot suppress; keeps W0 of full layers
 
@@ -161,7 +161,7 @@ class SparseTuner:
     def uses_probe_batches(self) -> bool:
         """Whether probe batches may be needed: IST's probes, or a rule that may measure (all but those
         declaring ``uses_probe_batches = False``, as 'random', 'fixed', 'all', 'lisa', 'badam')."""
-        return self.rule.runs_importance_probes or getattr(self.rule, "uses_probe_batches", True)
+        return self.rule.runs_importance_probes or self.rule.uses_probe_batches
 
     # ---- fine-tuning loop -------------------------------------------------------------------
 
