@@ -114,3 +114,20 @@ def test_bench_and_analyze_dispatch(tmp_path, capsys):
     assert not tmp_path.joinpath("memory.json").exists()
     assert main(["analyze", "remove-layers", str(tmp_path / "no-such-run")]) == 2
     assert "no-such-run" in capsys.readouterr().err
+
+
+def test_bitsandbytes_kernel_notice_is_dropped_and_nothing_else(caplog):
+    import logging
+
+    main(["--help"])
+    notice = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        notice.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module")
+        notice.warning("a real bitsandbytes problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real bitsandbytes problem"]
+
+
+def test_a_model_path_to_nothing_fails_before_any_work(data_file, tmp_path, capsys):
+    assert main(_train_args(tmp_path / "no-such-model", data_file, tmp_path / "run")) == 2
+    assert "no such folder, and not a hub id" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -138,3 +138,17 @@ def test_a_model_that_ignores_logits_to_keep_keeps_every_logit():
     assert reasons == {
         "labelled_logits_only": "its forward keeps 3 logit rows of 2 asked, loss off by 0.0e+00 (relative)"
     }
+
+
+@pytest.mark.parametrize("name", ["/nonexistent", "./no-such-model", "a/b/c", "~/model"])
+def test_a_path_to_nothing_is_refused_before_loading(name):
+    with pytest.raises(ValueError, match=f"--model={name!r}: no such folder, and not a hub id"):
+        models.check_model_name(name)
+
+
+def test_existing_folders_aliases_and_hub_ids_pass(tmp_path):
+    (tmp_path / "weights.bin").write_text("")
+    for name in (str(tmp_path), "smollm2-135m", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M", "gpt2"):
+        models.check_model_name(name)
+    with pytest.raises(ValueError, match="is a file; give the folder"):
+        models.check_model_name(str(tmp_path / "weights.bin"))

@@ -23,6 +23,8 @@ symbols; a YAML `--config` gives defaults that flags override. It runs the same 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,10 +90,12 @@ def _parse_train(argv: Sequence[str]):
                 raise ValueError(f"--config={config_path!r}: unknown option {key!r}; {hint}"
                                  "`istune train --help` lists every option.")
         parser.set_defaults(**values)
+    values_from_yaml = set(values) if config_path else set()
     namespace, extra = parser.parse_known_args(list(argv))
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     values = vars(namespace)  # each dataclass takes its fields; ISTConfig and TrainingArguments both read 'seed'
+    _save_strategy_from_save_steps(values, given=values_from_yaml | _flags_given(argv))
     run, model_args, adapter, ist, training = (
         group(**{f.name: values[f.name] for f in dataclasses.fields(group) if f.init and f.name in values})
         for group in parser.dataclass_types)
@@ -100,8 +104,44 @@ def _parse_train(argv: Sequence[str]):
     return run, model_args, adapter, ist, training
 
 
+def _flags_given(argv: Sequence[str]) -> set[str]:
+    """The option names written on the command line (``--name value`` or ``--name=value``)."""
+    return {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+
+
+def _save_strategy_from_save_steps(values: dict, given: set[str]) -> None:
+    """``--save_steps K`` alone means a checkpoint every K steps, as in transformers (sets ``values``' strategy).
+
+    istune's default save strategy is 'no' (the main job keeps only its final adapters), so without this a
+    ``--save_steps`` would be silently ignored. A save strategy given beside it that cannot use it is refused.
+    """
+    if "save_steps" not in given:
+        return
+    steps, strategy = values["save_steps"], str(getattr(values["save_strategy"], "value", values["save_strategy"]))
+    if "save_strategy" not in given:
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun
+                print(f"istune train: --save_steps {steps:g} given: saving a checkpoint every {steps:g} steps "
+                  "(--save_strategy steps).", file=sys.stderr)
+        values["save_strategy"] = "steps"
+    elif strategy in ("no", "epoch"):
+        raise ValueError(f"--save_steps={steps:g} has no effect with --save_strategy={strategy}: give "
+                         "--save_strategy steps to save every K steps, or drop --save_steps.")
+
+
+# bitsandbytes (imported by peft) logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package is
+# absent, then uses its own CPU kernel: a line at the top of every command that asks the user for nothing.
+BITSANDBYTES_NOTICE = ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def _drop_bitsandbytes_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(BITSANDBYTES_NOTICE[1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    notice_logger = logging.getLogger(BITSANDBYTES_NOTICE[0])
+    if _drop_bitsandbytes_notice not in notice_logger.filters:
+        notice_logger.addFilter(_drop_bitsandbytes_notice)
     commands = {"train": _train, "eval": _eval, "plot": _plot, "plan": _plan, "bench": _bench, "analyze": _analyze}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip())

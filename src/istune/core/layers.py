@@ -14,16 +14,12 @@ plain model ready for that.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
-try:  # peft is a dependency, but keep the core importable without it
-    from peft.tuners.tuners_utils import BaseTunerLayer
-except ImportError:  # pragma: no cover
-    BaseTunerLayer = ()
 
 
 @dataclass
@@ -57,7 +53,17 @@ class AdapterLayer:
 
 def is_adapter_module(module: nn.Module) -> bool:
     """True for a peft tuner layer or an istune adapter (anything that wraps a ``base_layer``)."""
-    return isinstance(module, BaseTunerLayer) or getattr(module, "is_istune_adapter", False)
+    return (isinstance(module, loaded_peft_class("peft.tuners.tuners_utils", "BaseTunerLayer"))
+            or getattr(module, "is_istune_adapter", False))
+
+
+def loaded_peft_class(module: str, name: str) -> type | tuple:
+    """peft's class ``module.name`` once peft has loaded it, else ``()`` (``isinstance`` then matches nothing).
+
+    A model can hold peft layers only after peft was imported, so the core recognises them without importing
+    peft (and what peft imports, bitsandbytes among them): ``import istune`` stays light.
+    """
+    return getattr(sys.modules.get(module), name, ())
 
 
 def find_adapter_layers(model: nn.Module, layers_path: str | None = None) -> list[AdapterLayer]:

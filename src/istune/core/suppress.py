@@ -35,12 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from istune.core.layers import AdapterLayer, snapshot_initial_weights
-
-try:
-    from peft.tuners.lora import LoraLayer
-except ImportError:  # pragma: no cover
-    LoraLayer = ()
+from istune.core.layers import AdapterLayer, loaded_peft_class, snapshot_initial_weights
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +48,7 @@ def scales_linearly(module: nn.Module) -> bool:
     """True when scaling ``module.scaling`` by β scales exactly the adapter's contribution."""
     if getattr(module, "is_istune_adapter", False):
         return isinstance(getattr(module, "scaling", None), float)  # bottleneck adapters around an affine base
-    if not isinstance(module, LoraLayer):
+    if not isinstance(module, loaded_peft_class("peft.tuners.lora", "LoraLayer")):
         return False
     active = module.active_adapters
     variants = getattr(module, "lora_variant", {}) or {}

@@ -145,9 +145,9 @@ def load_adapter(base_model, adapter: AdapterFolder):
         from istune.adapters.methods import load_adapters
 
         return load_adapters(base_model, adapter.path).eval()
-    import peft
+    from istune.adapters.methods import load_peft_adapters
 
-    return peft.PeftModel.from_pretrained(base_model, adapter.path).eval()
+    return load_peft_adapters(base_model, adapter.path).eval()
 
 
 def check_eval_args(args: EvalArgs) -> tuple[list[str], AdapterFolder | None, str]:
