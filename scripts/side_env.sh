@@ -7,10 +7,11 @@
 #   # tests: <pytest arguments>     what to run in it (required)
 #   # no-deps: <requirement> ...    installed afterwards with --no-deps (for a tool whose own pins conflict)
 # torch 2.13.0 (the CPU build on this machine's disk) goes in first, so nothing pulls a CUDA build.
-# A second run reuses the environment while its file is unchanged; SIDE_ENV_FRESH=1 rebuilds it.
+# A second run reuses the environment while its file is unchanged; SIDE_ENV_FRESH=1 rebuilds it;
+# --install builds it and runs nothing (CI builds the side environments while the main suite runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?usage: bash scripts/side_env.sh NAME (one of: $(ls .ci/envs | sed 's/\.txt$//' | tr '\n' ' '))}
+name=${1:?usage: bash scripts/side_env.sh NAME [--install] (NAME one of: $(ls .ci/envs | sed 's/\.txt$//' | tr '\n' ' '))}
 spec=.ci/envs/$name.txt
 [ -f "$spec" ] || { echo "side_env: no $spec; the environments are: $(ls .ci/envs | tr '\n' ' ')" >&2; exit 2; }
 venv=.venv-$name
@@ -28,6 +29,7 @@ if [ "${SIDE_ENV_FRESH:-0}" = 1 ] || [ "$(cat "$venv/.istune-spec" 2>/dev/null)"
     $PIP install -e . --no-deps
     echo "$stamp" > "$venv/.istune-spec"
 fi
+[ "${2:-}" != --install ] || exit 0
 echo "side environment $name: $("$venv/bin/python" -c 'import torch, transformers, peft, accelerate; print("torch", torch.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__, "| accelerate", accelerate.__version__)')"
 # -p no:cacheprovider: the side run must not rewrite the main suite's .pytest_cache
 exec "$venv/bin/python" -m pytest -q -p no:cacheprovider $tests
