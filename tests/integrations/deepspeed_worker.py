@@ -1,13 +1,14 @@
 """One rank of the DeepSpeed test (tests/integrations/test_deepspeed.py): two CPU processes (gloo), ZeRO-2 and ZeRO-3.
 
-    PYTHONPATH=.:src python -m torch.distributed.run --standalone --nproc_per_node 2 \\
-        tests/integrations/deepspeed_worker.py OUT_DIR
+    PYTHONPATH=.:src accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml \\
+        --num_processes 2 tests/integrations/deepspeed_worker.py OUT_DIR
 
 Each rank trains the DDP test's tiny LoRA model (4 samples per optimizer step) with ``add_ist`` in a
-Trainer under ZeRO-2, then ZeRO-3 (AdamW with weight decay, a checkpoint at step 3), resumes each from
-its step-3 checkpoint, checks the setups IST refuses, and writes ``OUT_DIR/rank{r}.json`` and the
-adapter weights (``OUT_DIR/zero{stage}_rank{r}.safetensors``, whole). The test trains the same in one
-process without DeepSpeed as the reference (:func:`train` with ``stage=None``).
+Trainer under ZeRO-3 (from the launcher's config file), then ZeRO-2 (from TrainingArguments), with AdamW
+and weight decay and a checkpoint at step 3; resumes each from its step-3 checkpoint; trains ZeRO-2 once
+without IST's skipping (the control: every layer moves); checks the setups IST refuses; and writes
+``OUT_DIR/rank{r}.json`` and the adapter weights (``OUT_DIR/zero{stage}_rank{r}.safetensors``, whole).
+The test trains the same in one process without DeepSpeed as the reference (:func:`train`, ``stage=None``).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def train(output_dir: str, world_size: int, rank: int, stage: int | None, resume
                 gradient_accumulation_steps=ACCUMULATION, train_sampling_strategy="sequential",
                 lr_scheduler_type="constant", save_strategy="steps", save_steps=3, report_to=[], seed=0,
                 disable_tqdm=True, logging_steps=1, use_cpu=stage is None, **OPTIMIZER)
-    if stage is not None:
+    if stage is not None and not from_launcher(stage):
         args.update(deepspeed={**zero_config(stage, world_size, **(zero or {})), **(ds_extra or {})},
                     ddp_backend="gloo")
     model = peft_model("llama", "lora", num_layers=NUM_LAYERS)
@@ -132,6 +133,22 @@ def train(output_dir: str, world_size: int, rank: int, stage: int | None, resume
     trainer.add_callback(recorder)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, ist, recorder
+
+
+def from_launcher(stage: int) -> bool:
+    """True when this process was launched with an accelerate config file for this ZeRO stage: the Trainer then
+    takes DeepSpeed from it (configs/accelerate/deepspeed_zero{2,3}.yaml) rather than from TrainingArguments."""
+    return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == str(stage)
+
+
+def forget_launcher_deepspeed() -> None:
+    """Drop the DeepSpeed settings the accelerate config file gave this process: later runs set their own
+    (TrainingArguments(deepspeed=...)), which accelerate refuses beside a config file's."""
+    for name in [name for name in os.environ if name.startswith("ACCELERATE_DEEPSPEED_")]:
+        del os.environ[name]
+    for name in ("ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+                 "ACCELERATE_GRADIENT_CLIPPING", "ACCELERATE_MIXED_PRECISION"):
+        os.environ.pop(name, None)
 
 
 def losses(trainer) -> list[float]:
@@ -162,7 +179,7 @@ def run_stage(out_dir: str, rank: int, world_size: int, stage: int) -> dict:
     trainer, ist, recorder = train(run, world_size, rank, stage)
     engine = trainer.model_wrapped
     result = {"engine": type(engine).__name__, "stage": engine.zero_optimization_stage(),
-              "world_size": trainer.accelerator.num_processes,
+              "world_size": trainer.accelerator.num_processes, "from_launcher": from_launcher(stage),
               "groups": len(engine.optimizer.optimizer.param_groups),
               "selections": recorder.selections, "moved": recorder.moved, "losses": losses(trainer),
               "importance": ist.importance.tolist()}
@@ -180,7 +197,9 @@ def main(out_dir: str) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     skip_shared_memory_allreduce()
     count_cpu_processes()
-    result = {f"zero{stage}": run_stage(out_dir, rank, world_size, stage) for stage in (2, 3)}
+    result = {"zero3": run_stage(out_dir, rank, world_size, 3)}  # DeepSpeed from the launcher's config file
+    forget_launcher_deepspeed()
+    result["zero2"] = run_stage(out_dir, rank, world_size, 2)
     result["zero2"]["moved_without_skipping"] = moved_without_skipping(out_dir, rank, world_size, 2)
     scratch = os.path.join(out_dir, "scratch")
     result["refused"] = {
