@@ -173,6 +173,43 @@ def moved_without_skipping(out_dir: str, rank: int, world_size: int, stage: int)
         ist_deepspeed.UnselectedGroupsSkipped._hide = hide
 
 
+class NaNAtStep(TrainerCallback):
+    """Makes the gradients of optimizer step ``step`` (1-based) NaN: layer 0's output is NaN in its forwards."""
+
+    def __init__(self, model, step: int):
+        self.block, self.step, self.hook = model.base_model.model.model.layers[0], step, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.hook = self.block.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+
+def nan_step(out_dir: str, rank: int, world_size: int, stage: int) -> dict:
+    """Step 2 of 3 has NaN gradients: DeepSpeed skips it (nothing moves), IST counts it, training goes on."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    model = peft_model("llama", "lora", num_layers=NUM_LAYERS)
+    args = TrainingArguments(output_dir=os.path.join(out_dir, "scratch"), max_steps=3, per_device_train_batch_size=1,
+                             gradient_accumulation_steps=ACCUMULATION, save_strategy="no", report_to=[],
+                             disable_tqdm=True, deepspeed=zero_config(stage, world_size), ddp_backend="gloo",
+                             **OPTIMIZER)
+    trainer = Trainer(model=model, args=args, train_dataset=Examples(SAMPLES_PER_STEP * 3, seed=0))
+    ist = add_ist(trainer, ISTConfig(**CONFIG))
+    recorder = Recorder(ist)
+    trainer.add_callback(recorder)
+    trainer.add_callback(NaNAtStep(model, step=2))
+    trainer.train()
+    finite = all(bool(torch.isfinite(value).all()) for value in adapter_weights(trainer.model).values())
+    return {"moved": recorder.moved, "selections": recorder.selections, "finite": finite,
+            "skipped_steps": trainer.model_wrapped.skipped_steps}
+
+
 def run_stage(out_dir: str, rank: int, world_size: int, stage: int) -> dict:
     """Train, save, resume from step 3; the results of one ZeRO stage."""
     run = os.path.join(out_dir, f"zero{stage}")
@@ -201,6 +238,7 @@ def main(out_dir: str) -> None:
     forget_launcher_deepspeed()
     result["zero2"] = run_stage(out_dir, rank, world_size, 2)
     result["zero2"]["moved_without_skipping"] = moved_without_skipping(out_dir, rank, world_size, 2)
+    result["zero2"]["nan_step"] = nan_step(out_dir, rank, world_size, 2)
     scratch = os.path.join(out_dir, "scratch")
     result["refused"] = {
         "optimizer_in_config": _error_of(lambda: train(scratch, world_size, rank, 2, ds_extra={
