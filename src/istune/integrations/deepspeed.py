@@ -246,7 +246,7 @@ def prepare_trainer(trainer, config: ISTConfig, rule: SelectionRule | None,
 
     def create_optimizer_per_layer(*args, **kwargs):
         optimizer = create(*args, **kwargs)  # the Trainer's, or the one it was given (Trainer(optimizers=...))
-        if not getattr(optimizer, "_istune_per_layer", False):  # a second train() gets the same optimizer back
+        if _split_optimizer(optimizer) is None:  # a second train() may get the first one's back, wrapped
             split_param_groups_by_layer(optimizer, find_adapter_layers(trainer.model, config.layers_path))
             UnselectedGroupsSkipped(optimizer, selected)
             optimizer._istune_per_layer = True
@@ -258,11 +258,15 @@ def prepare_trainer(trainer, config: ISTConfig, rule: SelectionRule | None,
 
 def check_optimizer_split(trainer) -> None:
     """Raise unless the engine's torch optimizer was split per layer by :func:`prepare_trainer`."""
-    optimizer = trainer.optimizer
-    while optimizer is not None and not getattr(optimizer, "_istune_per_layer", False):
-        optimizer = getattr(optimizer, "optimizer", None)  # accelerate's wrapper -> DeepSpeed's -> ZeRO's -> torch's
-    if optimizer is None:
+    if _split_optimizer(trainer.optimizer) is None:
         raise ValueError(
             "IST under DeepSpeed needs the optimizer the Trainer builds, split per layer, but the DeepSpeed engine "
             "holds another one. Add IST with istune.add_ist(trainer, config) before trainer.train(), and do not pass "
             "Trainer(optimizers=...) or an 'optimizer' section in the DeepSpeed config.")
+
+
+def _split_optimizer(optimizer):
+    """The optimizer split per layer inside ``optimizer``'s wrappers (accelerate's, DeepSpeed's, ZeRO's), or None."""
+    while optimizer is not None and not getattr(optimizer, "_istune_per_layer", False):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
