@@ -1,5 +1,5 @@
 """Training variants that must keep working with ISTCallback: activation checkpointing, autocast, TRL's
-SFTTrainer, saving; and the ones istune refuses or warns about (FSDP, DeepSpeed, torch.compile).
+SFTTrainer, saving; and the ones istune refuses or warns about (FSDP1, torch.compile).
 
 Gradient accumulation and resuming are in test_hf.py, DDP in test_ddp.py.
 """
@@ -147,19 +147,15 @@ def test_saved_adapters_hold_every_layer_and_load_with_plain_peft(tmp_path):
     assert (tmp_path / "checkpoint-3" / "ist_log.jsonl").read_text().count('"event": "select"') == 3
 
 
+# DeepSpeed ZeRO-2/3 works with add_ist, and without the Trainer is refused: tests/integrations/test_deepspeed.py.
 @pytest.mark.parametrize("setup, message", [
-    (dict(trainer=SimpleNamespace(is_deepspeed_enabled=True)),
-     "istune does not support DeepSpeed ZeRO: .*adapters IST freezes still move"),
-    (dict(args={"deepspeed": "ds_config.json"}), "DeepSpeed ZeRO"),
     (dict(args={"fsdp": True, "fsdp_config": {"version": 1}}), "istune does not support FSDP1 .*use_orig_params"),
     (dict(trainer=SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(
         fsdp_plugin=SimpleNamespace(fsdp_version=1))))), "FSDP1"),
-    # Without the Trainer (callbacks=[ISTCallback()]): accelerate's shared state, and the arguments' plugin.
-    (dict(accelerator_state=SimpleNamespace(deepspeed_plugin=object())), "DeepSpeed ZeRO"),
-    (dict(args={"deepspeed_plugin": object()}), "DeepSpeed ZeRO"),  # set by accelerate launch's config file
+    # Without the Trainer (callbacks=[ISTCallback()]): accelerate's shared state.
     (dict(accelerator_state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1))), "FSDP1"),
 ])
-def test_deepspeed_and_fsdp1_are_refused_naming_fsdp2(setup, message):
+def test_fsdp1_is_refused_naming_fsdp2(setup, message):
     args = SimpleNamespace(**{"fsdp": [], "deepspeed": None, "torch_compile": False, **setup.get("args", {})})
     model = peft_model("llama", "lora", num_layers=2)
     with pytest.raises(NotImplementedError, match=message) as refused:

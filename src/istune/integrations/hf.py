@@ -8,21 +8,24 @@ list, so only the callback added with :func:`add_ist` (or given ``ISTCallback(tr
 run before the reporters (``report_to``: TensorBoard, W&B, ...) that the Trainer lists before the
 callbacks it is given, swap the Trainer's printers for readable ones (:mod:`istune.integrations.console`),
 check the Trainer's DDP wrapper itself, and, under FSDP2, make checkpoints hold every adapter
-(:mod:`istune.integrations.sharded_checkpoints`). The one-line form checks DDP through the
-``TrainingArguments`` the Trainer builds it from, gives the console the short line itself, warns
+(:mod:`istune.integrations.sharded_checkpoints`), and under DeepSpeed build the optimizer per layer and
+skip the unselected layers in ZeRO's step (:mod:`istune.integrations.deepspeed`). The one-line form
+checks DDP through the ``TrainingArguments`` the Trainer builds it from, gives the console the short line itself, warns
 once that the reporters get no IST metric when ``report_to`` names some (they are in
-``trainer.state.log_history`` and the JSONL log either way), and refuses FSDP2 with checkpoint saving.
+``trainer.state.log_history`` and the JSONL log either way), and refuses FSDP2 with checkpoint saving
+and DeepSpeed.
 
 Events per optimizer step (transformers 5.x): ``on_step_begin`` picks the layers and
 freezes the rest before the first micro-batch's forward, so gradient accumulation keeps
 one selection per optimizer step; ``on_pre_optimizer_step`` tells a rule that learns from
 gradients ('gradnorm') the norms of the layers that trained, then zeroes, on the device, the
-gradients of a step that has a NaN/inf one (:mod:`istune.core.non_finite`); ``on_step_end``
+gradients of a step that has a NaN/inf one (:mod:`istune.core.non_finite`; under DeepSpeed the engine
+skips such steps itself and ``on_step_end`` counts them); ``on_step_end``
 (after ``optimizer.step`` and ``zero_grad``) counts the step, runs the importance probes every T_c steps and puts
 the IST state into the TrainerState that every checkpoint saves.
 
 ``on_train_begin`` checks the setup before any step (:mod:`istune.integrations.trainer_checks`:
-DDP settings, FSDP2 allowed, FSDP1/DeepSpeed refused, torch.compile warned about) and the probe data.
+DDP settings, FSDP2 and DeepSpeed ZeRO-2/3 allowed, FSDP1 refused, torch.compile warned about) and the probe data.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from istune.core.non_finite import NonFiniteSteps
 from istune.core.probe import ProbeSampler, default_loss, preserved_global_rng
 from istune.core.selection import SelectionRule
 from istune.core.tuner import SparseTuner
-from istune.integrations import adalora, sharded_checkpoints
+from istune.integrations import adalora, deepspeed, sharded_checkpoints
 from istune.integrations.console import console_logs, use_readable_console
 from istune.integrations.ist_state import STATE_KEY, append_events, export_state, restore_state, truncate_log
 from istune.integrations.trainer_checks import check_trainer_setup, fsdp_version
@@ -141,6 +144,8 @@ class ISTCallback(TrainerCallback):
         self._log_path: str | None = None
         self._sharded_optimizer = None  # under FSDP2: the optimizer whose per-layer state checkpoints record
         self._non_finite = NonFiniteSteps(MAX_NON_FINITE_STEPS)
+        self._deepspeed_engine = None  # under DeepSpeed: the engine, whose skipped steps replace the NaN guard
+        self._skipped_steps = deepspeed.SkippedSteps(MAX_NON_FINITE_STEPS)
         self._outside_parameters: list = []
         self._adalora = False
         self._before_reporters = False  # runs right after DefaultFlowCallback, the Trainer's printers swapped
@@ -164,10 +169,13 @@ class ISTCallback(TrainerCallback):
     # ---- the Trainer, when given ------------------------------------------------------------
 
     def _attach(self, trainer) -> None:
-        """Keep the Trainer; under FSDP2 its checkpoints save and load per requires_grad (sharded_checkpoints)."""
+        """Keep the Trainer; under FSDP2 and DeepSpeed its checkpoints save every adapter (sharded_checkpoints);
+        under DeepSpeed it builds its optimizer per layer and skips the unselected layers (deepspeed)."""
         self.trainer = trainer
         sharded_checkpoints.guard_checkpoints(trainer, STATE_KEY, lambda: self.tuner and self.tuner.layers,
                                               self.config.layers_path)
+        if deepspeed.is_deepspeed(trainer.args, trainer):
+            deepspeed.prepare_trainer(trainer, self.config, self.rule, lambda: self.tuner and self.tuner.selected)
 
     def _take_place(self, handler: CallbackHandler) -> None:
         """Run right after DefaultFlowCallback, before the reporters; swap the printers for readable ones.
@@ -195,7 +203,12 @@ class ISTCallback(TrainerCallback):
         if self.tuner is not None:
             self.tuner.close()
         loss_fn = _probe_loss(args, next(model.parameters()).device)
-        self.tuner = SparseTuner(model, self.config, optimizer=optimizer, loss_fn=loss_fn, rule=self.rule)
+        under_deepspeed = self.trainer is not None and deepspeed.is_deepspeed(args, self.trainer)
+        # ZeRO's optimizer holds flat partitions, not the parameters: the split per layer checked they are all in it.
+        self.tuner = SparseTuner(model, self.config, optimizer=None if under_deepspeed else optimizer,
+                                 loss_fn=loss_fn, rule=self.rule)
+        self._deepspeed_engine = self.trainer.model_wrapped if under_deepspeed else None
+        self._skipped_steps = deepspeed.SkippedSteps(MAX_NON_FINITE_STEPS)
         self._sharded_optimizer = optimizer if sharding.is_fsdp2(model) else None
         if self.tuner.uses_probe_batches:  # IST's probes, or a rule that may measure ('owlore', 'gradnorm', ...)
             self.sampler = self._probe_sampler(args, train_dataloader)
@@ -254,8 +267,9 @@ class ISTCallback(TrainerCallback):
         # A rule that learns from gradients reads the trained layers' norms (nothing happens for other rules). Before
         # the zeroing below: a NaN/inf step shows non-finite norms here and goes unreported; after, it would read 0.
         self.tuner.before_optimizer_step()
-        # A NaN/inf gradient would make every trained adapter NaN. fp16's GradScaler skips such steps itself.
-        if args.fp16:
+        # A NaN/inf gradient would make every trained adapter NaN. fp16's GradScaler skips such steps itself, and
+        # DeepSpeed has stepped already (inside backward) and skips them too: on_step_end counts its skipped steps.
+        if args.fp16 or self._deepspeed_engine is not None:
             return
         gradients = [p.grad for layer in self.tuner.layers for p in layer.parameters if p.grad is not None]
         gradients += [p.grad for p in self._outside_parameters if p.grad is not None]
@@ -268,6 +282,8 @@ class ISTCallback(TrainerCallback):
             adalora.update_and_allocate(model, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._deepspeed_engine is not None:
+            self._skipped_steps.observe(self._deepspeed_engine, state.global_step)
         record = self.tuner.end_step()
         if record is not None:
             self._last_probe = record
@@ -279,6 +295,7 @@ class ISTCallback(TrainerCallback):
             self._flush_history()
         if due:
             self._non_finite.report(state.global_step)
+            self._skipped_steps.report(state.global_step)
             state.stateful_callbacks[STATE_KEY] = export_state(self.tuner, self.sampler, self._sharded_optimizer)
 
     def on_epoch_end(self, args, state, control, **kwargs):

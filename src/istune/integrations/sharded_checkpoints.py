@@ -60,8 +60,8 @@ def guard_checkpoints(trainer, state_key: str, current_layers: Callable[[], list
         return
 
     @functools.wraps(save)
-    def save_with_every_adapter(*args, **kwargs):
-        layers = current_layers() if _is_fsdp2(trainer) else None
+    def save_with_every_adapter(*args, **kwargs):  # DeepSpeed too: it saves a peft model without frozen parameters
+        layers = current_layers() if _is_fsdp2(trainer) or getattr(trainer, "is_deepspeed_enabled", False) else None
         with _trainable(layers, lambda position: True) if layers else contextlib.nullcontext():
             return save(*args, **kwargs)
 

@@ -13,7 +13,10 @@ FSDP2 + full layers with strategy 'ist'                  NotImplementedError (fr
 FSDP2 + ``unselected_optimizer_state='offload'`` (GPU)   NotImplementedError (from SparseTuner): 'drop' or FSDP2's
                                                          own cpu_offload
 FSDP1 (``fsdp_config={'version': 1}``)                   NotImplementedError: shard with FSDP2
-DeepSpeed ZeRO (any stage)                               NotImplementedError: shard with FSDP2
+DeepSpeed ZeRO-2 / ZeRO-3 with ``add_ist(trainer, ...)``   works: per-layer optimizer groups, unselected ones
+                                                         skipped (:mod:`istune.integrations.deepspeed`)
+DeepSpeed without the Trainer (``callbacks=[...]``)      ValueError: use ``add_ist``
+DeepSpeed optimizer section, offload, stage 0/1          NotImplementedError (from the deepspeed module)
 DTensor parameters outside FSDP2 (tensor parallelism)    NotImplementedError: shard with FSDP2
 ``torch_compile=True``                                   warning: recompiles per selection, no speed-up
 =======================================================  =====================================
@@ -30,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
 from istune.core import distributed, sharding
+from istune.integrations import deepspeed
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +51,13 @@ def check_trainer_setup(args, model: nn.Module, trainer=None, accelerator_state=
             from which the Trainer builds its DDP wrapper.
 
     Raises:
-        NotImplementedError: DeepSpeed, FSDP1, or DTensor parameters outside FSDP2 (tensor parallelism).
-        ValueError: a DDP setup that would fail or train the wrong parameters.
+        NotImplementedError: FSDP1, DTensor parameters outside FSDP2 (tensor parallelism), or a DeepSpeed
+            setting IST cannot keep exact.
+        ValueError: a DDP setup that would fail or train the wrong parameters; DeepSpeed without the Trainer.
     """
-    fsdp2 = _check_sharding(args, model, trainer, accelerator_state) == 2
-    if distributed.world_size() > 1 and not fsdp2:  # FSDP2 reduces only the gradients that exist: nothing to check
+    engine = _check_sharding(args, model, trainer, accelerator_state)
+    # FSDP2 reduces only the gradients that exist, DeepSpeed is checked by its own module: no DDP to check.
+    if distributed.world_size() > 1 and engine is None:
         _check_ddp(args, model, trainer)
         if uses_reentrant_checkpointing(model):
             raise ValueError(
@@ -81,21 +87,22 @@ def uses_reentrant_checkpointing(model: nn.Module) -> bool:
     return False
 
 
-def _check_sharding(args, model: nn.Module, trainer, accelerator_state=None) -> int | None:
-    """Refuse the sharded engines IST cannot train; return the FSDP version (2, or None without FSDP).
+def _check_sharding(args, model: nn.Module, trainer, accelerator_state=None) -> str | None:
+    """Refuse the sharded engines IST cannot train; return 'fsdp2', 'deepspeed', or None (neither).
 
     What IST cannot do under FSDP2 is refused by SparseTuner (:func:`istune.core.sharding.check_fsdp2`).
     """
     state = _accelerator_state(trainer, accelerator_state)
-    deepspeed = (getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None)
-                 or getattr(args, "deepspeed_plugin", None) is not None  # also set by accelerate's config file
-                 or getattr(state, "deepspeed_plugin", None) is not None)
-    if deepspeed:
-        raise NotImplementedError(
-            "istune does not support DeepSpeed ZeRO: ZeRO partitions the gradients and optimizer state of every "
-            "parameter that was trainable when the engine was built, and steps every partition at every step, so the "
-            "adapters IST freezes still move (weight decay moved them in a check with ZeRO-2 and ZeRO-3, deepspeed "
-            "0.19.8). " + _USE_FSDP2)
+    if deepspeed.is_deepspeed(args, trainer, state):
+        if trainer is None:
+            raise ValueError(
+                "ISTCallback under DeepSpeed needs the Trainer: it builds the optimizer with one param group per "
+                "layer and skips the unselected layers' groups in ZeRO's step, and transformers hands callbacks no "
+                "Trainer. Add IST after building the Trainer with istune.add_ist(trainer, config) instead of "
+                "Trainer(callbacks=[ISTCallback(config)]). See docs/distributed.md.")
+        deepspeed.check_deepspeed_config(deepspeed.deepspeed_config(trainer))
+        deepspeed.check_optimizer_split(trainer)
+        return "deepspeed"
     version = fsdp_version(args, model, trainer, accelerator_state)
     if version == 1:
         raise NotImplementedError(
@@ -108,7 +115,7 @@ def _check_sharding(args, model: nn.Module, trainer, accelerator_state=None) -> 
         raise NotImplementedError(
             "istune does not support parameters sharded as DTensors outside FSDP2 (tensor parallelism): untested "
             "with a requires_grad that changes every step. " + _USE_FSDP2)
-    return version
+    return "fsdp2" if version == 2 else None
 
 
 _USE_FSDP2 = ("Shard with FSDP2 instead: TrainingArguments(fsdp='full_shard auto_wrap', fsdp_config={'version': 2}) "
