@@ -116,15 +116,23 @@ def test_bench_and_analyze_dispatch(tmp_path, capsys):
     assert "no-such-run" in capsys.readouterr().err
 
 
-def test_bitsandbytes_kernel_notice_is_dropped_and_nothing_else(caplog):
+@pytest.mark.parametrize("logger,notice", [
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: No module ..."),
+    ("DeepSpeed", "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."),
+])
+def test_import_notices_are_dropped_and_nothing_else(caplog, logger, notice):
     import logging
 
     main(["--help"])
-    notice = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    with caplog.at_level(logging.WARNING):
-        notice.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module")
-        notice.warning("a real bitsandbytes problem")
-    assert [r.getMessage() for r in caplog.records] == ["a real bitsandbytes problem"]
+    log = logging.getLogger(logger)
+    propagate, log.propagate = log.propagate, True  # DeepSpeed's logger prints itself; let caplog see it
+    try:
+        with caplog.at_level(logging.WARNING):
+            log.warning(notice)
+            log.warning("a real problem")
+    finally:
+        log.propagate = propagate
+    assert [r.getMessage() for r in caplog.records] == ["a real problem"]
 
 
 def test_a_model_path_to_nothing_fails_before_any_work(data_file, tmp_path, capsys):

@@ -128,20 +128,24 @@ def _save_strategy_from_save_steps(values: dict, given: set[str]) -> None:
                          "--save_strategy steps to save every K steps, or drop --save_steps.")
 
 
-# bitsandbytes (imported by peft) logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package is
-# absent, then uses its own CPU kernel: a line at the top of every command that asks the user for nothing.
-BITSANDBYTES_NOTICE = ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community")
+# Lines other libraries log on import that ask the user for nothing, at the top of every command: bitsandbytes
+# (imported by peft) on CPUs with AVX512-BF16 when the optional `kernels` package is absent, before it uses its own
+# CPU kernel; DeepSpeed (imported by transformers' Trainer when installed) on a machine without a GPU.
+IMPORT_NOTICES = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "DeepSpeed": "Setting accelerator to CPU",
+}
 
 
-def _drop_bitsandbytes_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(BITSANDBYTES_NOTICE[1])
+def _not_an_import_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(IMPORT_NOTICES.get(record.name, "\0"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    notice_logger = logging.getLogger(BITSANDBYTES_NOTICE[0])
-    if _drop_bitsandbytes_notice not in notice_logger.filters:
-        notice_logger.addFilter(_drop_bitsandbytes_notice)
+    for name in IMPORT_NOTICES:
+        if _not_an_import_notice not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_not_an_import_notice)
     commands = {"train": _train, "eval": _eval, "plot": _plot, "plan": _plan, "bench": _bench, "analyze": _analyze}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip())
