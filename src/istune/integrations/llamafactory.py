@@ -154,7 +154,7 @@ def _run_exp():
 def main() -> None:
     """``python -m istune.integrations.llamafactory config.yaml [key=value ...]``: LLaMA-Factory's train command."""
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[0])
+        print("\n\n".join(__doc__.split("\n\n")[:3]))  # what it is, the command, the config
         return
     try:
         from llamafactory.hparams import read_args  # LLaMA-Factory's reading: the file, then key=value overrides
