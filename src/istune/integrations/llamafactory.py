@@ -1,6 +1,6 @@
 """IST inside LLaMA-Factory: its training run (``llamafactory.train.tuner.run_exp``) with an ISTCallback.
 
-    python -m istune.integrations.llamafactory examples/llamafactory/tiny_lora_sft_ist.yaml [ist.mu=100 ...]
+    python -m istune.integrations.llamafactory examples/llamafactory/smollm2_lora_sft_ist.yaml [ist.mu=100 ...]
 
 The config is LLaMA-Factory's own training YAML (or JSON) with one more section, ``ist:``, whose keys
 are :class:`~istune.config.ISTConfig`'s fields under their own names (``ist: {}`` trains with the paper's
@@ -134,7 +134,7 @@ def run_exp_with_ist(args: Mapping[str, Any], ist: ISTConfig | Mapping[str, Any]
         ImportError: LLaMA-Factory is not installed.
 
     Example:
-        >>> run_exp_with_ist(yaml.safe_load(open("examples/llamafactory/tiny_lora_sft_ist.yaml")))
+        >>> run_exp_with_ist(yaml.safe_load(open("examples/llamafactory/smollm2_lora_sft_ist.yaml")))
     """
     run_args, config = prepare_args(args, ist)
     callback = ISTCallback(config, **callback_options)
