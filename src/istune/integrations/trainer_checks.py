@@ -25,6 +25,7 @@ DTensor parameters outside FSDP2 (tensor parallelism)    NotImplementedError: sh
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
 import torch
@@ -75,10 +76,17 @@ def check_trainer_setup(args, model: nn.Module, trainer=None, accelerator_state=
 
 
 def uses_reentrant_checkpointing(model: nn.Module) -> bool:
-    """True if a module of ``model`` runs transformers' activation checkpointing in the reentrant variant."""
+    """True if a module of ``model`` runs activation checkpointing in the reentrant variant.
+
+    The function a module checkpoints with (``_gradient_checkpointing_func``) is transformers'
+    ``functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)``, ``checkpoint`` itself, or a wrapper
+    around one of them that keeps it as ``__wrapped__`` (``functools.wraps``): LLaMA-Factory's checkpoints
+    only the layers that have trainable parameters and wraps ``use_reentrant=True`` by default.
+    """
     for module in model.modules():
         function = getattr(module, "_gradient_checkpointing_func", None)
         if getattr(module, "gradient_checkpointing", False) is True and function is not None:
+            function = inspect.unwrap(function)
             if isinstance(function, functools.partial):
                 if function.keywords.get("use_reentrant", True):  # torch's default is the reentrant one
                     return True
