@@ -57,8 +57,8 @@ def _summed_loss(model: torch.nn.Module, batch: dict, targets: torch.Tensor) -> 
         kept_targets = targets[labelled]
         if logits.shape[0] != kept_targets.shape[0]:
             raise TypeError("logits_to_keep was ignored; an argument the model does not take")
-    except TypeError as error:
-        if "argument" not in str(error):
+    except (TypeError, IndexError) as error:  # IndexError: transformers 5.17 slices with it, a 2-D mask cannot
+        if isinstance(error, TypeError) and "argument" not in str(error):
             raise
         logits = model(**batch).logits[:, :-1].float()
         logits, kept_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
