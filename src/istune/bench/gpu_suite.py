@@ -459,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         row_started = time.perf_counter()
         timeout, limit = (left, why) if left < args.row_budget_s else (args.row_budget_s, "--row_budget_s")
-        print(f"gpu suite: {key} (stopped after {timeout:.0f} s) ...", flush=True)
+        print(f"gpu suite: {key}{f' (stopped after {timeout:.0f} s)' if isolation == 'process' else ''} ...",
+              flush=True)
         record = measure(key, settings, isolation, timeout, limit)
         longest[part] = max(longest[part], time.perf_counter() - row_started)
         records.append(record)
