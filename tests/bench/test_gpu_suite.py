@@ -1,7 +1,7 @@
 """The GPU suite's CPU smoke mode (--tiny): both parts run, results land in --out after each row, the budgets, resume
 and the checks on bad input work.
 
-This file also runs in the side environment .ci/envs/node-minimal.txt, which holds only torch, transformers, peft,
+This file also runs in the side environment .ci/envs/node.txt, which holds only torch, transformers, peft,
 accelerate, safetensors, pyyaml and pytest (a locked-down GPU node's stack): the suite needs nothing else.
 """
 
