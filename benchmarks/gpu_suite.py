@@ -1,10 +1,12 @@
-"""The GPU suite: frontier rows on a LLaMA-7B shape (peak memory, step time, istune plan beside) and SmolLM2 runs.
+"""The GPU suite: a LLaMA-7B shape on random weights, frontier rows (peak memory, step time, istune plan beside) and
+training throughput (LoRA, LoRA + gradient checkpointing, IST with its probes), on one GPU.
 
-    bash scripts/setup.sh && .venv/bin/python benchmarks/gpu_suite.py       # = istune bench gpu; one GPU, <= 10 min
-    .venv/bin/python benchmarks/gpu_suite.py --tiny                         # CPU smoke test, tiny shapes
+    PYTHONPATH=src python3 benchmarks/gpu_suite.py --out FOLDER          # = istune bench gpu --out FOLDER; <= 9 min
+    PYTHONPATH=src python3 benchmarks/gpu_suite.py --tiny --out FOLDER   # CPU smoke test, tiny shapes
 
-The suite lives in :mod:`istune.bench.gpu_suite`; this script only calls it.
-Results go to ``benchmarks/results/gpu_suite.{json,md}``, written after every row.
+It needs only torch, transformers, peft, accelerate, safetensors and pyyaml (a locked-down node's stack: no
+setup, no download). The suite lives in :mod:`istune.bench.gpu_suite`; this script only calls it. Results go to
+``FOLDER/gpu_suite.{json,md}``, written after every row; the table is printed at the end.
 """
 
 import sys

@@ -9,7 +9,7 @@
     istune bench memory                       # peak memory, paper Table 1 layout (meta-device accounting)
     istune bench time                         # time per step: LoRA, random sparse, IST, LISA-style
     istune bench probes --run runs/istune     # cheaper probes vs the importance ranking
-    istune bench gpu                          # the GPU suite (one GPU, <= 10 min; --tiny: CPU smoke test)
+    istune bench gpu --out DIR                # the GPU suite (one GPU, <= 9 min; --tiny: CPU smoke test)
     istune analyze remove-layers runs/istune  # greedy layer removal (paper Fig. 2a)
     istune analyze train-layers               # train only chosen layers (Fig. 2b)
     istune analyze sweep                      # mu and beta sweeps, sparse-tuning ablation (Tables 10, 11, 4)

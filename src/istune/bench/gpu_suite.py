@@ -1,30 +1,39 @@
-"""The GPU suite: measured peak memory and step time of the frontier rows on a LLaMA-7B shape, and SmolLM2 runs.
+"""The GPU suite: a LLaMA-7B-shaped model with random weights, measured on one GPU with only a node's stack.
 
-One command on a machine with one CUDA GPU (``--budget_s`` caps it; install torch's CUDA build there)::
+One command on a node with one CUDA GPU, from the repository root, with nothing installed and nothing
+downloaded (torch, transformers, peft, accelerate, safetensors and pyyaml as the node has them)::
 
-    bash scripts/setup.sh && .venv/bin/python benchmarks/gpu_suite.py     # = istune bench gpu
-    .venv/bin/python benchmarks/gpu_suite.py --tiny                       # CPU smoke test: tiny shapes, seconds
+    PYTHONPATH=src python3 benchmarks/gpu_suite.py --out FOLDER      # = istune bench gpu --out FOLDER; <= 9 min
+    PYTHONPATH=src python3 benchmarks/gpu_suite.py --tiny --out FOLDER   # CPU smoke test: tiny shapes, seconds
 
-Part 1, each frontier row (:data:`FRONTIER_ROWS`) in its own process on LLaMA-7B's shape (random weights
-made on the GPU), bf16, SDPA, LoRA r = 32, batch 1 x 1024: memory is one measured step
-(:func:`istune.planning.step.measured_steps`, IST at the worst step ``istune plan`` assumes) under
-:class:`~istune.planning.step.CudaPeak`, beside ``istune plan``'s prediction; time is ``--steps`` steps of
-the row's real policy (probes included), one by one with ``torch.cuda.synchronize``.
-Part 2: ``--finetune_steps`` steps of SmolLM2-135M on the commonsense mix for LoRA, random sparse and IST
-(:func:`istune.integrations.loop.train`), the held-out loss at the end.
+Part 1, the frontier (:data:`FRONTIER_ROWS`; ``--frontier_budget_s``, default 7 min): each row in its own
+process on LLaMA-7B's shape (random weights made on the GPU), bf16, SDPA, LoRA r = 32, batch 1 x 1024.
+Memory is one measured step (:func:`istune.planning.step.measured_steps`) under
+:class:`~istune.planning.step.CudaPeak`, IST at each step ``istune plan`` counts as the worst, beside the
+planner's prediction (made in this process on the meta device while the row runs on the GPU); time is
+``--steps`` steps of the row's real policy (IST's probes included), one by one with ``torch.cuda.synchronize``.
+Part 2, throughput (:data:`THROUGHPUT_ROWS`, within what is left of ``--budget_s``): the same shape trained
+through :func:`istune.integrations.loop.train` on a fresh random batch (2 x 1024) every step, no
+synchronization inside the timed steps: tokens/s and peak memory of LoRA on every layer, LoRA + gradient
+checkpointing and LoRA + IST with its importance probes every T_c steps.
 
-Results are written after every row; ``--resume`` keeps rows measured with the same settings.
+Budgets, all enforced here: a row starts only when what is left of its part's budget is at least the longest
+row of that part so far, and a row is stopped at ``--row_budget_s`` or at what is left; a row that cannot
+start is recorded as not run, with the reason. ``FOLDER/gpu_suite.{json,md}`` are rewritten after every row,
+so a run cut short keeps what it measured; ``--resume`` keeps the rows already measured there.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,102 +44,133 @@ from istune.bench.records import markdown_table, run_metadata, write_record
 from istune.planning.rows import ROWS, Row, table_names
 from istune.planning.shapes import SHAPES
 
-__all__ = ["FRONTIER_ROWS", "FINETUNE_ROWS", "SuiteSettings", "build_parser", "main", "run_row"]
+__all__ = ["FRONTIER_ROWS", "RESULT_NAME", "THROUGHPUT_ROWS", "SuiteSettings", "build_parser", "check_out_folder",
+           "main", "predict_row", "run_row"]
 
 GIB = 1024**3
 NOT_MEASURED = "not yet measured on a GPU"
+RESULT_NAME = "gpu_suite"  # FOLDER/gpu_suite.json and FOLDER/gpu_suite.md
+COMMAND = "PYTHONPATH=src python3 benchmarks/gpu_suite.py"
 
 FRONTIER_ROWS = tuple(ROWS[key] for key in ("lora", "lora+gc", "lora+ist", "lora+ist+recompute", "lora+ist+gc",
                                             "lora+ist+gc+stored2", "lora+ist+stored8", "lora+random", "lisa", "dora",
                                             "dora+ist"))
 OPTIONAL = ("dora", "dora+ist")  # only with --dora
-FINETUNE_ROWS = (  # SmolLM2 runs: the configuration on another model, so rows of their own
-    Row("smollm2:lora", "SmolLM2 LoRA", ist={"strategy": "all"}),
-    Row("smollm2:ist", "SmolLM2 LoRA + IST", ist={"strategy": "ist"}),
-    Row("smollm2:random", "SmolLM2 LoRA + random sparse", ist={"strategy": "random"}),
+THROUGHPUT_ROWS = (  # part 2: the training loop as a run would use it, so rows of their own
+    Row("throughput:lora", "LoRA, every layer", ist={"strategy": "all"}),
+    Row("throughput:lora+gc", "LoRA + gradient checkpointing", ist={"strategy": "all"}, checkpointing=True),
+    Row("throughput:ist", "LoRA + IST (probes every T_c steps)", ist={}),
 )
-# The order rows start in: the frontier's core, the fine-tuning runs, then the rest (what a short budget drops).
-ORDER = ("lora", "lora+gc", "ist", "ist+recompute", "ist+gc", "smollm2:lora", "smollm2:ist", "smollm2:random",
-         "ist+gc+stored2", "ist+stored8", "random", "lisa", "dora", "dora+ist")
-ALL_ROWS = {row.key: row for row in FRONTIER_ROWS + FINETUNE_ROWS}
+# The order rows start in, each part's most telling rows first (what a short budget drops is at the end).
+FRONTIER_ORDER = ("lora", "lora+gc", "lora+ist", "lora+ist+recompute", "lora+ist+gc", "lora+ist+gc+stored2",
+                  "lora+ist+stored8", "lora+random", "lisa", "dora", "dora+ist")
+THROUGHPUT_ORDER = tuple(row.key for row in THROUGHPUT_ROWS)
+ALL_ROWS = {row.key: row for row in FRONTIER_ROWS + THROUGHPUT_ROWS}
 NAMES = table_names(ALL_ROWS)
 
 
 @dataclass(frozen=True)
 class SuiteSettings:
-    """What every row shares (the command line's options)."""
+    """What every row shares (the command line's options); a run resumes only rows measured with the same."""
 
     tiny: bool = False
     device: str = "cuda"
     shape: str = "llama-7b"
-    batch_size: int = 1
+    batch_size: int = 1  # part 1: one sequence of 1024 tokens, the paper's memory setting
     seq_len: int = 1024
     dtype: str = "bfloat16"
     rank: int = 32
-    warmup_steps: int = 3
-    steps: int = 20
-    finetune_steps: int = 200
-    finetune_batch_size: int = 4
-    cutoff_len: int = 256
-    heldout_samples: int = 64
+    warmup_steps: int = 3  # untimed steps before each timed run (allocator and kernel caches warm)
+    steps: int = 20  # part 1: timed steps; two importance updates (T_c = 10) fall inside them
+    throughput_batch_size: int = 2
+    throughput_seq_len: int = 1024
+    throughput_steps: int = 30  # part 2: three importance updates
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def tiny_settings(device: str) -> SuiteSettings:
     return SuiteSettings(tiny=True, device=device, shape="tiny-llama", batch_size=2, seq_len=64, dtype="float32",
-                         rank=8, warmup_steps=1, steps=2, finetune_steps=4, finetune_batch_size=2, cutoff_len=64,
-                         heldout_samples=8)
+                         rank=8, warmup_steps=1, steps=2, throughput_batch_size=2, throughput_seq_len=32,
+                         throughput_steps=10)
 
 
-def _predict(row: Row, settings: SuiteSettings, config) -> dict | None:
-    """istune plan's prediction for the row (meta device), or None where the planner has no such row."""
+def _model_config(settings: SuiteSettings, seq_len: int):
+    config = SHAPES[settings.shape].config(attention="sdpa", seq_len=seq_len)
+    config.use_cache = False
+    return config
+
+
+def predict_row(key: str, settings: SuiteSettings) -> dict | None:
+    """istune plan's prediction for a frontier row (meta device, no GPU), or None where the planner has no such
+    row (LISA)."""
+    row = ALL_ROWS[key]
     if row.method == "lisa":
         return None
     from istune.planning.planner import PlanSettings, predict
 
     if row.ist is not None and row.ist.get("strategy") == "random":  # random sparse: IST's memory (same N_u)
         row = ROWS[f"{row.method}+ist"]
-    result = predict(config, row, PlanSettings(batch_size=settings.batch_size, seq_len=settings.seq_len,
-                                               dtype=settings.dtype, method=row.method, rank=settings.rank,
-                                               optimizer_impl="foreach",  # the suite's AdamW
-                                               kernels="cpu" if settings.device == "cpu" else "cuda"))
+    result = predict(_model_config(settings, settings.seq_len), row,
+                     PlanSettings(batch_size=settings.batch_size, seq_len=settings.seq_len, dtype=settings.dtype,
+                                  method=row.method, rank=settings.rank,
+                                  optimizer_impl="foreach",  # the suite's AdamW
+                                  kernels="cpu" if settings.device == "cpu" else "cuda"))
     return {"row": row.key, "peak_bytes": result["peak_bytes"], "budget_bytes": result["budget_bytes"],
-            "seconds": result["seconds"], "selected": result["selected"]}
+            "selected": result["selected"]}
+
+
+def _peak(model, optimizer, device: torch.device):
+    from istune.planning.step import CudaPeak
+    from istune.planning.tracker import MemoryTracker
+
+    return CudaPeak(device) if device.type == "cuda" else MemoryTracker(model, optimizer, device=device)
+
+
+def _peak_report(meter, device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return meter.report()
+    return {"peak_allocated_bytes": meter.report()["peak_bytes"], "peak_reserved_bytes": None}  # CPU: live tensors
 
 
 def run_frontier_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
+    """Part 1: the worst step's peak memory and ``steps`` timed steps of the row's real policy."""
     from istune.config import ISTConfig
     from istune.core.tuner import SparseTuner
-    from istune.planning.step import CudaPeak, build_model, make_batch, measured_steps, timed_step, trainable
-    from istune.planning.tracker import MemoryTracker
+    from istune.planning.step import build_model, make_batch, measured_steps, timed_step, trainable
+    from istune.planning.worst_case import worst_case_selections
 
     device = torch.device(settings.device)
-    config = SHAPES[settings.shape].config(attention="sdpa", seq_len=settings.seq_len)
-    config.use_cache = False
+    config = _model_config(settings, settings.seq_len)
     model = build_model(config, row, dtype=settings.dtype, device=device, seed=settings.seed, total_steps=100,
                         adapter=dict(rank=settings.rank, alpha=2 * settings.rank))  # weights made on the device
-    prediction = _predict(row, settings, config)
     optimizer = torch.optim.AdamW(trainable(model), lr=1e-5, foreach=True)
     batch = make_batch(config.vocab_size, settings.batch_size, settings.seq_len, settings.seed, "sdpa", device)
-    make_tuner = None
-    if row.ist is not None:  # memory: the worst step, as istune plan predicts it (the larger of its candidates)
-        from istune.planning.worst_case import worst_case_selection
-
+    # Memory: IST at each step the planner counts as the worst (layer 0 selected; with stored_layers also the step
+    # storing the most selected blocks); the largest is the row's. (LISA: the step starts a sampling period, with
+    # state for its layers only: no warm-up.)
+    if row.ist is None:
+        selections = [None]
+    else:
         ist = ISTConfig(**{"strategy": "ist", **row.ist})
-        layers = worst_case_selection(config.num_hidden_layers, ist.resolve(config.num_hidden_layers).update_layers)
-        if row.ist.get("stored_layers") is not None:
-            layers = prediction["selected"]
-        options = {k: v for k, v in row.ist.items() if k not in ("strategy", "update_layers")}
-        fixed = ISTConfig(strategy="fixed", layers=layers, **options)
-        make_tuner = lambda: SparseTuner(model, fixed, optimizer=optimizer)  # noqa: E731
-    meter = CudaPeak(device) if device.type == "cuda" else MemoryTracker(model, optimizer, device=device)
-    # (LISA: the measured step starts a sampling period, with state for its layers only: no warm-up)
-    _, tuner = measured_steps(model, optimizer, batch, meter, make_tuner, warm_up=row.method != "lisa")
-    peak = meter.report() if device.type == "cuda" else {"peak_allocated_bytes": meter.report()["peak_bytes"],
-                                                           "peak_reserved_bytes": None}
-    if tuner:
-        tuner.close()
+        selections = worst_case_selections(config.num_hidden_layers,
+                                           ist.resolve(config.num_hidden_layers).update_layers,
+                                           row.ist.get("stored_layers"))
+    peak = None
+    for layers in selections:
+        make_tuner = None
+        if layers is not None:
+            options = {k: v for k, v in row.ist.items() if k not in ("strategy", "update_layers")}
+            fixed = ISTConfig(strategy="fixed", layers=layers, **options)
+            make_tuner = lambda fixed=fixed: SparseTuner(model, fixed, optimizer=optimizer)  # noqa: E731
+        meter = _peak(model, optimizer, device)
+        _, tuner = measured_steps(model, optimizer, batch, meter, make_tuner, warm_up=row.method != "lisa")
+        if tuner:
+            tuner.close()
+        measured = {**_peak_report(meter, device), "selected": layers}
+        if peak is None or measured["peak_allocated_bytes"] > peak["peak_allocated_bytes"]:
+            peak = measured
+    tuner = None
+    if row.ist is not None:
         tuner = SparseTuner(model, ISTConfig(**{"strategy": "ist", **row.ist}), optimizer=optimizer,
                             probe_batches=lambda: batch)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -141,85 +181,47 @@ def run_frontier_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
             times.append(parts["step"] + parts["update"])
     if tuner:
         tuner.close()
-    return {
-        **peak, "prediction": prediction,
-        "step_seconds_median": statistics.median(times), "step_seconds_mean": statistics.fmean(times),
-        "steps_timed": len(times),
-    }
+    return {**peak, "step_seconds_median": statistics.median(times), "step_seconds_mean": statistics.fmean(times),
+            "steps_timed": len(times)}
 
 
-def _tiny_tokenizer(rows: list[dict]):
-    """--tiny: a word-level tokenizer over the data's vocabulary (no files needed)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    text = " ".join(r["instruction"] + " " + r["output"] for r in rows)
-    words = ["<pad>", "<unk>", "<s>", "</s>", *sorted(set(text.split()))]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
-
-
-def _tiny_rows() -> list[dict]:
-    return [{"instruction": f"is {a} plus {b} even ?", "input": "", "output": f"the answer is {(a + b) % 2 == 0}"}
-            for a in range(8) for b in range(8)]
-
-
-def run_finetune_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
-    import random
-
+def run_throughput_row(row: Row, settings: SuiteSettings) -> dict[str, Any]:
+    """Part 2: ``throughput_steps`` steps through :func:`istune.integrations.loop.train`, a new random batch every
+    step, timed as a whole (one synchronization at the end): tokens/s and the run's peak memory."""
     from istune.config import ISTConfig
-    from istune.core import ProbeSampler
-    from istune.data import CausalLMCollator, InstructionDataset
-    from istune.eval.loss import heldout_loss
     from istune.integrations.loop import train
-    from istune.planning.step import build_model, trainable
+    from istune.planning.step import build_model, make_batch, trainable
 
     device = torch.device(settings.device)
-    torch.manual_seed(settings.seed)
-    adapter = dict(rank=settings.rank, alpha=2 * settings.rank)
-    if settings.tiny:  # a 4-layer random LLaMA
-        rows = _tiny_rows()
-        tokenizer = _tiny_tokenizer(rows)
-        config = SHAPES["tiny-llama"].config()
-        config.update(dict(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2, eos_token_id=3))
-        model = build_model(config, ROWS["lora"], device=device, seed=None, adapter=adapter,
-                            total_steps=settings.finetune_steps)
-    else:
-        from istune.data import build_commonsense_train
-        from istune.models import load_model_and_tokenizer
+    size, length = settings.throughput_batch_size, settings.throughput_seq_len
+    config = _model_config(settings, length)
+    model = build_model(config, row, dtype=settings.dtype, device=device, seed=settings.seed, total_steps=100,
+                        adapter=dict(rank=settings.rank, alpha=2 * settings.rank))
+    optimizer = torch.optim.AdamW(trainable(model), lr=1e-5, foreach=True)
+    seeds = iter(range(settings.seed + 1, settings.seed + 1_000_000))
+    def batches(count: int) -> list[dict]:  # made before the clock starts: the loop's time, not the data's
+        return [make_batch(config.vocab_size, size, length, next(seeds), "sdpa", device) for _ in range(count)]
 
-        model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype=torch.float32)
-        model = build_model(None, ROWS["lora"], model=model.to(device), device=device, seed=None, adapter=adapter,
-                            total_steps=settings.finetune_steps)
-        rows = build_commonsense_train()
-    order = list(range(len(rows)))
-    random.Random(settings.seed).shuffle(order)
-    heldout = [rows[i] for i in order[: settings.heldout_samples]]
-    needed = settings.finetune_steps * settings.finetune_batch_size
-    train_rows = [rows[i] for i in order[settings.heldout_samples: settings.heldout_samples + needed]]
-    collate = CausalLMCollator(tokenizer)
-    train_set = InstructionDataset(train_rows, tokenizer, settings.cutoff_len, train_on_inputs=False)
-    heldout_set = InstructionDataset(heldout, tokenizer, settings.cutoff_len, train_on_inputs=False)
-    optimizer = torch.optim.AdamW(trainable(model), lr=3e-4)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=settings.finetune_batch_size, shuffle=True,
-                                         collate_fn=collate, generator=torch.Generator().manual_seed(settings.seed))
-    probes = ProbeSampler(train_set, collate, batch_size=settings.finetune_batch_size, seed=settings.seed)
-    batches = (batch for _ in range(settings.finetune_steps) for batch in loader)  # enough for every step
+    probes = itertools.cycle(batches(4))  # IST's probe batches (a sampler's draws, made ahead as the batches are)
+    ist = ISTConfig(seed=settings.seed, **row.ist)
+    train(model, optimizer, batches(settings.warmup_steps), ist, probe_batches=lambda: next(probes),
+          max_steps=settings.warmup_steps)  # warm-up: AdamW's state exists for every layer, as in a long run
+    timed = batches(settings.throughput_steps)
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    train(model, optimizer, batches, ISTConfig(seed=settings.seed, **row.ist), probe_batches=probes,
-          max_steps=settings.finetune_steps)
+    tuner = train(model, optimizer, timed, ist, probe_batches=lambda: next(probes),
+                  max_steps=settings.throughput_steps)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
+    updates = sum(1 for event in tuner.history if event["event"] == "probe")
     return {
-        "heldout_loss": heldout_loss(model, heldout_set, collate, batch_size=8),
-        "train_seconds": seconds, "steps": settings.finetune_steps,
+        "tokens_per_second": settings.throughput_steps * size * length / seconds, "train_seconds": seconds,
+        "steps": settings.throughput_steps, "tokens_per_step": size * length, "importance_updates": updates,
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "train_examples": len(train_rows), "heldout_examples": len(heldout),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
     }
 
 
@@ -227,82 +229,133 @@ def run_row(key: str, settings: SuiteSettings | dict) -> dict[str, Any]:
     """Run one row in this process; the record of what it measured (with ``seconds`` and ``status``)."""
     settings = settings if isinstance(settings, SuiteSettings) else SuiteSettings(**settings)
     row = ALL_ROWS[key]
-    started = time.perf_counter()
-    result = run_finetune_row(row, settings) if row in FINETUNE_ROWS else run_frontier_row(row, settings)
+    started, threads = time.perf_counter(), torch.get_num_threads()
+    if settings.tiny and settings.device == "cpu":
+        torch.set_num_threads(1)  # tiny matrices: more threads only wait on each other (3x slower on a busy CPU)
+    try:
+        result = run_throughput_row(row, settings) if row in THROUGHPUT_ROWS else run_frontier_row(row, settings)
+    finally:
+        torch.set_num_threads(threads)
     return {"key": key, "label": row.label, "status": "done", **result,
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def _row_in_subprocess(key: str, settings: SuiteSettings, timeout_s: float) -> dict[str, Any]:
+def _row_here(key: str, settings: SuiteSettings) -> dict[str, Any]:
+    try:
+        return run_row(key, settings)
+    except torch.cuda.OutOfMemoryError as error:
+        return {"key": key, "label": ALL_ROWS[key].label, "status": f"failed: out of memory ({error})"}
+
+
+def _row_in_subprocess(key: str, settings: SuiteSettings, timeout_s: float, why: str) -> dict[str, Any]:
     """Run a row in a fresh Python process (its own CUDA context and peak counters); an OOM stays in it."""
     try:
         return run_in_child("istune.bench.gpu_suite:run_row", {"key": key, "settings": asdict(settings)}, timeout_s)
     except subprocess.TimeoutExpired:
-        return {"key": key, "label": ALL_ROWS[key].label, "status": f"failed: over the {timeout_s:.0f} s left"}
+        return {"key": key, "label": ALL_ROWS[key].label, "status": f"stopped: over {timeout_s:.3g} s ({why})"}
     except ChildFailed as error:
         return {"key": key, "label": ALL_ROWS[key].label, "status": f"failed: {error}"}
+
+
+def _prediction(key: str, settings: SuiteSettings) -> dict[str, Any]:
+    """The row's ``prediction`` (None for LISA, and for part 2), or the reason the planner gave none."""
+    if ALL_ROWS[key] in THROUGHPUT_ROWS:
+        return {"prediction": None}
+    try:
+        return {"prediction": predict_row(key, settings)}
+    except Exception as error:  # a planner failure must not cost the measurement
+        return {"prediction": None, "prediction_error": f"{type(error).__name__}: {error}"}
+
+
+def measure(key: str, settings: SuiteSettings, isolation: str, timeout_s: float, why: str) -> dict[str, Any]:
+    """One row's record with the planner's prediction beside it. ``isolation='process'``: the row runs in a child
+    process (stopped after ``timeout_s``) while this process predicts; ``'none'``: one after the other, here."""
+    if isolation == "none":
+        return {**_row_here(key, settings), **_prediction(key, settings)}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        child = pool.submit(_row_in_subprocess, key, settings, timeout_s, why)  # the GPU works ...
+        prediction = _prediction(key, settings)  # ... while this process predicts on the meta device
+        return {**child.result(), **prediction}
 
 
 def _size(value: float | None, unit: int) -> str:
     return "–" if value is None else f"{value / unit:.2f}"
 
 
+def _frontier_cells(r: dict, lora: dict, unit: int) -> list[str]:
+    peak, plan = r.get("peak_allocated_bytes"), (r.get("prediction") or {}).get("peak_bytes")
+    done, versus = r["status"] == "done", r["status"] == "done" and lora.get("status") == "done"
+    return [r["label"], _size(peak, unit), _size(r.get("peak_reserved_bytes"), unit), _size(plan, unit),
+            f"{plan / peak:.3f}" if done and plan else "–",
+            f"{peak / lora['peak_allocated_bytes']:.2f}" if versus else "–",
+            f"{r['step_seconds_mean']:.3f} ({r['step_seconds_median']:.3f})" if done else "–",
+            f"{r['step_seconds_mean'] / lora['step_seconds_mean']:.2f}" if versus else "–", r["status"]]
+
+
+def _throughput_cells(r: dict, lora: dict, unit: int) -> list[str]:
+    done, versus = r["status"] == "done", r["status"] == "done" and lora.get("status") == "done"
+    peak, lora_peak = r.get("peak_allocated_bytes"), lora.get("peak_allocated_bytes")
+    return [r["label"], f"{r['tokens_per_second']:.0f}" if done else "–",
+            f"{r['tokens_per_second'] / lora['tokens_per_second']:.2f}" if versus else "–",
+            _size(peak, unit), _size(r.get("peak_reserved_bytes"), unit),
+            f"{peak / lora_peak:.2f}" if versus and peak and lora_peak else "–",
+            str(r["importance_updates"]) if done else "–", r["status"]]
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta, rows = result["meta"], {r["key"]: r for r in result["rows"]}
-    settings, tiny = meta["settings"], meta["settings"]["tiny"]
+    s, tiny = meta["settings"], meta["settings"]["tiny"]
     unit, name = (1024**2, "MiB") if tiny else (GIB, "GiB")
-    lora = rows.get("lora", {})
-    frontier = []
-    for r in (rows[row.key] for row in FRONTIER_ROWS if row.key in rows):
-        peak, plan = r.get("peak_allocated_bytes"), (r.get("prediction") or {}).get("peak_bytes")
-        done, versus = r["status"] == "done", r["status"] == "done" and lora.get("status") == "done"
-        frontier.append([r["label"], _size(peak, unit), _size(r.get("peak_reserved_bytes"), unit), _size(plan, unit),
-                         f"{plan / peak:.3f}" if done and plan else "–",
-                         f"{peak / lora['peak_allocated_bytes']:.2f}" if versus else "–",
-                         f"{r['step_seconds_mean']:.3f} ({r['step_seconds_median']:.3f})" if done else "–",
-                         f"{r['step_seconds_mean'] / lora['step_seconds_mean']:.2f}" if versus else "–", r["status"]])
-    finetune = [[r["label"], f"{r['heldout_loss']:.4f}", f"{r['train_seconds']:.1f}",
-                 _size(r.get("peak_allocated_bytes"), unit), r["status"]] if r["status"] == "done" else
-                [r["label"], "–", "–", "–", r["status"]]
-                for r in (rows[row.key] for row in FINETUNE_ROWS if row.key in rows)]
+    frontier = [_frontier_cells(rows[row.key], rows.get("lora", {}), unit)
+                for row in FRONTIER_ROWS if row.key in rows]
+    throughput = [_throughput_cells(rows[row.key], rows.get("throughput:lora", {}), unit)
+                  for row in THROUGHPUT_ROWS if row.key in rows]
     warning = (f"**{NOT_MEASURED}.** This run used {meta['device']}; its figures are live tensor bytes "
                "(MemoryTracker), not a GPU's.\n\n" if meta["device"] != "cuda" else "")
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     return (f"# GPU suite{' (--tiny smoke test)' if tiny else ''}\n\n{warning}Command: `{meta['command']}`  \n"
-            f"Date: {meta['date']}; commit {meta['commit']}; {meta['machine']}\n\n"
-            f"## Frontier: {settings['shape']} shape, {settings['dtype']}, batch {settings['batch_size']} x "
-            f"{settings['seq_len']} tokens, SDPA, r = {settings['rank']}\n\n"
+            f"Date: {meta['date']}; commit {meta['commit']}; {meta['machine']}; {versions}\n\n"
+            f"## Part 1, frontier: {s['shape']} shape (random weights), {s['dtype']}, batch {s['batch_size']} x "
+            f"{s['seq_len']} tokens, SDPA, r = {s['rank']}\n\n"
             + markdown_table(["row", f"peak allocated {name}", f"reserved {name}", f"istune plan {name}",
                               "plan / measured", "memory vs LoRA", "step s, mean (median)", "time vs LoRA", "status"],
                              frontier, "lrrrrrrrl")
-            + f"\n\n## SmolLM2-135M{' (--tiny: a 4-layer random model)' if tiny else ''}, "
-            f"{settings['finetune_steps']} steps on the commonsense mix, batch {settings['finetune_batch_size']}, "
-            f"cutoff {settings['cutoff_len']}\n\n"
-            + markdown_table(["row", "held-out loss", "train s", f"peak allocated {name}", "status"], finetune,
-                             "lrrrl")
-            + f"\n\nMemory: one step per row, isolation '{meta.get('isolation')}' (IST rows: the worst step, layer 0 "
-            "selected). Time: the row's real policy; the mean over the timed steps includes IST's probes (every "
-            "T_c = 10 steps), the median is a plain step. 'istune plan' is the planner's prediction of "
-            "max_memory_allocated for the same row (random sparse: IST's row; LISA: not planned).\n")
+            + f"\n\n## Part 2, throughput: {s['shape']} shape, batch {s['throughput_batch_size']} x "
+            f"{s['throughput_seq_len']} tokens (a new random batch each step), {s['throughput_steps']} steps "
+            f"through istune.integrations.loop.train\n\n"
+            + markdown_table(["row", "tokens/s", "vs LoRA", f"peak allocated {name}", f"reserved {name}",
+                              "memory vs LoRA", "importance updates", "status"], throughput, "lrrrrrrl")
+            + f"\n\nPart 1 memory: one step per row, isolation '{meta['isolation']}' (IST rows: the worst step "
+            "istune plan counts, layer 0 selected). Part 1 time: the row's real policy; the mean over the timed "
+            "steps includes IST's probes (every T_c = 10 steps), the median is a plain step. 'istune plan' is the "
+            "planner's prediction of max_memory_allocated for the same row (random sparse: IST's row; LISA: not "
+            "planned). Part 2: wall time of the whole run, IST's importance updates (N_c = 3 probe forwards each) "
+            "included; peak memory over the run.\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="istune bench gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True,
+                        help=f"folder for {RESULT_NAME}.json and {RESULT_NAME}.md (new or empty; with --resume, "
+                        "the folder of the run to continue)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and a few steps: a smoke test (CPU, seconds)")
     parser.add_argument("--device", default=None, help="cuda (default) or cpu (with --tiny: cpu unless CUDA is there)")
     parser.add_argument("--budget_s", type=float, default=540,
-                        help="total seconds: no row starts when less is left than the longest row took (default 540)")
+                        help="seconds for the whole suite (default 540); part 2 gets what part 1 leaves")
+    parser.add_argument("--frontier_budget_s", type=float, default=420,
+                        help="seconds for part 1, the frontier (default 420)")
+    parser.add_argument("--row_budget_s", type=float, default=90,
+                        help="seconds one row may take before it is stopped (default 90; isolation 'process')")
     parser.add_argument("--rows", default=None, help=f"comma list of rows (default: all but DoRA), from: "
-                        f"{', '.join(ORDER)}")
+                        f"{', '.join(FRONTIER_ORDER + THROUGHPUT_ORDER)}")
     parser.add_argument("--dora", action="store_true", help="also the DoRA rows")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per frontier row (default 20)")
-    parser.add_argument("--finetune_steps", type=int, default=None, help="SmolLM2 steps (default 200)")
+    parser.add_argument("--throughput_steps", type=int, default=None, help="timed steps per part 2 row (default 30)")
     parser.add_argument("--isolation", default=None, help="process: each row in its own Python process (the default; "
                         "its own CUDA context and peak counters, an OOM stays there); none: all rows in this process "
                         "(the default with --tiny)")
-    parser.add_argument("--resume", action="store_true", help="keep rows already measured with the same settings")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON result (the .md goes beside it); default benchmarks/results/gpu_suite.json "
-                        "(--tiny: gpu_suite_tiny.json)")
+    parser.add_argument("--resume", action="store_true", help="keep rows already measured in --out with the same "
+                        "settings")
     return parser
 
 
@@ -312,73 +365,110 @@ def _settings(args: argparse.Namespace) -> SuiteSettings:
         raise ValueError(f"--device={device!r}: use cuda or cpu.")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device=cuda, but this torch ({torch.__version__}, CUDA {torch.version.cuda}) sees no "
-                         "GPU; install a CUDA build of torch on the GPU machine, or run --tiny on the CPU.")
+                         "GPU; run the suite on a machine with one CUDA GPU, or add --tiny for the CPU smoke test.")
     if device == "cpu" and not args.tiny:
         raise ValueError("--device=cpu runs only with --tiny (a 7B shape on a CPU takes hours); add --tiny.")
     settings = tiny_settings(device) if args.tiny else SuiteSettings(device=device)
-    changes = {name: getattr(args, name) for name in ("steps", "finetune_steps") if getattr(args, name) is not None}
+    changes = {name: getattr(args, name) for name in ("steps", "throughput_steps") if getattr(args, name) is not None}
     for name, value in changes.items():
         if value < 1:
             raise ValueError(f"--{name}={value} must be at least 1.")
-    if args.budget_s <= 0:
-        raise ValueError(f"--budget_s={args.budget_s} must be positive (seconds).")
+    for name in ("budget_s", "frontier_budget_s", "row_budget_s"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name}={getattr(args, name)} must be positive (seconds).")
     return SuiteSettings(**{**asdict(settings), **changes})
+
+
+def check_out_folder(out: Path, resume: bool) -> Path:
+    """Make ``out`` if needed and check that it can be written and holds no other run; return it.
+
+    Raises:
+        ValueError: naming ``--out``, when it is a file, holds other files (without ``--resume``) or cannot be
+            written.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out={str(out)!r} is a file; give a folder (new or empty) for {RESULT_NAME}.json/.md.")
+    if out.is_dir() and not resume:
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            raise ValueError(f"--out={str(out)!r} is not empty (it holds {', '.join(held[:3])}"
+                             f"{', ...' if len(held) > 3 else ''}); give a new or empty folder, or --resume to "
+                             "continue the run recorded there.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".{RESULT_NAME}.write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--out={str(out)!r} cannot be written ({type(error).__name__}: {error.strerror or error}); "
+                         "give a folder you can write.") from None
+    return out
+
+
+def _kept_rows(out: Path, settings: SuiteSettings) -> dict[str, dict]:
+    """--resume: the rows ``out`` holds that were measured (status done) with the same settings."""
+    path = out / f"{RESULT_NAME}.json"
+    if not path.is_file():
+        return {}
+    previous = json.loads(path.read_text())
+    if previous["meta"]["settings"] != json.loads(json.dumps(asdict(settings))):
+        return {}
+    return {r["key"]: r for r in previous["rows"] if r["status"] == "done"}
 
 
 def main(argv: list[str] | None = None) -> int:
     from istune.options import parse_list
 
+    started = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     settings = _settings(args)
-    order = [NAMES[name] for name in ORDER]
+    order = FRONTIER_ORDER + THROUGHPUT_ORDER
     chosen = {NAMES[n] for n in parse_list("rows", args.rows, allowed=NAMES)} if args.rows else set(order)
     keys = [k for k in order if k in chosen and (args.rows or args.dora or k not in OPTIONAL)]
-    out = args.out or Path("benchmarks/results") / ("gpu_suite_tiny.json" if args.tiny else "gpu_suite.json")
-    if out.suffix != ".json":
-        raise ValueError(f"--out={str(out)!r} must end in .json (the markdown goes beside it).")
     isolation = args.isolation or ("none" if args.tiny else "process")
     if isolation not in ("process", "none"):
         raise ValueError(f"--isolation={isolation!r}: use process or none.")
-    done: dict[str, dict] = {}
-    if args.resume and out.is_file():
-        previous = json.loads(out.read_text())
-        if previous["meta"]["settings"] == json.loads(json.dumps(asdict(settings))):
-            done = {r["key"]: r for r in previous["rows"] if r["status"] == "done"}
-    meta = {**run_metadata("benchmarks/gpu_suite.py", argv), "settings": asdict(settings),
-            "device": settings.device,
-            "gpu": torch.cuda.get_device_name() if settings.device == "cuda" else None, "isolation": isolation}
-    started, longest = time.perf_counter(), 0.0
+    out = check_out_folder(args.out, args.resume)
+    done = _kept_rows(out, settings) if args.resume else {}
+    meta = {**run_metadata("benchmarks/gpu_suite.py", argv), "command": " ".join([COMMAND, *argv]),
+            "settings": asdict(settings), "device": settings.device,
+            "gpu": torch.cuda.get_device_name() if settings.device == "cuda" else None, "isolation": isolation,
+            "budgets_s": {"total": args.budget_s, "frontier": args.frontier_budget_s, "row": args.row_budget_s}}
     records: list[dict] = []
 
     def save() -> None:
         result = {"meta": meta, "rows": records}
-        write_record(out, result, markdown(result), indent=1)
+        write_record(out / RESULT_NAME, result, markdown(result), indent=1)
 
+    longest = {"frontier": 0.0, "throughput": 0.0}  # each part's longest row so far: the next one's estimate
     for key in keys:
         if key in done:
             records.append(done[key])
             continue
-        left = args.budget_s - (time.perf_counter() - started)
-        if left < longest or left <= 0:
+        part = "throughput" if ALL_ROWS[key] in THROUGHPUT_ROWS else "frontier"
+        elapsed = time.perf_counter() - started
+        left, why = args.budget_s - elapsed, "--budget_s"
+        if part == "frontier" and args.frontier_budget_s - elapsed < left:
+            left, why = args.frontier_budget_s - elapsed, "--frontier_budget_s"
+        if left <= 0 or left < longest[part]:
             records.append({"key": key, "label": ALL_ROWS[key].label,
-                            "status": f"not run: {left:.0f} s of --budget_s left, a row took up to {longest:.0f} s"})
+                            "status": f"not run: {max(left, 0):.0f} s of {why} left, a {part} row took up to "
+                                      f"{longest[part]:.0f} s"})
             save()
             continue
         row_started = time.perf_counter()
-        print(f"gpu suite: {key} ...", flush=True)
-        if isolation == "none":
-            try:
-                record = run_row(key, settings)
-            except torch.cuda.OutOfMemoryError as error:
-                record = {"key": key, "label": ALL_ROWS[key].label, "status": f"failed: out of memory ({error})"}
-        else:
-            record = _row_in_subprocess(key, settings, timeout_s=left)
-        longest = max(longest, time.perf_counter() - row_started)
+        timeout, limit = (left, why) if left < args.row_budget_s else (args.row_budget_s, "--row_budget_s")
+        print(f"gpu suite: {key}{f' (stopped after {timeout:.0f} s)' if isolation == 'process' else ''} ...",
+              flush=True)
+        record = measure(key, settings, isolation, timeout, limit)
+        longest[part] = max(longest[part], time.perf_counter() - row_started)
         records.append(record)
         save()
         print(f"gpu suite: {key}: {record['status']} ({time.perf_counter() - row_started:.0f} s)", flush=True)
-    print(markdown({"meta": meta, "rows": records}) + f"\nwrote {out} and {out.with_suffix('.md')}")
+    save()
+    print(markdown({"meta": meta, "rows": records}) + f"\nwrote {out / RESULT_NAME}.json and .md "
+          f"({time.perf_counter() - started:.0f} s)")
     return 0
 
 

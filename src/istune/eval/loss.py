@@ -57,7 +57,7 @@ def _summed_loss(model: torch.nn.Module, batch: dict, targets: torch.Tensor) -> 
         kept_targets = targets[labelled]
         if logits.shape[0] != kept_targets.shape[0]:
             raise TypeError("logits_to_keep was ignored; an argument the model does not take")
-    except (TypeError, IndexError) as error:  # IndexError: transformers <= 5.6 slices by logits_to_keep, no mask
+    except (TypeError, IndexError) as error:  # IndexError: transformers 5.6-5.17 slice by logits_to_keep, no mask
         if isinstance(error, TypeError) and "argument" not in str(error):
             raise
         logits = model(**batch).logits[:, :-1].float()

@@ -75,7 +75,7 @@ def option_logprobs(
     only the logits the sums need are projected onto the vocabulary
     (``logits_to_keep``). The result is the pairwise computation's up to float
     rounding. A model whose forward lacks ``cache``, ``position_ids`` or
-    ``logits_to_keep`` (a TypeError) falls back to one sequence per pair.
+    ``logits_to_keep`` (a TypeError; transformers 5.17's IndexError on a mask) falls back to one sequence per pair.
 
     Args:
         model: A causal LM returning ``logits`` of shape ``[batch, seq, vocab]``.
@@ -102,8 +102,9 @@ def option_logprobs(
                 _shared_context_sums(model, encoded, sums, batch_size, pad_id, progress, desc)
             else:
                 _pairwise_sums(model, encoded, sums, batch_size, pad_id, progress, desc)
-        except TypeError as error:  # the model's forward lacks an argument the shared path needs
-            if not share_context or "argument" not in str(error):
+        except (TypeError, IndexError) as error:  # the model's forward lacks an argument the shared path needs
+            # (IndexError: transformers 5.17 indexes its hidden states with logits_to_keep; a 2-D mask cannot)
+            if not share_context or (isinstance(error, TypeError) and "argument" not in str(error)):
                 raise
             _pairwise_sums(model, encoded, sums, batch_size, pad_id, progress, desc)
     return [(total, len(option_ids), len(continuation)) for total, (_, option_ids, continuation) in zip(sums, encoded)]
