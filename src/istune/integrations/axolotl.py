@@ -68,7 +68,8 @@ def ist_config(values: Mapping[str, Any]) -> ISTConfig:
         name = next((name for name in IST_KEYS.values() if str(error).startswith(f"ISTConfig.{name}=")), None)
         if name is None:
             raise
-        raise ValueError(f"{PREFIX}{name}={given.get(name)!r} in the axolotl config: {error}") from error
+        key = f"{PREFIX}{name}={given[name]!r}" if name in given else f"{PREFIX}{name}"
+        raise ValueError(f"{key} in the axolotl config: {error}") from error
 
 
 def refuse_axolotl_lisa(values: Mapping[str, Any]) -> None:
