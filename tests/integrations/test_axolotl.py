@@ -176,8 +176,10 @@ def test_ist_trains_only_the_selected_layers_through_axolotl(model_dir, data_fil
     assert changed == selected  # every step: the selected layer's adapters moved, and no other layer's
     assert all(len(layers) == 1 for layers in selected.values())
     losses = recorded["losses"]
-    if options.get("lora_qkv_kernel"):  # β reaches the kernels: same losses through them as through peft
-        assert losses["kernels"] == pytest.approx(losses["peft"], rel=1e-5)
-        assert abs(losses["peft"]["suppressed"] - losses["peft"]["full"]) > 1e-4  # suppression changes the loss
+    if options.get("lora_qkv_kernel"):  # β reaches the kernels: the same losses through them as through peft
+        effect = abs(losses["peft"]["suppressed"] - losses["peft"]["full"])  # 0.018 when written
+        assert effect > 1e-3
+        for key in ("full", "suppressed"):  # the kernels sum in another order: 1e-5 apart, not `effect`
+            assert abs(losses["kernels"][key] - losses["peft"][key]) < effect / 10, key
     else:
         assert losses is None
