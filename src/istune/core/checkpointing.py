@@ -140,15 +140,14 @@ class LayerCheckpointing:
             if index == self._lowest and gc_by_transformers and _reentrant(block):
                 args = _input_requiring_grad(args)
             if index < self._lowest:
-                if not _needs_backward(args, kwargs):
-                    return forward(*args, **kwargs)  # nothing below trains: autograd saves nothing anyway
-                if self._upstream_trainable is None:  # once per step: the model does not change within one
-                    self._upstream_trainable = _reaches_trainable_parameter(args, kwargs)
-                if not self._upstream_trainable:
-                    self.skipped_calls += 1
-                    with torch.no_grad():
-                        return forward(*args, **kwargs)
-                return forward(*args, **kwargs)
+                output = self._below_lowest(forward, args, kwargs)
+                # transformers before 5.2x (axolotl's 5.16) checkpoints in __call__, around this wrapper: a reentrant
+                # checkpoint's replay needs an output that requires grad, and the lowest block's own wrapper runs
+                # inside its checkpoint, too late to make its input require grad. Both are settled here.
+                feeds_lowest = index == self._lowest - 1 and self._lowest < len(self.blocks)
+                if _reentrant_checkpoint(block) or (feeds_lowest and _reentrant_checkpoint(self.blocks[self._lowest])):
+                    output = _output_requiring_grad(output)
+                return output
             if not gc_by_transformers and index in self._recomputed:
                 self.recomputed_calls += 1
                 if not getattr(block, "_can_checkpoint_with_cache", False):  # transformers' flag: reads the cache only
@@ -158,10 +157,27 @@ class LayerCheckpointing:
 
         return step_policy
 
+    def _below_lowest(self, forward: Callable, args: tuple, kwargs: dict):
+        """A block below the lowest selected one: without autograd where nothing trainable feeds it."""
+        if not _needs_backward(args, kwargs):
+            return forward(*args, **kwargs)  # nothing below trains: autograd saves nothing anyway
+        if self._upstream_trainable is None:  # once per step: the model does not change within one
+            self._upstream_trainable = _reaches_trainable_parameter(args, kwargs)
+        if not self._upstream_trainable:
+            self.skipped_calls += 1
+            with torch.no_grad():
+                return forward(*args, **kwargs)
+        return forward(*args, **kwargs)
+
 
 def _checkpointed_by_transformers(block: nn.Module) -> bool:
     """True when transformers' own gradient checkpointing wraps this block's call."""
     return bool(getattr(block, "gradient_checkpointing", False)) and block.training
+
+
+def _reentrant_checkpoint(block: nn.Module) -> bool:
+    """True when transformers checkpoints this block's call with torch's reentrant variant."""
+    return _checkpointed_by_transformers(block) and _reentrant(block)
 
 
 def _reentrant(block: nn.Module) -> bool:
@@ -181,6 +197,13 @@ def _input_requiring_grad(args: tuple) -> tuple:
     if args and isinstance(args[0], torch.Tensor) and not args[0].requires_grad and args[0].is_floating_point():
         return (args[0].detach().requires_grad_(True), *args[1:])
     return args
+
+
+def _output_requiring_grad(output: Any) -> Any:
+    """A block's output with its hidden states (the tensor, or a tuple's first item) made a leaf that requires grad."""
+    if isinstance(output, tuple) and output:
+        return (*_input_requiring_grad(output[:1]), *output[1:])
+    return _input_requiring_grad((output,))[0]
 
 
 def _is_kv_cache(value: Any) -> bool:
