@@ -6,6 +6,8 @@ unselected ones without it; `stored_layers` keeps the activations of that many o
 recomputes the rest, with or without it.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -168,6 +170,32 @@ def test_reentrant_checkpointing_under_ist_trains_the_lowest_selected_layer():
     assert any(".layers.1." in name for name in grads)  # the lowest selected layer has its gradients
     for name in grads:
         torch.testing.assert_close(checkpointed_grads[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_reentrant_checkpointing_through_a_wrapper_trains_the_lowest_selected_layer():
+    # LLaMA-Factory wraps the checkpoint function (functools.wraps, use_reentrant=True by default): seen through.
+    batch = _batch()
+    _, _, loss, grads = _train_step("llama", False, batch)
+    model = peft_model("llama", "lora", num_layers=NUM_LAYERS)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    calls = []
+    for block in model.base_model.model.model.layers:
+        inner = block._gradient_checkpointing_func
+
+        @functools.wraps(inner)
+        def wrapped(*args, inner=inner, **kwargs):
+            calls.append(1)
+            return inner(*args, **kwargs)
+
+        block._gradient_checkpointing_func = wrapped
+    model.enable_input_require_grads()
+    tuner = SparseTuner(model, ISTConfig(strategy="fixed", layers=SELECTED))
+    assert tuner._checkpointing.reentrant_in_use()
+    wrapped_loss, wrapped_grads = _step_loss_and_grads(model, tuner, batch, seed=0)
+    assert calls  # the wrapper checkpointed the blocks
+    assert wrapped_loss == loss and wrapped_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(wrapped_grads[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def _count_work(model):

@@ -45,6 +45,7 @@ transformers' own checkpointing; training has no use for the cache.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -183,6 +184,8 @@ def _reentrant_checkpoint(block: nn.Module) -> bool:
 def _reentrant(block: nn.Module) -> bool:
     """True when the block's checkpoint function is torch's reentrant variant (its default when unspecified)."""
     function = getattr(block, "_gradient_checkpointing_func", None)
+    if function is not None:
+        function = inspect.unwrap(function)  # a functools.wraps wrapper (LLaMA-Factory's) keeps it as __wrapped__
     if isinstance(function, functools.partial):
         return bool(function.keywords.get("use_reentrant", True))
     return function is checkpoint
