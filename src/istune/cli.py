@@ -120,7 +120,7 @@ def _save_strategy_from_save_steps(values: dict, given: set[str]) -> None:
     steps, strategy = values["save_steps"], str(getattr(values["save_strategy"], "value", values["save_strategy"]))
     if "save_strategy" not in given:
         if os.environ.get("RANK", "0") == "0":  # once under torchrun
-                print(f"istune train: --save_steps {steps:g} given: saving a checkpoint every {steps:g} steps "
+            print(f"istune train: --save_steps {steps:g} given: saving a checkpoint every {steps:g} steps "
                   "(--save_strategy steps).", file=sys.stderr)
         values["save_strategy"] = "steps"
     elif strategy in ("no", "epoch"):
