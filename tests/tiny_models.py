@@ -102,3 +102,18 @@ def quantized_peft_model(directory, bits: str, method: str = "lora", num_layers:
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=method == "dora",
                            init_lora_weights=False)
     return peft.get_peft_model(model, lora).train()
+
+
+def save_tiny_llama(folder, num_layers: int = 4):
+    """A random tiny LLaMA (seed 0) and the word-level test tokenizer saved in ``folder``, as from_pretrained loads
+    them; returns ``folder``."""
+    from .eval.conftest import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    tf.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -7,13 +7,12 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from istune.adapters.methods import AdapterArgs, save_adapters
 from istune.config import ISTConfig
 from istune.runs import RunArgs
 
-from ..eval.conftest import make_tokenizer
+from ..tiny_models import save_tiny_llama
 
 NUM_LAYERS = 4
 IMPORTANCE = [0.3, -1.0, 2.0, 0.5]  # least important first: 1, 0, 3, 2
@@ -22,15 +21,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama-4")
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4"), NUM_LAYERS)
 
 
 def run_args(model_dir, data, **changes) -> RunArgs:

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 pytest.importorskip("axolotl.integrations.base")
@@ -27,8 +26,7 @@ from axolotl.utils.dict import DictDefault  # noqa: E402
 from istune.config import ISTConfig  # noqa: E402
 from istune.integrations.axolotl import ISTArgs, ist_config, refuse_bypassed_hooks  # noqa: E402
 
-from ..eval.conftest import make_tokenizer  # noqa: E402
-from ..tiny_models import peft_model  # noqa: E402
+from ..tiny_models import peft_model, save_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = "istune.integrations.axolotl.ISTPlugin"
@@ -40,17 +38,7 @@ WORDS = "the cat sat on mat dog ran to park it was red blue green".split()
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), NUM_LAYERS)
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import TrainerCallback
 
 from istune import ISTConfig
 from istune.integrations.llamafactory import prepare_args, run_exp_with_ist
 from istune.integrations.trainer_checks import uses_reentrant_checkpointing
 
-from ..eval.conftest import WORDS, make_tokenizer
-from ..tiny_models import peft_model
+from ..eval.conftest import WORDS
+from ..tiny_models import peft_model, save_tiny_llama
 
 NUM_LAYERS = 4
 ROOT = Path(__file__).resolve().parents[2]
@@ -162,15 +162,7 @@ def llamafactory():
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A random 4-layer LLaMA and a word-level tokenizer, saved as LLaMA-Factory loads them."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), NUM_LAYERS)
 
 
 @pytest.fixture(scope="module")
