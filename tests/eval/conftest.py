@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -26,6 +29,29 @@ def make_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
+
+
+class SlicingLM(torch.nn.Module):
+    """A causal LM as transformers 5.6-5.17 build one, around any newer one: the KV cache is called
+    ``past_key_values``, and ``logits_to_keep`` slices the positions (``[:, logits_to_keep]``), so a 2-D
+    boolean mask raises IndexError (counted in ``refused``)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.config, self.refused = inner, inner.config, 0
+        self.cache_name = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                logits_to_keep=0):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=use_cache, **{self.cache_name: past_key_values})
+        index = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        try:
+            logits = out.logits[:, index, :]
+        except IndexError:
+            self.refused += 1
+            raise
+        return SimpleNamespace(logits=logits, past_key_values=getattr(out, self.cache_name))
 
 
 def make_model(arch: str, vocab_size: int) -> torch.nn.Module:

@@ -6,7 +6,7 @@ import torch
 from istune.data import CausalLMCollator, InstructionDataset
 from istune.eval.loss import heldout_loss
 
-from .conftest import make_tokenizer
+from .conftest import SlicingLM, make_tokenizer
 
 ROWS = [{"instruction": f"question a cat sat on the mat {'very ' * i}", "input": "",
          "output": "the correct answer is " + ("true" if i % 2 else "false")} for i in range(5)]
@@ -53,6 +53,20 @@ def test_a_model_without_logits_to_keep_gives_the_same_loss():
     collate = CausalLMCollator(tokenizer)
     expected = heldout_loss(inner, examples, collate, 2)
     assert heldout_loss(NoKeepLM(inner), examples, collate, 2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_model_that_slices_with_logits_to_keep_gives_the_same_loss():
+    """transformers 5.6-5.17 slice with logits_to_keep (a boolean mask raises IndexError): every logit is
+    projected and the labelled ones picked, the mask tried at the first batch only."""
+    from tests.tiny_models import tiny_model
+
+    inner, tokenizer = tiny_model("llama"), make_tokenizer()
+    examples = InstructionDataset(ROWS, tokenizer, 64, train_on_inputs=False)
+    collate = CausalLMCollator(tokenizer)
+    model = SlicingLM(inner)
+    assert heldout_loss(model, examples, collate, 2) == pytest.approx(full_logits_loss(inner, examples, collate),
+                                                                      rel=1e-5)
+    assert model.refused == 1  # three batches
 
 
 @pytest.mark.parametrize("options", [{"padding_free": True}, {"labelled_logits_only": True},

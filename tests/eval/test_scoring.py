@@ -7,7 +7,7 @@ import torch
 
 from istune.eval.scoring import evaluate_scoring, option_logprobs
 
-from .conftest import make_tokenizer
+from .conftest import SlicingLM, make_tokenizer
 
 ITEMS = [
     {"context": "the cat sat on the", "options": ["mat", "dog ran to the park", "red"], "label": 0},
@@ -170,3 +170,20 @@ def test_a_model_without_cache_arguments_falls_back(tokenizer):
     model = UnigramLM(torch.log_softmax(torch.randn(len(vocab)), dim=-1))
     pairs = [(item["context"], option) for item in ITEMS for option in item["options"]]
     assert option_logprobs(model, tokenizer, pairs) == option_logprobs(model, tokenizer, pairs, share_context=False)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_transformers_5_17_keeps_the_shared_path(batch_size, monkeypatch):
+    """A forward that slices with logits_to_keep and names its cache past_key_values (transformers 5.6-5.17):
+    still each context once, the same sums; the mask is tried at the first batch only."""
+    from tests.tiny_models import tiny_model
+
+    inner, tokenizer = tiny_model("llama"), make_tokenizer()
+    pairs = [(item["context"], option) for item in ITEMS for option in item["options"]]
+    before = option_logprobs(inner, tokenizer, pairs, batch_size=batch_size, share_context=False)
+    model = SlicingLM(inner)
+    no_fallback(monkeypatch)
+    after = option_logprobs(model, tokenizer, pairs, batch_size=batch_size)
+    assert [a[1:] for a in after] == [b[1:] for b in before]
+    assert [a[0] for a in after] == pytest.approx([b[0] for b in before], abs=1e-4)
+    assert model.refused == 1

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from istune.core.probe import move_to_device
+from istune.eval.logits import kept_logits
 
 
 def heldout_loss(model: torch.nn.Module, examples: Sequence[Any], collate_fn: Callable[[list], dict],
@@ -25,7 +26,7 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Any], collate_fn: Ca
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, tokens, takes_masks = 0.0, 0, True
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
@@ -35,7 +36,8 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Any], collate_fn: Ca
                 for key in ("logits_to_keep", "shift_labels"):  # a collator's own selection; replaced below
                     batch.pop(key, None)
                 targets = labels[:, 1:]
-                total += _summed_loss(model, batch, targets)
+                summed, takes_masks = _summed_loss(model, batch, targets, takes_masks)
+                total += summed
                 tokens += int((targets != -100).sum())
     finally:
         model.train(was_training)
@@ -44,22 +46,24 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Any], collate_fn: Ca
     return total / tokens
 
 
-def _summed_loss(model: torch.nn.Module, batch: dict, targets: torch.Tensor) -> float:
-    """Summed cross-entropy of ``targets`` (labels shifted by one; -100 skipped) under ``model(**batch)``."""
+def _summed_loss(model: torch.nn.Module, batch: dict, targets: torch.Tensor, takes_masks: bool) -> tuple[float, bool]:
+    """Summed cross-entropy of ``targets`` (labels shifted by one; -100 skipped) under ``model(**batch)``.
+
+    Returns it with ``takes_masks`` (whether the forward takes a boolean ``logits_to_keep``; see ``kept_logits``).
+    """
     labelled = targets != -100
     if "position_ids" in batch and "attention_mask" not in batch:
         batch["use_cache"] = False  # packed rows: a KV cache would hide the restarting positions from the mask
     keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
     keep[:, :-1] = labelled  # position t predicts token t + 1
     try:
-        logits = model(**batch, logits_to_keep=keep).logits.float()
-        logits = logits.reshape(-1, logits.shape[-1])  # the kept positions, row by row
+        _, logits, takes_masks = kept_logits(model, keep, takes_masks, **batch)
         kept_targets = targets[labelled]
-        if logits.shape[0] != kept_targets.shape[0]:
-            raise TypeError("logits_to_keep was ignored; an argument the model does not take")
-    except (TypeError, IndexError) as error:  # IndexError: transformers 5.6-5.17 slice by logits_to_keep, no mask
-        if isinstance(error, TypeError) and "argument" not in str(error):
+    except TypeError as error:  # a forward without logits_to_keep: every position
+        if "argument" not in str(error):
             raise
-        logits = model(**batch).logits[:, :-1].float()
+        logits = model(**batch).logits[:, :-1]
         logits, kept_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    return torch.nn.functional.cross_entropy(logits, kept_targets, ignore_index=-100, reduction="sum").item()
+    loss = torch.nn.functional.cross_entropy(logits.float(), kept_targets.to(logits.device), ignore_index=-100,
+                                             reduction="sum")
+    return loss.item(), takes_masks

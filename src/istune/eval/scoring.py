@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from istune.eval._modes import eval_mode, model_device
+from istune.eval.logits import kept_logits
 from istune.eval.result import TaskResult
 
 
@@ -74,8 +75,10 @@ def option_logprobs(
     each of its options, and the options run after it with their own positions;
     only the logits the sums need are projected onto the vocabulary
     (``logits_to_keep``). The result is the pairwise computation's up to float
-    rounding. A model whose forward lacks ``cache``, ``position_ids`` or
-    ``logits_to_keep`` (a TypeError; transformers 5.17's IndexError on a mask) falls back to one sequence per pair.
+    rounding. On transformers 5.6-5.17 (the cache argument is ``past_key_values``, and a boolean
+    ``logits_to_keep`` is not taken) every logit is projected and the kept ones picked afterwards. A
+    model whose forward lacks a cache argument, ``position_ids`` or ``logits_to_keep`` (a TypeError)
+    falls back to one sequence per pair.
 
     Args:
         model: A causal LM returning ``logits`` of shape ``[batch, seq, vocab]``.
@@ -102,9 +105,8 @@ def option_logprobs(
                 _shared_context_sums(model, encoded, sums, batch_size, pad_id, progress, desc)
             else:
                 _pairwise_sums(model, encoded, sums, batch_size, pad_id, progress, desc)
-        except (TypeError, IndexError) as error:  # the model's forward lacks an argument the shared path needs
-            # (IndexError: transformers 5.17 indexes its hidden states with logits_to_keep; a 2-D mask cannot)
-            if not share_context or (isinstance(error, TypeError) and "argument" not in str(error)):
+        except TypeError as error:  # the model's forward lacks an argument the shared path needs
+            if not share_context or "argument" not in str(error):
                 raise
             _pairwise_sums(model, encoded, sums, batch_size, pad_id, progress, desc)
     return [(total, len(option_ids), len(continuation)) for total, (_, option_ids, continuation) in zip(sums, encoded)]
@@ -150,6 +152,7 @@ def _shared_context_sums(model, encoded, sums, batch_size, pad_id, progress, des
         groups.setdefault(tuple(context_ids), []).append(i)
     ordered = sorted(groups.items(), key=lambda g: -(len(g[0]) + max(len(encoded[i][1]) for i in g[1])))
     batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+    takes_masks = True  # whether the forward takes a boolean logits_to_keep; learnt at the first batch
     for batch in tqdm(batches, desc=desc, disable=not progress):
         contexts = [list(context) for context, _ in batch]
         context_len = torch.tensor([len(c) for c in contexts])
@@ -161,15 +164,16 @@ def _shared_context_sums(model, encoded, sums, batch_size, pad_id, progress, des
             mask[row, : len(context)] = 1
         last = torch.zeros_like(ids, dtype=torch.bool)
         last[torch.arange(len(contexts)), context_len - 1] = True
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
-                    logits_to_keep=last.to(device))
-        first = torch.log_softmax(out.logits.float().reshape(len(contexts), -1), dim=-1)  # [contexts, vocab]
+        out, kept, takes_masks = kept_logits(model, last.to(device), takes_masks, input_ids=ids.to(device),
+                                              attention_mask=mask.to(device), use_cache=True)
+        first = torch.log_softmax(kept.float(), dim=-1)  # [contexts, vocab]
         members = [(row, i) for row, (_, indices) in enumerate(batch) for i in indices]
         options = [encoded[i][1] for _, i in members]
         rows = torch.tensor([row for row, _ in members])
         totals = first[rows.to(first.device), torch.tensor([o[0] for o in options], device=first.device)]
         if max(len(o) for o in options) > 1:
-            cache = getattr(out, "cache", None)
+            cache_name = "cache" if getattr(out, "cache", None) is not None else "past_key_values"  # 5.6-5.17
+            cache = getattr(out, cache_name, None)
             if cache is None or not hasattr(cache, "batch_select_indices"):
                 raise TypeError("model returned no KV cache; an argument the shared path needs is missing")
             cache.batch_select_indices(rows.to(device))
@@ -183,10 +187,10 @@ def _shared_context_sums(model, encoded, sums, batch_size, pad_id, progress, des
                 keep[k, : len(option) - 1] = True
             positions = context_len[rows].unsqueeze(1) + torch.arange(option_width).unsqueeze(0)
             full_mask = torch.cat([mask[rows], option_mask], dim=1)
-            logits = model(input_ids=option_ids.to(device), attention_mask=full_mask.to(device),
-                           position_ids=positions.to(device), cache=cache, use_cache=True,
-                           logits_to_keep=keep.to(device)).logits.float()
-            logprobs = torch.log_softmax(logits.reshape(int(keep.sum()), -1), dim=-1)  # kept positions, row-major
+            _, kept, _ = kept_logits(model, keep.to(device), takes_masks, input_ids=option_ids.to(device),
+                                      attention_mask=full_mask.to(device), position_ids=positions.to(device),
+                                      use_cache=True, **{cache_name: cache})
+            logprobs = torch.log_softmax(kept.float(), dim=-1)  # kept positions, row-major
             targets = option_ids[:, 1:][keep[:, :-1]].to(logprobs.device)
             rest = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             owner = torch.arange(len(options)).unsqueeze(1).expand_as(keep)[keep].to(rest.device)
