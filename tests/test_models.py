@@ -90,13 +90,21 @@ def test_converted_model_matches_the_gguf_model(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("ISTUNE_CACHE", str(tmp_path))
+    dequantized, load = [], AutoModelForCausalLM.from_pretrained  # the GGUF model the conversion reads: the reference
+
+    def keep_gguf_model(*args, **kwargs):
+        model = load(*args, **kwargs)
+        if "gguf_file" in kwargs:
+            dequantized.append(model)
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", keep_gguf_model)
     model, tokenizer = models.load_model_and_tokenizer()
     folder = tmp_path / "models" / "smollm2-135m-instruct"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert "quantization_config" not in (folder / "config.json").read_text()
     assert [p.name for p in folder.parent.iterdir()] == ["smollm2-135m-instruct"]  # no temporary folder left
-    gguf = models.smollm2_gguf_path()
-    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    [reference] = dequantized  # loaded once, by the conversion; the model above was read back from safetensors
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
