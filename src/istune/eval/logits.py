@@ -15,14 +15,17 @@ def kept_logits(model: torch.nn.Module, keep: torch.Tensor, takes_masks: bool = 
     mask goes in as ``logits_to_keep``, so only those positions are projected onto the vocabulary
     (transformers' ``slice_logits_to_keep``). transformers 5.6-5.17 index the hidden states with it as a
     slice and raise IndexError: the call is then made again without it, every logit projected and the kept
-    ones picked, and ``takes_masks`` comes back False so the caller's next calls skip the failing one. A model
-    that ignores ``logits_to_keep`` (logits of every position) has the kept ones picked the same way. A call
+    ones picked, and ``takes_masks`` comes back False so the caller's next calls skip the failing one. The same
+    for a forward without ``logits_to_keep`` (a TypeError naming it). A model that ignores ``logits_to_keep``
+    (logits of every position) has the kept ones picked the same way. A call
     given a KV cache is not retried (the failed call has already extended it): its IndexError propagates.
     """
     if takes_masks:
         try:
             out = model(**inputs, logits_to_keep=keep)
-        except IndexError:
+        except (IndexError, TypeError) as error:
+            if isinstance(error, TypeError) and "logits_to_keep" not in str(error):
+                raise  # another argument the forward lacks: the caller's to handle
             if "cache" in inputs or "past_key_values" in inputs:
                 raise
         else:

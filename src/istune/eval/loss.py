@@ -56,14 +56,6 @@ def _summed_loss(model: torch.nn.Module, batch: dict, targets: torch.Tensor, tak
         batch["use_cache"] = False  # packed rows: a KV cache would hide the restarting positions from the mask
     keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
     keep[:, :-1] = labelled  # position t predicts token t + 1
-    try:
-        _, logits, takes_masks = kept_logits(model, keep, takes_masks, **batch)
-        kept_targets = targets[labelled]
-    except TypeError as error:  # a forward without logits_to_keep: every position
-        if "argument" not in str(error):
-            raise
-        logits = model(**batch).logits[:, :-1]
-        logits, kept_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    loss = torch.nn.functional.cross_entropy(logits.float(), kept_targets.to(logits.device), ignore_index=-100,
-                                             reduction="sum")
+    _, logits, takes_masks = kept_logits(model, keep, takes_masks, **batch)
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets[labelled].to(logits.device), reduction="sum")
     return loss.item(), takes_masks
