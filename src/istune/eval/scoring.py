@@ -76,9 +76,9 @@ def option_logprobs(
     only the logits the sums need are projected onto the vocabulary
     (``logits_to_keep``). The result is the pairwise computation's up to float
     rounding. On transformers 5.6-5.17 (the cache argument is ``past_key_values``, and a boolean
-    ``logits_to_keep`` is not taken) every logit is projected and the kept ones picked afterwards. A
-    model whose forward lacks a cache argument, ``position_ids`` or ``logits_to_keep`` (a TypeError)
-    falls back to one sequence per pair.
+    ``logits_to_keep`` is not taken), and for a forward without ``logits_to_keep``, every logit is
+    projected and the kept ones picked afterwards (``eval.logits.kept_logits``). A model whose forward
+    lacks a cache argument or ``position_ids`` (a TypeError) falls back to one sequence per pair.
 
     Args:
         model: A causal LM returning ``logits`` of shape ``[batch, seq, vocab]``.
