@@ -345,7 +345,8 @@ def _plot(out: Path, by, seeds, arms) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (whole, late) = plt.subplots(1, 2, figsize=(11, 4))
+    legend_rows = math.ceil(len(arms) / 2)  # below the axes, two columns: eight long labels hid the curves
+    figure, (whole, late) = plt.subplots(1, 2, figsize=(11, 4 + 0.25 * legend_rows))
     for a in arms:
         curves = [by[(a, k)]["curve"] for k in seeds]
         steps = [p[0] for p in curves[0]]
@@ -358,9 +359,9 @@ def _plot(out: Path, by, seeds, arms) -> None:
     whole.set_yscale("log")  # format learning drops the loss 20-fold first; the arms differ after it
     whole.set(xlabel="optimizer step", ylabel="held-out answer loss (log scale)", title="whole run")
     late.set(xlabel="optimizer step", ylabel="held-out answer loss", title="after format learning (last two thirds)")
-    late.legend(fontsize="small")
+    figure.legend(*late.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize="small", frameon=False)
     figure.suptitle(f"SmolLM2-135M, commonsense mix: mean and min-max over {_seeds(seeds)}")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.25 * legend_rows / (4 + 0.25 * legend_rows) + 0.02, 1, 1))
     tmp = out / ".loss_curves.tmp.png"
     figure.savefig(tmp, dpi=120)
     plt.close(figure)
