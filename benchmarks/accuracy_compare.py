@@ -345,8 +345,8 @@ def _plot(out: Path, by, seeds, arms) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    legend_rows = math.ceil(len(arms) / 2)  # below the axes, two columns: eight long labels hid the curves
-    figure, (whole, late) = plt.subplots(1, 2, figsize=(11, 4 + 0.25 * legend_rows))
+    legend_height = 0.25 * math.ceil(len(arms) / 2)  # inches, below the axes in two columns: long labels hid curves
+    figure, (whole, late) = plt.subplots(1, 2, figsize=(11, 4 + legend_height))
     for a in arms:
         curves = [by[(a, k)]["curve"] for k in seeds]
         steps = [p[0] for p in curves[0]]
@@ -361,7 +361,7 @@ def _plot(out: Path, by, seeds, arms) -> None:
     late.set(xlabel="optimizer step", ylabel="held-out answer loss", title="after format learning (last two thirds)")
     figure.legend(*late.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize="small", frameon=False)
     figure.suptitle(f"SmolLM2-135M, commonsense mix: mean and min-max over {_seeds(seeds)}")
-    figure.tight_layout(rect=(0, 0.25 * legend_rows / (4 + 0.25 * legend_rows) + 0.02, 1, 1))
+    figure.tight_layout(rect=(0, legend_height / (4 + legend_height) + 0.02, 1, 1))
     tmp = out / ".loss_curves.tmp.png"
     figure.savefig(tmp, dpi=120)
     plt.close(figure)
