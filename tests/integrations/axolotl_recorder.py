@@ -6,7 +6,8 @@ Listed after ISTPlugin under ``plugins:`` in the test's config, it adds a callba
 * ``changed``: per optimizer step (1-based), the decoder layers whose LoRA weights moved;
 * ``losses``: when axolotl's fused LoRA kernels patched the attention, the loss of one fixed batch
   through the kernels and through peft's own modules (axolotl's fallbacks), each with every adapter
-  at full response and suppressed by β (istune's eq. 8), after training.
+  at full response and suppressed by β (istune's eq. 8), after training, with the LoRA weights set to
+  fixed random values first (so that β's effect on the loss is large and the same in every run).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ def kernel_and_peft_losses(model) -> dict | None:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(4, model.config.vocab_size, (2, 12), generator=generator)
     suppressed = [m for block in blocks(model) for m in block.modules() if is_adapter_module(m)]
+    with torch.no_grad():  # after 6 steps of one layer each, B is near 0 and β's effect small and run-dependent
+        for weights in lora_weights(model):
+            for weight in weights:
+                weight.copy_(0.1 * torch.randn(weight.shape, generator=generator, dtype=weight.dtype))
 
     def losses() -> dict[str, float]:
         with torch.no_grad():

@@ -165,7 +165,7 @@ def test_ist_trains_only_the_selected_layers_through_axolotl(model_dir, data_fil
     assert all(len(layers) == 1 for layers in selected.values())
     losses = recorded["losses"]
     if options.get("lora_qkv_kernel"):  # β reaches the kernels: the same losses through them as through peft
-        effect = abs(losses["peft"]["suppressed"] - losses["peft"]["full"])  # 0.018 when written
+        effect = abs(losses["peft"]["suppressed"] - losses["peft"]["full"])  # 0.012 (LoRA weights set by the recorder)
         assert effect > 1e-3
         for key in ("full", "suppressed"):  # the kernels sum in another order: 1e-5 apart, not `effect`
             assert abs(losses["kernels"][key] - losses["peft"][key]) < effect / 10, key
