@@ -116,16 +116,18 @@ def test_converted_model_matches_the_gguf_model(tmp_path, monkeypatch):
 @pytest.mark.parametrize("family,packs", [("llama", True), ("gpt2", True), ("gpt_neox", True), ("phi", True),
                                           ("opt", False), ("bloom", False)])
 def test_batch_layouts_are_tried_on_the_model(family, packs):
-    from tests.tiny_models import tiny_model
+    from tests.tiny_models import TAKES_LOGIT_MASKS, tiny_model
 
     model = tiny_model(family).train()
     reasons = models.batch_layout_unsupported(model)
     assert model.training  # the check runs in eval mode and gives the mode back
-    assert reasons["labelled_logits_only"] is None
     if packs:
         assert reasons["padding_free"] is None
+        assert reasons["labelled_logits_only"] is None
     else:  # OPT reads positions from the attention mask, Bloom's ALiBi ignores them: packed examples would mix
         assert reasons["padding_free"].startswith("packed examples see each other")
+        # so the batches are padded rows, whose labelled positions are a boolean mask
+        assert reasons["labelled_logits_only"] is None if TAKES_LOGIT_MASKS else reasons["labelled_logits_only"]
 
 
 class FullLogitsLM(torch.nn.Module):
@@ -139,13 +141,34 @@ class FullLogitsLM(torch.nn.Module):
         return self.inner(input_ids=input_ids, labels=labels, **kwargs)
 
 
-def test_a_model_that_ignores_logits_to_keep_keeps_every_logit():
+@pytest.mark.parametrize("padding_free, rows, asked", [(True, 3, 2), (False, 6, 3)])
+def test_a_model_that_ignores_logits_to_keep_keeps_every_logit(padding_free, rows, asked):
     from tests.tiny_models import tiny_model
 
-    reasons = models.batch_layout_unsupported(FullLogitsLM(tiny_model("llama")), padding_free=False)
-    assert reasons == {
-        "labelled_logits_only": "its forward keeps 3 logit rows of 2 asked, loss off by 0.0e+00 (relative)"
-    }
+    reasons = models.batch_layout_unsupported(FullLogitsLM(tiny_model("llama")), padding_free=padding_free)
+    assert reasons["labelled_logits_only"] == (
+        f"its forward keeps {rows} logit rows of {asked} asked, loss off by 0.0e+00 (relative)")
+
+
+def slice_as_transformers_5_17(hidden_states, logits_to_keep):
+    """transformers 5.6-5.17: ``logits_to_keep`` indexes the positions of every row (no boolean mask)."""
+    index = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    return hidden_states[:, index, :]
+
+
+def test_transformers_5_17_keep_the_labelled_logits_of_a_packed_row(monkeypatch):
+    """A packed row's positions go in as an index tensor, which 5.6-5.17 take; padded rows' mask is refused.
+    On a later transformers its slicing is replaced by 5.17's; on 5.6-5.17 (the node side environment) the
+    replacement is unused and their own slicing is tried."""
+    from transformers.models.llama import modeling_llama
+
+    from tests.tiny_models import tiny_model
+
+    monkeypatch.setattr(modeling_llama, "slice_logits_to_keep", slice_as_transformers_5_17, raising=False)
+    model = tiny_model("llama")
+    assert models.batch_layout_unsupported(model) == {"padding_free": None, "labelled_logits_only": None}
+    padded = models.batch_layout_unsupported(model, padding_free=False)["labelled_logits_only"]
+    assert padded.startswith("its forward refuses logits_to_keep as a boolean mask over padded rows (")
 
 
 @pytest.mark.parametrize("name", ["/nonexistent", "./no-such-model", "a/b/c", "~/model"])

@@ -24,6 +24,10 @@ TINY_CONFIGS = {
 }
 FAMILIES = list(TINY_CONFIGS)
 
+# Whether this transformers takes a boolean ``logits_to_keep`` mask (padded rows' labelled logits): 5.6-5.17
+# index the hidden states with it, ``[:, logits_to_keep]``, and raise IndexError (positions work in both).
+TAKES_LOGIT_MASKS = hasattr(tf.modeling_utils, "slice_logits_to_keep")
+
 # The families every behaviour is checked on (GPT-2 covers Conv1D); the rest get smoke tests.
 CORE_FAMILIES = ["llama", "gpt2", "opt", "gpt_neox"]
 KINDS = ["series", "series_input", "parallel"]

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from istune.data.cache import cache_root
+from istune.data.tokenization import labelled_positions
 from istune.io import atomic_dir
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -112,8 +113,9 @@ def batch_layout_unsupported(model: torch.nn.Module, padding_free: bool = True,
       give the second example the logits it gets alone, within 5% of how far they move when it
       attends to the first. A model (or attention kernel) that does not build the
       block-diagonal mask from the positions (OPT, Bloom) lets it attend and fails.
-    * ``labelled_logits_only``: ``logits_to_keep`` (a boolean mask) with ``shift_labels`` must
-      keep one logit row per labelled position and give the loss of the full computation.
+    * ``labelled_logits_only``: ``logits_to_keep`` with ``shift_labels``, as ``labelled_positions`` gives
+      them (an index tensor for a packed row, a boolean mask for padded rows), must keep one logit row per
+      labelled position and give the loss of the full computation.
 
     The check runs in eval mode without gradients (a few tokens; the model's mode is restored).
     """
@@ -139,20 +141,23 @@ def batch_layout_unsupported(model: torch.nn.Module, padding_free: bool = True,
                 reasons["padding_free"] = (None if error <= 0.05 * leak else
                                            f"packed examples see each other (logits off by {error:.2g}, "
                                            f"{error / max(leak, 1e-12):.0%} of attending across)")
-            if labelled_logits_only:
-                labels = row([-100, 8, 9])
-                keep = torch.tensor([[True, True, False]], device=device)
-                reference = model(input_ids=row(second), labels=labels, use_cache=False).loss.float()
+            if labelled_logits_only:  # in the layout the batches will have: one packed row, or padded rows
+                packed = padding_free and reasons["padding_free"] is None
+                labels = torch.tensor([[-100, 8, 9], [-100, -100, 9]][: 1 if packed else 2], device=device)
+                input_ids = row(second).expand(len(labels), -1)
+                kept = labelled_positions(labels)
+                asked = len(kept["shift_labels"])
+                reference = model(input_ids=input_ids, labels=labels, use_cache=False).loss.float()
                 try:
-                    out = model(input_ids=row(second), labels=labels, logits_to_keep=keep,
-                                shift_labels=row([8, 9]).view(-1), use_cache=False)
+                    out = model(input_ids=input_ids, labels=labels, **kept, use_cache=False)
                     rows = out.logits.reshape(-1, out.logits.shape[-1]).shape[0]
                     error = abs(out.loss.float().item() - reference.item()) / max(abs(reference.item()), 1e-6)
                     reasons["labelled_logits_only"] = (
-                        None if rows == 2 and error <= tolerance else
-                        f"its forward keeps {rows} logit rows of 2 asked, loss off by {error:.1e} (relative)")
+                        None if rows == asked and error <= tolerance else
+                        f"its forward keeps {rows} logit rows of {asked} asked, loss off by {error:.1e} (relative)")
                 except (TypeError, IndexError, RuntimeError) as failure:
-                    reasons["labelled_logits_only"] = f"its forward refuses a boolean logits_to_keep ({failure})"
+                    form = "positions of a packed row" if packed else "a boolean mask over padded rows"
+                    reasons["labelled_logits_only"] = f"its forward refuses logits_to_keep as {form} ({failure})"
     finally:
         model.train(was_training)
     return reasons

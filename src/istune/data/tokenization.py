@@ -106,9 +106,9 @@ class CausalLMCollator:
     token. No padding is computed. The model must run without a KV cache
     (``config.use_cache=False``, which the Trainer sets), or the positions are not read.
 
-    Labelled logits only (``labelled_logits_only=True``): also ``logits_to_keep``, a boolean
-    mask of the positions whose next label is not -100, and ``shift_labels``, those next
-    labels. A transformers causal LM then projects only those positions onto the
+    Labelled logits only (``labelled_logits_only=True``): also ``logits_to_keep``, the
+    positions whose next label is not -100 (see ``labelled_positions``), and ``shift_labels``,
+    those next labels. A transformers causal LM then projects only those positions onto the
     vocabulary and computes the same loss from them; with the prompt masked out
     (``train_on_inputs=False``) that is a few answer tokens per example instead of all of
     them. The model class must slice its hidden states with transformers'
@@ -167,9 +167,13 @@ class CausalLMCollator:
 def labelled_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """``logits_to_keep`` (positions whose next label is not -100) and ``shift_labels`` (those labels).
 
-    Position t predicts token t + 1, so t is kept when ``labels[:, t + 1] != -100``.
+    Position t predicts token t + 1, so t is kept when ``labels[:, t + 1] != -100``. A batch of one row
+    (every padding-free batch) gets the kept positions as a 1-D index tensor, which transformers 5.6-5.17
+    also take (they index the hidden states with ``logits_to_keep``, ``[:, logits_to_keep]``); a batch of
+    several rows gets a boolean mask ``[batch, seq]``, which only later versions take (a row's count differs).
     """
     following = torch.full_like(labels, IGNORE_INDEX)
     following[:, :-1] = labels[:, 1:]
     keep = following != IGNORE_INDEX
-    return {"logits_to_keep": keep, "shift_labels": following[keep]}
+    positions = keep[0].nonzero().squeeze(1) if len(labels) == 1 else keep
+    return {"logits_to_keep": positions, "shift_labels": following[keep]}
