@@ -176,12 +176,14 @@ def run_one(arm: str, seed: int, opts, folder: Path) -> dict:
                                    generation_batch_size=GENERATION_BATCH)
         eval_seconds[method] = time.time() - started
         accuracy.update(_correct(evaluated))
+    generated = {key: {task: [r[key] for r in records] for task, records in evaluated["generate"]["records"].items()}
+                 for key in ("response", "prediction")}  # prediction None: no answer word in the response
     return {
         "arm": arm, "strategy": ist.strategy, "seed": seed, "ist_config": ist.to_dict(),
         "importance_updates": updates, "importance_updates_skipped": skipped, "batch_layout": layout,
         "train_seconds": train_seconds, "curve_seconds": curve.seconds, "eval_seconds": eval_seconds,
         "curve": curve.points, "importance": ist_callback.importance.tolist(),
-        "accuracy": accuracy, "options": vars(opts), "eval_seed": EVAL_SEED,
+        "accuracy": accuracy, "generated": generated, "options": vars(opts), "eval_seed": EVAL_SEED,
     }
 
 

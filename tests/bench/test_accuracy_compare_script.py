@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from istune.analysis import cli as analysis_cli
 from istune.analysis.reproducibility import log_trajectory, parse_log_groups
 from istune.bench.stats import seeds_for_power
+from istune.eval.answers import extract_answer, is_correct
 from tests.bench import load_benchmark_script
 from tests.eval.conftest import make_tokenizer
 
@@ -326,6 +327,15 @@ def test_each_rule_arm_trains_with_its_settings_and_keeps_its_selections(accurac
     assert run["arm"] == arm and run["strategy"] == arm and run["ist_config"] == expected.to_dict()
     assert [step for step, _ in run["curve"]] == [0, 4] and run["importance_updates"] == 0
     assert {len(run["accuracy"][m]["boolq"]) for m in ("score", "generate")} == {2}
+    generated = run["generated"]  # the text behind each generation verdict, and the answer word found in it
+    assert [len(generated[key]["boolq"]) for key in ("response", "prediction")] == [2, 2]
+    assert all(isinstance(response, str) for response in generated["response"]["boolq"])
+    items = accuracy_compare.load_eval_items(["boolq"], 2, accuracy_compare.EVAL_SEED)["boolq"]
+    for item, response, prediction, correct in zip(items, generated["response"]["boolq"],
+                                                   generated["prediction"]["boolq"],
+                                                   run["accuracy"]["generate"]["boolq"]):
+        assert prediction == extract_answer("boolq", response)
+        assert correct == is_correct("boolq", prediction, item["answer"])
     events = [json.loads(line) for line in (out / "runs" / f"{arm}-seed1" / "ist_log.jsonl").read_text().splitlines()]
     selections = [event["selected"] for event in events if event["event"] == "select"]
     assert len(selections) == 4 and all(len(s) == 1 for s in selections)  # N_u = 25% of 4 layers
