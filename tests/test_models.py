@@ -126,8 +126,10 @@ def test_batch_layouts_are_tried_on_the_model(family, packs):
         assert reasons["labelled_logits_only"] is None
     else:  # OPT reads positions from the attention mask, Bloom's ALiBi ignores them: packed examples would mix
         assert reasons["padding_free"].startswith("packed examples see each other")
-        # so the batches are padded rows, whose labelled positions are a boolean mask
-        assert reasons["labelled_logits_only"] is None if TAKES_LOGIT_MASKS else reasons["labelled_logits_only"]
+        # so the batches are padded rows, whose labelled positions are a boolean mask (refused by 5.6-5.17)
+        refused = reasons["labelled_logits_only"]
+        assert refused is None if TAKES_LOGIT_MASKS else refused.startswith(
+            "its forward refuses logits_to_keep as a boolean mask over padded rows (")
 
 
 class FullLogitsLM(torch.nn.Module):
