@@ -176,8 +176,10 @@ def run_one(arm: str, seed: int, opts, folder: Path) -> dict:
                                    generation_batch_size=GENERATION_BATCH)
         eval_seconds[method] = time.time() - started
         accuracy.update(_correct(evaluated))
-    generated = {key: {task: [r[key] for r in records] for task, records in evaluated["generate"]["records"].items()}
-                 for key in ("response", "prediction")}  # prediction None: no answer word in the response
+        if method == "generate":  # the text behind each verdict; prediction None: no answer word in it
+            records = evaluated[method]["records"]
+            generated = {key: {task: [r[key] for r in records[task]] for task in records}
+                         for key in ("response", "prediction")}
     return {
         "arm": arm, "strategy": ist.strategy, "seed": seed, "ist_config": ist.to_dict(),
         "importance_updates": updates, "importance_updates_skipped": skipped, "batch_layout": layout,
