@@ -1,7 +1,8 @@
-"""The istune command line: `istune train | eval | plot | plan | bench | analyze` (also `python -m istune ...`).
+"""The istune command line: `istune train | compare | eval | plot | plan | bench | analyze` (or `python -m istune`).
 
     istune train                              # embedded default: SmolLM2-135M, LoRA+IST on the commonsense mix
     istune train --config run.yaml --max_steps 200
+    istune compare --arms all,random,ist --seeds 5 --data task:cipher   # rules side by side over seeds
     istune eval runs/istune                   # evaluate a trained output folder again
     istune eval --model smollm2-135m --harness # any model (+ --adapter DIR); lm-eval's acc/acc_norm beside
     istune plot runs/istune                   # importance heat-map and per-step selection (PNG)
@@ -146,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in IMPORT_NOTICES:
         if _not_an_import_notice not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(_not_an_import_notice)
-    commands = {"train": _train, "eval": _eval, "plot": _plot, "plan": _plan, "bench": _bench, "analyze": _analyze}
+    commands = {"train": _train, "compare": _compare, "eval": _eval, "plot": _plot, "plan": _plan, "bench": _bench,
+                "analyze": _analyze}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip())
         if argv and argv[0] not in ("-h", "--help"):
@@ -170,6 +172,53 @@ def _train(argv: Sequence[str]) -> int:
     train(run, adapter, ist, training, model_args)
     if training.process_index == 0:
         print(f"istune train: done in {time.time() - started:.0f} s; output in {training.output_dir}")
+    return 0
+
+
+def _compare(argv: Sequence[str]) -> int:
+    import dataclasses
+
+    parser = argparse.ArgumentParser(
+        prog="istune compare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Selection rules side by side over seeds, on any model and data `istune train` takes: each "
+        "(arm, seed) is an `istune train` run with the options given after these (every `istune train` option "
+        "is accepted); at one seed every arm gets the same data, order and adapter initialisation. Resumes run "
+        "by run; refuses runs made with other options.",
+        epilog="example:\n  istune compare --arms all,random,ist --seeds 5 --data task:cipher --max_steps 300 "
+               "--per_device_train_batch_size 16 --learning_rate 2e-3 --train_samples 4800 --eval_limit 300\n"
+               "arms: a rule (all, random, ist, lisa, badam, owlore, gradnorm, probe-once, fixed or one you "
+               "registered) with optional :field=value (ist:probe_interval=2), quarter:1..quarter:4 (a fixed quarter "
+               "of the layers, bottom to top), layers:A-B (fixed layers A to B).")
+    parser.add_argument("--arms", default="all,random,ist", help="Comma-separated arms (default all,random,ist).")
+    parser.add_argument("--seeds", default="5", help="A count (5: seeds 1-5) or a list (1,2,3); at least 2.")
+    parser.add_argument("--out", default="runs/compare", help="Folder of the runs and the report.")
+    parser.add_argument("--effect", type=float, default=0.05,
+                        help="A difference in accuracy (0.05: 5 pp) for the report's seeds-needed column.")
+    parser.add_argument("--report_only", action="store_true", help="Rebuild the report from the saved runs only.")
+    own, rest = parser.parse_known_args(argv)
+    if not 0 < own.effect < 1:
+        raise ValueError(f"--effect={own.effect!r} must be an accuracy difference in (0, 1), e.g. 0.05 for 5 pp.")
+    from istune.analysis.comparison import write_report
+
+    out = Path(own.out)
+    if not own.report_only:
+        from istune.recipe.compare import compare, model_layer_count, parse_arms, parse_seeds
+
+        given = _flags_given(rest)
+        if "output_dir" in given:
+            raise ValueError("--output_dir: istune compare puts each run in <--out>/runs/<arm>-seed<k>; give --out.")
+        if "seed" in given or "ist_seed" in given:
+            raise ValueError("--seed: istune compare runs every arm at each of --seeds; give --seeds instead.")
+        seeds = parse_seeds(own.seeds)
+        run, model_args, adapter, ist, training = _parse_train(rest)
+        if "curve_every" not in given:
+            steps = training.max_steps if training.max_steps > 0 else 10
+            run = dataclasses.replace(run, curve_every=max(1, steps // 10))
+        quarters = any(arm.split(":")[0] in ("quarter", "layers") for arm in own.arms.split(","))
+        arms = parse_arms(own.arms, model_layer_count(run.model) if quarters else None)
+        compare(arms, seeds, out, run, model_args, adapter, ist, training)
+    print(write_report(out, own.effect))
+    print(f"istune compare: report in {out / 'results.md'}, curves in {out / 'curves.png'}")
     return 0
 
 

@@ -17,11 +17,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from istune.data.tasks import TASKS, TEST_ITEMS, is_task_spec, parse_task_spec, training_rows
 from istune.eval.tasks import method_list, parse_eval_tasks
 from istune.models import batch_layout_unsupported, check_model_name
 from istune.options import require_at_least_one
 
 COMMONSENSE = "commonsense"
+COMPARE_FILE = "compare.json"  # an `istune compare` folder: the options its runs share, its arms and seeds
+COMPARE_RUNS = "runs"  # ... and its runs, one folder each (comparison_run_folder)
 
 
 @dataclass
@@ -31,7 +34,9 @@ class RunArgs:
     model: str = field(default="smollm2-135m", metadata={
         "help": "Hub id, local path, or 'smollm2-135m' (embedded, offline)."})
     data: str = field(default=COMMONSENSE, metadata={
-        "help": "'commonsense' (the packaged 8-task mix) or an LLM-Adapters JSON file."})
+        "help": "'commonsense' (the packaged 8-task mix), an LLM-Adapters JSON file, or a synthetic exact-match task "
+                "'task:NAME[:key=value...]' (generated, seeded; its own test items are the evaluation): "
+                + ", ".join(f"task:{name}" for name in TASKS) + " (docs/data.md)."})
     train_samples: int | None = field(default=2000, metadata={
         "help": "Examples drawn (seeded by --seed) from the data; all if unset."})
     heldout_samples: int = field(default=64, metadata={
@@ -62,6 +67,10 @@ class RunArgs:
         "help": "Prompts per generate call in the evaluation (--per_device_eval_batch_size is the scoring and "
                 "held-out loss batch)."})
     compare_base: bool = field(default=True, metadata={"help": "Also evaluate the base model, without adapters."})
+    curve_every: int = field(default=0, metadata={
+        "help": "Every K optimizer steps (and at step 0), also measure the accuracy on the evaluation items: a "
+                "learning curve, kept in results.json as 'curve' with the seconds it took (not training time). "
+                "0: accuracy only after training."})
 
     @classmethod
     def from_saved(cls, values: dict[str, Any]) -> RunArgs:
@@ -86,20 +95,47 @@ def saved_training_value(results: dict[str, Any], name: str, default: Any = None
 def check_run(run: RunArgs) -> list[str]:
     """Validate the data and evaluation options (before anything loads); return the eval task names."""
     require_at_least_one(run, ("cutoff_len", "heldout_samples", "generation_batch_size"))
+    if isinstance(run.curve_every, bool) or not isinstance(run.curve_every, int) or run.curve_every < 0:
+        raise ValueError(f"--curve_every={run.curve_every!r} must be a number of steps >= 1, or 0 for no curve.")
     check_model_name(run.model)
     for name in ("train_samples", "eval_limit"):
         if getattr(run, name) is not None and getattr(run, name) < 1:
             raise ValueError(f"--{name}={getattr(run, name)!r} must be at least 1 (leave it unset for all).")
     method_list(run.eval_method)
+    if is_task_spec(run.data):
+        return _check_task_run(run)
     if run.data != COMMONSENSE and not Path(run.data).is_file():
-        raise ValueError(f"--data={run.data!r} is neither 'commonsense' nor an existing LLM-Adapters JSON file.")
+        raise ValueError(f"--data={run.data!r} is neither 'commonsense', an existing LLM-Adapters JSON file, nor a "
+                         f"task spec ('task:NAME', NAME one of {', '.join(TASKS)}).")
     return parse_eval_tasks(run.eval_tasks)
+
+
+def _check_task_run(run: RunArgs) -> list[str]:
+    """A synthetic task's options; its evaluation is its own test items, by generation and exact match."""
+    parse_task_spec(run.data)
+    if run.train_samples is None:
+        raise ValueError(f"--data={run.data!r} is generated, so it has no 'all'; give --train_samples N (steps x "
+                         "batch size covers each example once).")
+    if run.eval_method == "score":
+        raise ValueError(f"--eval_method=score with --data={run.data!r}: a task's answers have no options to score; "
+                         "use --eval_method generate (exact match).")
+    if run.eval_limit is not None and run.eval_limit > TEST_ITEMS:
+        raise ValueError(f"--eval_limit={run.eval_limit} with --data={run.data!r}: a task has {TEST_ITEMS} test "
+                         f"items; use at most {TEST_ITEMS}.")
+    choice = run.eval_tasks.strip().lower()
+    if choice not in ("all", "none", run.data.lower()):
+        raise ValueError(f"--eval_tasks={run.eval_tasks!r} with --data={run.data!r}: a task is evaluated on its own "
+                         "test items; use 'all' (the default) or 'none'.")
+    return [] if choice == "none" else [run.data]
 
 
 def load_rows(run: RunArgs, seed: int) -> tuple[list[dict], list[dict]]:
     """(training rows, held-out rows): a seeded sample of the data, the held-out part disjoint."""
     from istune.data import build_commonsense_train, load_llm_adapters_json
 
+    if is_task_spec(run.data):  # generated for this seed, every prompt distinct and none a test item
+        rows = training_rows(parse_task_spec(run.data), run.heldout_samples + run.train_samples, seed)
+        return rows[run.heldout_samples:], rows[: run.heldout_samples]
     rows = build_commonsense_train() if run.data == COMMONSENSE else load_llm_adapters_json(run.data)
     if len(rows) <= run.heldout_samples:
         raise ValueError(f"--data={run.data!r} has {len(rows)} examples; it needs more than --heldout_samples="
@@ -127,3 +163,8 @@ def batch_layout(run: RunArgs, model, training=None, say=print) -> dict[str, boo
     if layout["padding_free"]:
         model.config.use_cache = False  # a KV cache would hide the restarting positions from the attention mask
     return layout
+
+
+def comparison_run_folder(out: str | Path, arm: str, seed: int) -> Path:
+    """The folder of arm ``arm`` at ``seed`` in an ``istune compare`` folder (``quarter:4`` -> ``quarter_4``)."""
+    return Path(out) / COMPARE_RUNS / f"{arm.replace(':', '_').replace('=', '-')}-seed{seed}"

@@ -213,9 +213,17 @@ def load_commonsense_eval(task: str, cache_dir: str | os.PathLike[str] | None = 
 
 
 def load_eval_items(tasks: list[str], limit: int | None, seed: int) -> dict[str, list[dict[str, Any]]]:
-    """A seeded sample of ``limit`` items per task (all items if None), the same for every run with that seed."""
+    """A seeded sample of ``limit`` items per task (all items if None), the same for every run with that seed.
+
+    A synthetic ``task:...`` spec (``istune.data.tasks``) gives the first ``limit`` of its fixed test items.
+    """
+    from istune.data.tasks import is_task_spec, parse_task_spec, test_items
+
     items = {}
     for task in tasks:
+        if is_task_spec(task):
+            items[task] = test_items(parse_task_spec(task))[:limit]
+            continue
         rows = load_commonsense_eval(task)
         if limit is not None and limit < len(rows):
             rows = random.Random(f"{seed}:{task}").sample(rows, limit)

@@ -38,13 +38,22 @@ def _encode(tokenizer: Any, text: str, cutoff_len: int, add_eos: bool) -> list[i
     return ids
 
 
+def example_prompt(example: dict[str, Any]) -> str:
+    """The text before the response: the row's own ``prompt`` if it has one (no template, as the evaluation's
+    ``default_prompt`` reads it), else the LLM-Adapters template of its ``instruction`` and ``input``."""
+    if "prompt" in example:
+        return example["prompt"]
+    return generate_prompt(example["instruction"], example.get("input") or None)
+
+
 def tokenize_example(
     example: dict[str, Any], tokenizer: Any, cutoff_len: int = 256, train_on_inputs: bool = True
 ) -> dict[str, list[int]]:
     """Input ids, attention mask and labels of one LLM-Adapters example.
 
     Args:
-        example: A row with ``instruction``, ``output`` and optional ``input``.
+        example: A row with ``instruction``, ``output`` and optional ``input``, or with its own ``prompt``
+            (then trained as ``prompt + output``, without the template; see ``example_prompt``).
         tokenizer: A Hugging Face tokenizer with an EOS token.
         cutoff_len: Maximum tokens, EOS included (LLM-Adapters' ``cutoff_len``).
         train_on_inputs: If False, prompt tokens get label -100 (LLM-Adapters'
@@ -58,11 +67,11 @@ def tokenize_example(
     """
     if cutoff_len < 1:
         raise ValueError(f"cutoff_len={cutoff_len} must be at least 1 token")
-    instruction, input_text = example["instruction"], example.get("input") or None
-    ids = _encode(tokenizer, generate_prompt(instruction, input_text, example["output"]), cutoff_len, add_eos=True)
+    prompt = example_prompt(example)
+    ids = _encode(tokenizer, prompt + example["output"], cutoff_len, add_eos=True)
     labels = list(ids)
     if not train_on_inputs:
-        prompt_len = len(_encode(tokenizer, generate_prompt(instruction, input_text), cutoff_len, add_eos=False))
+        prompt_len = len(_encode(tokenizer, prompt, cutoff_len, add_eos=False))
         labels[:prompt_len] = [IGNORE_INDEX] * min(prompt_len, len(labels))
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 

@@ -21,6 +21,8 @@ Rules, per task family:
   two numbers (``10-3``) is a minus operator, not a negative sign. A
   prediction is correct when ``|pred - gold| <= tolerance`` (default
   ``1e-4``; LLM-Adapters used ``1e-3``).
+* **Exact match** (the synthetic tasks of ``istune.data.tasks``, named ``task:...``): the response's
+  first line, stripped, must equal the gold answer character for character.
 * **AQuA** (options A-E): LLM-Adapters takes the first capital A-E anywhere,
   which the article in "A train leaves..." defeats. Here, in order of
   preference, the *last* match of: an explicit statement (``answer is
@@ -79,6 +81,14 @@ _STANDALONE_LETTER = re.compile(r"(?<![A-Za-z0-9'])([A-E])(?![A-Za-z0-9'])")
 _ARTICLE_A = re.compile(r"A\s+(?!(?:is|was|would|will|should|must|can|could|seems|fits|matches)\b)[a-z]")
 
 
+EXACT_PREFIX = "task:"  # a synthetic task (istune.data.tasks), scored by exact match
+
+
+def is_exact_task(task: str) -> bool:
+    """Whether ``task`` is scored by exact match (a synthetic ``task:...`` spec)."""
+    return task.strip().startswith(EXACT_PREFIX)
+
+
 def normalize_task(task: str) -> str:
     """Canonical task name: lower case, ``-`` as ``_``, known aliases resolved.
 
@@ -86,11 +96,13 @@ def normalize_task(task: str) -> str:
         task: A task name such as ``"ARC-Easy"``, ``"arc_easy"`` or ``"SVAMP"``.
 
     Returns:
-        The canonical name, one of ``KNOWN_TASKS``.
+        The canonical name, one of ``KNOWN_TASKS``, or an exact-match ``task:...`` spec as it is.
 
     Raises:
         ValueError: If the task is unknown.
     """
+    if is_exact_task(task):
+        return task.strip()
     name = task.strip().lower().replace("-", "_")
     name = _ALIASES.get(name, name)
     if name not in KNOWN_TASKS:
@@ -122,6 +134,12 @@ def extract_number(text: str) -> float | None:
     return float(numbers[-1]) if numbers else None
 
 
+def extract_line(text: str) -> str | None:
+    """The first line of ``text``, stripped (an exact-match task's prediction), or None if it is empty."""
+    line = strip_continuation(text).strip().split("\n", 1)[0].strip()
+    return line or None
+
+
 def extract_letter(text: str) -> str | None:
     """AQuA option letter (``"A"``-``"E"``) by the preference order in the module docstring, or None."""
     text = strip_continuation(text)
@@ -142,9 +160,12 @@ def extract_answer(task: str, text: str, ignore_case: bool = False) -> str | flo
         ignore_case: Commonsense tasks only: also accept ``"True"``, ``"Solution2"``.
 
     Returns:
-        A label word (commonsense), a float (arithmetic), a letter (AQuA), or None.
+        A label word (commonsense), a float (arithmetic), a letter (AQuA), the first line (exact match),
+        or None.
     """
     name = normalize_task(task)
+    if is_exact_task(name):
+        return extract_line(text)
     if name in NUMBER_TASKS:
         return extract_number(text)
     if name in LETTER_TASKS:
@@ -189,6 +210,8 @@ def is_correct(
     if prediction is None:
         return False
     name = normalize_task(task)
+    if is_exact_task(name):
+        return prediction == str(answer).strip()
     if name in NUMBER_TASKS:
         return math.isclose(float(prediction), parse_gold_number(answer), rel_tol=0.0, abs_tol=tolerance)
     gold = str(answer).strip()

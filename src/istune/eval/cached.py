@@ -27,11 +27,14 @@ def evaluate_parts(model, tokenizer, items: dict[str, list[dict]], methods: Sequ
     ``batch_size`` sequences per scoring pass, ``generation_batch_size`` (default the same)
     prompts per ``generate`` call.
 
+    An exact-match task (``task:...``) has no options to score: only ``"generate"`` evaluates it.
+
     A summary is ``TaskResult.summary()``: accuracy, correct, total and, for scoring,
     ``accuracy_per_token`` and ``accuracy_per_char``. The settings are those of
     ``istune.eval.evaluate_tasks`` (default prompt, per-task generation budget,
     greedy decoding, a space between context and option), so the numbers are the same.
     """
+    from istune.eval.answers import is_exact_task
     from istune.eval.generation import check_generation_items, evaluate_generation
     from istune.eval.result_cache import digest
     from istune.eval.scoring import check_scoring_items, evaluate_scoring
@@ -39,12 +42,15 @@ def evaluate_parts(model, tokenizer, items: dict[str, list[dict]], methods: Sequ
     for task, rows in items.items():  # every item checked before the first (slow) forward pass
         if "generate" in methods:
             check_generation_items(rows, task)
-        if "score" in methods:
+        if "score" in methods and not is_exact_task(task):
             check_scoring_items(rows, task)
     parts: dict[str, dict[str, dict[str, Any]]] = {}
     for method in methods:
+        scored = {task: rows for task, rows in items.items() if method == "generate" or not is_exact_task(task)}
+        if not scored:
+            continue
         parts[method] = {}
-        for task, rows in items.items():
+        for task, rows in scored.items():
             part = {"method": method, "task": task, "items": digest(rows)}
             part.update({"max_new_tokens": None, "num_beams": 1} if method == "generate" else {"delimiter": " "})
             stored = cache.get(part) if cache is not None else None

@@ -25,6 +25,7 @@ from istune.eval.answers import (
     NUMBER_TASKS,
     extract_answer,
     is_correct,
+    is_exact_task,
     normalize_task,
     parse_gold_number,
 )
@@ -40,6 +41,12 @@ def default_max_new_tokens(task: str) -> int:
     """LLM-Adapters' generation budget for ``task``: 32 for commonsense, 256 for math."""
     name = normalize_task(task)
     return REASONING_MAX_NEW_TOKENS if name in NUMBER_TASKS or name == "aqua" else COMMONSENSE_MAX_NEW_TOKENS
+
+
+def exact_answer_budget(tokenizer: Any, items: Sequence[dict[str, Any]]) -> int:
+    """An exact-match task's generation budget: the longest gold answer's tokens (as trained, after a space)
+    and 2 more, room for the end of the answer and EOS; a longer response is wrong anyway."""
+    return max(len(tokenizer(" " + str(item["answer"]), add_special_tokens=False)["input_ids"]) for item in items) + 2
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -157,7 +164,8 @@ def evaluate_generation(
         task: Task name; chooses the extraction rule (see ``istune.eval.answers``).
         prompt_fn: Item to prompt text; default ``default_prompt`` (the training template).
         batch_size: Prompts per ``generate`` call.
-        max_new_tokens: Generation budget; default ``default_max_new_tokens(task)``.
+        max_new_tokens: Generation budget; default ``default_max_new_tokens(task)``, or for an exact-match
+            task ``exact_answer_budget``.
         num_beams: 1 for greedy, more for beam search.
         tolerance: Absolute tolerance of numeric answers.
         ignore_case: Accept capitalised commonsense answer words.
@@ -171,6 +179,8 @@ def evaluate_generation(
     check_generation_items(items, task)
     prompt_fn = prompt_fn or default_prompt
     prompts = [prompt_fn(item) for item in items]
+    if max_new_tokens is None and is_exact_task(name) and items:
+        max_new_tokens = exact_answer_budget(tokenizer, items)
     responses = generate_responses(
         model,
         tokenizer,

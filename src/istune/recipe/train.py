@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from istune.adapters.methods import AdapterArgs, add_adapters, load_adapters, save_adapters
 from istune.config import ISTConfig
 from istune.data import load_eval_items
@@ -30,7 +32,7 @@ from istune.recipe.options import check_job, run_record
 from istune.runs import RunArgs, batch_layout, load_rows, saved_training_value
 
 # What results.json holds from the training, in its order; istune_run.json keeps it once training ends.
-TRAINING_RESULTS = ("training", "batch_layout", "train_seconds", "importance", "log_history")
+TRAINING_RESULTS = ("training", "batch_layout", "train_seconds", "importance", "log_history", "curve")
 
 
 def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
@@ -89,15 +91,18 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     total = sum(p.numel() for p in model.parameters())
     say(f"istune: {adapter.method} adapters, {trainable:,} trainable of {total:,} parameters; "
         f"strategy {ist.strategy!r}")
+    curve = AccuracyCurve(tokenizer, items, run, training.per_device_eval_batch_size) if run.curve_every else None
     trainer = Trainer(model=model, args=training, train_dataset=train_set, eval_dataset=heldout_set,
-                      data_collator=collate, callbacks=[checkpoints.RunFileCallback(record)])
+                      data_collator=collate,
+                      callbacks=[checkpoints.RunFileCallback(record)] + ([curve] if curve and main and items else []))
     callback = add_ist(trainer, ist)  # with the Trainer: reporters get IST metrics, FSDP2 checkpoints every adapter
     train_started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     results: dict[str, Any] = {**record, "training": _jsonable(training.to_dict()),
                                "batch_layout": layout, "train_seconds": time.time() - train_started,
                                "importance": callback.importance.tolist(),
-                               "log_history": trainer.state.log_history}
+                               "log_history": trainer.state.log_history,
+                               "curve": curve.record(trainer.state.global_step) if curve else None}
     if not main:
         return results
     with atomic_dir(output / checkpoints.ADAPTER_FOLDER, replace=True) as folder:
@@ -109,6 +114,7 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     say("istune: evaluating the tuned model")
     results["tuned"] = _evaluate(model.eval(), tokenizer, items, heldout_set, collate, run,
                                  training.per_device_eval_batch_size)
+    _end_curve(results)
     del trainer, model, callback
     return _finish(results, tokenizer, items, heldout_set, collate, run, training.per_device_eval_batch_size, load,
                    output, seconds=time.time() - started)
@@ -142,9 +148,53 @@ def finish_evaluation(run: RunArgs, model_args: ModelArgs, adapter: AdapterArgs,
     batch_size = saved_training_value(trained, "per_device_eval_batch_size")
     print("istune: evaluating the tuned model")
     results["tuned"] = _evaluate(model.eval(), tokenizer, items, heldout_set, collate, run, batch_size)
+    _end_curve(results)
     del model
     seconds = saved.get("seconds_until_trained", 0) + time.time() - started
     return _finish(results, tokenizer, items, heldout_set, collate, run, batch_size, load, output, seconds=seconds)
+
+
+class AccuracyCurve(TrainerCallback):
+    """The accuracy on the run's evaluation items at step 0 and every ``--curve_every`` steps (a learning curve).
+
+    The last point, at the final step, is the tuned model's evaluation itself (``_end_curve``), so it is
+    not measured twice. ``seconds`` is the time the points took, inside the Trainer's training time.
+    """
+
+    def __init__(self, tokenizer, items: dict[str, list[dict]], run: RunArgs, batch_size: int):
+        self.tokenizer, self.items, self.run, self.batch_size = tokenizer, items, run, batch_size
+        self.points: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            self._measure(0, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.run.curve_every == 0 and state.global_step < state.max_steps:
+            self._measure(state.global_step, model)
+
+    def _measure(self, step: int, model) -> None:
+        from istune.eval.cached import evaluate_model
+
+        started = time.time()
+        result = evaluate_model(model, self.tokenizer, self.items, None, None, self.run.eval_method, self.batch_size,
+                                generation_batch_size=self.run.generation_batch_size)
+        self.points.append({"step": step, **{method: result[method]["average"] for method in result}})
+        self.seconds += time.time() - started
+
+    def record(self, final_step: int) -> dict[str, Any]:
+        return {"every": self.run.curve_every, "points": self.points, "seconds": self.seconds,
+                "final_step": final_step}
+
+
+def _end_curve(results: dict[str, Any]) -> None:
+    """The curve's last point: the tuned model's accuracy at the final step."""
+    curve = results.get("curve")
+    if curve:
+        methods = {m: results["tuned"][m]["average"] for m in ("generate", "score") if m in results["tuned"]}
+        curve["points"] = [p for p in curve["points"] if p["step"] < curve["final_step"]]
+        curve["points"].append({"step": curve["final_step"], **methods})
 
 
 def train_run(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, **training_options) -> dict[str, Any]:
