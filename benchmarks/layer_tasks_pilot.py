@@ -32,7 +32,7 @@ OPTIONS = ("--model", "smollm2-135m",
            "--target_modules", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
            "--rank", "16", "--alpha", "32", "--per_device_train_batch_size", "16", "--learning_rate", "2e-3",
            "--max_steps", "240", "--train_samples", "3840", "--heldout_samples", "64", "--eval_limit", "300",
-           "--curve_every", "20", "--compare_base", "false", "--logging_steps", "20", "--disable_tqdm", "true")
+           "--curve_every", "60", "--compare_base", "false", "--logging_steps", "20", "--disable_tqdm", "true")
 START_BELOW, REACH, QUARTER_GAP = 0.20, 0.70, 0.15  # criteria (a) and (b)
 
 

@@ -217,12 +217,12 @@ def load_eval_items(tasks: list[str], limit: int | None, seed: int) -> dict[str,
 
     A synthetic ``task:...`` spec (``istune.data.tasks``) gives the first ``limit`` of its fixed test items.
     """
-    from istune.data.tasks import is_task_spec, parse_task_spec, test_items
+    from istune.data.tasks import is_task_spec, parse_task_spec, task_test_items
 
     items = {}
     for task in tasks:
         if is_task_spec(task):
-            items[task] = test_items(parse_task_spec(task))[:limit]
+            items[task] = task_test_items(parse_task_spec(task))[:limit]
             continue
         rows = load_commonsense_eval(task)
         if limit is not None and limit < len(rows):

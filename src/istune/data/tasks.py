@@ -16,7 +16,7 @@ Alpaca template, so a step costs a few tokens per example):
     >>> rows[0]["prompt"], rows[0]["answer"]          # doctest: +SKIP
     ('reverse: d a h c =', 'c h a d')
 
-Test items come from a generator seeded by the spec alone (``test_items``): the same for every run and
+Test items come from a generator seeded by the spec alone (``task_test_items``): the same for every run and
 seed. Training and held-out rows are drawn with the run's seed and never repeat a test prompt or
 each other, so the test items are disjoint from everything a run trains on.
 """
@@ -184,14 +184,16 @@ def parse_task_spec(text: str, option: str = "--data") -> TaskSpec:
 
 def _draw(spec: TaskSpec, count: int, rng: random.Random, exclude: set[str]) -> list[tuple[str, str]]:
     """``count`` pairs with prompts distinct from each other and from ``exclude`` (which grows)."""
-    pairs, tries = [], 0
+    pairs, misses = [], 0
     while len(pairs) < count:
         prompt, answer = spec.task.make(rng, spec.values)
-        tries += 1
         if prompt not in exclude:
             exclude.add(prompt)
             pairs.append((prompt, answer))
-        elif tries > 50 * count + 10_000:
+            misses = 0
+            continue
+        misses += 1
+        if misses > 10_000:  # so many repeats in a row: the prompts are (nearly) used up
             raise ValueError(f"--data={spec.text!r} cannot give {count} distinct prompts beside its {TEST_ITEMS} test "
                              "items; lower --train_samples, or raise the task's length or alphabet.")
     return pairs
@@ -201,7 +203,7 @@ def _row(prompt: str, answer: str) -> dict[str, str]:
     return {"prompt": prompt, "instruction": prompt, "input": "", "output": " " + answer, "answer": answer}
 
 
-def test_items(spec: TaskSpec) -> list[dict[str, str]]:
+def task_test_items(spec: TaskSpec) -> list[dict[str, str]]:
     """The spec's fixed test set (:data:`TEST_ITEMS` items, seeded by the spec alone)."""
     pairs = _draw(spec, TEST_ITEMS, random.Random(f"test:{_canonical(spec)}"), set())
     return [_row(prompt, answer) for prompt, answer in pairs]
@@ -209,7 +211,7 @@ def test_items(spec: TaskSpec) -> list[dict[str, str]]:
 
 def training_rows(spec: TaskSpec, count: int, seed: int) -> list[dict[str, str]]:
     """``count`` rows drawn with ``seed``, none repeating a test prompt or another row's prompt."""
-    exclude = {row["prompt"] for row in test_items(spec)}
+    exclude = {row["prompt"] for row in task_test_items(spec)}
     pairs = _draw(spec, count, random.Random(f"train:{seed}:{_canonical(spec)}"), exclude)
     return [_row(prompt, answer) for prompt, answer in pairs]
 
