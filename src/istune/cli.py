@@ -65,8 +65,9 @@ def _shared_names(groups) -> set[str]:
     return shared
 
 
-def _parse_train(argv: Sequence[str]):
-    """(run, model_args, adapter, ist, training) from flags over a YAML --config."""
+def _parse_train(argv: Sequence[str], other_keys: Sequence[str] = ()):
+    """(run, model_args, adapter, ist, training) from flags over a YAML --config (whose ``other_keys`` belong to
+    another parser and are skipped)."""
     import dataclasses
     import difflib
 
@@ -84,6 +85,7 @@ def _parse_train(argv: Sequence[str]):
         if not isinstance(values, dict):
             raise ValueError(f"--config={config_path!r}: expected a mapping of option names to values.")
         known = {action.dest for action in parser._actions} - {"help", "config"}
+        values = {key: value for key, value in values.items() if key not in other_keys}
         for key in values:
             if key not in known:
                 close = difflib.get_close_matches(str(key), known, n=1)
@@ -175,11 +177,15 @@ def _train(argv: Sequence[str]) -> int:
     return 0
 
 
-def _compare(argv: Sequence[str]) -> int:
+COMPARE_KEYS = ("arms", "seeds", "out", "effect")  # `istune compare`'s own options (also YAML keys)
+
+
+def _parse_compare(argv: Sequence[str]):
+    """(compare's own options, and unless --report_only (arms, seeds, run, model_args, adapter, ist, training))."""
     import dataclasses
 
     parser = argparse.ArgumentParser(
-        prog="istune compare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="istune compare", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         description="Selection rules side by side over seeds, on any model and data `istune train` takes: each "
         "(arm, seed) is an `istune train` run with the options given after these (every `istune train` option "
         "is accepted); at one seed every arm gets the same data, order and adapter initialisation. Resumes run "
@@ -195,28 +201,51 @@ def _compare(argv: Sequence[str]) -> int:
     parser.add_argument("--effect", type=float, default=0.05,
                         help="A difference in accuracy (0.05: 5 pp) for the report's seeds-needed column.")
     parser.add_argument("--report_only", action="store_true", help="Rebuild the report from the saved runs only.")
+    parser.add_argument("--config", help="YAML file of option defaults: `istune train` options and arms, seeds, "
+                        "out, effect (flags given here override it).")
+    own, _ = parser.parse_known_args(argv)
+    if own.config and Path(own.config).is_file():  # the compare keys of the YAML are this parser's defaults
+        import yaml
+
+        values = yaml.safe_load(Path(own.config).read_text()) or {}
+        if isinstance(values, dict):
+            text = {key: ",".join(map(str, value)) if isinstance(value, list) else str(value)
+                    for key, value in values.items() if key in ("arms", "seeds", "out")}
+            parser.set_defaults(**text, **({"effect": values["effect"]} if "effect" in values else {}))
     own, rest = parser.parse_known_args(argv)
+    if own.config:
+        rest = [*rest, "--config", own.config]
     if not 0 < own.effect < 1:
         raise ValueError(f"--effect={own.effect!r} must be an accuracy difference in (0, 1), e.g. 0.05 for 5 pp.")
+    if own.report_only:
+        return own, None
+    from istune.recipe.compare import model_layer_count, parse_arms, parse_seeds
+
+    given = _flags_given(rest)
+    if "output_dir" in given:
+        raise ValueError("--output_dir: istune compare puts each run in <--out>/runs/<arm>-seed<k>; give --out.")
+    if "seed" in given or "ist_seed" in given:
+        raise ValueError("--seed: istune compare runs every arm at each of --seeds; give --seeds instead.")
+    seeds = parse_seeds(own.seeds)
+    run, model_args, adapter, ist, training = _parse_train(rest, other_keys=COMPARE_KEYS)
+    if "curve_every" not in given and not run.curve_every:
+        steps = training.max_steps if training.max_steps > 0 else 10
+        run = dataclasses.replace(run, curve_every=max(1, steps // 10))
+    quarters = any(arm.split(":")[0] in ("quarter", "layers") for arm in own.arms.split(","))
+    arms = parse_arms(own.arms, model_layer_count(run.model) if quarters else None)
+    return own, (arms, seeds, run, model_args, adapter, ist, training)
+
+
+def _compare(argv: Sequence[str]) -> int:
     from istune.analysis.comparison import write_report
 
+    own, plan = _parse_compare(argv)
     out = Path(own.out)
-    if not own.report_only:
-        from istune.recipe.compare import compare, model_layer_count, parse_arms, parse_seeds
+    if plan is not None:
+        from istune.recipe.compare import compare
 
-        given = _flags_given(rest)
-        if "output_dir" in given:
-            raise ValueError("--output_dir: istune compare puts each run in <--out>/runs/<arm>-seed<k>; give --out.")
-        if "seed" in given or "ist_seed" in given:
-            raise ValueError("--seed: istune compare runs every arm at each of --seeds; give --seeds instead.")
-        seeds = parse_seeds(own.seeds)
-        run, model_args, adapter, ist, training = _parse_train(rest)
-        if "curve_every" not in given:
-            steps = training.max_steps if training.max_steps > 0 else 10
-            run = dataclasses.replace(run, curve_every=max(1, steps // 10))
-        quarters = any(arm.split(":")[0] in ("quarter", "layers") for arm in own.arms.split(","))
-        arms = parse_arms(own.arms, model_layer_count(run.model) if quarters else None)
-        compare(arms, seeds, out, run, model_args, adapter, ist, training)
+        arms, seeds, *options = plan
+        compare(arms, seeds, out, *options)
     print(write_report(out, own.effect))
     print(f"istune compare: report in {out / 'results.md'}, curves in {out / 'curves.png'}")
     return 0

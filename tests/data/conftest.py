@@ -18,6 +18,11 @@ SPECIALS = ["<pad>", "<unk>", "</s>"]
 @pytest.fixture
 def char_tokenizer():
     """A tokenizer with one token per printable ASCII character, ``</s>`` as EOS and no pad token."""
+    return make_char_tokenizer()
+
+
+def make_char_tokenizer():
+    """:func:`char_tokenizer`, outside a fixture."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

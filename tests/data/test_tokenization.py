@@ -213,3 +213,11 @@ def test_packed_and_labelled_batches_give_the_padded_loss_and_gradients(char_tok
         assert grads.keys() == reference_grads.keys() and len(grads) > 0
         for name, grad in grads.items():
             torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=f"{options} {name}")
+
+
+def test_a_row_with_its_own_prompt_trains_without_the_template(char_tokenizer):
+    row = {"prompt": "reverse: a b c =", "instruction": "ignored", "input": "", "output": " c b a", "answer": "c b a"}
+    features = tokenize_example(row, char_tokenizer, cutoff_len=1024, train_on_inputs=False)
+    ids, labels, n = features["input_ids"], features["labels"], len(row["prompt"])
+    assert char_tokenizer.decode(ids[:-1]) == "reverse: a b c = c b a" and ids[-1] == EOS
+    assert labels[:n] == [IGNORE_INDEX] * n and labels[n:] == ids[n:]

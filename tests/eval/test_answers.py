@@ -80,7 +80,16 @@ LETTERS = [
 ]
 
 
-@pytest.mark.parametrize(("task", "text", "expected"), COMMONSENSE + NUMBERS + LETTERS)
+EXACT = [  # the synthetic tasks: the first line, stripped, as it is
+    ("task:reverse", " c b a\nreverse: d e f = f e d", "c b a"),
+    ("task:add:digits=3", "1032 ### Instruction: 7", "1032"),
+    ("task:cipher", "Q W", "Q W"),  # case is kept: exact match
+    ("task:count", "  \n3\n4", "3"),  # leading blank lines skipped, as generation strips them
+    ("task:count", " ", None),
+]
+
+
+@pytest.mark.parametrize(("task", "text", "expected"), COMMONSENSE + NUMBERS + LETTERS + EXACT)
 def test_extract_answer(task, text, expected):
     assert extract_answer(task, text) == expected
 
@@ -114,6 +123,9 @@ CORRECTNESS = [
     ("aqua", "C", "C", 1e-4, True),
     ("aqua", "C", "c", 1e-4, True),
     ("aqua", "B", "C", 1e-4, False),
+    ("task:add", "1032", " 1032", 1e-4, True),
+    ("task:add", "1032.0", "1032", 1e-4, False),  # exact, not numeric
+    ("task:cipher", "q w", "q  w", 1e-4, False),
 ]
 
 

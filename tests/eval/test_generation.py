@@ -88,6 +88,8 @@ ITEMS = [
     ("gsm8k", "question : the answer is 42", "42", 42.0, True),
     ("gsm8k", "question : 7", "42.0", 7.0, False),
     ("winogrande", "question : the dog ran", "option1", None, False),
+    ("task:count", "question : 7", "7", "7", True),  # exact match: the response's first line
+    ("task:count", "question : 42", "4", "42", False),
 ]
 
 
@@ -114,6 +116,13 @@ def test_evaluate_generation_accuracy_prompt_fn_and_budget(tokenizer):
     assert (result.correct, result.total) == (2, 3)
     assert result.accuracy == pytest.approx(2 / 3)
     assert {call["max_new_tokens"] for call in model.calls} == {default_max_new_tokens("piqa")} == {32}
+
+
+def test_an_exact_match_task_generates_its_longest_answer_and_two_tokens_more(tokenizer):
+    items = [{"prompt": "question : 7", "answer": "7"}, {"prompt": "question : 1", "answer": "the cat sat"}]
+    model = EchoLastToken()
+    evaluate_generation(model, tokenizer, items, "task:count")
+    assert {call["max_new_tokens"] for call in model.calls} == {3 + 2}
 
 
 def test_default_max_new_tokens():

@@ -21,8 +21,8 @@ Rules, per task family:
   two numbers (``10-3``) is a minus operator, not a negative sign. A
   prediction is correct when ``|pred - gold| <= tolerance`` (default
   ``1e-4``; LLM-Adapters used ``1e-3``).
-* **Exact match** (the synthetic tasks of ``istune.data.tasks``, named ``task:...``): the response's
-  first line, stripped, must equal the gold answer character for character.
+* **Exact match** (the synthetic tasks of ``istune.data.tasks``, named ``task:...``): the first line
+  of the stripped response, stripped, must equal the gold answer character for character.
 * **AQuA** (options A-E): LLM-Adapters takes the first capital A-E anywhere,
   which the article in "A train leaves..." defeats. Here, in order of
   preference, the *last* match of: an explicit statement (``answer is
@@ -135,7 +135,7 @@ def extract_number(text: str) -> float | None:
 
 
 def extract_line(text: str) -> str | None:
-    """The first line of ``text``, stripped (an exact-match task's prediction), or None if it is empty."""
+    """The first line of ``text`` once stripped (an exact-match task's prediction), or None if there is none."""
     line = strip_continuation(text).strip().split("\n", 1)[0].strip()
     return line or None
 

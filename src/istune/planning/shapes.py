@@ -105,6 +105,11 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
         "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "vocab_size": 128256,
         "bos_token_id": 128000, "eos_token_id": 128001, "tie_word_embeddings": False},
+    "Qwen/Qwen2.5-1.5B": {  # configs/compare/: the regime that fits one GPU-hour
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "hidden_size": 1536,
+        "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151936,
+        "bos_token_id": 151643, "eos_token_id": 151643, "tie_word_embeddings": True},
     "HuggingFaceTB/SmolLM2-135M-Instruct": {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 576,
         "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
