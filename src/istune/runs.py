@@ -12,6 +12,7 @@ wherever they are rebuilt::
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -168,3 +169,12 @@ def batch_layout(run: RunArgs, model, training=None, say=print) -> dict[str, boo
 def comparison_run_folder(out: str | Path, arm: str, seed: int) -> Path:
     """The folder of arm ``arm`` at ``seed`` in an ``istune compare`` folder (``quarter:4`` -> ``quarter_4``)."""
     return Path(out) / COMPARE_RUNS / f"{arm.replace(':', '_').replace('=', '-')}-seed{seed}"
+
+
+def quarter_layers(quarter: int, num_layers: int) -> list[int]:
+    """Quarter 1 (bottom) to 4 (top) of the layers, as ``istune compare``'s ``quarter:K`` arms train them:
+    N_u = round(N_L / 4) consecutive layers, the four starts spread evenly from 0 to N_L - N_u (N_L = 30:
+    0-7, 7-14, 15-22, 22-29)."""
+    size = max(1, math.floor(num_layers / 4 + 0.5))
+    start = math.floor((quarter - 1) * (num_layers - size) / 3 + 0.5)
+    return list(range(start, start + size))

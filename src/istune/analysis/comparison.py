@@ -22,7 +22,7 @@ from typing import Any
 
 from istune.bench.stats import mean_ci95, seeds_for_power
 from istune.io import save_figure, write_json, write_text
-from istune.runs import COMPARE_FILE, comparison_run_folder
+from istune.runs import COMPARE_FILE, comparison_run_folder, quarter_layers
 
 REFERENCES = ("all", "random")  # each arm's paired differences are taken against these, where present
 THRESHOLDS = (0.5, 0.8)  # shares of the `all` arm's final accuracy for the time-to-accuracy columns
@@ -41,11 +41,12 @@ def read_run(folder: Path) -> dict[str, Any]:
     accuracy = [p[metric] for p in curve["points"]]
     final_step = curve["final_step"]
     training_seconds = results["train_seconds"] - curve["seconds"]
-    selected = _selection_counts(folder / LOG_FILE, len(results["importance"]))
+    selected, importance = _read_log(folder / LOG_FILE, len(results["importance"]))
     return {"metric": metric, "steps": steps, "accuracy": accuracy, "final": accuracy[-1],
             "auc": area_under_curve(steps, accuracy), "seconds_per_step": training_seconds / max(1, final_step),
             "selection_share": [count / max(1, final_step) for count in selected],
-            "importance": results["importance"], "heldout_loss": results["tuned"].get("heldout_loss")}
+            "importance": importance, "fixed_layers": results["ist"].get("layers"),
+            "heldout_loss": results["tuned"].get("heldout_loss")}
 
 
 def area_under_curve(steps: list[int], accuracy: list[float]) -> float:
@@ -61,23 +62,24 @@ def steps_to_reach(steps: list[int], accuracy: list[float], target: float) -> in
     return next((step for step, value in zip(steps, accuracy) if value >= target), None)
 
 
-def _selection_counts(log: Path, num_layers: int) -> list[int]:
-    """Steps in which each layer was selected (``select`` events of the IST log); zeros without a log."""
-    counts = [0] * num_layers
+def _read_log(log: Path, num_layers: int) -> tuple[list[int], list[tuple[int, list[float]]]]:
+    """From an IST log: the steps in which each layer was selected (``select`` events), and the importance after
+    each update, ``(step, I)`` (``probe`` events; empty for a rule without them)."""
+    counts, importance = [0] * num_layers, []
     if log.is_file():
         for line in log.read_text().splitlines():
             event = json.loads(line)
             if event.get("event") == "select":
                 for layer in event["selected"]:
                     counts[layer] += 1
-    return counts
+            elif event.get("event") == "probe" and not event.get("skipped"):
+                importance.append((event["step"], event["importance"]))
+    return counts, importance
 
 
 def quarter_shares(shares: list[float]) -> list[float]:
-    """The mean selection share of the layers in each quarter of the depth (bottom first)."""
-    n = len(shares)
-    bounds = [round(q * n / 4) for q in range(5)]
-    return [statistics.fmean(shares[a:b]) if b > a else float("nan") for a, b in zip(bounds, bounds[1:])]
+    """The mean selection share of the layers of each quarter (``quarter_layers``, the quarter arms' layers)."""
+    return [statistics.fmean(shares[i] for i in quarter_layers(q, len(shares))) for q in range(1, 5)]
 
 
 def build_report(out: str | Path, effect: float = 0.05) -> dict[str, Any]:
@@ -131,11 +133,78 @@ def build_report(out: str | Path, effect: float = 0.05) -> dict[str, Any]:
                 pair[measure] = {"mean_ci95": mean_ci95(diffs), "sd": sd,
                                  "seeds_for_effect": seeds_for_power(sd, effect) if sd > 0 else 2}
             pairs.append(pair)
+    mechanism = layer_mechanism(runs)
     metric = next(iter(next(iter(runs.values())).values()))["metric"]
     curves = {arm: {str(seed): {"steps": r["steps"], "accuracy": r["accuracy"]} for seed, r in by_seed.items()}
               for arm, by_seed in runs.items()}
     return {"metric": metric, "effect": effect, "all_final": target_base, "arms": arms, "pairs": pairs,
-            "curves": curves, "settings": plan["settings"]}
+            "mechanism": mechanism, "curves": curves, "settings": plan["settings"]}
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        rank = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                rank[order[k]] = (i + j) / 2
+            i = j + 1
+        return rank
+
+    a, b = ranks(x), ranks(y)
+    ma, mb = statistics.fmean(a), statistics.fmean(b)
+    num = sum((p - ma) * (q - mb) for p, q in zip(a, b))
+    den = math.sqrt(sum((p - ma) ** 2 for p in a) * sum((q - mb) ** 2 for q in b))
+    return num / den if den else float("nan")
+
+
+def layer_mechanism(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any] | None:
+    """How the rules' choices relate to the measured value of the layers, when the four quarter arms ran.
+
+    The value of quarter k is the quarter:k arm's final accuracy (mean over its seeds). Per arm: Spearman's
+    correlation of its selection share by quarter with those values. Per seed of an arm with importance
+    updates (IST): the mean importance of each quarter's layers after the last update, its Spearman with the
+    values, whether it ranks the best quarter first, the share of the N_u most important layers that lie in
+    the best quarter, and the first update step from which the best quarter stays first to the end.
+    """
+    quarter_arms = [f"quarter:{k}" for k in range(1, 5)]
+    if not all(arm in runs for arm in quarter_arms):
+        return None
+    layers = [next(iter(runs[arm].values()))["fixed_layers"] for arm in quarter_arms]
+    value = [statistics.fmean(r["final"] for r in runs[arm].values()) for arm in quarter_arms]
+    best = max(range(4), key=value.__getitem__)
+    result: dict[str, Any] = {"quarter_layers": layers, "quarter_value": value, "best_quarter": best + 1,
+                              "arms": {}}
+    for arm, by_seed in runs.items():
+        if arm in quarter_arms:
+            continue
+        share = [statistics.fmean(col) for col in zip(*(r["selection_share"] for r in by_seed.values()))]
+        by_quarter = [statistics.fmean(share[i] for i in group) for group in layers]
+        entry: dict[str, Any] = {"selection_by_quarter": by_quarter, "spearman": spearman(by_quarter, value)}
+        seeds = {}
+        for seed, run in by_seed.items():
+            if not run["importance"]:
+                continue
+            first = [max(range(4), key=lambda q, imp=imp: statistics.fmean(imp[i] for i in layers[q]))
+                     for _, imp in run["importance"]]
+            final = run["importance"][-1][1]
+            per_quarter = [statistics.fmean(final[i] for i in group) for group in layers]
+            top = sorted(range(len(final)), key=lambda i: -final[i])[: len(layers[best])]
+            settled = next((run["importance"][k][0] for k in range(len(first))
+                            if all(q == best for q in first[k:])), None)
+            seeds[str(seed)] = {"importance_by_quarter": per_quarter, "spearman": spearman(per_quarter, value),
+                                "ranks_best_first": first[-1] == best,
+                                "top_overlap": len(set(top) & set(layers[best])) / len(layers[best]),
+                                "settled_at_step": settled, "updates": len(run["importance"])}
+        if seeds:
+            entry["seeds"] = seeds
+        result["arms"][arm] = entry
+    return result
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -171,7 +240,38 @@ def format_report(report: dict[str, Any]) -> str:
                 value = pair[measure]
                 cells += [_signed(*value["mean_ci95"]), f"{100 * value['sd']:.1f}", str(value["seeds_for_effect"])]
             lines.append("| " + " | ".join(cells) + " |")
+    if report.get("mechanism"):
+        lines += ["", *_format_mechanism(report["mechanism"])]
     return "\n".join(lines) + "\n"
+
+
+def _format_mechanism(found: dict[str, Any]) -> list[str]:
+    value = " / ".join(f"{100 * v:.1f}" for v in found["quarter_value"])
+    lines = [f"Layers that matter: the quarter arms' final accuracy, bottom → top: {value} % (best: quarter "
+             f"{found['best_quarter']}). Spearman ρ of each arm's selection share by quarter with those values:", "",
+             "| arm | selected by quarter % | ρ |", "|---|---|---|"]
+    for arm, entry in found["arms"].items():
+        shares = " / ".join(f"{100 * v:.0f}" for v in entry["selection_by_quarter"])
+        lines.append(f"| {arm} | {shares} | {_rho(entry['spearman'])} |")
+    learned = [(arm, seed, row) for arm, entry in found["arms"].items()
+               for seed, row in entry.get("seeds", {}).items()]
+    if learned:
+        lines += ["", "Learned importance (after the last update), per seed: mean importance by quarter, its ρ with "
+                  "the quarters' values, whether the best quarter ranks first, the share of the N_u most important "
+                  "layers inside the best quarter, and the update step from which the best quarter stays first.", "",
+                  "| arm | seed | updates | importance by quarter | ρ | best first | top-N_u in best | settled at |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for arm, seed, row in learned:
+            by_quarter = " / ".join(f"{v:+.2f}" for v in row["importance_by_quarter"])
+            settled = "never" if row["settled_at_step"] is None else f"step {row['settled_at_step']}"
+            lines.append(f"| {arm} | {seed} | {row['updates']} | {by_quarter} | {_rho(row['spearman'])} | "
+                         f"{'yes' if row['ranks_best_first'] else 'no'} | {100 * row['top_overlap']:.0f}% | "
+                         f"{settled} |")
+    return lines
+
+
+def _rho(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:+.2f}"
 
 
 def _threshold_header(report: dict[str, Any]) -> str:

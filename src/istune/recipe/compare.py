@@ -33,7 +33,7 @@ from istune.io import write_json
 from istune.models import ModelArgs
 from istune.recipe import checkpoints
 from istune.recipe.options import run_record
-from istune.runs import COMPARE_FILE, RunArgs, comparison_run_folder
+from istune.runs import COMPARE_FILE, RunArgs, comparison_run_folder, quarter_layers
 
 QUARTERS = {1: "bottom", 2: "lower-middle", 3: "upper-middle", 4: "top"}
 # Trainer options that differ run to run or do not change what a run computes; every other one must match.
@@ -106,14 +106,6 @@ def _fixed_layers(text: str, head: str, pairs: list[str], num_layers: int | None
     if num_layers is not None and last >= num_layers:
         raise ValueError(f"--arms: {text!r}: the model has {num_layers} layers (0-{num_layers - 1}).")
     return list(range(first, last + 1))
-
-
-def quarter_layers(quarter: int, num_layers: int) -> list[int]:
-    """Quarter 1 (bottom) to 4 (top): N_u = round(N_L / 4) consecutive layers, the four starts spread evenly
-    from 0 to N_L - N_u (N_L = 30: 0-7, 7-14, 15-22, 22-29)."""
-    size = max(1, math.floor(num_layers / 4 + 0.5))
-    start = math.floor((quarter - 1) * (num_layers - size) / 3 + 0.5)
-    return list(range(start, start + size))
 
 
 def arm_config(base: ISTConfig, arm: Arm, seed: int) -> ISTConfig:
