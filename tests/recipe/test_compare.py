@@ -172,3 +172,18 @@ def test_the_gpu_plans_parse_with_their_arms_and_state_their_memory(path):
     assert (adapter.rank, ist.update_fraction) == (32, 0.25)
     assert own.out.startswith("runs/compare/")
     assert _parse_compare(["--config", str(path), "--seeds", "2"])[1][1] == [1, 2]  # a flag overrides the YAML
+
+
+def test_the_learning_curve_does_not_change_the_training(tiny_char_llama, tmp_path):
+    args = compare_args(tiny_char_llama, tmp_path)[7:]  # the `istune train` options of a comparison
+    runs = {}
+    for every in ("0", "1"):
+        out = tmp_path / f"curve{every}"
+        assert main(["train", *args, "--curve_every", every, "--output_dir", str(out), "--strategy", "ist",
+                     "--update_layers", "1", "--probe_interval", "2"]) == 0
+        runs[every] = (json.loads((out / "results.json").read_text()), _adapters(out))
+    (without, weights), (with_curve, curve_weights) = runs["0"], runs["1"]
+    assert without["curve"] is None and [p["step"] for p in with_curve["curve"]["points"]] == [0, 1, 2, 3, 4]
+    assert all(torch.equal(weights[name], curve_weights[name]) for name in weights)
+    assert with_curve["importance"] == without["importance"]
+    assert with_curve["curve"]["points"][-1]["generate"] == with_curve["tuned"]["generate"]["average"]
