@@ -8,7 +8,8 @@ import statistics
 import numpy as np
 import pytest
 
-from istune.analysis.comparison import area_under_curve, build_report, spearman, steps_to_reach, write_report
+from istune.analysis.comparison import area_under_curve, build_report, steps_to_reach, write_report
+from istune.bench.probes import spearman
 from istune.runs import COMPARE_FILE, comparison_run_folder, quarter_layers
 
 N_LAYERS = 8  # quarters of 2 layers: 0-1, 2-3, 4-5, 6-7
@@ -51,14 +52,6 @@ def test_curve_measures_against_numpy():
     steps, accuracy = [0, 10, 30, 60], [0.0, 0.2, 0.5, 0.9]
     assert area_under_curve(steps, accuracy) == pytest.approx(np.trapezoid(accuracy, steps) / 60)
     assert steps_to_reach(steps, accuracy, 0.5) == 30 and steps_to_reach(steps, accuracy, 0.95) is None
-
-
-def test_spearman_matches_pearson_on_ranks():
-    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert spearman([4, 3, 2, 1], [10, 20, 30, 40]) == pytest.approx(-1.0)
-    x, y = [0.1, 0.5, 0.5, 0.2], [3.0, 1.0, 2.0, 4.0]  # ties get average ranks: 1, 3.5, 3.5, 2
-    assert spearman(x, y) == pytest.approx(np.corrcoef([1, 3.5, 3.5, 2], [3, 1, 2, 4])[0, 1])
-    assert math.isnan(spearman([1, 1, 1, 1], [1, 2, 3, 4]))
 
 
 def test_report_numbers_against_the_runs(folder):

@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from istune.bench.probes import spearman
 from istune.bench.stats import mean_ci95, seeds_for_power
 from istune.io import save_figure, write_json, write_text
 from istune.runs import COMPARE_FILE, comparison_run_folder, quarter_layers
@@ -139,28 +140,6 @@ def build_report(out: str | Path, effect: float = 0.05) -> dict[str, Any]:
               for arm, by_seed in runs.items()}
     return {"metric": metric, "effect": effect, "all_final": target_base, "arms": arms, "pairs": pairs,
             "mechanism": mechanism, "curves": curves, "settings": plan["settings"]}
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
-    def ranks(values):
-        order = sorted(range(len(values)), key=values.__getitem__)
-        rank = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                rank[order[k]] = (i + j) / 2
-            i = j + 1
-        return rank
-
-    a, b = ranks(x), ranks(y)
-    ma, mb = statistics.fmean(a), statistics.fmean(b)
-    num = sum((p - ma) * (q - mb) for p, q in zip(a, b))
-    den = math.sqrt(sum((p - ma) ** 2 for p in a) * sum((q - mb) ** 2 for q in b))
-    return num / den if den else float("nan")
 
 
 def layer_mechanism(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any] | None:
