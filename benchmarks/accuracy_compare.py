@@ -1,5 +1,10 @@
 """LoRA on every layer vs random sparse vs IST arms on the commonsense mix, side by side, over seeds.
 
+For a new comparison use ``istune compare`` (docs/compare.md): any model and data, any arms, learning
+curves, the same resume and refusal of mixed runs. This script stays as the command behind the committed
+records of ``benchmarks/results/accuracy*`` (issues 20-24), which ``--report_only`` rebuilds from their
+saved runs unchanged.
+
     .venv/bin/python benchmarks/accuracy_compare.py                 # run what is missing, then report
     .venv/bin/python benchmarks/accuracy_compare.py --report_only   # rebuild the report from saved runs
 
