@@ -91,10 +91,11 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     total = sum(p.numel() for p in model.parameters())
     say(f"istune: {adapter.method} adapters, {trainable:,} trainable of {total:,} parameters; "
         f"strategy {ist.strategy!r}")
-    curve = AccuracyCurve(tokenizer, items, run, training.per_device_eval_batch_size) if run.curve_every else None
+    curve = (AccuracyCurve(tokenizer, items, run, training.per_device_eval_batch_size)
+             if run.curve_every and main and items else None)  # the main process evaluates, as after training
+    callbacks = [checkpoints.RunFileCallback(record), *([curve] if curve else [])]
     trainer = Trainer(model=model, args=training, train_dataset=train_set, eval_dataset=heldout_set,
-                      data_collator=collate,
-                      callbacks=[checkpoints.RunFileCallback(record)] + ([curve] if curve and main and items else []))
+                      data_collator=collate, callbacks=callbacks)
     callback = add_ist(trainer, ist)  # with the Trainer: reporters get IST metrics, FSDP2 checkpoints every adapter
     train_started = time.time()
     trainer.train(resume_from_checkpoint=resume)
