@@ -100,3 +100,8 @@ def test_write_report_writes_the_three_files(folder):
     assert json.loads((folder / "report.json").read_text())["arms"]["all"]["seeds"] == [1, 2, 3]
     assert (folder / "curves.png").stat().st_size > 1000
     assert "| ist | 3 | 60.0 ±" in text and "Layers that matter" in text and "| ist | 1 | 2 |" in text
+
+
+def test_a_folder_without_a_comparison_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="holds no istune compare runs"):
+        build_report(tmp_path)

@@ -86,6 +86,9 @@ def quarter_shares(shares: list[float]) -> list[float]:
 def build_report(out: str | Path, effect: float = 0.05) -> dict[str, Any]:
     """The comparison's numbers from the runs saved in ``out`` (only arms and seeds with a complete run)."""
     out = Path(out)
+    if not (out / COMPARE_FILE).is_file():
+        raise ValueError(f"--out={str(out)!r} holds no istune compare runs (no {COMPARE_FILE}); give the folder "
+                         "a comparison wrote, or run one there.")
     plan = json.loads((out / COMPARE_FILE).read_text())
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for arm in plan["arms"]:
