@@ -179,7 +179,7 @@ def test_no_layer_list_names_the_lists_seen_and_the_layers_path_to_set():
 def test_layers_path_without_trainable_adapters_names_the_lists_that_have_them():
     model = _lora(_build("mllama"), target_modules=r".*language_model.*\.(q_proj|v_proj)")
     vision = "base_model.model.model.vision_model.transformer.layers"
-    message = (rf"ISTConfig.layers_path='{vision}' names a layer list with no trainable adapters: '{vision}' "
+    message = (rf"ISTConfig.layers_path='{vision}' names a layer list with no trainable adapters "
                r"\(2x MllamaVisionEncoderLayer, 0 adapters\); the layer lists that have them: "
                r"'base_model.model.model.language_model.layers' \(2x MllamaSelfAttentionDecoderLayer \+ "
                r"1x MllamaCrossAttentionDecoderLayer, 6 adapters\)")

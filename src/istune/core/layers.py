@@ -292,18 +292,18 @@ def _discover(model: nn.Module, key: Callable[[_Candidate], Any]) -> tuple[str, 
 
 def _nothing_trainable(model: nn.Module, path: str, blocks: nn.Module, given: bool) -> ValueError:
     """The error for a layer list without trainable parameters: the lists that have them, or what to add."""
-    here = _describe(_Candidate(path, blocks, sum(is_adapter_module(m) for m in blocks.modules()), 0, 0))
+    contents = _contents(blocks, sum(is_adapter_module(m) for m in blocks.modules()))
     others = [c for c in _candidates(model) if c.trainable and c.path != path]
     listed = ", ".join(_describe(c) for c in others[:8])
     if given and others:
-        return ValueError(f"ISTConfig.layers_path={path!r} names a layer list with no trainable adapters: {here}; "
-                          f"the layer lists that have them: {listed}. Set layers_path to one of those, or add "
+        return ValueError(f"ISTConfig.layers_path={path!r} names a layer list with no trainable adapters ({contents});"
+                          f" the layer lists that have them: {listed}. Set layers_path to one of those, or add "
                           f"adapters to '{path}'.")
     if others:
-        return ValueError(f"No trainable parameters inside the language model's decoder layers {here}; the layer "
-                          f"lists that have them: {listed}. Add adapters to the decoder layers (e.g. peft LoRA with "
-                          f"target_modules='all-linear'), or set ISTConfig.layers_path='{others[0].path}' to "
-                          "sparse-tune that list instead.")
+        return ValueError(f"No trainable parameters inside the language model's decoder layers '{path}' ({contents});"
+                          f" the layer lists that have them: {listed}. Add adapters to the decoder layers (e.g. peft "
+                          f"LoRA with target_modules='all-linear'), or set ISTConfig.layers_path='{others[0].path}' "
+                          "to sparse-tune that list instead.")
     return ValueError(
         f"{f'ISTConfig.layers_path={path!r}: ' if given else ''}No adapter modules or trainable parameters inside "
         f"any layer list of {type(model).__name__}: found {_candidate_summary(model)}; trainable parameters: "
@@ -339,9 +339,12 @@ def _candidates(model: nn.Module, sequential: bool = False) -> list[_Candidate]:
 
 def _describe(candidate: _Candidate) -> str:
     """``'model.layers' (2x LlamaDecoderLayer, 0 adapters)``; a list of several block classes counts each."""
-    counts = Counter(type(block).__name__ for block in candidate.blocks)
-    classes = " + ".join(f"{n}x {name}" for name, n in counts.items())
-    return f"'{candidate.path}' ({classes}, {candidate.adapters} adapters)"
+    return f"'{candidate.path}' ({_contents(candidate.blocks, candidate.adapters)})"
+
+
+def _contents(blocks: nn.Module, adapters: int) -> str:
+    counts = Counter(type(block).__name__ for block in blocks)
+    return " + ".join(f"{n}x {name}" for name, n in counts.items()) + f", {adapters} adapters"
 
 
 def _candidate_summary(model: nn.Module, sequential: bool = False, limit: int = 8) -> str:
