@@ -146,7 +146,7 @@ def test_the_vision_tower_is_named_once_in_plain_words(caplog):
     assert "LISA" not in caplog.text
 
 
-# ---- bad input -----------------------------------------------------------------------------------
+# ---- models without a transformers config ---------------------------------------------------------
 
 
 class _Block(nn.Module):
@@ -156,6 +156,27 @@ class _Block(nn.Module):
 
     def forward(self, x):
         return x + self.proj(x)
+
+
+class _Gate(_Block):
+    """A second block class (as Jamba's Mamba blocks beside its attention blocks)."""
+
+
+class _HybridNoConfig(nn.Module):
+    """No transformers config: discovery falls back to the list with the most adapters, of whatever classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.norms = nn.ModuleList([nn.LayerNorm(8) for _ in range(3)])
+        self.blocks = nn.ModuleList([_Block(), _Gate(), _Block()])
+
+
+def test_without_a_config_a_list_of_several_block_classes_is_found():
+    model = peft.get_peft_model(_HybridNoConfig(), peft.LoraConfig(target_modules=["proj"]))
+    assert [layer.name for layer in find_adapter_layers(model)] == [f"base_model.model.blocks.{j}" for j in range(3)]
+
+
+# ---- bad input -----------------------------------------------------------------------------------
 
 
 class _SequentialBlocks(nn.Module):
