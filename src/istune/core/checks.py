@@ -9,7 +9,7 @@ from torch import nn
 
 from istune.core import distributed
 from istune.core.checkpointing import LayerCheckpointing
-from istune.core.layers import AdapterLayer
+from istune.core.layers import AdapterLayer, modality_towers
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +24,26 @@ def refuse_merged_adapters(layers: list[AdapterLayer]) -> None:
 
 
 def warn_about_parameters_outside_layers(model: nn.Module, layers: list[AdapterLayer]) -> None:
-    """Warn about trainable parameters outside the adapter layers: they train at every step."""
+    """Warn about trainable parameters outside the adapter layers: they train at every step.
+
+    A multimodal model's vision (or audio) tower gets one plain line of its own: its adapters are
+    outside the language model's layers, which are all IST chooses among.
+    """
     inside = {id(p) for layer in layers for p in layer.parameters}
     outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    towers = modality_towers(model)
+    for tower, path in towers.items():
+        held = {name for name in outside if name.startswith(f"{path}.")}
+        if held:
+            logger.warning("IST: the %s's adapters ('%s', %d trainable parameters) train at every step, outside "
+                           "the selection; IST chooses among the language model's %d decoder layers only.",
+                           tower, path, len(held), len(layers))
+        outside = [name for name in outside if name not in held]
     if outside:
-        logger.warning("IST: %d trainable parameters outside the decoder layers (%s%s) train at every step "
-                       "(intended for LISA-style embeddings or head; otherwise freeze them); IST chooses only among "
-                       "the layers.", len(outside), ", ".join(outside[:3]), ", ..." if len(outside) > 3 else "")
+        why = "" if towers else " (intended for LISA-style embeddings or head; otherwise freeze them)"
+        logger.warning("IST: %d trainable parameters outside the decoder layers (%s%s) train at every step%s; IST "
+                       "chooses only among the layers.", len(outside), ", ".join(outside[:3]),
+                       ", ..." if len(outside) > 3 else "", why)
 
 
 def check_optimizer_holds(optimizer: torch.optim.Optimizer, layers: list[AdapterLayer]) -> None:

@@ -1,11 +1,14 @@
 """Find the decoder layers of a model and, in each, its adapter modules and trainable parameters.
 
-Discovery works by structure, not by parameter names: the decoder layers are the
-``nn.ModuleList`` of same-class blocks holding the most adapter modules (LLaMA, Qwen2,
-Mistral, Gemma, Phi: ``model.layers``; GPT-2, BLOOM, GPT-J: ``transformer.h``; OPT:
-``model.decoder.layers``; GPT-NeoX: ``gpt_neox.layers``), and an adapter module is a
-peft tuner layer (``BaseTunerLayer``) or an istune bottleneck adapter. A user may name
-the layer list instead (``layers_path``).
+Discovery works by structure, not by parameter names. The decoder layers are the language
+model's layer list as the model describes it: the ``nn.ModuleList`` inside ``get_decoder()``
+whose length is the (text) config's ``num_hidden_layers`` (LLaMA, Qwen2, Mistral, Gemma:
+``model.layers``; GPT-2: ``transformer.h``; OPT: ``model.decoder.layers``; Mllama:
+``model.language_model.layers``, never the vision tower's). Its blocks may be of several
+classes (Jamba's attention and Mamba blocks). A model without a transformers config falls
+back to the ``nn.ModuleList`` holding the most adapter modules. A user may name the layer
+list instead (``layers_path``). An adapter module is a peft tuner layer (``BaseTunerLayer``)
+or an istune bottleneck adapter.
 
 A layer without adapter modules whose own weights are trainable is a *full layer*
 (LISA-style sparse tuning of whole blocks); :func:`prepare_full_layer_tuning` makes a
@@ -15,8 +18,10 @@ plain model ready for that.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -87,12 +92,7 @@ def find_adapter_layers(model: nn.Module, layers_path: str | None = None) -> lis
             layers.append(AdapterLayer(index, f"{path}.{index}", adapters, [p for _, p in named], block=block,
                                        parameter_names=[n for n, _ in named]))
     if not layers:
-        raise ValueError(
-            f"No trainable parameters inside the decoder layers at '{path}' ({len(blocks)} layers of "
-            f"{type(blocks[0]).__name__}). Trainable parameters found elsewhere: {_trainable_summary(model)}. "
-            "Add adapters inside the layers (e.g. peft LoRA on q_proj/v_proj) before starting IST; prompt-based "
-            "tuners (prompt, prefix, p-tuning) keep their parameters outside the layers and cannot be used."
-        )
+        raise _nothing_trainable(model, path, blocks, given=layers_path is not None)
     _refuse_shared_parameters(layers)
     return layers
 
@@ -121,11 +121,7 @@ def prepare_full_layer_tuning(
         raise ValueError("prepare_full_layer_tuning is for a model without adapters, but this one has "
                          f"{len(adapters)} adapter modules (e.g. '{adapters[0]}'); start from the plain base model.")
     if layers_path is None:
-        candidates = _candidates(model)
-        if not candidates:
-            raise ValueError(f"No list of decoder layers (an nn.ModuleList of same-class blocks) found in "
-                             f"{type(model).__name__}; pass layers_path=...")
-        layers_path = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))[0]
+        layers_path = _discover(model, key=lambda c: c.weights)[0]
     _, blocks = layer_list(model, layers_path)
     quantized = [(name, p.dtype) for name, p in blocks.named_parameters() if not p.is_floating_point()]
     if quantized:
@@ -211,50 +207,149 @@ def _refuse_shared_parameters(layers: list[AdapterLayer]) -> None:
 
 
 def layer_list(model: nn.Module, layers_path: str | None = None) -> tuple[str, nn.ModuleList]:
-    """The decoder layer list of ``model`` and its dotted name: ``layers_path`` if given, else the
-    ModuleList of same-class blocks holding the most adapter modules (then trainable parameters)."""
+    """The decoder layer list of ``model`` and its dotted name, found in this order:
+
+    1. ``layers_path``, if given;
+    2. the language model's own list, as the model describes it (:func:`language_model_layers`);
+    3. the ``nn.ModuleList`` holding the most adapter modules, then trainable parameters (models without a
+       transformers config).
+
+    Raises:
+        ValueError: ``layers_path`` names no non-empty list, or the model holds no ``nn.ModuleList`` at all.
+    """
     if layers_path is not None:
+        return layers_path, _named_list(model, layers_path)
+    return _discover(model, key=lambda c: (c.adapters, c.trainable))
+
+
+def language_model_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The language model's decoder layer list and its dotted name, asked of the model; None if it cannot say.
+
+    The list is the ``nn.ModuleList`` inside ``get_decoder()`` (a VLM's language model, never its vision
+    tower) whose length is the text config's ``num_hidden_layers``; of several, the one with the most weights.
+    Its blocks may be of several classes (Jamba: attention and Mamba; Mllama: self- and cross-attention).
+    """
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # under peft
+    config = getattr(base, "config", None)
+    try:
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    except (AttributeError, NotImplementedError, ValueError):  # exotic models with no rule for these
+        return None
+    count = getattr(text_config, "num_hidden_layers", None)
+    if not isinstance(count, int) or not isinstance(decoder, nn.Module):
+        return None
+    lists = [m for m in decoder.modules() if isinstance(m, nn.ModuleList) and len(m) == count > 0]
+    if not lists:
+        return None
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return next(((name, m) for name, m in model.named_modules() if m is blocks), None)
+
+
+def modality_towers(model: nn.Module) -> dict[str, str]:
+    """The dotted names of a multimodal model's encoders of other modalities, e.g. ``{"vision tower":
+    "base_model.model.model.vision_model"}`` (transformers' ``get_encoder(modality=...)``); empty for a text model."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # under peft
+    if not hasattr(base, "get_encoder"):
+        return {}
+    names = {id(m): name for name, m in model.named_modules()}
+    towers = {}
+    for modality, what in (("image", "vision tower"), ("audio", "audio tower")):
         try:
-            blocks = model.get_submodule(layers_path)
-        except AttributeError as error:
-            raise ValueError(f"ISTConfig.layers_path={layers_path!r} names no module of this model ({error}); "
-                             f"candidate layer lists: {_candidate_summary(model)}") from None
-        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
-            raise ValueError(f"ISTConfig.layers_path={layers_path!r} is a {type(blocks).__name__}, not a non-empty "
-                             "nn.ModuleList of decoder layers")
-        return layers_path, blocks
+            tower = base.get_encoder(modality=modality)
+        except (AttributeError, NotImplementedError, ValueError, TypeError):  # older signatures, no rule
+            continue
+        if tower is not base and tower is not getattr(base, "base_model", None) and id(tower) in names:
+            towers[what] = names[id(tower)]
+    return towers
+
+
+class _Candidate(NamedTuple):
+    path: str
+    blocks: nn.ModuleList | nn.Sequential
+    adapters: int  # adapter modules inside
+    trainable: int  # trainable parameter tensors inside
+    weights: int  # parameter elements inside
+
+
+def _discover(model: nn.Module, key: Callable[[_Candidate], Any]) -> tuple[str, nn.ModuleList]:
+    """The language model's list if the model says which, else the ModuleList that ``key`` ranks highest."""
+    found = language_model_layers(model)
+    if found is not None:
+        return found
     candidates = _candidates(model)
     if not candidates:
-        raise ValueError(f"No list of decoder layers (an nn.ModuleList of same-class blocks) found in "
-                         f"{type(model).__name__}; set ISTConfig.layers_path to its dotted name")
-    best = max(candidates, key=lambda c: (c[2], c[3]))
-    if best[2] == 0 and best[3] == 0:
+        seen = _candidates(model, sequential=True)
+        example = f" (e.g. layers_path='{max(seen, key=lambda c: c.weights).path}')" if seen else ""
         raise ValueError(
-            f"No adapter modules or trainable parameters inside any layer list of {type(model).__name__}: "
-            f"found {_candidate_summary(model)}; trainable parameters: {_trainable_summary(model)}. "
-            "Wrap the model with peft (get_peft_model) or istune's adapters first, or call "
-            "istune.core.layers.prepare_full_layer_tuning(model) to tune whole layers. Prompt-based tuners "
-            "(prompt, prefix, p-tuning) keep their parameters outside the layers and cannot be used."
+            f"No list of decoder layers found in {type(model).__name__}: no nn.ModuleList, and no config "
+            f"num_hidden_layers to match one; lists seen: {_candidate_summary(model, sequential=True)}; set "
+            f"ISTConfig.layers_path to the dotted name of the ModuleList or Sequential of decoder blocks{example}."
         )
-    return best[0], best[1]
+    best = max(candidates, key=key)
+    return best.path, best.blocks
 
 
+def _nothing_trainable(model: nn.Module, path: str, blocks: nn.Module, given: bool) -> ValueError:
+    """The error for a layer list without trainable parameters: the lists that have them, or what to add."""
+    contents = _contents(blocks, sum(is_adapter_module(m) for m in blocks.modules()))
+    others = [c for c in _candidates(model) if c.trainable and c.path != path]
+    listed = ", ".join(_describe(c) for c in others[:8])
+    if given and others:
+        return ValueError(f"ISTConfig.layers_path={path!r} names a layer list with no trainable adapters ({contents});"
+                          f" the layer lists that have them: {listed}. Set layers_path to one of those, or add "
+                          f"adapters to '{path}'.")
+    if others:
+        return ValueError(f"No trainable parameters inside the language model's decoder layers '{path}' ({contents});"
+                          f" the layer lists that have them: {listed}. Add adapters to the decoder layers (e.g. peft "
+                          f"LoRA with target_modules='all-linear'), or set ISTConfig.layers_path='{others[0].path}' "
+                          "to sparse-tune that list instead.")
+    return ValueError(
+        f"{f'ISTConfig.layers_path={path!r}: ' if given else ''}No adapter modules or trainable parameters inside "
+        f"any layer list of {type(model).__name__}: found {_candidate_summary(model)}; trainable parameters: "
+        f"{_trainable_summary(model)}. Wrap the model with peft (get_peft_model) or istune's adapters first, or "
+        "call istune.core.layers.prepare_full_layer_tuning(model) to tune whole layers. Prompt-based tuners "
+        "(prompt, prefix, p-tuning) keep their parameters outside the layers and cannot be used."
+    )
 
 
-def _candidates(model: nn.Module) -> list[tuple[str, nn.ModuleList, int, int]]:
-    """Every ModuleList of same-class blocks with its adapter and trainable-parameter counts."""
+def _named_list(model: nn.Module, layers_path: str) -> nn.ModuleList:
+    try:
+        blocks = model.get_submodule(layers_path)
+    except AttributeError as error:
+        raise ValueError(f"ISTConfig.layers_path={layers_path!r} names no module of this model ({error}); "
+                         f"candidate layer lists: {_candidate_summary(model)}") from None
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
+        raise ValueError(f"ISTConfig.layers_path={layers_path!r} is a {type(blocks).__name__}, not a non-empty "
+                         f"nn.ModuleList of decoder layers; candidate layer lists: {_candidate_summary(model)}")
+    return blocks
+
+
+def _candidates(model: nn.Module, sequential: bool = False) -> list[_Candidate]:
+    """Every non-empty ModuleList (and nn.Sequential, if asked) with what it holds, in model order."""
+    kinds = (nn.ModuleList, nn.Sequential) if sequential else nn.ModuleList
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(b) for b in module}) == 1:
-            adapters = sum(is_adapter_module(m) for m in module.modules())
-            trainable = sum(p.requires_grad for p in module.parameters())
-            found.append((name, module, adapters, trainable))
+        if isinstance(module, kinds) and len(module) > 0:
+            parameters = list(module.parameters())
+            found.append(_Candidate(name, module, sum(is_adapter_module(m) for m in module.modules()),
+                                    sum(p.requires_grad for p in parameters), sum(p.numel() for p in parameters)))
     return found
 
 
-def _candidate_summary(model: nn.Module) -> str:
-    found = [f"'{n}' ({len(m)}x {type(m[0]).__name__}, {a} adapters)" for n, m, a, _ in _candidates(model)]
-    return ", ".join(found) or "none"
+def _describe(candidate: _Candidate) -> str:
+    """``'model.layers' (2x LlamaDecoderLayer, 0 adapters)``; a list of several block classes counts each."""
+    return f"'{candidate.path}' ({_contents(candidate.blocks, candidate.adapters)})"
+
+
+def _contents(blocks: nn.Module, adapters: int) -> str:
+    counts = Counter(type(block).__name__ for block in blocks)
+    return " + ".join(f"{n}x {name}" for name, n in counts.items()) + f", {adapters} adapters"
+
+
+def _candidate_summary(model: nn.Module, sequential: bool = False, limit: int = 8) -> str:
+    found = [_describe(c) for c in _candidates(model, sequential)]
+    return ", ".join(found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "") or "none"
 
 
 def _trainable_summary(model: nn.Module, limit: int = 8) -> str:
