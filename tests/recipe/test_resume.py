@@ -2,6 +2,7 @@
 other runs' checkpoints refused."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -74,6 +75,12 @@ def test_resumed_run_ends_bit_identical(uninterrupted, tiny_llama_dir, data_file
     (["--method", "dora"], "--method='dora' (checkpoint: 'lora')"),
     (["--update_layers", "2"], "--update_layers=2 (checkpoint: 1)"),
     (["--rank", "8"], "--rank=8 (checkpoint: 4)"),
+    # every rule parameter, not only the rule and N_u (issue 35)
+    (["--mu", "100"], "--mu=100.0 (checkpoint: 10.0)"),
+    (["--probe_interval", "3"], "--probe_interval=3 (checkpoint: 2)"),
+    (["--beta", "0.5"], "--beta=0.5 (checkpoint: 0.25)"),
+    (["--switch_interval", "2"], "--switch_interval=2 (checkpoint: 1)"),
+    (["--unselected_optimizer_state", "drop"], "--unselected_optimizer_state='drop' (checkpoint: 'keep')"),
 ])
 def test_checkpoint_of_another_run_is_refused_before_loading(uninterrupted, tiny_llama_dir, data_file, tmp_path,
                                                              capsys, extra, message):
@@ -111,3 +118,16 @@ def test_nothing_to_resume_is_refused(tiny_llama_dir, data_file, tmp_path, capsy
                            value.format(tmp=tmp_path))) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_run_file_from_before_a_rule_parameter_existed_resumes_with_its_default(uninterrupted, tmp_path):
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(uninterrupted / "checkpoint-2", checkpoint)
+    record = json.loads((checkpoint / checkpoints.RUN_FILE).read_text())
+    saved = json.loads(json.dumps(record))
+    del saved["ist"]["probe_by"], saved["ist"]["gradnorm_decay"]  # fields added after that run was saved
+    (checkpoint / checkpoints.RUN_FILE).write_text(json.dumps(saved))
+    checkpoints.check_resume(str(checkpoint), record)  # the defaults match: no refusal
+    record["ist"]["gradnorm_decay"] = 0.5
+    with pytest.raises(ValueError, match=r"--gradnorm_decay=0.5 \(checkpoint: 0.9\)"):
+        checkpoints.check_resume(str(checkpoint), record)

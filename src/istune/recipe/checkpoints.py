@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from istune.config import ISTConfig
 from istune.io import write_text
 
 RUN_FILE = "istune_run.json"
@@ -41,13 +43,19 @@ ADAPTER_FOLDER = "adapter"
 # The run file's "state" (see the module docstring) and what run_state() reads from the folder.
 TRAINED, EVALUATED = "trained", "evaluated"
 COMPLETE, PARTIAL = "complete", "partial"
-# What must match for a checkpoint to resume: the parameters it holds and how IST selects from them.
+# ISTConfig fields that change neither which layers are chosen nor the updates: how much memory a step keeps
+# (the same gradients), and IST's seed (the checkpoint holds IST's RNG state, which a resume restores).
+_SAME_RUN_ANY_VALUE = ("recompute_unselected", "stored_layers", "seed")
+# What must match for a checkpoint to resume: the parameters it holds and every setting of how IST selects
+# them and updates its importance (the rule's own parameters included), each compared with the saved value.
 MUST_MATCH = {
     "run": ("model",),
     "adapter": ("method", "rank", "target_modules", "bottleneck_size"),
-    "ist": ("strategy", "update_fraction", "update_layers"),
+    "ist": tuple(f.name for f in fields(ISTConfig) if f.name not in _SAME_RUN_ANY_VALUE),
     "model_loading": ("load_in_4bit", "load_in_8bit"),
 }
+# A field a run file written before it existed does not hold had its default then.
+_DEFAULTS = {"ist": {f.name: f.default for f in fields(ISTConfig)}}
 
 
 def write_run_file(folder: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -139,9 +147,13 @@ def check_resume(checkpoint: str, record: dict[str, Any], num_layers: int | None
                          "--resume_from_checkpoint true for the latest complete one); a checkpoint of your own "
                          "script resumes with trainer.train(resume_from_checkpoint=...).")
     saved = json.loads((folder / RUN_FILE).read_text())
-    differences = [f"--{name}={record.get(group, {}).get(name)!r} (checkpoint: {saved.get(group, {}).get(name)!r})"
-                   for group, names in MUST_MATCH.items() for name in names
-                   if record.get(group, {}).get(name) != saved.get(group, {}).get(name)]
+    differences = []
+    for group, names in MUST_MATCH.items():
+        for name in names:
+            old = saved.get(group, {}).get(name, _DEFAULTS.get(group, {}).get(name))
+            new = record.get(group, {}).get(name)
+            if json.loads(json.dumps(new, default=str)) != old:
+                differences.append(f"--{name}={new!r} (checkpoint: {old!r})")
     state = json.loads((folder / "trainer_state.json").read_text()).get("stateful_callbacks", {}).get("istune", {})
     if num_layers is not None and state.get("num_layers") not in (None, num_layers):
         differences.append(f"N_L={num_layers} layers (checkpoint: {state['num_layers']})")
