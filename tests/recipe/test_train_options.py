@@ -62,6 +62,15 @@ def test_bad_input_is_refused_before_the_model_loads(tiny_llama_dir, data_file, 
     assert not out.exists()
 
 
+def test_an_output_dir_under_a_file_is_refused_before_any_work(tiny_llama_dir, data_file, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(train_args(tiny_llama_dir, data_file, blocker / "run")) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"--output_dir={str(blocker / 'run')!r} cannot be created: {str(blocker)!r} is a file" in error
+    assert len(error.splitlines()) == 1 and blocker.read_text() == ""
+
+
 def test_bf16_on_a_cpu_without_it_is_refused(tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(training_args, "cpu_has_bf16", lambda: False)
     monkeypatch.setattr(training_args, "_has_accelerator", lambda: False)

@@ -32,7 +32,7 @@ from istune.config import RULE_PARAMETERS, STRATEGIES, ISTConfig, strategy_names
 from istune.io import write_json
 from istune.models import ModelArgs
 from istune.recipe import checkpoints
-from istune.recipe.options import run_record
+from istune.recipe.options import check_output_dir, run_record
 from istune.runs import COMPARE_FILE, RunArgs, comparison_run_folder, quarter_layers
 
 QUARTERS = {1: "bottom", 2: "lower-middle", 3: "upper-middle", 4: "top"}
@@ -184,6 +184,7 @@ def compare(arms: list[Arm], seeds: list[int], out: Path, run: RunArgs, model_ar
     """Make every missing (arm, seed) run, seed by seed; return the run folders in that order."""
     from istune.recipe.train import train
 
+    check_output_dir(str(out))
     shared = settings(run, model_args, adapter, ist, training)
     check_saved_options(out, shared)
     plan = [(arm, seed) for seed in seeds for arm in arms]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ def check_job(run: RunArgs, model_args: ModelArgs, adapter: AdapterArgs, ist: IS
     if training.learning_rate <= 0:
         raise ValueError(f"--learning_rate={training.learning_rate!r} must be positive.")
     check_model_args(model_args, adapter.method)
+    check_output_dir(training.output_dir)
     record = run_record(run, model_args, adapter, ist)
     state = None if run.overwrite else checkpoints.run_state(training.output_dir)
     resume_latest = str(training.resume_from_checkpoint).lower() == "true"
@@ -76,6 +78,18 @@ def check_job(run: RunArgs, model_args: ModelArgs, adapter: AdapterArgs, ist: IS
     if resume is not None:
         checkpoints.check_resume(resume, record, _num_layers(run.model))
     return tasks, resume, None
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an --output_dir that cannot be created or written (a file on its path, no write permission)."""
+    path = Path(output_dir).absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output_dir={output_dir!r} cannot be created: {str(existing)!r} is a file, not a folder; "
+                         "choose another --output_dir.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_dir={output_dir!r} cannot be written: no write permission in {str(existing)!r}; "
+                         "choose another --output_dir.")
 
 
 def _holds_a_run(output_dir: str, state: str) -> str:
