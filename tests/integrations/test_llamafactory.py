@@ -143,6 +143,18 @@ def _escape(text: str) -> str:
     return re.escape(text)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llamafactory") is not None, reason="LLaMA-Factory is installed here")
+def test_without_llamafactory_the_command_says_how_to_install_it_in_one_line(tmp_path, monkeypatch):
+    from istune.integrations.llamafactory import main
+
+    monkeypatch.setattr(sys, "argv", ["llamafactory", str(tmp_path / "run.yaml")])
+    with pytest.raises(SystemExit) as stopped:  # python -m prints the message alone and exits with 1
+        main()
+    assert str(stopped.value) == ("python -m istune.integrations.llamafactory: IST in LLaMA-Factory needs "
+                                  "LLaMA-Factory (No module named 'llamafactory'); install it beside istune as "
+                                  "docs/llamafactory.md says: pip install llamafactory==0.9.5.")
+
+
 # ---- a training run through LLaMA-Factory (side environment only) ----------------------------------------------
 
 

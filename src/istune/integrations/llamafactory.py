@@ -157,9 +157,10 @@ def main() -> None:
         print("\n\n".join(__doc__.split("\n\n")[:3]))  # what it is, the command, the config
         return
     try:
+        _run_exp()  # LLaMA-Factory is installed (or the install hint)
         from llamafactory.hparams import read_args  # LLaMA-Factory's reading: the file, then key=value overrides
-    except ImportError:
-        _run_exp()  # raises the install hint
+    except ImportError as error:  # the install hint in one line, not a traceback
+        raise SystemExit(f"python -m istune.integrations.llamafactory: {error}") from None
     args = read_args()
     if not isinstance(args, dict):
         raise SystemExit(f"python -m istune.integrations.llamafactory takes a YAML or JSON config file (got "
