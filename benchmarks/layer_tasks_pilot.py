@@ -23,8 +23,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The candidates, in the order the protocol lists them (each a --data spec).
+from istune.runs import quarter_layers
+
+# The candidates, in the order the protocol lists them (each a --data spec); HARDER from the amendment of 00:50,
+# screened after the first quarter runs of the others.
 TASKS = ("task:cipher:length=8:alphabet=26", "task:reverse", "task:sort", "task:add:digits=3", "task:count")
+HARDER = ("task:reverse:length=12", "task:sort:length=12", "task:add:digits=5", "task:count:length=24")
 QUARTERS = ("quarter:1", "quarter:2", "quarter:3", "quarter:4")
 SEEDS = (1, 2)
 # The options every pilot run shares (PROTOCOL.md, "Settings").
@@ -34,6 +38,7 @@ OPTIONS = ("--model", "smollm2-135m",
            "--max_steps", "240", "--train_samples", "3840", "--heldout_samples", "64", "--eval_limit", "300",
            "--curve_every", "60", "--compare_base", "false", "--logging_steps", "20", "--disable_tqdm", "true")
 START_BELOW, REACH, QUARTER_GAP = 0.20, 0.70, 0.15  # criteria (a) and (b)
+NUM_LAYERS = 30  # SmolLM2-135M
 
 
 def task_folder(out: Path, task: str) -> Path:
@@ -47,10 +52,22 @@ def istune(*args: str) -> None:
 
 def screen(out: Path, task: str) -> None:
     """Arm ``all`` at seed 1, in the folder and with the options ``istune compare`` gives that run."""
-    folder = task_folder(out, task) / "runs" / "all-seed1"
+    single_run(out, task, "all", 1, "--strategy", "all")
+
+
+def first_quarters(out: Path, task: str) -> None:
+    """The four quarter arms at seed 1 (breadth first: every task's seed 1 before any seed 2)."""
+    for quarter in QUARTERS:
+        layers = quarter_layers(int(quarter[-1]), NUM_LAYERS)
+        single_run(out, task, quarter, 1, "--strategy", "fixed", "--layers", *map(str, layers))
+
+
+def single_run(out: Path, task: str, arm: str, seed: int, *rule: str) -> None:
+    """One run of ``arm``, in the folder and with the options ``istune compare`` gives it (compare reuses it)."""
+    folder = task_folder(out, task) / "runs" / f"{arm.replace(':', '_')}-seed{seed}"
     if (folder / "results.json").is_file():
         return
-    istune("train", "--data", task, *OPTIONS, "--strategy", "all", "--seed", "1", "--data_seed", "1",
+    istune("train", "--data", task, *OPTIONS, *rule, "--seed", str(seed), "--data_seed", str(seed),
            "--output_dir", str(folder), "--overwrite", "true")
 
 
@@ -122,10 +139,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/layer-tasks-pilot")
     parser.add_argument("--tasks", default=",".join(TASKS), help="Comma-separated --data specs, in order.")
-    parser.add_argument("--stage", choices=("screen", "quarters", "both"), default="both")
+    parser.add_argument("--stage", choices=("screen", "quarters", "both", "all"), default="all",
+                        help="all: screen, seed-1 quarters of the tasks that pass (a), the same for HARDER, then "
+                        "seed 2 (istune compare) task by task")
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
     out, tasks = Path(args.out), tuple(args.tasks.split(","))
+    if args.report_only or args.stage == "all":
+        tasks = tuple(dict.fromkeys((*tasks, *HARDER)))
+    if args.stage == "all" and not args.report_only:
+        for group in (TASKS, HARDER):
+            for task in group:
+                screen(out, task)
+                (out / "pilot.md").write_text(table(out, tasks))
+            for task in group:
+                if passes_screen(curve(out, task, "all", 1)):
+                    first_quarters(out, task)
+                    (out / "pilot.md").write_text(table(out, tasks))
+        args.stage = "quarters"
     if not args.report_only:
         if args.stage in ("screen", "both"):
             for task in tasks:
