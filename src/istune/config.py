@@ -226,17 +226,17 @@ class ISTConfig:
         _check_count(self, "switch_interval")
         if self.block_order not in BLOCK_ORDERS:
             _fail("block_order", self.block_order, f"use one of {', '.join(map(repr, BLOCK_ORDERS))}")
-        if not _is_number(self.outlier_threshold) or self.outlier_threshold <= 0:
+        if not is_finite_number(self.outlier_threshold) or self.outlier_threshold <= 0:
             _fail("outlier_threshold", self.outlier_threshold, "OwLore's outlier multiplier M must be a finite "
                   "number > 0 (OwLore: 13, OWL: 5)")
         if isinstance(self.calibration_interval, bool) or not isinstance(self.calibration_interval, int) \
                 or self.calibration_interval < 0:
             _fail("calibration_interval", self.calibration_interval, "R must be an integer >= 0 (steps between "
                   "measurements of the outlier ratios; 0 measures them once, at the start)")
-        if not _is_number(self.exploration) or not 0 <= self.exploration <= 1:
+        if not is_finite_number(self.exploration) or not 0 <= self.exploration <= 1:
             _fail("exploration", self.exploration, "ε, the uniform share of the layer probabilities, must lie in "
                   "[0, 1] (0: gradient norms alone, 1: uniform; default 0.1)")
-        if not _is_number(self.gradnorm_decay) or not 0 <= self.gradnorm_decay < 1:
+        if not is_finite_number(self.gradnorm_decay) or not 0 <= self.gradnorm_decay < 1:
             _fail("gradnorm_decay", self.gradnorm_decay, "γ, the weight an estimate keeps at each observation, "
                   "must lie in [0, 1) (default 0.9)")
         if self.probe_by not in PROBES:
@@ -293,7 +293,8 @@ def strategy_names() -> list[str]:
     return sorted(set(STRATEGIES) | set(registered))
 
 
-def _is_number(value) -> bool:
+def is_finite_number(value) -> bool:
+    """A real int or float (not a bool), finite: the check every numeric rule parameter shares."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

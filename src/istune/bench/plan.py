@@ -3,7 +3,7 @@
     istune plan --model huggyllama/llama-7b --batch_size 4 --seq_len 256 --dtype bfloat16
     istune plan --model meta-llama/Meta-Llama-3-8B --batch_size 1 --seq_len 1024 --load_in_4bit
     istune plan --model path/to/model_folder --batch_size 8 --seq_len 512 --json plan.json
-    istune plan --recipe configs/paper/llama7b_lora_ist.yaml [--fill]   # the row a recipe file runs
+    istune plan --recipe configs/paper/commonsense-llama7b-lora-ist.yaml [--fill]   # the row a recipe file runs
 
 The command line of :mod:`istune.planning.planner`, which says how it predicts and what it counts.
 """

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from istune.config import is_finite_number
 from istune.core.rules.sampling import check_state, check_weights, sample_in_proportion
 from istune.core.selection import SelectionRule, StepView
 
@@ -58,10 +59,10 @@ class GradientNormRule(SelectionRule):
     wants_gradients = True
 
     def __init__(self, exploration: float = DEFAULT_EXPLORATION, gradnorm_decay: float = DEFAULT_GRADNORM_DECAY):
-        if not _is_number(exploration) or not 0 <= exploration <= 1:
+        if not is_finite_number(exploration) or not 0 <= exploration <= 1:
             raise ValueError(f"exploration={exploration!r}: ε, the uniform share of the layer probabilities, must "
                              f"lie in [0, 1] (0: gradient norms alone, 1: uniform; default {DEFAULT_EXPLORATION}).")
-        if not _is_number(gradnorm_decay) or not 0 <= gradnorm_decay < 1:
+        if not is_finite_number(gradnorm_decay) or not 0 <= gradnorm_decay < 1:
             raise ValueError(f"gradnorm_decay={gradnorm_decay!r}: γ, the weight an estimate keeps at each "
                              f"observation, must lie in [0, 1) (default {DEFAULT_GRADNORM_DECAY}).")
         self.exploration = float(exploration)
@@ -110,7 +111,3 @@ class GradientNormRule(SelectionRule):
         check_state(self.name, state, ("estimates",))
         estimates = state["estimates"]
         self.estimates = None if estimates is None else torch.tensor(estimates, dtype=torch.float64)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
