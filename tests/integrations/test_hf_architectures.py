@@ -1,0 +1,38 @@
+"""A VLM (text-only data) and a MoE model through a transformers Trainer with `add_ist`: IST finds the language
+model's layers and trains exactly its selection (issue 33, item 4)."""
+
+import peft
+import pytest
+import torch
+import transformers as tf
+
+from istune import ISTConfig, add_ist
+
+from ..core.test_layers_architectures import _llava
+from .test_hf import ParameterWatcher, TokenDataset, _args
+
+
+def _qwen3_moe():
+    return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
+MODELS = {"llava (VLM, text-only batches)": (_llava, 3), "qwen3-moe": (_qwen3_moe, 3)}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_add_ist_trains_exactly_the_selection_of_the_language_model(tmp_path, name):
+    build, num_layers = MODELS[name]
+    torch.manual_seed(0)
+    model = peft.get_peft_model(build(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                         init_lora_weights=False))
+    trainer = tf.Trainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=TokenDataset())
+    ist = add_ist(trainer, ISTConfig(strategy="ist", update_layers=1, probe_interval=2))
+    watcher = ParameterWatcher(ist)
+    trainer.add_callback(watcher)
+    trainer.train()
+    assert watcher.steps == 4 and len(ist.tuner.layers) == num_layers
+    assert all(".language_model." in layer.name or ".model.layers." in layer.name for layer in ist.tuner.layers)
+    assert ist.importance.abs().sum() > 0  # two importance updates ran, with probes through the whole model
