@@ -28,6 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from istune import ISTCallback, ISTConfig, SparseTuner, add_ist
 from istune.core.layers import prepare_full_layer_tuning
+from istune.core.selection import SelectionRule
 from istune.core.sharding import full_tensor, has_dtensor_parameters, is_fsdp2
 from tests.tiny_models import peft_model, tiny_model
 
@@ -298,8 +299,24 @@ def main_fsdp2(out_dir: str, rank: int, world_size: int) -> None:
     result["full_layers_ist"] = _error_of(lambda: SparseTuner(_sharded_full_layers(), ISTConfig(**CONFIG)))
     result["full_layers_random"] = _error_of(lambda: SparseTuner(_sharded_full_layers(),
                                                                  ISTConfig(**{**CONFIG, "strategy": "random"})))
+    # refused by what a rule does, not by its name: probe-once by suppression and a rule of the user's own
+    result["full_layers_probe_once"] = _error_of(lambda: SparseTuner(_sharded_full_layers(), ISTConfig(
+        **{**CONFIG, "strategy": "probe-once", "probe_by": "suppression"})))
+    result["full_layers_own_rule"] = _error_of(lambda: SparseTuner(_sharded_full_layers(), ISTConfig(**CONFIG),
+                                                                   rule=SuppressingRule()))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle)
+
+
+class SuppressingRule(SelectionRule):
+    """A rule of a user's own whose choice reads suppression probes (eq. 8), as IST's does."""
+
+    name = "suppressing"
+    uses_probe_losses = True
+
+    def select(self, view):
+        losses = view.probe_losses([[i] for i in range(view.num_layers)])
+        return sorted(torch.argsort(losses)[: view.count].tolist())
 
 
 def _sharded_full_layers():

@@ -124,3 +124,8 @@ def test_full_layers_with_ist_are_refused_under_fsdp2_and_random_works(ranks):
         assert result["full_layers_ist"].startswith("NotImplementedError: Full-layer (LISA-style) tuning with "
                                                     "strategy 'ist' is not supported under FSDP2")
         assert result["full_layers_random"] == "no error"
+        # the refusal reads the rule's capabilities (suppression probes), not its name (issue 35)
+        assert result["full_layers_probe_once"].startswith("NotImplementedError: Full-layer (LISA-style) tuning with "
+                                                           "strategy 'probe-once' is not supported under FSDP2")
+        assert result["full_layers_own_rule"].startswith("NotImplementedError: Full-layer (LISA-style) tuning with "
+                                                         "strategy 'suppressing' is not supported under FSDP2")

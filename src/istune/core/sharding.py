@@ -17,7 +17,8 @@ it as it does on one process:
 
 Refused before the first step (:func:`check_fsdp2`):
 
-* *Full layers with strategy 'ist'.* Suppressing a full layer's change swaps the block's
+* *Full layers with a rule whose probes suppress layers* (IST, probe-once by suppression, any rule
+  with ``runs_importance_probes`` or ``uses_probe_losses``). Suppressing a full layer's change swaps the block's
   weights for ``W0 + β·(W − W0)`` around its forward; FSDP2 gathers the weights from its
   own sharded storage, so the swap would not reach the computation.
 * *``unselected_optimizer_state='offload'`` with parameters on an accelerator.* Moving
@@ -54,22 +55,28 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def check_fsdp2(model: nn.Module, config: ISTConfig, layers: list[AdapterLayer]) -> None:
+def check_fsdp2(model: nn.Module, config: ISTConfig, layers: list[AdapterLayer], rule_name: str = "",
+                suppresses: bool = False) -> None:
     """Refuse what IST cannot do on an FSDP2-sharded ``model``; nothing happens for other models.
 
+    Args:
+        rule_name: the selection rule's name, for the message.
+        suppresses: the rule's probes suppress layers (eq. 8): its ``runs_importance_probes`` or
+            ``uses_probe_losses`` (IST, probe-once by suppression, a rule of the user's own).
+
     Raises:
-        NotImplementedError: full layers with strategy 'ist', or optimizer-state offloading
+        NotImplementedError: full layers with a rule that suppresses them, or optimizer-state offloading
             of parameters that live on an accelerator.
     """
     if not is_fsdp2(model):
         return
-    if config.strategy == "ist" and any(layer.is_full_layer for layer in layers):
+    if suppresses and any(layer.is_full_layer for layer in layers):
         raise NotImplementedError(
-            "Full-layer (LISA-style) tuning with strategy 'ist' is not supported under FSDP2: suppressing a full "
-            "layer's change (eq. 8) swaps its weights for W0 + β·(W − W0) around its forward, but FSDP2 gathers the "
-            "weights from its own sharded storage, so the probes would measure the unsuppressed model. Use "
-            "strategy 'random' or 'fixed' (no probes) for full layers under FSDP2, adapters (LoRA, DoRA, ...) "
-            "with 'ist', or full layers with 'ist' under DDP.")
+            f"Full-layer (LISA-style) tuning with strategy {rule_name!r} is not supported under FSDP2: its probes "
+            "suppress a full layer's change (eq. 8) by swapping its weights for W0 + β·(W − W0) around its forward, "
+            "but FSDP2 gathers the weights from its own sharded storage, so the probes would measure the "
+            "unsuppressed model. Use a rule without suppression probes ('random', 'fixed', 'lisa', ...) for full "
+            "layers under FSDP2, adapters (LoRA, DoRA, ...) with this rule, or full layers under DDP.")
     on_accelerator = any(p.device.type not in ("cpu", "meta") for layer in layers for p in layer.parameters)
     if config.unselected_optimizer_state == "offload" and on_accelerator:
         raise NotImplementedError(

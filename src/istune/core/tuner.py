@@ -128,10 +128,11 @@ class SparseTuner:
     def _prepare_model(self) -> None:
         """Refuse what IST cannot train in this model; prepare quantized layers and suppression (eq. 8)."""
         refuse_merged_adapters(self.layers)
-        sharding.check_fsdp2(self.model, self.config, self.layers)  # what IST cannot do on an FSDP2-sharded model
+        suppresses = self.rule.runs_importance_probes or self.rule.uses_probe_losses
+        sharding.check_fsdp2(self.model, self.config, self.layers, self.rule_name, suppresses)  # what FSDP2 refuses
         if keep_quantized_layers_trainable(self.model):  # before the first eval-mode probe forward (bitsandbytes, CPU)
             logger.info("IST: bitsandbytes' CPU repacking of 4-bit layers turned off; it would drop their gradients.")
-        self._suppression_prepared = self.rule.runs_importance_probes or self.rule.uses_probe_losses
+        self._suppression_prepared = suppresses
         if self._suppression_prepared:
             prepare_suppression(self.model, self.layers)  # refuses what eq. 8 cannot suppress; keeps W0 of full layers
 
