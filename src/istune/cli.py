@@ -203,6 +203,11 @@ def _parse_compare(argv: Sequence[str]):
     parser.add_argument("--report_only", action="store_true", help="Rebuild the report from the saved runs only.")
     parser.add_argument("--config", help="YAML file of option defaults: `istune train` options and arms, seeds, "
                         "out, effect (flags given here override it).")
+    from istune.config import RULE_PARAMETERS
+
+    for name, rules in RULE_PARAMETERS.items():  # each for the arms whose rule takes it (not for the others)
+        parser.add_argument(f"--{name}", help=f"A rule parameter ({', '.join(rules)}): set for every arm whose rule "
+                            "takes it; NAME:field=value in --arms sets it for one arm.")
     own, _ = parser.parse_known_args(argv)
     if own.config and Path(own.config).is_file():  # the compare keys of the YAML are this parser's defaults
         import yaml
@@ -211,7 +216,8 @@ def _parse_compare(argv: Sequence[str]):
         if isinstance(values, dict):
             text = {key: ",".join(map(str, value)) if isinstance(value, list) else str(value)
                     for key, value in values.items() if key in ("arms", "seeds", "out")}
-            parser.set_defaults(**text, **({"effect": values["effect"]} if "effect" in values else {}))
+            parser.set_defaults(**text, **({"effect": values["effect"]} if "effect" in values else {}),
+                                **{key: str(values[key]) for key in RULE_PARAMETERS if key in values})
     own, rest = parser.parse_known_args(argv)
     if own.config:
         rest = [*rest, "--config", own.config]
@@ -227,12 +233,13 @@ def _parse_compare(argv: Sequence[str]):
     if "seed" in given or "ist_seed" in given:
         raise ValueError("--seed: istune compare runs every arm at each of --seeds; give --seeds instead.")
     seeds = parse_seeds(own.seeds)
-    run, model_args, adapter, ist, training = _parse_train(rest, other_keys=COMPARE_KEYS)
+    run, model_args, adapter, ist, training = _parse_train(rest, other_keys=(*COMPARE_KEYS, *RULE_PARAMETERS))
     if "curve_every" not in given and not run.curve_every:
         steps = training.max_steps if training.max_steps > 0 else 10
         run = dataclasses.replace(run, curve_every=max(1, steps // 10))
     quarters = any(arm.split(":")[0] in ("quarter", "layers") for arm in own.arms.split(","))
-    arms = parse_arms(own.arms, model_layer_count(run.model) if quarters else None)
+    rule_values = {name: getattr(own, name) for name in RULE_PARAMETERS if getattr(own, name) is not None}
+    arms = parse_arms(own.arms, model_layer_count(run.model) if quarters else None, rule_values)
     return own, (arms, seeds, run, model_args, adapter, ist, training)
 
 

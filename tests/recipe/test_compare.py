@@ -187,3 +187,17 @@ def test_the_learning_curve_does_not_change_the_training(tiny_char_llama, tmp_pa
     assert all(torch.equal(weights[name], curve_weights[name]) for name in weights)
     assert with_curve["importance"] == without["importance"]
     assert with_curve["curve"]["points"][-1]["generate"] == with_curve["tuned"]["generate"]["average"]
+
+
+def test_a_rule_parameter_flag_goes_to_the_arms_whose_rule_takes_it(tiny_char_llama, tmp_path):
+    own, (arms, *_rest) = _parse_compare(["--arms", "all,badam,lisa:switch_interval=7,ist", "--block_order",
+                                          "descending", "--switch_interval", "20", "--model", str(tiny_char_llama)])
+    configs = {arm.name: arm_config(ISTConfig(), arm, seed=1) for arm in arms}
+    assert (configs["badam"].block_order, configs["badam"].switch_interval) == ("descending", 20)
+    assert configs["lisa:switch_interval=7"].switch_interval == 7  # the arm's own value wins
+    assert (configs["ist"].switch_interval, configs["ist"].block_order) == (20, "ascending")
+    assert (configs["all"].switch_interval, configs["all"].block_order) == (1, "ascending")
+    config = tmp_path / "c.yaml"
+    config.write_text("arms: [all, badam]\nseeds: [1, 2]\nblock_order: random\n")
+    _, (arms, seeds, *_rest) = _parse_compare(["--config", str(config), "--model", str(tiny_char_llama)])
+    assert [arm_config(ISTConfig(), arm, 1).block_order for arm in arms] == ["ascending", "random"] and seeds == [1, 2]

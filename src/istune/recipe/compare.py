@@ -49,17 +49,21 @@ class Arm:
     values: dict[str, Any]
 
 
-def parse_arms(text: str, num_layers: int | None) -> list[Arm]:
-    """``--arms`` -> arms, each checked (an unknown arm lists the arms; a bad value names its field)."""
+def parse_arms(text: str, num_layers: int | None, rule_values: dict[str, str] | None = None) -> list[Arm]:
+    """``--arms`` -> arms, each checked (an unknown arm lists the arms; a bad value names its field).
+
+    ``rule_values`` (rule parameters given as flags, ``--block_order descending``) go to every arm whose rule
+    takes them (a rule of the user's own takes any), unless the arm sets its own.
+    """
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise ValueError(f"--arms={text!r} names no arm; e.g. --arms all,random,ist.")
     if len(set(names)) != len(names):
         raise ValueError(f"--arms={text!r} names an arm twice; name each once.")
-    return [_parse_arm(name, num_layers) for name in names]
+    return [_parse_arm(name, num_layers, rule_values or {}) for name in names]
 
 
-def _parse_arm(text: str, num_layers: int | None) -> Arm:
+def _parse_arm(text: str, num_layers: int | None, rule_values: dict[str, str]) -> Arm:
     head, *pairs = text.split(":")
     if head in ("quarter", "layers"):
         return Arm(text, {"strategy": "fixed", "layers": _fixed_layers(text, head, pairs, num_layers)})
@@ -75,6 +79,9 @@ def _parse_arm(text: str, num_layers: int | None) -> Arm:
             raise ValueError(f"--arms: {text!r}: {pair!r} is not an ISTConfig field=value; e.g. "
                              f"{head}:switch_interval=20 (`istune train --help` lists the fields).")
         values[key] = _value(raw)
+    for name, raw in rule_values.items():
+        if name not in values and (head in RULE_PARAMETERS[name] or head not in STRATEGIES):
+            values[name] = _value(str(raw))
     try:
         ISTConfig(**values)
     except ValueError as error:
