@@ -133,7 +133,7 @@ def test_bad_input_is_refused_in_one_line_before_any_run(tiny_char_llama, tmp_pa
     assert message in error and len(error.splitlines()) == 1
     assert not (out / "runs").exists()
     if "unknown arm" in message:  # every rule, and the fixed-layer arms (other tests may have registered more rules)
-        assert all(f" {name}," in error for name in ("lisa", "owlore", "probe-once", "random"))
+        assert all(f" {name}" in error for name in ("lisa", "owlore", "probe-once", "random"))
         assert "quarter:1 to quarter:4" in error and "layers:A-B" in error
 
 
