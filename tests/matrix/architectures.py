@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import peft
@@ -37,14 +38,46 @@ SMALL = {
     "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
 }
 TYPES = sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES))
-# per type: config keyword arguments beyond the generic shrink (None: the key is left at its default).
+IMAGE_TOKEN = VOCAB - 1  # the image placeholder token, where a type's tiny config needs one set
+# M-RoPE (Qwen2-VL, GLM-4V): the modeling code's default sections, for the real head_dim, must sum to the tiny
+# rotary half-dimension (head_dim 8: 4)
+MROPE = {"text_config": {"rope_parameters": {"mrope_section": [2, 1, 1]}}}
+# per type: config keyword arguments beyond the generic shrink (None: the key is left at its default); a dict is
+# merged into the generic one key by key (a sub-config's dict, its rope parameters).
 OVERRIDES: dict[str, dict] = {
+    **dict.fromkeys(["qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker", "paddleocr_vl", "glm4v", "glm46v", "glm_ocr",
+                     "glmga"], MROPE),
+    # partial rotary factor 0.5: head_dim 16 for a rotary half of 4
+    "glm4v_moe": {"text_config": {"head_dim": 16, "rope_parameters": {"mrope_section": [2, 1, 1]}}},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "mamba2": {"num_heads": 8},
+    # multi-head latent attention: keys and values have one head per query head
+    **dict.fromkeys(["axk2", "deepseek_v32", "glm_moe_dsa"], {"num_key_value_heads": 4}),
+    "mistral_large4": {"text_config": {"num_key_value_heads": 4}},
+    # num_hidden_layers is 2 x num_layers (two attention sublayers a block): 2 blocks, not 1 block whose inner
+    # lists of 2 sublayers' MLPs match num_hidden_layers
+    # hybrid linear-attention models: the layer types derived for 2 layers have no attention layer, which the
+    # cache's sequence length needs
+    **dict.fromkeys(["minicpm_ocr", "minicpmv4_6", "minicpmv4_7"],
+                    {"text_config": {"layer_types": ["linear_attention", "full_attention"]}}),
+    "lfm3_vl": {"text_config": {"layer_types": ["conv", "full_attention"]}},
+    "hunyuan_vl": {"text_config": {"rope_parameters": {"mrope_section": [1, 1, 1, 1]}}},  # no default sections
+    "step3p7": {"text_config": {"sliding_window": 4}},  # its sliding layers need one
+    "diffusion_gemma": {"text_config": {"top_k_experts": 2}},  # the router needs one
+    # BLIP-2's and Kosmos-2's query tokens, placed in the text (IMAGE_INPUTS)
+    **dict.fromkeys(["blip-2", "instructblip"], {"num_query_tokens": 2, "image_token_index": IMAGE_TOKEN}),
+    "instructblipvideo": {"num_query_tokens": 2, "video_token_index": IMAGE_TOKEN},
+    "kosmos-2": {"latent_query_num": 2},
+    # a gated cross-attention block every 2 layers (a real model's 4): with one a layer, that list of as many
+    # (heavier) blocks is taken for the decoder layers
+    "idefics": {"cross_layer_interval": 2},
+    "longcat_flash": {"num_hidden_layers": 4, "head_dim": 4},  # head_dim: the rotary part
     "zamba2": {"num_hidden_layers": 4, "layers_block_type": ["mamba", "hybrid"] * 2, "hybrid_layer_ids": [1, 3],
                "num_mem_blocks": 1, "use_mem_rope": False, "mamba_headdim": 8, "mamba_ngroups": 1,
                "n_mamba_heads": 8, "num_key_value_heads": 4},
 }
+# per type: the text config's attribute counting the decoder layers, where num_hidden_layers counts otherwise
+LAYER_COUNT = {"longcat_flash": "num_layers"}
 TOKENS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 
 
@@ -83,8 +116,17 @@ def tiny_config(config_class: type, overrides: dict | None = None) -> tf.PreTrai
         value = getattr(defaults, key, None)
         if "vocab_size" in kwargs and isinstance(value, int) and value >= VOCAB:
             kwargs[key] = min(value, 2)
-    kwargs.update(overrides or {})
+    _merge(kwargs, overrides or {})
     return config_class(**{k: v for k, v in kwargs.items() if v is not None or k in accepted})
+
+
+def _merge(kwargs: dict, overrides: dict) -> None:
+    """``overrides`` into ``kwargs``, a dict into a dict key by key (a sub-config's, its rope parameters)."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
+            _merge(kwargs[key], value)
+        else:
+            kwargs[key] = value
 
 
 def _get(config, key):
@@ -110,16 +152,64 @@ def build(model_type: str) -> torch.nn.Module:
 
 
 def text_layers(model: torch.nn.Module) -> int:
-    return model.get_base_model().config.get_text_config(decoder=True).num_hidden_layers
+    config = model.get_base_model().config
+    return getattr(config.get_text_config(decoder=True), LAYER_COUNT.get(config.model_type, "num_hidden_layers"))
 
 
-def _batch(seed: int) -> dict:
+def _image(config, *shape: int) -> torch.Tensor:
+    """A random image batch of ``shape`` then 3 x size x size, the size of the vision config's images."""
+    vision = getattr(config, "vision_config", None) or getattr(config, "encoder", None) or config
+    size = getattr(vision, "image_size", 28)
+    size = size if isinstance(size, int) else size[0]
+    return torch.randn(*shape, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _placeholders(ids: torch.Tensor, token: int, count: int = 2) -> torch.Tensor:
+    """``ids`` starting with ``count`` image placeholder tokens (OVERRIDES sets 2 query tokens)."""
+    ids = ids.clone()
+    ids[:, :count] = token
+    return ids
+
+
+def _blip2(config, ids: torch.Tensor) -> dict:
+    return {"pixel_values": _image(config, len(ids)), "input_ids": _placeholders(ids, IMAGE_TOKEN)}
+
+
+def _kosmos2(config, ids: torch.Tensor) -> dict:
+    mask = torch.zeros_like(ids)
+    mask[:, 1:3] = 1  # after the BOS: the latent queries' positions
+    return {"pixel_values": _image(config, len(ids)), "image_embeds_position_mask": mask}
+
+
+# per type: the inputs beyond the text that its forward needs (a tiny image, the image placeholders in the text),
+# from the config and the input ids; "input_ids" replaces the text (and labels), None drops it
+IMAGE_INPUTS: dict[str, Callable[[tf.PreTrainedConfig, torch.Tensor], dict]] = {
+    "blip": lambda config, ids: {"pixel_values": _image(config, len(ids))},
+    "blip-2": _blip2,
+    "instructblip": lambda config, ids: {**_blip2(config, ids), "qformer_input_ids": ids},
+    "instructblipvideo": lambda config, ids: {"pixel_values": _image(config, len(ids), 1), "qformer_input_ids": ids,
+                                              "input_ids": _placeholders(ids, IMAGE_TOKEN)},
+    "kosmos-2": _kosmos2,
+    "idefics": lambda config, ids: {"pixel_values": _image(config, len(ids), 1),
+                                    "image_attention_mask": torch.ones(*ids.shape, 1, dtype=torch.long)},
+    "vision-encoder-decoder": lambda config, ids: {"pixel_values": _image(config, len(ids)), "input_ids": None,
+                                                   "decoder_input_ids": ids},
+}
+
+
+def _batch(seed: int, model: torch.nn.Module | None = None) -> dict:
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "labels": ids}
+    config = model.get_base_model().config if model is not None else None
+    extra = IMAGE_INPUTS.get(getattr(config, "model_type", None))
+    batch = {"input_ids": ids, **(extra(config, ids) if extra else {})}
+    labels = ids if batch["input_ids"] is None else batch["input_ids"]
+    return {**{key: value for key, value in batch.items() if value is not None}, "labels": labels}
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits.float()
+def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    torch.manual_seed(0)  # the same draws in every forward compared (Diffusion Gemma samples its decoder input)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    return model(**inputs, use_cache=False).logits.float()
 
 
 def check(model: torch.nn.Module) -> int:
@@ -127,7 +217,7 @@ def check(model: torch.nn.Module) -> int:
     layers = find_adapter_layers(model)
     expected = text_layers(model)
     assert len(layers) == expected, f"found {len(layers)} layers, the text config has {expected}"
-    ids = _batch(7)["input_ids"]
+    batch = _batch(7, model)
     modules = [m for layer in layers for m in layer.adapters]
     outside = [m for m in model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)
                and all(m is not n for n in modules)]  # e.g. a BERT LM head's dense: trains at every step, unsuppressed
@@ -135,11 +225,11 @@ def check(model: torch.nn.Module) -> int:
     for module in outside:
         module.enable_adapters(False)
     with torch.no_grad():
-        adapted = _logits(model, ids)
+        adapted = _logits(model, batch)
         with suppress_adapters(modules, 0.0):
-            suppressed = _logits(model, ids)
+            suppressed = _logits(model, batch)
         with model.disable_adapter():  # (enables every adapter on leaving)
-            base = _logits(model, ids)
+            base = _logits(model, batch)
     model.train()
     assert (adapted - base).abs().max() > 1e-4, "the adapters do not change the output"
     error = (suppressed - base).abs().max().item()
@@ -151,10 +241,10 @@ def check(model: torch.nn.Module) -> int:
     for step in range(6):
         before = [[p.detach().clone() for p in layer.parameters] for layer in tuner.layers]
         selected = tuner.begin_step()
-        model(**_batch(step), use_cache=False).loss.backward()
+        model(**_batch(step, model), use_cache=False).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        updates += tuner.end_step(probe_batch=_batch(100 + step)) is not None
+        updates += tuner.end_step(probe_batch=_batch(100 + step, model)) is not None
         for j, (old, layer) in enumerate(zip(before, tuner.layers)):
             moved = [not torch.equal(a, b) for a, b in zip(old, layer.parameters)]
             if j in selected:
