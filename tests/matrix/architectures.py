@@ -3,7 +3,8 @@ put LoRA on all its linear layers and check IST on it: what tests/matrix/test_ar
 scripts/architecture_matrix.py tabulates into docs/models.md.
 
 A tiny model is the config class's defaults shrunk by :data:`SMALL` (each key the config has), in every sub-config
-(text, vision, audio ...), plus :data:`OVERRIDES` per type where the generic shrink is not enough.
+(text, vision, audio ...), plus :data:`OVERRIDES` per type where the generic shrink is not enough. The batch is
+text, plus :data:`IMAGE_INPUTS` for the types whose forward needs more (an image, a decoder input).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ OVERRIDES: dict[str, dict] = {
     # a gated cross-attention block every 2 layers (a real model's 4): with one a layer, that list of as many
     # (heavier) blocks is taken for the decoder layers
     "idefics": {"cross_layer_interval": 2},
+    "xmod": {"default_language": "en_XX"},  # its adapters need a language
     "longcat_flash": {"num_hidden_layers": 4, "head_dim": 4},  # head_dim: the rotary part
     "zamba2": {"num_hidden_layers": 4, "layers_block_type": ["mamba", "hybrid"] * 2, "hybrid_layer_ids": [1, 3],
                "num_mem_blocks": 1, "use_mem_rope": False, "mamba_headdim": 8, "mamba_ngroups": 1,
@@ -181,8 +183,9 @@ def _kosmos2(config, ids: torch.Tensor) -> dict:
     return {"pixel_values": _image(config, len(ids)), "image_embeds_position_mask": mask}
 
 
-# per type: the inputs beyond the text that its forward needs (a tiny image, the image placeholders in the text),
-# from the config and the input ids; "input_ids" replaces the text (and labels), None drops it
+# per config type: the inputs beyond the text that its forward needs (a tiny image, the image placeholders in the
+# text ...), from the config and the input ids; "input_ids" replaces the text (and the labels, unless "labels" is
+# given too), None drops it
 IMAGE_INPUTS: dict[str, Callable[[tf.PreTrainedConfig, torch.Tensor], dict]] = {
     "blip": lambda config, ids: {"pixel_values": _image(config, len(ids))},
     "blip-2": _blip2,
@@ -192,6 +195,11 @@ IMAGE_INPUTS: dict[str, Callable[[tf.PreTrainedConfig, torch.Tensor], dict]] = {
     "kosmos-2": _kosmos2,
     "idefics": lambda config, ids: {"pixel_values": _image(config, len(ids), 1),
                                     "image_attention_mask": torch.ones(*ids.shape, 1, dtype=torch.long)},
+    # MusicGen (its causal LM's config type): a row of token ids a codebook, labels batch x positions x codebooks
+    **dict.fromkeys(["musicgen_decoder", "musicgen_melody_decoder"], lambda config, ids: {
+        "input_ids": ids.repeat_interleave(config.num_codebooks, 0),
+        "labels": ids.unsqueeze(-1).expand(-1, -1, config.num_codebooks)}),
+    "t5gemma2": lambda config, ids: {"decoder_input_ids": ids},  # the logits compared need a decoder input
     "vision-encoder-decoder": lambda config, ids: {"pixel_values": _image(config, len(ids)), "input_ids": None,
                                                    "decoder_input_ids": ids},
 }
@@ -202,7 +210,7 @@ def _batch(seed: int, model: torch.nn.Module | None = None) -> dict:
     config = model.get_base_model().config if model is not None else None
     extra = IMAGE_INPUTS.get(getattr(config, "model_type", None))
     batch = {"input_ids": ids, **(extra(config, ids) if extra else {})}
-    labels = ids if batch["input_ids"] is None else batch["input_ids"]
+    labels = batch.pop("labels", ids if batch["input_ids"] is None else batch["input_ids"])
     return {**{key: value for key, value in batch.items() if value is not None}, "labels": labels}
 
 
