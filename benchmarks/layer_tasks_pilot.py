@@ -92,6 +92,14 @@ def passes_screen(run: dict | None) -> bool:
     return run is not None and run["start"] < START_BELOW and run["final"] >= REACH
 
 
+def quarters_apart(out: Path, task: str, seed: int) -> bool | None:
+    """Criterion (b) at one seed: best and worst quarter 15 pp apart at the midpoint or the end (None: not run)."""
+    qs = [curve(out, task, q, seed) for q in QUARTERS]
+    if not all(qs):
+        return None
+    return any(max(q[k] for q in qs) - min(q[k] for q in qs) >= QUARTER_GAP for k in ("middle", "final"))
+
+
 def table(out: Path, tasks: tuple[str, ...]) -> str:
     """The pilot table: every task tried, its numbers per seed, and the verdict by the protocol's criteria."""
     lines = ["| task | seed | all: step 0 → mid → final % | quarters 1/2/3/4 at mid % | quarters 1/2/3/4 final % "
@@ -139,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/layer-tasks-pilot")
     parser.add_argument("--tasks", default=",".join(TASKS), help="Comma-separated --data specs, in order.")
-    parser.add_argument("--stage", choices=("screen", "quarters", "both", "all"), default="all",
+    parser.add_argument("--stage", choices=("screen", "seed1", "quarters", "both", "all"), default="all",
                         help="all: screen, seed-1 quarters of the tasks that pass (a), the same for HARDER, then "
-                        "seed 2 (istune compare) task by task")
+                        "seed 2 (istune compare) task by task; seed1: the seed-1 quarters of --tasks that pass "
+                        "(a); quarters: seed 2 of --tasks that pass (a) and, where the seed-1 quarters ran, (b)")
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
     out, tasks = Path(args.out), tuple(args.tasks.split(","))
@@ -162,9 +171,15 @@ def main(argv: list[str] | None = None) -> int:
             for task in tasks:
                 screen(out, task)
                 (out / "pilot.md").write_text(table(out, tasks))
-        if args.stage in ("quarters", "both"):
+        if args.stage == "seed1":
             for task in tasks:
                 if passes_screen(curve(out, task, "all", 1)):
+                    first_quarters(out, task)
+                    (out / "pilot.md").write_text(table(out, tasks))
+        if args.stage in ("quarters", "both"):
+            for task in tasks:
+                # A task that fails (b) at seed 1 cannot be kept (both seeds must pass): no seed 2 for it.
+                if passes_screen(curve(out, task, "all", 1)) and quarters_apart(out, task, 1) is not False:
                     quarters(out, task)
                     (out / "pilot.md").write_text(table(out, tasks))
     text = table(out, tasks)
