@@ -73,22 +73,25 @@ def test_unknown_strategy_lists_every_rule_and_a_registered_one_is_accepted():
         name = "config-test-rule"
 
     register_rule(Mine.name, Mine)
-    config = ISTConfig(strategy="config-test-rule", exploration=0.5)  # a rule of one's own may read any field
+    config = ISTConfig(strategy="config-test-rule", switch_interval=3)  # K, which it inherits from RandomRule
     assert config.resolve(8).update_layers == 2  # N_u as for 'random'
+    assert config.switch_interval == 3
+    with pytest.raises(ValueError, match="ISTConfig.exploration=0.5.*only applies to strategy 'gradnorm'"):
+        ISTConfig(strategy="config-test-rule", exploration=0.5)  # a parameter it does not declare
 
 
 def test_built_in_names_are_the_registered_rules_and_defaults_are_the_rules():
-    from istune.config import STRATEGIES
-    from istune.core.rules import badam, gradnorm, owlore, probe_once
+    from istune.core.rules import BUILT_IN_NAMES, badam, gradnorm, owlore, probe_once
     from istune.core.selection import rule_names
 
-    assert set(STRATEGIES) <= set(rule_names())
+    assert set(BUILT_IN_NAMES) <= set(rule_names())
     config = ISTConfig()
-    assert (config.outlier_threshold, config.calibration_interval) == (owlore.DEFAULT_OUTLIER_THRESHOLD,
-                                                                      owlore.DEFAULT_CALIBRATION_INTERVAL)
-    assert (config.exploration, config.gradnorm_decay) == (gradnorm.DEFAULT_EXPLORATION,
-                                                           gradnorm.DEFAULT_GRADNORM_DECAY)
-    assert (config.probe_by, config.block_order) == (probe_once.DEFAULT_PROBE_BY, badam.DEFAULT_BLOCK_ORDER)
+    assert (config.outlier_threshold, config.calibration_interval) == (owlore.OUTLIER_THRESHOLD.default,
+                                                                      owlore.CALIBRATION_INTERVAL.default) == (13.0, 0)
+    assert (config.exploration, config.gradnorm_decay) == (gradnorm.EXPLORATION.default,
+                                                           gradnorm.GRADNORM_DECAY.default) == (0.1, 0.9)
+    assert (config.probe_by, config.block_order) == (probe_once.PROBE_BY.default, badam.BLOCK_ORDER.default) \
+        == ("gradient", "ascending")
     assert config.switch_interval == 1
 
 

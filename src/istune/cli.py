@@ -35,12 +35,13 @@ def _train_parser():
     from transformers import HfArgumentParser
 
     from istune.adapters.methods import AdapterArgs
-    from istune.config import ISTConfig
+    from istune.config import options_dataclass
     from istune.models import ModelArgs
     from istune.recipe.training_args import RecipeTrainingArguments
     from istune.runs import RunArgs
 
-    groups = (RunArgs, ModelArgs, AdapterArgs, ISTConfig, RecipeTrainingArguments)
+    # ISTConfig's options: its fields and the registered rules' parameters (each declared by its rule).
+    groups = (RunArgs, ModelArgs, AdapterArgs, options_dataclass(), RecipeTrainingArguments)
     shared = _shared_names(groups)
     if shared != {"seed"}:  # one name per knob; --seed alone is meant to reach two dataclasses
         raise RuntimeError(f"option names declared twice: {sorted(shared - {'seed'})}")
@@ -51,7 +52,49 @@ def _train_parser():
     parser.add_argument("--config", help="YAML file of option defaults (flags given here override it).")
     parser.add_argument("--ist_seed", type=int, default=None,
                         help="Seed of istune's own RNG (selections, candidates, probe batches); default: --seed.")
+    parser.add_argument("--rules_from", action="append", default=None, metavar="FILE_OR_MODULE",
+                        help="A .py file or a module that registers selection rules of your own "
+                        "(istune.core.selection.register_rule), imported first: their names become --strategy values "
+                        "and their parameters options. Repeat it for several.")
     return parser
+
+
+def import_rules(sources: Sequence[str]) -> None:
+    """Import each of ``sources`` (a .py file or a module name) for the rules it registers.
+
+    Raises:
+        ValueError: a source that is neither a file nor an importable module, naming it and the fix.
+    """
+    import importlib
+    import importlib.util
+
+    for source in sources:
+        path = Path(source)
+        if source.endswith(".py"):
+            if not path.is_file():
+                raise ValueError(f"--rules_from={source!r}: no such file; give the .py file that calls register_rule, "
+                                 "or an importable module name.")
+            name = f"istune_rules_{path.stem}"
+            if name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(source)
+            except ModuleNotFoundError as error:
+                raise ValueError(f"--rules_from={source!r}: no module of that name ({error}); give a .py file path "
+                                 "or a module on the Python path.") from None
+
+
+def _rules_from(argv: Sequence[str], yaml_values: dict) -> list[str]:
+    """The ``--rules_from`` sources of ``argv`` and of the YAML ``rules_from`` key (a string or a list)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--rules_from", action="append", default=[])
+    given = yaml_values.get("rules_from") or []
+    return [*([given] if isinstance(given, str) else list(given)), *pre.parse_known_args(argv)[0].rules_from]
 
 
 def _shared_names(groups) -> set[str]:
@@ -69,11 +112,11 @@ def _parse_train(argv: Sequence[str], other_keys: Sequence[str] = ()):
     """(run, model_args, adapter, ist, training) from flags over a YAML --config (whose ``other_keys`` belong to
     another parser and are skipped)."""
     import dataclasses
-    import difflib
 
     import yaml
 
-    parser = _train_parser()
+    from istune.options import did_you_mean
+
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     config_path = pre.parse_known_args(argv)[0].config
@@ -84,13 +127,14 @@ def _parse_train(argv: Sequence[str], other_keys: Sequence[str] = ()):
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"--config={config_path!r}: expected a mapping of option names to values.")
+    import_rules(_rules_from(argv, values if config_path else {}))
+    parser = _train_parser()  # after the rules are registered: their parameters are options
+    if config_path:
         known = {action.dest for action in parser._actions} - {"help", "config"}
         values = {key: value for key, value in values.items() if key not in other_keys}
         for key in values:
             if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ValueError(f"--config={config_path!r}: unknown option {key!r}; {hint}"
+                raise ValueError(f"--config={config_path!r}: unknown option {key!r}; {did_you_mean(key, known)}"
                                  "`istune train --help` lists every option.")
         parser.set_defaults(**values)
     values_from_yaml = set(values) if config_path else set()
@@ -99,9 +143,10 @@ def _parse_train(argv: Sequence[str], other_keys: Sequence[str] = ()):
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     values = vars(namespace)  # each dataclass takes its fields; ISTConfig and TrainingArguments both read 'seed'
     _save_strategy_from_save_steps(values, given=values_from_yaml | _flags_given(argv))
-    run, model_args, adapter, ist, training = (
+    run, model_args, adapter, ist_options, training = (
         group(**{f.name: values[f.name] for f in dataclasses.fields(group) if f.init and f.name in values})
         for group in parser.dataclass_types)
+    ist = ist_options.to_config()
     if namespace.ist_seed is not None:
         ist = dataclasses.replace(ist, seed=namespace.ist_seed)
     return run, model_args, adapter, ist, training
@@ -203,21 +248,25 @@ def _parse_compare(argv: Sequence[str]):
     parser.add_argument("--report_only", action="store_true", help="Rebuild the report from the saved runs only.")
     parser.add_argument("--config", help="YAML file of option defaults: `istune train` options and arms, seeds, "
                         "out, effect (flags given here override it).")
-    from istune.config import RULE_PARAMETERS
+    from istune import rule_catalog
 
-    for name, rules in RULE_PARAMETERS.items():  # each for the arms whose rule takes it (not for the others)
-        parser.add_argument(f"--{name}", help=f"A rule parameter ({', '.join(rules)}): set for every arm whose rule "
-                            "takes it; NAME:field=value in --arms sets it for one arm.")
     own, _ = parser.parse_known_args(argv)
+    values = {}
     if own.config and Path(own.config).is_file():  # the compare keys of the YAML are this parser's defaults
         import yaml
 
         values = yaml.safe_load(Path(own.config).read_text()) or {}
-        if isinstance(values, dict):
-            text = {key: ",".join(map(str, value)) if isinstance(value, list) else str(value)
-                    for key, value in values.items() if key in ("arms", "seeds", "out")}
-            parser.set_defaults(**text, **({"effect": values["effect"]} if "effect" in values else {}),
-                                **{key: str(values[key]) for key in RULE_PARAMETERS if key in values})
+    import_rules(_rules_from(argv, values if isinstance(values, dict) else {}))
+    parameters = rule_catalog.parameters()
+    for name in parameters:  # each for the arms whose rule takes it (not for the others)
+        rules = ", ".join(rule_catalog.rules_taking(name))
+        parser.add_argument(f"--{name}", help=f"A rule parameter ({rules}): set for every arm whose rule takes it; "
+                            "NAME:field=value in --arms sets it for one arm.")
+    if isinstance(values, dict) and values:
+        text = {key: ",".join(map(str, value)) if isinstance(value, list) else str(value)
+                for key, value in values.items() if key in ("arms", "seeds", "out")}
+        parser.set_defaults(**text, **({"effect": values["effect"]} if "effect" in values else {}),
+                            **{key: str(values[key]) for key in parameters if key in values})
     own, rest = parser.parse_known_args(argv)
     if own.config:
         rest = [*rest, "--config", own.config]
@@ -233,12 +282,12 @@ def _parse_compare(argv: Sequence[str]):
     if "seed" in given or "ist_seed" in given:
         raise ValueError("--seed: istune compare runs every arm at each of --seeds; give --seeds instead.")
     seeds = parse_seeds(own.seeds)
-    run, model_args, adapter, ist, training = _parse_train(rest, other_keys=(*COMPARE_KEYS, *RULE_PARAMETERS))
+    run, model_args, adapter, ist, training = _parse_train(rest, other_keys=(*COMPARE_KEYS, *parameters))
     if "curve_every" not in given and not run.curve_every:
         steps = training.max_steps if training.max_steps > 0 else 10
         run = dataclasses.replace(run, curve_every=max(1, steps // 10))
     quarters = any(arm.split(":")[0] in ("quarter", "layers") for arm in own.arms.split(","))
-    rule_values = {name: getattr(own, name) for name in RULE_PARAMETERS if getattr(own, name) is not None}
+    rule_values = {name: getattr(own, name) for name in parameters if getattr(own, name) is not None}
     arms = parse_arms(own.arms, model_layer_count(run.model) if quarters else None, rule_values)
     return own, (arms, seeds, run, model_args, adapter, ist, training)
 

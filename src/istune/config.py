@@ -9,29 +9,17 @@ starts, before any step.
 from __future__ import annotations
 
 import math
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
+from typing import Any
 
-# The built-in selection rules (istune.core.rules registers each under this name); more can be registered
-# with istune.core.selection.register_rule.
-STRATEGIES = ("ist", "random", "fixed", "all", "lisa", "badam", "owlore", "gradnorm", "probe-once")
-BLOCK_ORDERS = ("ascending", "descending", "random")
-PROBES = ("gradient", "suppression")
-# The rules each rule parameter applies to; any other built-in rule refuses a value other than the default.
-RULE_PARAMETERS = {
-    "switch_interval": ("ist", "random", "lisa", "badam", "owlore", "gradnorm"),
-    "block_order": ("badam",),
-    "outlier_threshold": ("owlore",),
-    "calibration_interval": ("owlore",),
-    "exploration": ("gradnorm",),
-    "gradnorm_decay": ("gradnorm",),
-    "probe_by": ("probe-once",),
-}
+from istune import rule_catalog
+from istune.options import did_you_mean
+
 OPTIMIZER_STATE_POLICIES = ("keep", "offload", "drop")
 REWARD_SCALES = ("paper", "spread")
 
 
-@dataclass
+@dataclass(init=False)
 class ISTConfig:
     """Configuration of the sparse-tuning controller.
 
@@ -40,6 +28,9 @@ class ISTConfig:
         >>> ISTConfig(strategy="random")       # random sparse tuning baseline
         >>> ISTConfig(strategy="fixed", layers=[0, 5, 11])
         >>> ISTConfig(strategy="lisa", update_layers=2, switch_interval=50)   # LISA (Pan et al. 2024)
+
+    A rule's parameters (``switch_interval``, ``block_order``, ...) are declared by the rule, not here; they are
+    given and read by name as if they were fields, and kept in ``rule_options``.
     """
 
     strategy: str = field(
@@ -103,48 +94,14 @@ class ISTConfig:
     probe_batch_size: int | None = field(
         default=None, metadata={"help": "Examples in the probe batch; default: the training batch size per device."}
     )
-    switch_interval: int = field(
-        default=1,
-        metadata={"help": "K: keep each selection for K optimizer steps; the rule chooses again at steps 0, K, 2K, "
-                  "... 'ist': the importance-sampled set is held K steps (the probes still run every T_c steps); "
-                  "'random' and 'lisa': LISA's sampling period K (Pan et al. 2024); 'badam': BAdam's "
-                  "switch_block_every (Luo et al. 2024); 'owlore', 'gradnorm': steps between draws. 'fixed', 'all' "
-                  "and 'probe-once' never change their layers and take no K. Default 1: a new selection every step."},
-    )
-    block_order: str = field(
-        default="ascending",
-        metadata={"help": "BAdam's switch_mode (Luo et al. 2024), the order in which the blocks of N_u consecutive "
-                  "layers train: 'ascending' (the bottom block first, default), 'descending' (the top block "
-                  "first), 'random' (a fresh permutation of the blocks at every pass). Only for strategy 'badam'."},
-    )
-    outlier_threshold: float = field(
-        default=13.0,
-        metadata={"help": "M: OwLore (Li et al. 2024) counts a weight x input-activation score as an outlier above "
-                  "M x its layer's mean; layers are sampled in proportion to their share of outliers. Default 13 "
-                  "(OwLore's LLaMA-2 ratios; OWL prunes with 5). Only for strategy 'owlore'."},
-    )
-    calibration_interval: int = field(
-        default=0,
-        metadata={"help": "R: OwLore re-measures the outlier ratios every R optimizer steps; 0 (default) measures "
-                  "them once, at the first step, as OwLore does. Only for strategy 'owlore'."},
-    )
-    exploration: float = field(
-        default=0.1,
-        metadata={"help": "ε in [0, 1]: the uniform share of the 'gradnorm' probabilities, p_i = (1 - ε)·g_i/Σg + "
-                  "ε/N_L, so every layer is revisited (an ε-mixture in place of MISA's bandit weights; MISA 2025, "
-                  "GRASS 2026). 0: gradient norms alone, 1: uniform. Default 0.1. Only for strategy 'gradnorm'."},
-    )
-    gradnorm_decay: float = field(
-        default=0.9,
-        metadata={"help": "γ in [0, 1): the weight a layer's gradient-norm estimate keeps when the layer trains, "
-                  "g_i <- γ·g_i + (1 - γ)·|grad_i| (an EMA, as MISA 2025). Default 0.9. Only for strategy "
-                  "'gradnorm'."},
-    )
-    probe_by: str = field(
-        default="gradient",
-        metadata={"help": "How 'probe-once' (after Aletheia 2026) picks its N_u layers at step 0: 'gradient' "
-                  "(default: the largest adapter-gradient norms) or 'suppression' (IST's eq. 8 probe with each "
-                  "layer alone at full response: the lowest losses). Only for strategy 'probe-once'."},
+    rule_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "The selection rule's own parameters by name (each declared in the rule's module; "
+                  "istune.rule_catalog): 'switch_interval' (K), 'block_order' (badam), 'outlier_threshold' and "
+                  "'calibration_interval' (owlore), 'exploration' and 'gradnorm_decay' (gradnorm), 'probe_by' "
+                  "(probe-once), and those of a registered rule. Give each as a keyword of its own, "
+                  "ISTConfig(strategy='badam', block_order='descending'), or here; those not given take the rule's "
+                  "defaults. Read back as attributes: config.block_order."},
     )
 
     recompute_unselected: bool = field(
@@ -168,25 +125,40 @@ class ISTConfig:
                   "(to CPU while unselected; same updates), or 'drop' (fresh moments when selected again)."},
     )
 
+    def __init__(self, **options: Any) -> None:
+        rule_options = dict(options.pop("rule_options", None) or {})
+        for option in fields(self):
+            if option.name != "rule_options":
+                default = option.default_factory() if option.default_factory is not MISSING else option.default
+                setattr(self, option.name, options.pop(option.name, default))
+        self.rule_options = {**rule_options, **options}  # what is left: rule parameters by their own names
+        self.__post_init__()
+
+    def __getattr__(self, name: str) -> Any:
+        # A rule parameter read by its name: the value given, else its declared default (for any rule's).
+        parameter = rule_catalog.parameters().get(name) if name != "rule_options" else None
+        if parameter is None:
+            raise AttributeError(f"'ISTConfig' object has no attribute {name!r}")
+        return self.__dict__.get("rule_options", {}).get(name, parameter.default)
+
     def __post_init__(self) -> None:
-        names = strategy_names()
-        if self.strategy not in names:
-            _fail("strategy", self.strategy, f"use one of {', '.join(repr(s) for s in names)}, or register a rule "
-                  "with istune.core.selection.register_rule(name, factory) before building the config")
-        self._check_rule_parameters()
+        rule = rule_catalog.traits(self.strategy) if isinstance(self.strategy, str) else None
+        if rule is None:
+            _fail("strategy", self.strategy, f"use one of {', '.join(repr(s) for s in strategy_names())}, or "
+                  "register a rule with istune.core.selection.register_rule(name, factory) before building the config")
+        self._check_rule_options(rule)
         _check_pair(self, "update_fraction", "update_layers")
         _check_pair(self, "probe_fraction", "probe_layers")
         for name in ("num_probes", "probe_interval"):
             _check_count(self, name)
-        if self.strategy == "ist" and self.num_probes == 1:
+        if rule.runs_importance_probes and self.num_probes == 1:
             _fail("num_probes", 1, "with one candidate eq. 9's reward exp(-L) - mean(exp(-L)) is always 0 and the "
                   "importance never moves; use N_c >= 2 (the paper: 3)")
         if self.probe_batch_size is not None:
             _check_count(self, "probe_batch_size")
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta <= 1.0:
             _fail("beta", self.beta, "β must be a number in [0, 1]; the paper uses 0.25")
-        if (isinstance(self.mu, bool) or not isinstance(self.mu, (int, float))
-                or not (math.isfinite(self.mu) and self.mu > 0)):
+        if not is_finite_number(self.mu) or self.mu <= 0:
             _fail("mu", self.mu, "μ must be a finite number > 0; the paper uses 10 (commonsense) or 100 (math)")
         if self.reward_scale not in REWARD_SCALES:
             _fail("reward_scale", self.reward_scale, f"use one of {', '.join(repr(s) for s in REWARD_SCALES)}")
@@ -194,9 +166,9 @@ class ISTConfig:
             _fail("seed", self.seed, "use an integer")
         if not isinstance(self.recompute_unselected, bool):
             _fail("recompute_unselected", self.recompute_unselected, "use true or false")
-        if self.recompute_unselected and self.strategy == "all":
-            _fail("recompute_unselected", True, "strategy 'all' trains every layer, so no layer is unselected; "
-                  "use the model's gradient checkpointing instead, or a sparse strategy")
+        if self.recompute_unselected and rule.trains_all_layers:
+            _fail("recompute_unselected", True, f"strategy {self.strategy!r} trains every layer, so no layer is "
+                  "unselected; use the model's gradient checkpointing instead, or a sparse strategy")
         if self.stored_layers is not None:
             if (isinstance(self.stored_layers, bool) or not isinstance(self.stored_layers, int)
                     or self.stored_layers < 0):
@@ -207,47 +179,47 @@ class ISTConfig:
         if self.unselected_optimizer_state not in OPTIMIZER_STATE_POLICIES:
             _fail("unselected_optimizer_state", self.unselected_optimizer_state,
                   f"use one of {', '.join(repr(p) for p in OPTIMIZER_STATE_POLICIES)}")
-        if self.strategy == "fixed":
+        if rule.trains_given_layers:
             if not self.layers:
-                _fail("layers", self.layers, "strategy 'fixed' needs a non-empty list of layer positions, e.g. [0, 5]")
+                _fail("layers", self.layers, f"strategy {self.strategy!r} needs a non-empty list of layer "
+                      "positions, e.g. [0, 5]")
             if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers):
                 _fail("layers", self.layers, "layer positions are integers >= 0")
             if len(set(self.layers)) != len(self.layers):
                 _fail("layers", self.layers, "remove the repeated positions")
             if self.update_fraction is not None or self.update_layers is not None:
                 _fail("update_layers", self.update_layers or self.update_fraction,
-                      "strategy 'fixed' trains exactly `layers`; leave update_layers/update_fraction unset")
+                      f"strategy {self.strategy!r} trains exactly `layers`; leave update_layers/update_fraction unset")
         elif self.layers is not None:
-            _fail("layers", self.layers,
-                  f"`layers` only applies to strategy 'fixed', not {self.strategy!r}; remove it")
+            fixed = [name for name in strategy_names() if rule_catalog.traits(name).trains_given_layers]
+            _fail("layers", self.layers, f"`layers` only applies to strategy {' or '.join(map(repr, fixed))}, not "
+                  f"{self.strategy!r}; remove it")
 
-    def _check_rule_parameters(self) -> None:
-        """The selection rules' parameters: in range, and set only for a rule that uses them."""
-        _check_count(self, "switch_interval")
-        if self.block_order not in BLOCK_ORDERS:
-            _fail("block_order", self.block_order, f"use one of {', '.join(map(repr, BLOCK_ORDERS))}")
-        if not is_finite_number(self.outlier_threshold) or self.outlier_threshold <= 0:
-            _fail("outlier_threshold", self.outlier_threshold, "OwLore's outlier multiplier M must be a finite "
-                  "number > 0 (OwLore: 13, OWL: 5)")
-        if isinstance(self.calibration_interval, bool) or not isinstance(self.calibration_interval, int) \
-                or self.calibration_interval < 0:
-            _fail("calibration_interval", self.calibration_interval, "R must be an integer >= 0 (steps between "
-                  "measurements of the outlier ratios; 0 measures them once, at the start)")
-        if not is_finite_number(self.exploration) or not 0 <= self.exploration <= 1:
-            _fail("exploration", self.exploration, "ε, the uniform share of the layer probabilities, must lie in "
-                  "[0, 1] (0: gradient norms alone, 1: uniform; default 0.1)")
-        if not is_finite_number(self.gradnorm_decay) or not 0 <= self.gradnorm_decay < 1:
-            _fail("gradnorm_decay", self.gradnorm_decay, "γ, the weight an estimate keeps at each observation, "
-                  "must lie in [0, 1) (default 0.9)")
-        if self.probe_by not in PROBES:
-            _fail("probe_by", self.probe_by, f"use one of {', '.join(map(repr, PROBES))}")
-        if self.strategy not in STRATEGIES:
-            return  # a registered rule of the user's own: it may read any of them
-        defaults = {f.name: f.default for f in fields(self)}
-        for name, rules in RULE_PARAMETERS.items():
-            if self.strategy not in rules and getattr(self, name) != defaults[name]:
-                _fail(name, getattr(self, name), f"`{name}` only applies to strategy "
-                      f"{' or '.join(map(repr, rules))}, not {self.strategy!r}; remove it")
+    def _check_rule_options(self, rule: rule_catalog.RuleTraits) -> None:
+        """Each rule parameter given: known, in range, and one the rule takes. Then ``rule_options`` holds
+        exactly the rule's parameters, the defaults filled in (so equal settings compare equal)."""
+        if not isinstance(self.rule_options, dict):
+            _fail("rule_options", self.rule_options, "use a mapping of the rule's parameters by name")
+        declared = rule_catalog.parameters()
+        given = {}
+        for name, value in self.rule_options.items():
+            parameter = declared.get(name)
+            if parameter is None:
+                known = [*(f.name for f in fields(self) if f.name != "rule_options"), *declared]
+                takes, hint = ", ".join(rule.parameter_names()) or "none", did_you_mean(name, known)
+                raise TypeError(f"ISTConfig got an unknown option {name!r}: {hint}it is neither a field nor a "
+                                f"registered rule's parameter (strategy {self.strategy!r} takes: {takes}).")
+            if name not in rule.parameter_names():
+                if value == parameter.default:
+                    continue  # a whole saved config names every rule's parameters, at their defaults
+                rules = " or ".join(map(repr, rule_catalog.rules_taking(name)))
+                _fail(name, value, f"`{name}` only applies to strategy {rules}, not {self.strategy!r}; remove it")
+            fix = parameter.problem(value)
+            if fix is not None:
+                _fail(name, value, fix)
+            given[name] = value
+        self.rule_options = {parameter.name: given.get(parameter.name, parameter.default)
+                             for parameter in rule.parameters}
 
     def resolve(self, num_layers: int) -> ResolvedCounts:
         """Turn fractions into layer counts for a model with ``num_layers`` adapter layers (N_L).
@@ -255,14 +227,15 @@ class ISTConfig:
         Raises:
             ValueError: when a count exceeds N_L or a fixed layer is out of range.
         """
-        if self.strategy == "fixed":
+        rule = rule_catalog.traits(self.strategy)
+        if rule.trains_given_layers:
             out_of_range = [i for i in self.layers if i >= num_layers]
             if out_of_range:
                 _fail("layers", self.layers,
                       f"positions {out_of_range} are out of range: the model has N_L={num_layers} adapter layers "
                       f"(0..{num_layers - 1})")
             update = len(self.layers)
-        elif self.strategy == "all":
+        elif rule.trains_all_layers:
             update = num_layers
         else:
             update = _layer_count(self, "update_fraction", "update_layers", 0.25, num_layers)
@@ -270,7 +243,15 @@ class ISTConfig:
         return ResolvedCounts(num_layers=num_layers, update_layers=update, probe_layers=probe)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every option by name, flat: the fields, and in ``rule_options``' place every registered rule's
+        parameters (this rule's values, the others' defaults), as ``ISTConfig(**values)`` takes them back."""
+        values = {}
+        for option in fields(self):
+            if option.name == "rule_options":
+                values.update({name: getattr(self, name) for name in rule_catalog.parameters()})
+            else:
+                values[option.name] = getattr(self, option.name)
+        return values
 
 
 @dataclass(frozen=True)
@@ -283,14 +264,35 @@ class ResolvedCounts:
 
 
 def strategy_names() -> list[str]:
-    """The names ``ISTConfig.strategy`` accepts: the built-in rules and any registered since, sorted.
+    """The names ``ISTConfig.strategy`` accepts: the registered rules (the built-in ones register when
+    istune is imported), sorted."""
+    return rule_catalog.rule_names()
 
-    A rule is registered through :mod:`istune.core.selection`; until that module is loaded no rule can
-    have been, so the built-in names are all there are (the config does not import the core).
-    """
-    selection = sys.modules.get("istune.core.selection")
-    registered = selection.rule_names() if selection is not None else []
-    return sorted(set(STRATEGIES) | set(registered))
+
+def options_dataclass() -> type:
+    """A dataclass of every option by name, for parsers that read dataclasses (HfArgumentParser): ISTConfig's
+    fields, and one field per registered rule's parameter, None when not given (the rule's default then).
+    Its ``to_config()`` builds the ISTConfig."""
+    parameters = rule_catalog.parameters()
+    specs = [(option.name, option.type, field(default=option.default, metadata=option.metadata))
+             for option in fields(ISTConfig) if option.name != "rule_options"]
+    specs += [(name, f"{parameter.kind.__name__} | None",
+               field(default=None, metadata={"help": rule_catalog.help_text(parameter),
+                                             **({"choices": list(parameter.choices)} if parameter.choices else {})}))
+              for name, parameter in parameters.items()]
+
+    def to_config(self) -> ISTConfig:
+        values = {name: value for name, value in vars(self).items() if value is not None or name not in parameters}
+        return ISTConfig(**values)
+
+    # __module__ so that the string annotations resolve here, as they do for ISTConfig's own.
+    return make_dataclass("ISTOptions", specs, namespace={"to_config": to_config, "__module__": __name__})
+
+
+def option_names() -> list[str]:
+    """Every option ISTConfig takes by name: its fields (``rule_options`` aside) and every registered rule's
+    parameters. The command line, YAML, and the axolotl and LLaMA-Factory keys are these names."""
+    return list(ISTConfig().to_dict())
 
 
 def is_finite_number(value) -> bool:

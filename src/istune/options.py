@@ -3,6 +3,7 @@ the fix."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,3 +40,9 @@ def require_at_least_one(options: Any, names: Iterable[str]) -> None:
     for name in names:
         if getattr(options, name) < 1:
             raise ValueError(f"--{name}={getattr(options, name)!r} must be at least 1.")
+
+
+def did_you_mean(name: Any, known: Iterable[str]) -> str:
+    """``"did you mean 'x'? "`` for the known name closest to an unknown ``name``; '' when none is close."""
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""

@@ -325,7 +325,7 @@ def test_unsupported_tuner_is_refused_with_a_clear_error(name):
             find_adapter_layers(model)
         return
     layers = find_adapter_layers(model)
-    with pytest.raises(ValueError, match=f"Strategy 'ist' cannot suppress.*{message}.*'random'"):
+    with pytest.raises(ValueError, match=f"IST's probes cannot suppress.*{message}.*'random'"):
         prepare_suppression(model, layers)
     with pytest.raises(ValueError, match=message):
         SparseTuner(model, ISTConfig(strategy="ist"))

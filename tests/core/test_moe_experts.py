@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 
 from istune import ISTConfig, SparseTuner, find_adapter_layers
-from istune.config import STRATEGIES
+from istune.core.rules import BUILT_IN_NAMES
 from istune.core.suppress import suppress_adapters
 
 from .test_rules import RULE_CONFIGS
@@ -119,7 +119,7 @@ def test_ist_trains_only_the_selected_layers_experts_and_suppression_is_exact(na
     _assert_suppression_is_exact(model)  # after training too
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", BUILT_IN_NAMES)
 def test_every_rule_trains_only_the_selected_layers_experts(strategy):
     settings = {**RULE_CONFIGS.get(strategy, {"update_layers": 1}), "seed": 7}
     if "update_layers" in settings:

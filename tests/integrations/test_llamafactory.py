@@ -92,7 +92,7 @@ BAD_OPTIONS = [  # (IST options, error type, what the first line of the error sa
     ({"mu": -1}, ValueError, "ISTConfig.mu=-1 is invalid"),
     ({"update_fraction": 2}, ValueError, "ISTConfig.update_fraction=2 is invalid"),
     ({"strategy": "fixed"}, ValueError, "ISTConfig.layers=None is invalid"),
-    ({"muu": 1}, ValueError, "ist.muu=1 is not an ISTConfig field; did you mean 'mu'?"),
+    ({"muu": 1}, ValueError, "ist.muu=1 is not an ISTConfig option; did you mean 'mu'?"),
     (0.25, TypeError, "ist=0.25: IST's options are a mapping"),
 ]
 

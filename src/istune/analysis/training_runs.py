@@ -126,7 +126,7 @@ def check_finished_runs(planned: Sequence[PlannedRun], size: TrainingSize, out: 
     wanted = json.loads(json.dumps(asdict(size)))
     # A field added to TrainingSize or ISTConfig after a run was saved counts as its default there.
     size_defaults = json.loads(json.dumps(asdict(TrainingSize())))
-    ist_defaults = {f.name: f.default for f in dataclasses.fields(ISTConfig)}
+    ist_defaults = ISTConfig().to_dict()
     for run in planned:
         path = run_path(out, run.name)
         if not path.is_file():

@@ -60,10 +60,6 @@ ROWS: dict[str, Row] = {key: ALL_ROWS[key] for key in DEFAULT_KEYS + RULE_KEYS}
 ROW_NAMES = ("lora", "lora+ckpt", "ist", "ist+recompute", "ist+ckpt", "ist+ckpt+stored3", "ist+stored8", "random",
              "lisa", "dora", "dora+ckpt", "dora+ist", "dora+ist+ckpt", "lora+lisa", "lora+badam", "lora+owlore",
              "lora+gradnorm", "lora+probe-once")
-# Rules whose first selections a seed steers to layer 0 (uniform draws, as worst_case_seed simulates them) or
-# that start at layer 0 whatever the seed (BAdam's ascending order). The others choose from a measurement of
-# the model: their memory runs add a run with layer 0 fixed (worst_step).
-SEEDED_RULES = ("ist", "random", "lisa", "badam")
 NAMES = table_names(ROWS, local={"lisa": "full+random2"})
 
 
@@ -148,9 +144,20 @@ def worst_step(row: Row, num_layers: int) -> list[int] | None:
     from istune.config import ISTConfig
     from istune.planning.worst_case import worst_case_selection
 
-    if row.ist is not None and ISTConfig(**row.ist).strategy not in SEEDED_RULES:
+    if row.ist is not None and not seeded(ISTConfig(**row.ist).strategy):
         return worst_case_selection(num_layers, ISTConfig(**row.ist).resolve(num_layers).update_layers)
     return stored_worst_step(row, num_layers)
+
+
+def seeded(strategy: str) -> bool:
+    """Whether the rule's first selections are steered to layer 0 by a seed (its draws, as worst_case_seed
+    simulates them, come from its seed and IST's importance alone) or start there whatever the seed (BAdam's
+    ascending order). Other rules choose from a measurement of the model: their memory runs add a run with
+    layer 0 fixed (:func:`worst_step`)."""
+    from istune import rule_catalog
+
+    rule = rule_catalog.traits(strategy)
+    return rule.runs_importance_probes or not rule.uses_probe_batches
 
 
 def stored_worst_step(row: Row, num_layers: int) -> list[int] | None:
@@ -226,7 +233,7 @@ def measure_memory(rows: list[Row], size: Size, progress: Callable[[str], None])
     results = {}
     for row in rows:
         stored = row.ist is not None and (row.ist.get("stored_layers") is not None
-                                          or row.ist.get("strategy", "ist") not in SEEDED_RULES)
+                                          or not seeded(row.ist.get("strategy", "ist")))
         runs = [run_in_child("istune.bench.frontier:measure_memory_here",
                              {"row": row.key, "size": size.name, "stored_worst": worst})
                 for worst in ((False, True) if stored else (False,))]

@@ -33,7 +33,7 @@ import torch
 
 from istune.bench.memory_report import VARIANTS, check_table, gb, markdown
 from istune.bench.records import run_metadata, write_record
-from istune.config import ISTConfig
+from istune.config import ISTConfig, option_names
 from istune.core.tuner import SparseTuner
 from istune.options import parse_list, require_at_least_one
 from istune.planning.kernels import fused_sdpa_on_meta
@@ -78,7 +78,7 @@ class Settings:
 
 def variants_for(methods: list[str]) -> tuple[list[Row], list[Row]]:
     """The rows of ``methods`` that this ISTConfig supports, and those it does not (skipped)."""
-    known = {f.name for f in dataclasses.fields(ISTConfig)}
+    known = set(option_names())
     chosen = [v for v in VARIANTS if v.method in methods]
     usable = [v for v in chosen if v.ist is None or set(v.ist) <= known]
     return usable, [v for v in chosen if v not in usable]

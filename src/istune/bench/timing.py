@@ -25,7 +25,7 @@ import torch
 
 from istune.bench import records
 from istune.bench.records import run_metadata, write_record
-from istune.config import ISTConfig
+from istune.config import ISTConfig, options_dataclass
 from istune.planning.rows import ROWS, Row
 
 DEFAULT_OUT = "benchmarks/results/step_time"
@@ -48,7 +48,7 @@ def parse_ist_fields(text: str) -> dict[str, Any]:
     Raises:
         ValueError: naming ``--ist``, the text, and what to write instead.
     """
-    known = {f.name: f for f in dataclasses.fields(ISTConfig)}
+    known = {f.name: f for f in dataclasses.fields(options_dataclass())}
     values: dict[str, Any] = {}
     for item in (part.strip() for part in text.split(",")):
         name, sep, raw = item.partition("=")

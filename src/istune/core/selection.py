@@ -45,15 +45,41 @@ A rule written from scratch (train the N_u layers that trained least so far)::
             self.counts = None if state["counts"] is None else torch.tensor(state["counts"])
 
     register_rule("least-trained", LeastTrained)   # then ISTConfig(strategy="least-trained")
+
+A rule declares its parameters (:class:`~istune.rule_catalog.RuleParameter`) in ``parameters``; the
+config, ``istune train``'s flags, YAML and the axolotl and LLaMA-Factory keys then take them by name, and
+:meth:`SelectionRule.from_config` passes each to the rule's ``__init__``::
+
+    TEMPERATURE = RuleParameter("temperature", 1.0, low=0, low_open=True, help="τ: softmax temperature.")
+
+    class Softmax(SelectionRule):
+        parameters = (SWITCH_INTERVAL, TEMPERATURE)    # K, which the tuner applies, and its own τ
+
+        def __init__(self, temperature=1.0):
+            self.temperature = temperature
+
+    register_rule("softmax", Softmax)   # ISTConfig(strategy="softmax", temperature=0.5), --temperature 0.5
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from istune import rule_catalog
+from istune.rule_catalog import RuleParameter, RuleTraits
+
+# K: the tuner keeps each selection for K optimizer steps; every rule that chooses more than once takes it.
+SWITCH_INTERVAL = RuleParameter(
+    "switch_interval", 1, low=1,
+    help="K: keep each selection for K optimizer steps; the rule chooses again at steps 0, K, 2K, ... 'ist': the "
+    "importance-sampled set is held K steps (the probes still run every T_c steps); 'random' and 'lisa': LISA's "
+    "sampling period K (Pan et al. 2024); 'badam': BAdam's switch_block_every (Luo et al. 2024); 'owlore', "
+    "'gradnorm': steps between draws. Default 1: a new selection every step.")
 
 
 @dataclass(frozen=True)
@@ -97,6 +123,12 @@ class SelectionRule:
             before the first step.
         uses_probe_batches: the rule may call a measurement, so the Trainer callback builds a probe
             sampler; False for rules that never measure (no probe data is read for them).
+        uses_gradient_norms: the rule calls ``view.gradient_norms`` (an extra backward pass).
+        uses_outlier_ratios: the rule calls ``view.outlier_ratios`` (forward hooks on the linear maps).
+        trains_all_layers: the rule trains every layer at every step (N_u = N_L).
+        trains_given_layers: the rule trains ``ISTConfig.layers`` (N_u = their number).
+        parameters: the rule's parameters (:class:`~istune.rule_catalog.RuleParameter`), which the config
+            and every front end take by name; K (:data:`SWITCH_INTERVAL`) unless the rule never chooses again.
     """
 
     name: str = ""
@@ -104,6 +136,20 @@ class SelectionRule:
     runs_importance_probes: bool = False
     uses_probe_losses: bool = False
     uses_probe_batches: bool = True
+    uses_gradient_norms: bool = False
+    uses_outlier_ratios: bool = False
+    trains_all_layers: bool = False
+    trains_given_layers: bool = False
+    parameters: tuple[RuleParameter, ...] = (SWITCH_INTERVAL,)
+
+    @classmethod
+    def from_config(cls, config: Any = None) -> SelectionRule:
+        """The rule with each declared parameter that ``__init__`` takes read from ``config`` (its default if
+        ``config`` lacks it)."""
+        accepted = inspect.signature(cls.__init__).parameters
+        values = {parameter.name: getattr(config, parameter.name, parameter.default)
+                  for parameter in cls.parameters if parameter.name in accepted}
+        return cls(**values)
 
     def select(self, view: StepView) -> Sequence[int]:
         """The ``view.count`` distinct layer positions (each in ``[0, view.num_layers)``) to train this step."""
@@ -123,14 +169,30 @@ class SelectionRule:
 _RULES: dict[str, Callable[..., SelectionRule]] = {}
 
 
-def register_rule(name: str, factory: Callable[..., SelectionRule]) -> None:
-    """Make ``ISTConfig(strategy=name)`` build its rule with ``factory(config)`` (or ``factory()``).
+def register_rule(name: str, factory: Callable[..., SelectionRule] | type[SelectionRule]) -> None:
+    """Make ``ISTConfig(strategy=name)`` build its rule with ``factory``, and take its declared parameters.
+
+    Args:
+        factory: a :class:`SelectionRule` subclass (built with :meth:`SelectionRule.from_config`, so its
+            declared ``parameters`` reach ``__init__``), a rule's ``from_config``, or any callable taking the
+            config (or nothing) and returning a rule. The parameters and traits are read from the class (a
+            plain function gets the base class's: K only).
 
     Raises:
-        ValueError: ``name`` is already taken by another factory.
+        ValueError: ``name`` is already taken by another factory, or a parameter clashes with another rule's.
     """
-    if name in _RULES and _RULES[name] is not factory:
+    if isinstance(factory, type) and issubclass(factory, SelectionRule):
+        factory = factory.from_config
+    if name in _RULES and _RULES[name] != factory:
         raise ValueError(f"register_rule: a selection rule named {name!r} is already registered; pick another name.")
+    rule_class = getattr(factory, "__self__", None)
+    rule_class = rule_class if isinstance(rule_class, type) and issubclass(rule_class, SelectionRule) \
+        else SelectionRule
+    rule_catalog.enter(RuleTraits(
+        name=name, parameters=tuple(rule_class.parameters),
+        runs_importance_probes=rule_class.runs_importance_probes, trains_all_layers=rule_class.trains_all_layers,
+        trains_given_layers=rule_class.trains_given_layers, uses_outlier_ratios=rule_class.uses_outlier_ratios,
+        uses_probe_batches=rule_class.uses_probe_batches))
     _RULES[name] = factory
 
 

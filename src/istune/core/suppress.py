@@ -97,8 +97,8 @@ def prepare_suppression(
     problems = suppression_problems(model, layers)
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise ValueError(f"Strategy 'ist' cannot suppress this model's layers exactly (eq. 8): {shown}. "
-                         "Strategies 'random', 'fixed' and 'all' need no suppression.")
+        raise ValueError(f"IST's probes cannot suppress this model's layers exactly (eq. 8): {shown}. "
+                         "A rule without suppression probes needs none ('random', 'fixed', 'all', 'lisa', 'badam').")
     if any(layer.is_full_layer and layer.initial is None for layer in layers):
         size = snapshot_initial_weights(layers, initial_device, initial_state)
         logger.info("IST: kept the initial weights of %d full layers (%.1f MB on %s) to suppress their change.",

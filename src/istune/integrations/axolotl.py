@@ -3,13 +3,14 @@
     # axolotl config (YAML)
     plugins:
       - istune.integrations.axolotl.ISTPlugin
-    ist_update_layers: 2        # any ISTConfig field, prefixed with ist_; the rest keep ISTConfig's defaults
+    ist_update_layers: 2        # any ISTConfig option, prefixed with ist_; the rest keep ISTConfig's defaults
     ist_probe_interval: 10
 
     axolotl train config.yaml
 
-The ``ist_*`` keys are ISTConfig's fields with the prefix, derived from the dataclass, and they are
-checked by building the :class:`~istune.config.ISTConfig` itself when axolotl validates its config:
+The ``ist_*`` keys are ISTConfig's options with the prefix (its fields and every registered rule's
+parameters, :func:`istune.config.option_names`), and they are checked by building the
+:class:`~istune.config.ISTConfig` itself when axolotl validates its config:
 a bad value fails there with ISTConfig's error, led by the ``ist_`` key. Once axolotl has built its
 Trainer (the ``post_trainer_create`` hook), :func:`istune.add_ist` adds the callback with the Trainer
 in hand, as in any other Trainer (:mod:`istune.integrations.hf`).
@@ -17,32 +18,35 @@ in hand, as in any other Trainer (:mod:`istune.integrations.hf`).
 Refused before training: axolotl's own LISA (``lisa_*``), which would fight IST over which layers
 train; and axolotl's fused LoRA kernels (``lora_mlp_kernel``, ``lora_qkv_kernel``, ``lora_o_kernel``)
 with what they bypass: an adapter that IST suppresses through a forward hook on peft's module (DoRA
-and other LoRA variants) and the 'owlore' rule, which records each linear map's input with forward
-hooks. Plain LoRA/QLoRA with the kernels is allowed: the kernels read ``scaling[adapter]`` at every
-forward (so IST's β reaches them) and pass the adapters' weights to autograd, which drops the gradients
-of the frozen ones; see docs/axolotl.md for what has and has not been run.
+and other LoRA variants) and a rule that measures outlier ratios ('owlore'), which records each linear
+map's input with forward hooks. Plain LoRA/QLoRA with the kernels is allowed: the kernels read
+``scaling[adapter]`` at every forward (so IST's β reaches them) and pass the adapters' weights to
+autograd, which drops the gradients of the frozen ones; see docs/axolotl.md for what has and has not been run.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from istune.config import ISTConfig
+from istune import rule_catalog
+from istune.config import ISTConfig, option_names
 from istune.core.layers import is_adapter_module
 from istune.core.suppress import scales_linearly
 from istune.integrations.hf import add_ist
+from istune.options import did_you_mean
 
 PREFIX = "ist_"
-IST_KEYS = {PREFIX + option.name: option.name for option in fields(ISTConfig)}  # axolotl key -> ISTConfig field
 AXOLOTL_LISA_KEYS = ("lisa_n_layers", "lisa_step_interval")  # both set: axolotl adds its LISA callback
 LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
-HOOKED_RULES = ("owlore",)  # rules that read module inputs through forward hooks, which the fused kernels skip
+
+
+def ist_keys() -> dict[str, str]:
+    """axolotl key -> ISTConfig option, for the options known now (a rule registered later adds its own)."""
+    return {PREFIX + name: name for name in option_names()}
 
 
 def ist_config(values: Mapping[str, Any]) -> ISTConfig:
@@ -55,17 +59,17 @@ def ist_config(values: Mapping[str, Any]) -> ISTConfig:
         ValueError: an ``ist_*`` key that is no ISTConfig field, or ISTConfig's own error for a bad value,
             led by the ``ist_`` key.
     """
-    unknown = sorted(key for key in values if key.startswith(PREFIX) and key not in IST_KEYS)
+    keys = ist_keys()
+    unknown = sorted(key for key in values if key.startswith(PREFIX) and key not in keys)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], IST_KEYS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(unknown[0], keys)
         raise ValueError(f"axolotl config key {unknown[0]!r} is no IST option: {hint}the ist_ keys are "
-                         f"{', '.join(IST_KEYS)} (ISTConfig's fields; docs/axolotl.md).")
-    given = {IST_KEYS[key]: value for key, value in values.items() if key in IST_KEYS}
+                         f"{', '.join(keys)} (ISTConfig's options; docs/axolotl.md).")
+    given = {keys[key]: value for key, value in values.items() if key in keys and value is not None}
     try:
         return ISTConfig(**given)
     except ValueError as error:
-        name = next((name for name in IST_KEYS.values() if str(error).startswith(f"ISTConfig.{name}=")), None)
+        name = next((name for name in keys.values() if str(error).startswith(f"ISTConfig.{name}=")), None)
         if name is None:
             raise
         key = f"{PREFIX}{name}={given[name]!r}" if name in given else f"{PREFIX}{name}"
@@ -98,7 +102,8 @@ def refuse_bypassed_hooks(values: Mapping[str, Any], model) -> None:
         return
     fix = f"set {', '.join(f'{key}: false' for key in kernels)} in the axolotl config"
     strategy = values.get(PREFIX + "strategy")
-    if strategy in HOOKED_RULES:
+    rule = rule_catalog.traits(strategy) if isinstance(strategy, str) else None
+    if rule is not None and rule.uses_outlier_ratios:
         raise ValueError(f"ist_strategy={strategy!r} records the input of every linear map through forward hooks, "
                          f"which axolotl's fused LoRA kernels ({', '.join(kernels)}) skip; {fix}, or use another "
                          "selection rule.")
@@ -122,16 +127,27 @@ class ISTOptions(BaseModel):
         return data
 
 
-# One axolotl config field per ISTConfig field, named with the prefix. Typed Any with default None, so that
-# pydantic converts nothing and ISTConfig checks every given value itself; None (not given) is dropped when
-# axolotl dumps its config, and ISTConfig's default applies.
-ISTArgs = create_model(
-    "ISTArgs",
-    __base__=ISTOptions,
-    __doc__="The ist_* keys of an axolotl config: ISTConfig's fields with the prefix.",
-    **{PREFIX + option.name: (Any, Field(default=None, description=option.metadata.get("help", "")))
-       for option in fields(ISTConfig)},
-)
+def ist_args_model() -> type[BaseModel]:
+    """One axolotl config field per ISTConfig option, named with the prefix. Typed Any with default None, so that
+    pydantic converts nothing and ISTConfig checks every given value itself; None (not given) is dropped when
+    axolotl dumps its config, and ISTConfig's default applies."""
+    parameters = rule_catalog.parameters()
+    helps = {name: rule_catalog.help_text(parameters[name]) if name in parameters else
+             ISTConfig.__dataclass_fields__[name].metadata.get("help", "") for name in option_names()}
+    return create_model("ISTArgs", __base__=ISTOptions,
+                        __doc__="The ist_* keys of an axolotl config: ISTConfig's options with the prefix.",
+                        **{PREFIX + name: (Any, Field(default=None, description=text))
+                           for name, text in helps.items()})
+
+
+def __getattr__(name: str) -> Any:
+    # ISTArgs, which axolotl imports by name (ISTPlugin.get_input_args), is built when first asked for, so that
+    # the rules registered by then (a plugin of the user's, listed before this one, may register its own) have
+    # their ist_* keys.
+    if name == "ISTArgs":
+        model = globals()["ISTArgs"] = ist_args_model()
+        return model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ISTPlugin(BasePlugin):

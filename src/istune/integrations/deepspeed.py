@@ -105,8 +105,7 @@ def check_ist_options(config: ISTConfig, rule: SelectionRule | None = None) -> N
             f"ISTConfig.unselected_optimizer_state = {config.unselected_optimizer_state!r} under DeepSpeed: ZeRO "
             "keeps the optimizer state in its own flat partitions, which IST cannot offload or drop per layer. Use "
             "'keep' (the default); ZeRO already partitions the state over the ranks.")
-    probes_gradients = getattr(rule, "probe_by", None) == "gradient"  # 'probe-once' ranks by a backward pass
-    if rule is not None and (rule.wants_gradients or probes_gradients):
+    if rule is not None and (rule.wants_gradients or rule.uses_gradient_norms):
         raise NotImplementedError(
             f"selection rule {rule.name!r} reads adapter gradients, which ZeRO keeps in its partitions (an extra "
             "backward pass would also reach ZeRO's gradient hooks). Use a rule that needs no gradients under "

@@ -310,7 +310,9 @@ class ISTCallback(TrainerCallback):
             write_text(os.path.join(checkpoint, self.log_file), Path(self._log_path).read_text(encoding="utf-8"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.tuner is None or logs is None or "loss" not in logs or self.tuner.rule_name in ("all", "fixed"):
+        if self.tuner is None or logs is None or "loss" not in logs:
+            return
+        if self.tuner.rule.trains_all_layers or self.tuner.rule.trains_given_layers:
             return  # 'all' and 'fixed' have nothing that changes to report
         metrics = {}
         if self.tuner.rule.runs_importance_probes:

@@ -3,9 +3,10 @@
     python -m istune.integrations.llamafactory examples/llamafactory/smollm2_lora_sft_ist.yaml [ist.mu=100 ...]
 
 The config is LLaMA-Factory's own training YAML (or JSON) with one more section, ``ist:``, whose keys
-are :class:`~istune.config.ISTConfig`'s fields under their own names (``ist: {}`` trains with the paper's
-defaults). ISTConfig checks them before LLaMA-Factory loads anything. Command-line overrides are
-LLaMA-Factory's own (OmegaConf's ``key=value``, ``ist.update_fraction=0.5`` for IST). From Python::
+are :class:`~istune.config.ISTConfig`'s options under their own names: its fields and the selection rules'
+parameters (``ist: {}`` trains with the paper's defaults). ISTConfig checks them before LLaMA-Factory loads
+anything. Command-line overrides are LLaMA-Factory's own (OmegaConf's ``key=value``,
+``ist.update_fraction=0.5`` for IST). From Python::
 
     run_exp_with_ist({"model_name_or_path": ..., "stage": "sft", "finetuning_type": "lora", ...},
                      ist={"update_fraction": 0.25, "mu": 10})
@@ -27,14 +28,13 @@ how to install it and what was tested.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from istune.config import ISTConfig
+from istune.config import ISTConfig, option_names
 from istune.integrations.hf import ISTCallback
+from istune.options import did_you_mean
 
 IST_SECTION = "ist"  # the key of IST's options in LLaMA-Factory's config
 
@@ -60,10 +60,10 @@ def ist_config(options: ISTConfig | Mapping[str, Any] | None) -> ISTConfig:
     """The ISTConfig that ``options`` (the ``ist:`` section) describes; ISTConfig's own checks apply.
 
     Args:
-        options: an ISTConfig, a mapping of ISTConfig's fields, or None (``ist:`` left empty: the paper's defaults).
+        options: an ISTConfig, a mapping of ISTConfig's options, or None (``ist:`` left empty: the paper's defaults).
 
     Raises:
-        ValueError: a key that is not an ISTConfig field, or a value ISTConfig refuses.
+        ValueError: a key that is not an ISTConfig option, or a value ISTConfig refuses.
         TypeError: ``options`` is neither a mapping nor an ISTConfig.
     """
     if options is None:
@@ -71,15 +71,14 @@ def ist_config(options: ISTConfig | Mapping[str, Any] | None) -> ISTConfig:
     if isinstance(options, ISTConfig):
         return options
     if not isinstance(options, Mapping):
-        raise TypeError(f"{IST_SECTION}={options!r}: IST's options are a mapping of ISTConfig's fields, e.g. "
+        raise TypeError(f"{IST_SECTION}={options!r}: IST's options are a mapping of ISTConfig's options, e.g. "
                         f"{IST_SECTION}: {{update_fraction: 0.25, mu: 10}}; leave it empty for the paper's defaults.")
-    names = [f.name for f in dataclasses.fields(ISTConfig)]
+    names = option_names()
     for key in options:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"{IST_SECTION}.{key}={options[key]!r} is not an ISTConfig field; {hint}"
-                             f"the fields are: {', '.join(names)}.")
+            raise ValueError(f"{IST_SECTION}.{key}={options[key]!r} is not an ISTConfig option; "
+                             f"{did_you_mean(key, names)}the options are: {', '.join(names)} (its fields and the "
+                             "selection rules' parameters).")
     return ISTConfig(**options)
 
 

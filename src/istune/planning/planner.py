@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from istune import rule_catalog
 from istune.config import ISTConfig
 from istune.io import write_text
 from istune.planning.kernels import KERNEL_DEVICES, fused_sdpa_on_meta
@@ -287,7 +288,8 @@ def recipe_settings(values: dict) -> tuple[str, PlanSettings, Row]:
     options["dtype"] = dtype
     checkpointing = bool(values.get("gradient_checkpointing", False))
     gc = "+gc" if checkpointing else ""
-    if values.get("strategy", "ist") == "all":
+    rule = rule_catalog.traits(values.get("strategy", "ist"))
+    if rule is not None and rule.trains_all_layers:
         row = ROWS["lora" + gc]
     else:
         recompute = bool(values.get("recompute_unselected")) and not checkpointing

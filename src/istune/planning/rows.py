@@ -21,6 +21,8 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from istune import rule_catalog
+
 __all__ = ["ALIASES", "METHOD_LABELS", "ROWS", "RULE_ROWS", "Row", "stored_row", "table_names"]
 
 METHOD_LABELS = {"lora": "LoRA", "dora": "DoRA", "series": "Series", "parallel": "Parallel", "full": "Full",
@@ -50,8 +52,11 @@ class Row:
 
     @property
     def probes(self) -> bool:
-        """True when the row's tuner runs importance updates (strategy 'ist')."""
-        return self.ist is not None and self.ist.get("strategy", "ist") == "ist"
+        """True when the row's tuner runs importance updates (a rule that runs IST's probes, as 'ist')."""
+        if self.ist is None:
+            return False
+        rule = rule_catalog.traits(self.ist.get("strategy", "ist"))
+        return rule is not None and rule.runs_importance_probes
 
     def with_method(self, method: str) -> Row:
         """This LoRA row for another adapter method (``istune plan --method``): key, label and baseline follow."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from istune import rule_catalog
 from istune.core import policy
 
 __all__ = ["draw_schedule", "worst_case_seed", "worst_case_selection", "worst_case_selections"]
@@ -40,9 +41,11 @@ def worst_case_selections(num_layers: int, update_layers: int, stored_layers: in
 
 
 def draw_schedule(strategy: str, num_layers: int, count: int, seed: int, steps: int) -> list[list[int]]:
-    """The layers each step selects, drawn as SparseTuner draws them at zero importance with ``seed``."""
+    """The layers each step selects, drawn as SparseTuner draws them at zero importance with ``seed``: by IST's
+    importance sampling for a rule that runs the importance probes, else uniformly."""
     generator = torch.Generator().manual_seed(seed)
-    if strategy == "ist":
+    rule = rule_catalog.traits(strategy)
+    if rule is not None and rule.runs_importance_probes:
         zeros = torch.zeros(num_layers, dtype=torch.float64)
         return [policy.sample_layers(zeros, count, generator) for _ in range(steps)]
     return [policy.sample_uniform_layers(num_layers, count, generator) for _ in range(steps)]

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from istune.config import ISTConfig
+from istune.config import ISTConfig, option_names
 from istune.io import write_text
 
 RUN_FILE = "istune_run.json"
@@ -47,15 +46,19 @@ COMPLETE, PARTIAL = "complete", "partial"
 # (the same gradients), and IST's seed (the checkpoint holds IST's RNG state, which a resume restores).
 _SAME_RUN_ANY_VALUE = ("recompute_unselected", "stored_layers", "seed")
 # What must match for a checkpoint to resume: the parameters it holds and every setting of how IST selects
-# them and updates its importance (the rule's own parameters included), each compared with the saved value.
-MUST_MATCH = {
+# them and updates its importance (every rule's parameters included), each compared with the saved value.
+_MUST_MATCH = {
     "run": ("model",),
     "adapter": ("method", "rank", "target_modules", "bottleneck_size"),
-    "ist": tuple(f.name for f in fields(ISTConfig) if f.name not in _SAME_RUN_ANY_VALUE),
     "model_loading": ("load_in_4bit", "load_in_8bit"),
 }
-# A field a run file written before it existed does not hold had its default then.
-_DEFAULTS = {"ist": {f.name: f.default for f in fields(ISTConfig)}}
+
+
+def must_match() -> dict[str, tuple[str, ...]]:
+    """The options a resume compares with the checkpoint's, by group; IST's are all of ISTConfig's options
+    (the registered rules' parameters too) but those in ``_SAME_RUN_ANY_VALUE``."""
+    ist = tuple(name for name in option_names() if name not in _SAME_RUN_ANY_VALUE)
+    return {**_MUST_MATCH, "ist": ist}
 
 
 def write_run_file(folder: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -148,9 +151,10 @@ def check_resume(checkpoint: str, record: dict[str, Any], num_layers: int | None
                          "script resumes with trainer.train(resume_from_checkpoint=...).")
     saved = json.loads((folder / RUN_FILE).read_text())
     differences = []
-    for group, names in MUST_MATCH.items():
+    defaults = {"ist": ISTConfig().to_dict()}  # a run file written before an option existed had its default
+    for group, names in must_match().items():
         for name in names:
-            old = saved.get(group, {}).get(name, _DEFAULTS.get(group, {}).get(name))
+            old = saved.get(group, {}).get(name, defaults.get(group, {}).get(name))
             new = record.get(group, {}).get(name)
             if json.loads(json.dumps(new, default=str)) != old:
                 differences.append(f"--{name}={new!r} (checkpoint: {old!r})")

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from istune.config import RULE_PARAMETERS, STRATEGIES, ISTConfig, strategy_names
+from istune import rule_catalog
+from istune.config import ISTConfig, option_names, strategy_names
 from istune.io import write_json
 from istune.models import ModelArgs
 from istune.recipe import checkpoints
@@ -53,7 +54,7 @@ def parse_arms(text: str, num_layers: int | None, rule_values: dict[str, str] | 
     """``--arms`` -> arms, each checked (an unknown arm lists the arms; a bad value names its field).
 
     ``rule_values`` (rule parameters given as flags, ``--block_order descending``) go to every arm whose rule
-    takes them (a rule of the user's own takes any), unless the arm sets its own.
+    declares them, unless the arm sets its own.
     """
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -72,15 +73,15 @@ def _parse_arm(text: str, num_layers: int | None, rule_values: dict[str, str]) -
                          "optional :field=value), quarter:1 to quarter:4 (the bottom to the top quarter of the "
                          "layers, fixed) and layers:A-B (fixed layers A to B).")
     values: dict[str, Any] = {"strategy": head}
-    fields = {f.name: f for f in dataclasses.fields(ISTConfig)}
+    names = option_names()
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if key not in fields or key in ("strategy", "seed") or not sep:
-            raise ValueError(f"--arms: {text!r}: {pair!r} is not an ISTConfig field=value; e.g. "
-                             f"{head}:switch_interval=20 (`istune train --help` lists the fields).")
+        if key not in names or key in ("strategy", "seed") or not sep:
+            raise ValueError(f"--arms: {text!r}: {pair!r} is not an IST option=value; e.g. "
+                             f"{head}:switch_interval=20 (`istune train --help` lists the options).")
         values[key] = _value(raw)
     for name, raw in rule_values.items():
-        if name not in values and (head in RULE_PARAMETERS[name] or head not in STRATEGIES):
+        if name not in values and name in rule_catalog.traits(head).parameter_names():
             values[name] = _value(str(raw))
     try:
         ISTConfig(**values)
@@ -116,18 +117,23 @@ def _fixed_layers(text: str, head: str, pairs: list[str], num_layers: int | None
 
 
 def arm_config(base: ISTConfig, arm: Arm, seed: int) -> ISTConfig:
-    """``base`` (the flags) with the arm's values and ``seed``; rule parameters the arm's rule does not take,
-    and N_u for the rules that fix their layers, go back to their defaults."""
-    strategy = arm.values["strategy"]
-    defaults = {f.name: f.default for f in dataclasses.fields(ISTConfig)}
-    values = {**base.to_dict(), "seed": seed, "layers": None}
-    for name, rules in RULE_PARAMETERS.items():
-        if strategy in STRATEGIES and strategy not in rules:  # a rule of the user's own may read any
-            values[name] = defaults[name]
-    if strategy in ("fixed", "all"):
+    """``base`` (the flags) with the arm's values and ``seed``: of the rule parameters, only those the arm's rule
+    declares carry over from ``base``; the rules that fix their layers take no N_u."""
+    rule = rule_catalog.traits(arm.values["strategy"])
+    parameters = rule_catalog.parameters()
+    values = {name: value for name, value in base.to_dict().items()
+              if name not in parameters or name in rule.parameter_names()}
+    values.update(seed=seed, layers=None)
+    if rule.trains_all_layers or rule.trains_given_layers:
         values.update(update_fraction=None, update_layers=None, recompute_unselected=False)
     values.update(arm.values)
     return ISTConfig(**values)
+
+
+def without_rule_parameters(config: ISTConfig) -> dict[str, Any]:
+    """``config``'s options without any rule's parameters (for another rule, which takes its own)."""
+    parameters = rule_catalog.parameters()
+    return {name: value for name, value in config.to_dict().items() if name not in parameters}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -255,8 +261,8 @@ def _estimate(out: Path, plan, missing, run: RunArgs, model_args: ModelArgs, ada
             dataclasses.replace(run, compare_base=False, curve_every=0, eval_limit=batch,
                                 train_samples=steps * training.per_device_train_batch_size),
             adapter,
-            dataclasses.replace(ist, strategy="all", update_fraction=None, update_layers=None, layers=None,
-                                recompute_unselected=False, **_rule_defaults()),
+            ISTConfig(**{**without_rule_parameters(ist), "strategy": "all", "update_fraction": None,
+                         "update_layers": None, "layers": None, "recompute_unselected": False}),
             dataclasses.replace(training, output_dir=str(folder), max_steps=steps, seed=plan[0][1],
                                 logging_steps=steps, disable_tqdm=True),
             model_args)
@@ -277,11 +283,6 @@ def _eval_tasks(run: RunArgs) -> list[str]:
     from istune.runs import check_run
 
     return check_run(run)
-
-
-def _rule_defaults() -> dict[str, Any]:
-    defaults = {f.name: f.default for f in dataclasses.fields(ISTConfig)}
-    return {name: defaults[name] for name in RULE_PARAMETERS}
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The selection rules, registered by name at import (``ISTConfig(strategy=...)``).
 
 =============  ==================================================  ========================================
-name           what it trains                                      parameters (ISTConfig fields)
+name           what it trains                                      parameters (declared in its module)
 =============  ==================================================  ========================================
 'ist'          N_u layers sampled by the learned importance I      IST's (num_probes, probe_interval, ...)
 'random'       N_u layers uniformly at random                      switch_interval
@@ -14,7 +14,8 @@ name           what it trains                                      parameters (I
 'probe-once'   the N_u layers a first-step probe ranks highest     probe_by
 =============  ==================================================  ========================================
 
-``switch_interval`` (K) is the tuner's: it keeps a selection for K optimizer steps for every rule.
+``switch_interval`` (K, :data:`istune.core.selection.SWITCH_INTERVAL`) is the tuner's: it keeps a selection
+for K optimizer steps for every rule that declares it. IST's own options (N_c, T_c, β, μ) are ISTConfig's fields.
 """
 
 from istune.core.rules.badam import BAdamRule
@@ -25,9 +26,11 @@ from istune.core.rules.owlore import OwLoreRule
 from istune.core.rules.probe_once import ProbeOnceRule
 from istune.core.selection import register_rule
 
-for _rule in (ImportanceRule, RandomRule, FixedRule, AllLayersRule, LisaRule, BAdamRule, OwLoreRule,
-              GradientNormRule, ProbeOnceRule):
-    register_rule(_rule.name, _rule.from_config)
+BUILT_IN_RULES = (ImportanceRule, RandomRule, FixedRule, AllLayersRule, LisaRule, BAdamRule, OwLoreRule,
+                  GradientNormRule, ProbeOnceRule)
+for _rule in BUILT_IN_RULES:
+    register_rule(_rule.name, _rule)
+BUILT_IN_NAMES = tuple(rule.name for rule in BUILT_IN_RULES)
 
-__all__ = ["AllLayersRule", "BAdamRule", "FixedRule", "GradientNormRule", "ImportanceRule", "LisaRule",
-           "OwLoreRule", "ProbeOnceRule", "RandomRule"]
+__all__ = ["BUILT_IN_NAMES", "BUILT_IN_RULES", "AllLayersRule", "BAdamRule", "FixedRule", "GradientNormRule",
+           "ImportanceRule", "LisaRule", "OwLoreRule", "ProbeOnceRule", "RandomRule"]

@@ -28,10 +28,15 @@ from typing import Any
 import torch
 
 from istune.core.rules.sampling import check_state
-from istune.core.selection import SelectionRule, StepView
+from istune.core.selection import SWITCH_INTERVAL, SelectionRule, StepView
+from istune.rule_catalog import RuleParameter
 
-BLOCK_ORDERS = ("ascending", "descending", "random")
-DEFAULT_BLOCK_ORDER = "ascending"  # BAdam's README example: the input layers first
+BLOCK_ORDER = RuleParameter(
+    "block_order", "ascending", choices=("ascending", "descending", "random"), source="Luo et al. 2024",
+    help="BAdam's switch_mode (Luo et al. 2024), the order in which the blocks of N_u consecutive layers train: "
+    "'ascending' (the bottom block first; BAdam's README example), 'descending' (the top block first), 'random' "
+    "(a fresh permutation of the blocks at every pass).")
+BLOCK_ORDERS = BLOCK_ORDER.choices
 
 
 class BAdamRule(SelectionRule):
@@ -50,19 +55,13 @@ class BAdamRule(SelectionRule):
 
     name = "badam"
     uses_probe_batches = False
+    parameters = (SWITCH_INTERVAL, BLOCK_ORDER)
 
-    def __init__(self, block_order: str = DEFAULT_BLOCK_ORDER):
-        if block_order not in BLOCK_ORDERS:
-            raise ValueError(f"block_order={block_order!r} is not a BAdam order; use one of "
-                             f"{', '.join(map(repr, BLOCK_ORDERS))}.")
+    def __init__(self, block_order: str = BLOCK_ORDER.default):
+        BLOCK_ORDER.check(block_order)
         self.block_order = block_order
         self.order: list[int] = []  # the blocks of the current pass, in the order they train
         self.next = 0  # index in ``order`` of the block the next switch trains
-
-    @classmethod
-    def from_config(cls, config: Any = None) -> BAdamRule:
-        """The rule with ``config.block_order`` ('ascending' if absent)."""
-        return cls(block_order=getattr(config, "block_order", DEFAULT_BLOCK_ORDER))
 
     @staticmethod
     def blocks(num_layers: int, count: int) -> list[list[int]]:

@@ -26,10 +26,6 @@ class ImportanceRule(SelectionRule):
     name = "ist"
     runs_importance_probes = True
 
-    @classmethod
-    def from_config(cls, config: Any = None) -> ImportanceRule:
-        return cls()
-
     def select(self, view: StepView) -> Sequence[int]:
         return policy.sample_layers(view.importance, view.count, view.generator)
 
@@ -45,10 +41,6 @@ class RandomRule(SelectionRule):
 
     name = "random"
     uses_probe_batches = False  # no measurement: the Trainer callback builds no probe sampler
-
-    @classmethod
-    def from_config(cls, config: Any = None) -> RandomRule:
-        return cls()
 
     def select(self, view: StepView) -> Sequence[int]:
         return policy.sample_uniform_layers(view.num_layers, view.count, view.generator)
@@ -66,6 +58,8 @@ class FixedRule(SelectionRule):
 
     name = "fixed"
     uses_probe_batches = False
+    trains_given_layers = True
+    parameters = ()  # its layers are ISTConfig.layers; it never chooses again, so no K
 
     def __init__(self, layers: Sequence[int]):
         self.layers = sorted(layers)
@@ -87,10 +81,8 @@ class AllLayersRule(SelectionRule):
 
     name = "all"
     uses_probe_batches = False
-
-    @classmethod
-    def from_config(cls, config: Any = None) -> AllLayersRule:
-        return cls()
+    trains_all_layers = True
+    parameters = ()
 
     def select(self, view: StepView) -> Sequence[int]:
         return list(range(view.num_layers))

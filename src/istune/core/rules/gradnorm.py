@@ -33,12 +33,19 @@ from typing import Any
 
 import torch
 
-from istune.config import is_finite_number
 from istune.core.rules.sampling import check_state, check_weights, sample_in_proportion
-from istune.core.selection import SelectionRule, StepView
+from istune.core.selection import SWITCH_INTERVAL, SelectionRule, StepView
+from istune.rule_catalog import RuleParameter
 
-DEFAULT_EXPLORATION = 0.1  # ε: every layer keeps >= ε/N_L of the first draw
-DEFAULT_GRADNORM_DECAY = 0.9  # γ: an estimate follows about its last 10 observations
+EXPLORATION = RuleParameter(
+    "exploration", 0.1, low=0, high=1, source="MISA 2025, GRASS 2026",
+    help="ε in [0, 1]: the uniform share of the 'gradnorm' probabilities, p_i = (1 - ε)·g_i/Σg + ε/N_L, so every "
+    "layer is revisited (an ε-mixture in place of MISA's bandit weights; MISA 2025, GRASS 2026). 0: gradient norms "
+    "alone, 1: uniform. Default 0.1: every layer keeps >= ε/N_L of the first draw.")
+GRADNORM_DECAY = RuleParameter(
+    "gradnorm_decay", 0.9, low=0, high=1, high_open=True, source="MISA 2025",
+    help="γ in [0, 1): the weight a layer's gradient-norm estimate keeps when the layer trains, g_i <- γ·g_i + "
+    "(1 - γ)·|grad_i| (an EMA, as MISA 2025). Default 0.9: an estimate follows about its last 10 observations.")
 
 
 class GradientNormRule(SelectionRule):
@@ -57,23 +64,15 @@ class GradientNormRule(SelectionRule):
 
     name = "gradnorm"
     wants_gradients = True
+    uses_gradient_norms = True
+    parameters = (SWITCH_INTERVAL, EXPLORATION, GRADNORM_DECAY)
 
-    def __init__(self, exploration: float = DEFAULT_EXPLORATION, gradnorm_decay: float = DEFAULT_GRADNORM_DECAY):
-        if not is_finite_number(exploration) or not 0 <= exploration <= 1:
-            raise ValueError(f"exploration={exploration!r}: ε, the uniform share of the layer probabilities, must "
-                             f"lie in [0, 1] (0: gradient norms alone, 1: uniform; default {DEFAULT_EXPLORATION}).")
-        if not is_finite_number(gradnorm_decay) or not 0 <= gradnorm_decay < 1:
-            raise ValueError(f"gradnorm_decay={gradnorm_decay!r}: γ, the weight an estimate keeps at each "
-                             f"observation, must lie in [0, 1) (default {DEFAULT_GRADNORM_DECAY}).")
+    def __init__(self, exploration: float = EXPLORATION.default, gradnorm_decay: float = GRADNORM_DECAY.default):
+        EXPLORATION.check(exploration)
+        GRADNORM_DECAY.check(gradnorm_decay)
         self.exploration = float(exploration)
         self.gradnorm_decay = float(gradnorm_decay)
         self.estimates: torch.Tensor | None = None
-
-    @classmethod
-    def from_config(cls, config: Any = None) -> GradientNormRule:
-        """The rule with ``config.exploration`` and ``config.gradnorm_decay`` (defaults if absent)."""
-        return cls(exploration=getattr(config, "exploration", DEFAULT_EXPLORATION),
-                   gradnorm_decay=getattr(config, "gradnorm_decay", DEFAULT_GRADNORM_DECAY))
 
     def select(self, view: StepView) -> Sequence[int]:
         if self.estimates is None:

@@ -13,8 +13,6 @@ the decoder layers and leaves the embeddings and head as the model has them (fro
 
 from __future__ import annotations
 
-from typing import Any
-
 from istune.core.rules.basic import RandomRule
 
 
@@ -26,7 +24,3 @@ class LisaRule(RandomRule):
     """
 
     name = "lisa"
-
-    @classmethod
-    def from_config(cls, config: Any = None) -> LisaRule:
-        return cls()

@@ -38,10 +38,18 @@ from typing import Any
 import torch
 
 from istune.core.rules.sampling import check_state, check_weights, sample_in_proportion
-from istune.core.selection import SelectionRule, StepView
+from istune.core.selection import SWITCH_INTERVAL, SelectionRule, StepView
+from istune.rule_catalog import RuleParameter
 
-DEFAULT_OUTLIER_THRESHOLD = 13.0  # OwLore's released LLaMA-2-7B ratios (OWL prunes with 5)
-DEFAULT_CALIBRATION_INTERVAL = 0  # measure once, at the start, as OwLore
+OUTLIER_THRESHOLD = RuleParameter(
+    "outlier_threshold", 13.0, low=0, low_open=True, source="Li et al. 2024",
+    help="M: OwLore (Li et al. 2024) counts a weight x input-activation score as an outlier above M x its layer's "
+    "mean; layers are sampled in proportion to their share of outliers. Default 13 (OwLore's LLaMA-2 ratios; OWL "
+    "prunes with 5).")
+CALIBRATION_INTERVAL = RuleParameter(
+    "calibration_interval", 0, low=0,
+    help="R: OwLore re-measures the outlier ratios every R optimizer steps; 0 measures them once, at the first "
+    "step, as OwLore does.")
 
 
 class OwLoreRule(SelectionRule):
@@ -59,27 +67,17 @@ class OwLoreRule(SelectionRule):
     """
 
     name = "owlore"
+    uses_outlier_ratios = True
+    parameters = (SWITCH_INTERVAL, OUTLIER_THRESHOLD, CALIBRATION_INTERVAL)
 
-    def __init__(self, outlier_threshold: float = DEFAULT_OUTLIER_THRESHOLD,
-                 calibration_interval: int = DEFAULT_CALIBRATION_INTERVAL):
-        number = isinstance(outlier_threshold, (int, float)) and not isinstance(outlier_threshold, bool)
-        if not number or not 0 < outlier_threshold < float("inf"):
-            raise ValueError(f"outlier_threshold={outlier_threshold!r}: OwLore's outlier multiplier M must be a "
-                             f"finite number > 0 (OwLore: {DEFAULT_OUTLIER_THRESHOLD:g}, OWL: 5).")
-        if isinstance(calibration_interval, bool) or not isinstance(calibration_interval, int) \
-                or calibration_interval < 0:
-            raise ValueError(f"calibration_interval={calibration_interval!r}: R must be an integer >= 0 (steps "
-                             "between measurements of the outlier ratios; 0 measures them once, at the start).")
+    def __init__(self, outlier_threshold: float = OUTLIER_THRESHOLD.default,
+                 calibration_interval: int = CALIBRATION_INTERVAL.default):
+        OUTLIER_THRESHOLD.check(outlier_threshold)
+        CALIBRATION_INTERVAL.check(calibration_interval)
         self.outlier_threshold = float(outlier_threshold)
         self.calibration_interval = calibration_interval
         self.ratios: torch.Tensor | None = None
         self.measured_at: int | None = None
-
-    @classmethod
-    def from_config(cls, config: Any = None) -> OwLoreRule:
-        """The rule with ``config.outlier_threshold`` and ``config.calibration_interval`` (defaults if absent)."""
-        return cls(outlier_threshold=getattr(config, "outlier_threshold", DEFAULT_OUTLIER_THRESHOLD),
-                   calibration_interval=getattr(config, "calibration_interval", DEFAULT_CALIBRATION_INTERVAL))
 
     def select(self, view: StepView) -> Sequence[int]:
         if self._calibration_due(view.step):

@@ -28,11 +28,17 @@ import torch
 
 from istune.core.rules.sampling import check_state
 from istune.core.selection import SelectionRule, StepView
+from istune.rule_catalog import RuleParameter
 
 logger = logging.getLogger(__name__)
 
-PROBES = ("gradient", "suppression")
-DEFAULT_PROBE_BY = "gradient"  # suppression probes are blind at LoRA's initialisation (B = 0)
+# 'gradient' by default: suppression probes are blind at LoRA's initialisation (B = 0).
+PROBE_BY = RuleParameter(
+    "probe_by", "gradient", choices=("gradient", "suppression"), source="after Aletheia 2026",
+    help="How 'probe-once' (after Aletheia 2026) picks its N_u layers at step 0: 'gradient' (default: the largest "
+    "adapter-gradient norms; works from LoRA's initialisation) or 'suppression' (IST's eq. 8 probe with each layer "
+    "alone at full response: the lowest losses).")
+PROBES = PROBE_BY.choices
 
 
 class ProbeOnceRule(SelectionRule):
@@ -50,20 +56,15 @@ class ProbeOnceRule(SelectionRule):
     """
 
     name = "probe-once"
+    parameters = (PROBE_BY,)  # no K: it never chooses again
 
-    def __init__(self, probe_by: str = DEFAULT_PROBE_BY):
-        if probe_by not in PROBES:
-            raise ValueError(f"probe_by={probe_by!r} is not a probe; use one of {', '.join(map(repr, PROBES))} "
-                             "('gradient' ranks by adapter-gradient norms and works from LoRA's initialisation).")
+    def __init__(self, probe_by: str = PROBE_BY.default):
+        PROBE_BY.check(probe_by)
         self.probe_by = probe_by
         self.uses_probe_losses = probe_by == "suppression"  # the tuner must prepare eq. 8 suppression for it
+        self.uses_gradient_norms = probe_by == "gradient"
         self.chosen: list[int] | None = None
         self.scores: list[float] | None = None
-
-    @classmethod
-    def from_config(cls, config: Any = None) -> ProbeOnceRule:
-        """The rule with ``config.probe_by`` (default 'gradient' if absent)."""
-        return cls(probe_by=getattr(config, "probe_by", DEFAULT_PROBE_BY))
 
     def select(self, view: StepView) -> Sequence[int]:
         if self.chosen is None:
