@@ -14,7 +14,8 @@ from transformers import TrainerCallback
 
 from istune import ISTCallback, ISTConfig, SparseTuner
 from istune.core import distributed, prepare_full_layer_tuning
-from istune.integrations.trainer_checks import check_trainer_setup, fsdp_version, uses_reentrant_checkpointing
+from istune.core.checkpointing import uses_reentrant_checkpointing
+from istune.integrations.trainer_checks import check_trainer_setup, fsdp_version
 
 from ..tiny_models import peft_model, tiny_model
 from .test_hf import NUM_LAYERS, ParameterWatcher, _trainer
@@ -191,6 +192,21 @@ def test_ddp_settings_are_checked_from_the_arguments_without_the_trainer(monkeyp
         check_trainer_setup(args, full_layers)
     if "gradient_checkpointing" in arguments:  # a peft model: the Trainer turns find_unused_parameters on
         check_trainer_setup(args, peft_model("llama", "lora", num_layers=2))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_reentrant_checkpointing_under_ddp_is_refused_before_the_trainer_starts(monkeypatch, reentrant):
+    """The same check and message as SparseTuner's at its first step (tests/core/test_checkpointing.py)."""
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    args = SimpleNamespace(fsdp=[], deepspeed=None, torch_compile=False, ddp_find_unused_parameters=True)
+    model = peft_model("llama", "lora", num_layers=2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if not reentrant:
+        check_trainer_setup(args, model)
+        return
+    with pytest.raises(ValueError, match="Reentrant activation checkpointing under DDP.*TrainingArguments"
+                                         r"\(gradient_checkpointing_kwargs=\{'use_reentrant': False\}\)"):
+        check_trainer_setup(args, model)
 
 
 @pytest.mark.parametrize("find_unused, static_graph, message", [

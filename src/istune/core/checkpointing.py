@@ -114,9 +114,12 @@ class LayerCheckpointing:
                 self._unflagged.append(index)
 
     def reentrant_in_use(self) -> bool:
-        """True when transformers' checkpointing of some block is on, in torch's reentrant variant."""
-        return any((getattr(block, "gradient_checkpointing", False) or index in self._unflagged) and _reentrant(block)
-                   for index, block in enumerate(self.blocks))
+        """True when transformers' checkpointing of some block is on, in torch's reentrant variant.
+
+        Unlike :func:`uses_reentrant_checkpointing`, a stored block counts with the flag it has outside this step.
+        """
+        return any((getattr(block, "gradient_checkpointing", False) or index in self._unflagged)
+                   and checkpoints_reentrant(block) for index, block in enumerate(self.blocks))
 
     def remove(self) -> None:
         """Give every block back the ``forward`` and the checkpointing flag it had before."""
@@ -138,7 +141,7 @@ class LayerCheckpointing:
             if not (torch.is_grad_enabled() and block.training):
                 return forward(*args, **kwargs)  # probes and evaluation
             gc_by_transformers = _checkpointed_by_transformers(block)
-            if index == self._lowest and gc_by_transformers and _reentrant(block):
+            if index == self._lowest and gc_by_transformers and checkpoints_reentrant(block):
                 args = _input_requiring_grad(args)
             if index < self._lowest:
                 output = self._below_lowest(forward, args, kwargs)
@@ -171,6 +174,33 @@ class LayerCheckpointing:
         return forward(*args, **kwargs)
 
 
+def uses_reentrant_checkpointing(model: nn.Module) -> bool:
+    """True if a module of ``model`` has transformers' checkpointing on, in torch's reentrant variant.
+
+    Checked before a Trainer's first step: DDP refuses it
+    (:func:`istune.core.checks.refuse_reentrant_checkpointing_under_ddp`). A module's flag is its
+    ``gradient_checkpointing`` attribute; its variant, :func:`checkpoints_reentrant`.
+    """
+    return any(getattr(module, "gradient_checkpointing", False) is True and checkpoints_reentrant(module)
+               for module in model.modules())
+
+
+def checkpoints_reentrant(module: nn.Module) -> bool:
+    """True when the function ``module`` checkpoints with is torch's reentrant variant (flag on or off).
+
+    That function (``_gradient_checkpointing_func``) is transformers' ``functools.partial(checkpoint, **kwargs)``
+    (reentrant unless ``use_reentrant=False``: torch's default), ``checkpoint`` itself, or a wrapper around one of
+    them that keeps it as ``__wrapped__`` (``functools.wraps``): LLaMA-Factory's checkpoints only the layers that
+    have trainable parameters and wraps ``use_reentrant=True`` by default.
+    """
+    function = getattr(module, "_gradient_checkpointing_func", None)
+    if function is not None:
+        function = inspect.unwrap(function)
+    if isinstance(function, functools.partial):
+        return bool(function.keywords.get("use_reentrant", True))
+    return function is checkpoint
+
+
 def _checkpointed_by_transformers(block: nn.Module) -> bool:
     """True when transformers' own gradient checkpointing wraps this block's call."""
     return bool(getattr(block, "gradient_checkpointing", False)) and block.training
@@ -178,17 +208,7 @@ def _checkpointed_by_transformers(block: nn.Module) -> bool:
 
 def _reentrant_checkpoint(block: nn.Module) -> bool:
     """True when transformers checkpoints this block's call with torch's reentrant variant."""
-    return _checkpointed_by_transformers(block) and _reentrant(block)
-
-
-def _reentrant(block: nn.Module) -> bool:
-    """True when the block's checkpoint function is torch's reentrant variant (its default when unspecified)."""
-    function = getattr(block, "_gradient_checkpointing_func", None)
-    if function is not None:
-        function = inspect.unwrap(function)  # a functools.wraps wrapper (LLaMA-Factory's) keeps it as __wrapped__
-    if isinstance(function, functools.partial):
-        return bool(function.keywords.get("use_reentrant", True))
-    return function is checkpoint
+    return _checkpointed_by_transformers(block) and checkpoints_reentrant(block)
 
 
 def _input_requiring_grad(args: tuple) -> tuple:

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from istune.core import distributed
-from istune.core.checkpointing import LayerCheckpointing
-from istune.core.layers import AdapterLayer, modality_towers
+from istune.core.layers import AdapterLayer, modality_towers, trainable_outside_layers
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +28,7 @@ def warn_about_parameters_outside_layers(model: nn.Module, layers: list[AdapterL
     A multimodal model's vision (or audio) tower gets one plain line of its own: its adapters are
     outside the language model's layers, which are all IST chooses among.
     """
-    inside = {id(p) for layer in layers for p in layer.parameters}
-    outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    outside = list(trainable_outside_layers(model, layers))
     towers = modality_towers(model)
     for tower, path in towers.items():
         held = {name for name in outside if name.startswith(f"{path}.")}
@@ -47,23 +45,32 @@ def warn_about_parameters_outside_layers(model: nn.Module, layers: list[AdapterL
 
 
 def check_optimizer_holds(optimizer: torch.optim.Optimizer, layers: list[AdapterLayer]) -> None:
-    """Raise if some adapter parameter is missing from the optimizer (frozen before it was built)."""
+    """Raise if some adapter parameter is missing from the optimizer (frozen before it was built).
+
+    Checked by SparseTuner when given the optimizer, and under DeepSpeed before its param groups are split per layer.
+    """
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [layer.name for layer in layers if any(id(p) not in held for p in layer.parameters)]
     if missing:
         raise ValueError(
             f"The optimizer does not hold the adapter parameters of {len(missing)} layers ({', '.join(missing[:4])}"
             f"{', ...' if len(missing) > 4 else ''}): they would never train when selected. Build the optimizer over "
-            "all adapter parameters before IST starts, and do not freeze adapters yourself."
+            "every adapter parameter before IST starts, with all adapters trainable (do not freeze adapters yourself)."
         )
 
 
-def refuse_reentrant_checkpointing_under_ddp(checkpointing: LayerCheckpointing) -> None:
-    """Raise under DDP if a block runs reentrant activation checkpointing (checked at the first step)."""
-    if distributed.world_size() > 1 and checkpointing.reentrant_in_use():
+def refuse_reentrant_checkpointing_under_ddp(reentrant: bool) -> None:
+    """Raise when ``reentrant`` activation checkpointing runs in more than one process (DDP).
+
+    Args:
+        reentrant: whether checkpointing runs in torch's reentrant variant: SparseTuner asks its
+            :class:`~istune.core.checkpointing.LayerCheckpointing` at the first step, the Trainer's checks
+            :func:`~istune.core.checkpointing.uses_reentrant_checkpointing` before it.
+    """
+    if reentrant and distributed.world_size() > 1:
         raise ValueError(
             "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) fails "
             "with 'Expected to mark a variable ready only once'. Use the non-reentrant variant: "
-            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) (Trainer: "
-            "gradient_checkpointing_kwargs={'use_reentrant': False}, the default in transformers 5)."
+            "TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': False}) (the default in transformers "
+            "5), or model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
         )

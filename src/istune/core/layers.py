@@ -246,6 +246,13 @@ def language_model_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return next(((name, m) for name, m in model.named_modules() if m is blocks), None)
 
 
+def trainable_outside_layers(model: nn.Module, layers: list[AdapterLayer]) -> dict[str, nn.Parameter]:
+    """The trainable parameters of ``model`` outside ``layers``, by name: IST never freezes them, so they train
+    at every step (LISA-style embeddings or head, a vision tower's adapters, ...)."""
+    inside = {id(p) for layer in layers for p in layer.parameters}
+    return {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside}
+
+
 def modality_towers(model: nn.Module) -> dict[str, str]:
     """The dotted names of a multimodal model's encoders of other modalities, e.g. ``{"vision tower":
     "base_model.model.model.vision_model"}`` (transformers' ``get_encoder(modality=...)``); empty for a text model."""

@@ -34,15 +34,26 @@ from istune.config import ISTConfig
 from istune.core.layers import AdapterLayer
 
 try:
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch without distributed
-    FSDPModule = DTensor = ()
+    FSDPModule = FullyShardedDataParallel = DTensor = ()
 
 
 def is_fsdp2(model: nn.Module) -> bool:
     """True when some module of ``model`` is wrapped by FSDP2's ``fully_shard``."""
     return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def wrapped_fsdp_version(model: nn.Module) -> int | None:
+    """2 when some module of ``model`` is wrapped by FSDP2's ``fully_shard``, 1 by FSDP1's
+    ``FullyShardedDataParallel``, else None. A Trainer decides before it wraps the model:
+    :func:`istune.integrations.trainer_checks.fsdp_version` asks its accelerator first."""
+    if is_fsdp2(model):
+        return 2
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        return 1
+    return None
 
 
 def has_dtensor_parameters(model: nn.Module) -> bool:

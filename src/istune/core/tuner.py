@@ -300,7 +300,7 @@ class SparseTuner:
 
     def _check_first_step(self) -> None:
         """At the first step, fresh or resumed: refuse reentrant checkpointing under DDP, compare the ranks."""
-        refuse_reentrant_checkpointing_under_ddp(self._checkpointing)
+        refuse_reentrant_checkpointing_under_ddp(self._checkpointing.reentrant_in_use())
         self.check_in_sync()
         self._synced_once = True
 

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from istune.config import ISTConfig
+from istune.core.checks import check_optimizer_holds
 from istune.core.layers import AdapterLayer, find_adapter_layers
 from istune.core.selection import SelectionRule
 from istune.core.tuner import build_rule
@@ -119,18 +120,14 @@ def split_param_groups_by_layer(optimizer: torch.optim.Optimizer, layers: list[A
     new group keeps its original group's options (weight decay, learning rate, ...).
 
     Raises:
-        ValueError: the optimizer has state already, or does not hold every adapter parameter.
+        ValueError: the optimizer has state already, or does not hold every adapter parameter
+            (:func:`istune.core.checks.check_optimizer_holds`).
     """
     if optimizer.state:
         raise ValueError("IST under DeepSpeed must split the optimizer's param groups per layer before its first "
                          "step, but it has state already: build it afresh (do not step it before training).")
+    check_optimizer_holds(optimizer, layers)
     position = {id(p): j for j, layer in enumerate(layers) for p in layer.parameters}
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    missing = [layer.name for layer in layers if any(id(p) not in held for p in layer.parameters)]
-    if missing:
-        raise ValueError(f"The optimizer does not hold the adapter parameters of {len(missing)} layers "
-                         f"({', '.join(missing[:4])}): DeepSpeed would never train them. Build the optimizer over "
-                         "every adapter parameter, with all adapters trainable (do not freeze adapters yourself).")
     groups = []
     for group in optimizer.param_groups:
         options = {key: value for key, value in group.items() if key != "params"}

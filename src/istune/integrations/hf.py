@@ -43,6 +43,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from istune.config import ISTConfig
 from istune.core import distributed, sharding
+from istune.core.layers import trainable_outside_layers
 from istune.core.non_finite import NonFiniteSteps
 from istune.core.probe import ProbeSampler, default_loss, preserved_global_rng
 from istune.core.selection import SelectionRule
@@ -216,8 +217,7 @@ class ISTCallback(TrainerCallback):
         self._selection_counts = torch.zeros(self.tuner.num_layers)
         self._steps_since_log = 0
         self._non_finite = NonFiniteSteps(MAX_NON_FINITE_STEPS)
-        inside = {id(p) for layer in self.tuner.layers for p in layer.parameters}
-        self._outside_parameters = [p for p in model.parameters() if p.requires_grad and id(p) not in inside]
+        self._outside_parameters = list(trainable_outside_layers(model, self.tuner.layers).values())
         self._adalora = adalora.is_adalora(model)
         if state.global_step > 0:
             restore_state(state, self.tuner, self.sampler)

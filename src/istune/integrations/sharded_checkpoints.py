@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from istune.core.layers import AdapterLayer, find_adapter_layers
+from istune.integrations import deepspeed
+from istune.integrations.trainer_checks import fsdp_version
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def guard_checkpoints(trainer, state_key: str, current_layers: Callable[[], list
 
     @functools.wraps(save)
     def save_with_every_adapter(*args, **kwargs):  # DeepSpeed too: it saves a peft model without frozen parameters
-        layers = current_layers() if _is_fsdp2(trainer) or getattr(trainer, "is_deepspeed_enabled", False) else None
+        layers = current_layers() if _is_fsdp2(trainer) or deepspeed.is_deepspeed(trainer=trainer) else None
         with _trainable(layers, lambda position: True) if layers else contextlib.nullcontext():
             return save(*args, **kwargs)
 
@@ -94,8 +96,7 @@ def _trainable(layers: list[AdapterLayer], trains: Callable[[int], bool]) -> Ite
 
 
 def _is_fsdp2(trainer) -> bool:
-    plugin = getattr(getattr(trainer.accelerator, "state", None), "fsdp_plugin", None)
-    return plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
+    return fsdp_version(getattr(trainer, "args", None), trainer.model, trainer) == 2
 
 
 def _saved_layers(checkpoint: str | None, state_key: str) -> set[int] | None:

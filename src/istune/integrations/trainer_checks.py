@@ -24,16 +24,15 @@ DTensor parameters outside FSDP2 (tensor parallelism)    NotImplementedError: sh
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 
-import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
 from istune.core import distributed, sharding
+from istune.core.checkpointing import uses_reentrant_checkpointing
+from istune.core.checks import refuse_reentrant_checkpointing_under_ddp
 from istune.integrations import deepspeed
 
 logger = logging.getLogger(__name__)
@@ -60,39 +59,13 @@ def check_trainer_setup(args, model: nn.Module, trainer=None, accelerator_state=
     # FSDP2 reduces only the gradients that exist, DeepSpeed is checked by its own module: no DDP to check.
     if distributed.world_size() > 1 and engine is None:
         _check_ddp(args, model, trainer)
-        if uses_reentrant_checkpointing(model):
-            raise ValueError(
-                "Reentrant activation checkpointing under DDP with find_unused_parameters=True (which IST needs) "
-                "fails with 'Expected to mark a variable ready only once'. Use the non-reentrant variant: "
-                "TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': False}) (the default in "
-                "transformers 5), or model.gradient_checkpointing_enable({'use_reentrant': False})."
-            )
+        refuse_reentrant_checkpointing_under_ddp(uses_reentrant_checkpointing(model))
     if getattr(args, "torch_compile", False):
         logger.warning(
             "IST with torch_compile=True: requires_grad is part of torch.compile's guards, so the model is recompiled "
             "for every new layer selection until torch._dynamo's recompile limit (8), then runs uncompiled. Results "
             "are correct but expect no speed-up; istune does not support torch.compile."
         )
-
-
-def uses_reentrant_checkpointing(model: nn.Module) -> bool:
-    """True if a module of ``model`` runs activation checkpointing in the reentrant variant.
-
-    The function a module checkpoints with (``_gradient_checkpointing_func``) is transformers'
-    ``functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)``, ``checkpoint`` itself, or a wrapper
-    around one of them that keeps it as ``__wrapped__`` (``functools.wraps``): LLaMA-Factory's checkpoints
-    only the layers that have trainable parameters and wraps ``use_reentrant=True`` by default.
-    """
-    for module in model.modules():
-        function = getattr(module, "_gradient_checkpointing_func", None)
-        if getattr(module, "gradient_checkpointing", False) is True and function is not None:
-            function = inspect.unwrap(function)
-            if isinstance(function, functools.partial):
-                if function.keywords.get("use_reentrant", True):  # torch's default is the reentrant one
-                    return True
-            elif function is torch.utils.checkpoint.checkpoint:
-                return True
-    return False
 
 
 def _check_sharding(args, model: nn.Module, trainer, accelerator_state=None) -> str | None:
@@ -135,16 +108,16 @@ def fsdp_version(args, model: nn.Module, trainer=None, accelerator_state=None) -
 
     The accelerator's state (the Trainer's, or ``accelerator_state``) decides when there is one:
     accelerate shards only on accelerator backends, so ``TrainingArguments(fsdp=...)`` on CPU
-    processes trains with DDP. Without it: the model's wrappers, then the arguments.
+    processes trains with DDP. Without it: the model's wrappers (:func:`istune.core.sharding.wrapped_fsdp_version`),
+    then the arguments. The one FSDP detection of the Trainer integration (its checks, its checkpoints).
     """
     state = _accelerator_state(trainer, accelerator_state)
     plugin = getattr(state, "fsdp_plugin", None)
     if plugin is not None:
         return int(getattr(plugin, "fsdp_version", 1))
-    if sharding.is_fsdp2(model):
-        return 2
-    if _is_fsdp1_module(model):
-        return 1
+    wrapped = sharding.wrapped_fsdp_version(model)
+    if wrapped is not None:
+        return wrapped
     if state is None and (getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None)):
         config = getattr(args, "fsdp_config", None) or {}
         return int(config.get("version", config.get("fsdp_version", 2)))  # transformers 5's default is FSDP2
@@ -189,9 +162,3 @@ def _find_ddp(model: nn.Module | None) -> DistributedDataParallel | None:
     while model is not None and not isinstance(model, DistributedDataParallel):
         model = getattr(model, "_orig_mod", None)
     return model
-
-
-def _is_fsdp1_module(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
