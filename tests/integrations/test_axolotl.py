@@ -24,7 +24,7 @@ pytest.importorskip("axolotl.integrations.base")
 from axolotl.utils.dict import DictDefault  # noqa: E402
 
 from istune.config import ISTConfig, option_names  # noqa: E402
-from istune.integrations.axolotl import ISTArgs, ist_config, refuse_bypassed_hooks  # noqa: E402
+from istune.integrations.axolotl import ISTArgs, ist_args_model, ist_config, refuse_bypassed_hooks  # noqa: E402
 
 from ..tiny_models import peft_model, save_tiny_llama  # noqa: E402
 
@@ -85,6 +85,16 @@ def validate(config: dict) -> DictDefault:
 def test_the_ist_keys_are_istconfig_options_with_the_prefix():
     names = {f.name for f in dataclasses.fields(ISTConfig)} - {"rule_options"} | {"block_order", "probe_by"}
     assert {f"ist_{name}" for name in names} <= set(ISTArgs.model_fields) == {f"ist_{n}" for n in option_names()}
+
+
+def test_a_rule_of_ones_own_gets_an_ist_key_for_its_parameter():
+    from istune.cli import import_rules
+
+    import_rules([str(Path(__file__).parents[2] / "examples" / "rules" / "rotating_window.py")])
+    assert "ist_stride" in ist_args_model().model_fields
+    assert ist_config({"ist_strategy": "rotating-window", "ist_stride": 2}).stride == 2
+    with pytest.raises(ValueError, match=r"ist_stride=0 in the axolotl config: ISTConfig.stride=0 is invalid"):
+        ist_config({"ist_strategy": "rotating-window", "ist_stride": 0})
 
 
 def test_ist_keys_reach_istconfig_through_axolotl_validation(model_dir, data_file, tmp_path):

@@ -267,3 +267,49 @@ def test_trainer_gradient_checkpointing_is_ist_aware_and_trains_the_same(tmp_pat
         if "lora_" in name:
             torch.testing.assert_close(parameter, expected[name], rtol=1e-5, atol=1e-6, msg=name)
     assert skipped[-1] > 0  # some step's lowest selected layer was above layer 0, and the layers below it were skipped
+
+
+def test_gradient_rules_read_unscaled_norms_under_fp16_without_clipping():
+    """fp16's loss scale multiplies every gradient until it is unscaled, and the Trainer unscales only to clip. With
+    max_grad_norm=0 the callback unscales before the rule reads the norms (a real GradScaler on CPU stands for
+    accelerate's): the rule sees the norms of the same step without scaling, and the scaler still steps."""
+    from types import SimpleNamespace
+
+    from istune.core import SparseTuner
+    from istune.core.rules import RandomRule
+
+    class GradientWatcher(RandomRule):
+        wants_gradients = True
+
+        def __init__(self):
+            self.seen = []
+
+        def observe_gradients(self, step, norms):
+            self.seen.append(norms)
+
+    ids = TokenDataset(size=4).ids
+
+    def first_step_norms(scale: float, max_grad_norm: float) -> tuple[dict, float]:
+        model = peft_model("llama", "lora", num_layers=NUM_LAYERS, seed=0)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        config, rule = ISTConfig(strategy="random", seed=3), GradientWatcher()
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        callback = ISTCallback(config)
+        callback.tuner = SparseTuner(model, config, optimizer=optimizer, rule=rule)
+        callback.trainer = SimpleNamespace(accelerator=SimpleNamespace(unscale_gradients=lambda: scaler.unscale_(
+            optimizer)))
+        callback.tuner.begin_step()
+        scaler.scale(model(input_ids=ids, labels=ids).loss).backward()
+        callback.on_pre_optimizer_step(SimpleNamespace(fp16=True, max_grad_norm=max_grad_norm), None, None)
+        scaler.step(optimizer)  # unscales itself only if the callback did not
+        scaler.update()
+        return rule.seen[0], scaler.get_scale()
+
+    reference, _ = first_step_norms(1.0, 0.0)
+    unscaled, scale = first_step_norms(1024.0, 0.0)
+    assert list(unscaled) == list(reference) and len(reference) == 1  # N_u = 1 of 4 layers, the same one
+    assert all(unscaled[j] == pytest.approx(reference[j], rel=1e-6) for j in reference)
+    assert scale == 1024.0  # a finite step: the scaler stepped and kept its scale
+    # With clipping on, the Trainer has unscaled already and the callback leaves the gradients alone.
+    scaled, _ = first_step_norms(1024.0, 1.0)
+    assert all(scaled[j] == pytest.approx(1024.0 * reference[j], rel=1e-6) for j in reference)

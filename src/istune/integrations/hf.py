@@ -151,6 +151,7 @@ class ISTCallback(TrainerCallback):
         self._adalora = False
         self._before_reporters = False  # runs right after DefaultFlowCallback, the Trainer's printers swapped
         self._warned_about_reporters = False
+        self._warned_about_scaled_norms = False
         if trainer is not None:
             self._attach(trainer)
 
@@ -264,6 +265,8 @@ class ISTCallback(TrainerCallback):
         self._steps_since_log += 1
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.tuner.rule.wants_gradients and args.fp16 and not (args.max_grad_norm and args.max_grad_norm > 0):
+            self._unscale_gradients()
         # A rule that learns from gradients reads the trained layers' norms (nothing happens for other rules). Before
         # the zeroing below: a NaN/inf step shows non-finite norms here and goes unreported; after, it would read 0.
         self.tuner.before_optimizer_step()
@@ -275,6 +278,23 @@ class ISTCallback(TrainerCallback):
         gradients += [p.grad for p in self._outside_parameters if p.grad is not None]
         if gradients:
             self._non_finite.zero_step_if_non_finite(gradients, state.global_step + 1)
+
+    def _unscale_gradients(self) -> None:
+        """fp16 without clipping: the Trainer unscales the gradients only to clip them, so before the optimizer
+        step they are still multiplied by the loss scale, and a rule that learns from gradient norms would read
+        scaled ones. Unscale them here, as clipping would (the scaler's step then skips its own unscale: the
+        same update). DeepSpeed keeps its own scaler and gradients, and refuses gradient rules."""
+        if self._deepspeed_engine is not None:
+            return
+        if self.trainer is None:
+            if not self._warned_about_scaled_norms:
+                logger.warning("IST: rule %r reads gradient norms under fp16 without clipping, and this callback was "
+                               "not given the Trainer (add_ist(trainer, config) gives it), so it cannot unscale "
+                               "them: the norms it sees are multiplied by the loss scale. Use add_ist, or set "
+                               "max_grad_norm > 0.", self.tuner.rule_name)
+                self._warned_about_scaled_norms = True
+            return
+        self.trainer.accelerator.unscale_gradients()
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # AdaLoRA reallocates ranks after backward and before zero_grad; the Trainer never calls it.
