@@ -141,3 +141,22 @@ def test_model_dependent_values_fail_at_resolve(kwargs, field):
     config = ISTConfig(**kwargs)  # fine without a model
     with pytest.raises(ValueError, match=f"ISTConfig.{field}=.*N_L=4"):
         config.resolve(4)
+
+
+def test_rule_is_another_name_for_strategy():
+    assert ISTConfig(rule="lisa", switch_interval=5) == ISTConfig(strategy="lisa", switch_interval=5)
+    with pytest.raises(ValueError, match="ISTConfig.strategy='ist' is invalid: rule='lisa' names the selection rule"):
+        ISTConfig(rule="lisa", strategy="ist")
+
+
+def test_rule_parameters_are_declared_once_and_checked_from_the_declaration():
+    from istune import rule_catalog
+    from istune.core.rules import badam
+
+    assert rule_catalog.parameters()["block_order"] is badam.BLOCK_ORDER
+    assert rule_catalog.rules_taking("block_order") == ["badam"]
+    assert ISTConfig(strategy="badam").rule_options == {"switch_interval": 1, "block_order": "ascending"}
+    with pytest.raises(ValueError, match=r"ISTConfig.block_order='sideways' is invalid: use one of 'ascending'"):
+        ISTConfig(strategy="badam", block_order="sideways")
+    with pytest.raises(TypeError, match="unknown option 'blok_order': did you mean 'block_order'"):
+        ISTConfig(strategy="badam", blok_order="descending")

@@ -91,7 +91,7 @@ def import_rules(sources: Sequence[str]) -> None:
 
 def _rules_from(argv: Sequence[str], yaml_values: dict) -> list[str]:
     """The ``--rules_from`` sources of ``argv`` and of the YAML ``rules_from`` key (a string or a list)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--rules_from", action="append", default=[])
     given = yaml_values.get("rules_from") or []
     return [*([given] if isinstance(given, str) else list(given)), *pre.parse_known_args(argv)[0].rules_from]
@@ -117,7 +117,7 @@ def _parse_train(argv: Sequence[str], other_keys: Sequence[str] = ()):
 
     from istune.options import did_you_mean
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     config_path = pre.parse_known_args(argv)[0].config
     if config_path:

@@ -35,7 +35,8 @@ class ISTConfig:
 
     strategy: str = field(
         default="ist",
-        metadata={"help": "The selection rule, how the layers trained each step are chosen: 'ist' (importance-aware, "
+        metadata={"aliases": ["--rule"], "help": "The selection rule (also --rule; ISTConfig(rule=...)), how the "
+                  "layers trained each step are chosen: 'ist' (importance-aware, "
                   "the paper), 'random' (uniform N_u layers), 'lisa' (uniform, LISA, Pan et al. 2024), 'badam' "
                   "(blocks of N_u consecutive layers in turn, BAdam, Luo et al. 2024), 'owlore' (by outlier ratio, "
                   "OwLore, Li et al. 2024), 'gradnorm' (by a running estimate of the gradient norm), 'probe-once' "
@@ -126,6 +127,11 @@ class ISTConfig:
     )
 
     def __init__(self, **options: Any) -> None:
+        if "rule" in options:  # the selection rule by its other name
+            rule = options.pop("rule")
+            if options.get("strategy", rule) != rule:
+                _fail("strategy", options["strategy"], f"rule={rule!r} names the selection rule too; give one of them")
+            options["strategy"] = rule
         rule_options = dict(options.pop("rule_options", None) or {})
         for option in fields(self):
             if option.name != "rule_options":
