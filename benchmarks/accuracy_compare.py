@@ -63,10 +63,9 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from istune import ISTCallback, ISTConfig
+from istune import ISTCallback, ISTConfig, rule_catalog
 from istune.adapters.methods import AdapterArgs, add_adapters
 from istune.bench.stats import mean_ci95, paired_item_ci95, seeds_for_power
-from istune.config import RULE_PARAMETERS
 from istune.data import CausalLMCollator, InstructionDataset, load_eval_items
 from istune.data.commonsense_format import COMMONSENSE_TASKS
 from istune.eval import evaluate_tasks
@@ -310,7 +309,7 @@ def _arm_settings(by, seeds, arms) -> list[str]:
             detail = f" (T_c = {config['probe_interval']}, μ = {config['mu']:g}, rewards: {config['reward_scale']})"
         elif config and a in RULE_ARMS:
             settings = [f"{'K' if name == 'switch_interval' else name} = {config[name]}"
-                        for name, rules in RULE_PARAMETERS.items() if config["strategy"] in rules and name in config]
+                        for name in rule_catalog.traits(config["strategy"]).parameter_names() if name in config]
             detail = f" ({', '.join(settings)})"
         lines.append(f"- `{a}`: {ARMS[a]}{detail}")
     return lines
