@@ -19,6 +19,7 @@
 the Trainer's own TrainingArguments, parsed as trl does) whose help texts name the paper's
 symbols; a YAML `--config` gives defaults that flags override. It runs the same under
 `torchrun --nproc_per_node N -m istune train ...` and `accelerate launch -m istune train ...`.
+`istune eval` reads its options from EvalArgs the same way.
 """
 
 from __future__ import annotations
@@ -113,43 +114,53 @@ def _parse_train(argv: Sequence[str], other_keys: Sequence[str] = ()):
     another parser and are skipped)."""
     import dataclasses
 
-    import yaml
-
-    from istune.options import did_you_mean
-
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
-    config_path = pre.parse_known_args(argv)[0].config
-    if config_path:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ValueError(f"--config={config_path!r}: no such file.")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"--config={config_path!r}: expected a mapping of option names to values.")
-    import_rules(_rules_from(argv, values if config_path else {}))
+    config_path, values = _read_config(argv)
+    import_rules(_rules_from(argv, values))
     parser = _train_parser()  # after the rules are registered: their parameters are options
-    if config_path:
-        known = {action.dest for action in parser._actions} - {"help", "config"}
-        values = {key: value for key, value in values.items() if key not in other_keys}
-        for key in values:
-            if key not in known:
-                raise ValueError(f"--config={config_path!r}: unknown option {key!r}; {did_you_mean(key, known)}"
-                                 "`istune train --help` lists every option.")
-        parser.set_defaults(**values)
-    values_from_yaml = set(values) if config_path else set()
+    values = {key: value for key, value in values.items() if key not in other_keys}
+    _config_defaults(parser, "train", config_path, values)
     namespace, extra = parser.parse_known_args(list(argv))
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    values = vars(namespace)  # each dataclass takes its fields; ISTConfig and TrainingArguments both read 'seed'
-    _save_strategy_from_save_steps(values, given=values_from_yaml | _flags_given(argv))
+    options = vars(namespace)  # each dataclass takes its fields; ISTConfig and TrainingArguments both read 'seed'
+    _save_strategy_from_save_steps(options, given=set(values) | _flags_given(argv))
     run, model_args, adapter, ist_options, training = (
-        group(**{f.name: values[f.name] for f in dataclasses.fields(group) if f.init and f.name in values})
+        group(**{f.name: options[f.name] for f in dataclasses.fields(group) if f.init and f.name in options})
         for group in parser.dataclass_types)
     ist = ist_options.to_config()
     if namespace.ist_seed is not None:
         ist = dataclasses.replace(ist, seed=namespace.ist_seed)
     return run, model_args, adapter, ist, training
+
+
+def _read_config(argv: Sequence[str]) -> tuple[str | None, dict]:
+    """The ``--config`` file named in ``argv`` and its option values (None and {} without one)."""
+    import yaml
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    config_path = pre.parse_known_args(argv)[0].config
+    if not config_path:
+        return None, {}
+    path = Path(config_path)
+    if not path.is_file():
+        raise ValueError(f"--config={config_path!r}: no such file.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config={config_path!r}: expected a mapping of option names to values.")
+    return config_path, values
+
+
+def _config_defaults(parser: argparse.ArgumentParser, command: str, config_path: str | None, values: dict) -> None:
+    """Make the YAML ``values`` ``parser``'s defaults (flags given override them); refuse a key it does not know."""
+    from istune.options import did_you_mean
+
+    known = {action.dest for action in parser._actions} - {"help", "config"}
+    for key in values:
+        if key not in known:
+            raise ValueError(f"--config={config_path!r}: unknown option {key!r}; {did_you_mean(key, known)}"
+                             f"`istune {command} --help` lists every option.")
+    parser.set_defaults(**values)
 
 
 def _flags_given(argv: Sequence[str]) -> set[str]:
@@ -307,55 +318,67 @@ def _compare(argv: Sequence[str]) -> int:
     return 0
 
 
-def _eval(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="istune eval",
+def _eval_parser():
+    from transformers import HfArgumentParser
+
+    from istune.recipe.evaluate import EvalArgs
+
+    parser = HfArgumentParser(
+        EvalArgs, prog="istune eval", formatter_class=argparse.RawDescriptionHelpFormatter,  # help texts say defaults
         description="Evaluate a run folder again, or any model (with or without an adapter) on the commonsense tasks.",
         epilog="examples:\n  istune eval runs/istune\n  istune eval --model smollm2-135m --eval_limit 50 --harness\n"
-               "  istune eval --model smollm2-135m --adapter runs/istune/adapter --output eval.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  istune eval --model smollm2-135m --adapter runs/istune/adapter --output eval.json")
     parser.add_argument("run_dir", nargs="?", help="Output folder of `istune train` (or use --model).")
-    parser.add_argument("--model",
-                        help="Hub id, local folder or 'smollm2-135m': evaluate this model instead of a run.")
-    parser.add_argument("--adapter", help="With --model: an adapter folder (a run's adapter/, a run folder, or a peft "
-                                          "adapter); without --model its base model is read from it.")
-    parser.add_argument("--eval_tasks", default=None,
-                        help="Tasks ('all' or comma-separated); default: the run's, or all.")
-    parser.add_argument("--eval_limit", type=int, default=None,
-                        help="Items per task (a seeded sample); default: the run's, or the full test sets.")
-    parser.add_argument("--eval_seed", type=int, default=0, help="Seed of the --eval_limit sample (with --model).")
-    parser.add_argument("--eval_method", default=None, choices=["generate", "score", "both"],
-                        help="Default: the run's, or both.")
-    parser.add_argument("--eval_batch_size", type=int, default=None,
-                        help="Sequences per scoring (and held-out loss) pass. Default: the run's, or 8.")
-    parser.add_argument("--generation_batch_size", type=int, default=None,
-                        help="Prompts per generate call. Default: the run's, or 32.")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                        help="Weights with --model ('auto': bfloat16 on a GPU that has it, else float32).")
-    parser.add_argument("--output", default=None,
-                        help="Results JSON (default: <run_dir>/eval.json; none with --model).")
-    parser.add_argument("--harness", action="store_true",
-                        help="Also score with lm-evaluation-harness (lm-eval 0.4.13) on the same items: "
-                        "acc, acc_norm.")
-    parser.add_argument("--no_cache", action="store_true",
-                        help="With --model alone: recompute, ignore cached results.")
-    args = parser.parse_args(argv)
-    if (args.run_dir is None) == (args.model is None and args.adapter is None):
+    parser.add_argument("--config", help="YAML file of option defaults (flags given here override it).")
+    return parser
+
+
+def _parse_eval(argv: Sequence[str]):
+    """(run folder or None, EvalArgs) from flags over a YAML --config; exactly one of a run folder and
+    --model/--adapter."""
+    import dataclasses
+
+    from istune.recipe.evaluate import EvalArgs
+
+    config_path, values = _read_config(argv)
+    parser = _eval_parser()
+    _config_defaults(parser, "eval", config_path, values)
+    namespace = parser.parse_args(_bool_flags_before_positional(parser, argv))
+    args = EvalArgs(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(EvalArgs)})
+    if (namespace.run_dir is None) == (args.model is None and args.adapter is None):
         parser.error("give either a run folder or --model/--adapter, not both and not neither")
-    if args.run_dir is not None:
+    return namespace.run_dir, args
+
+
+def _bool_flags_before_positional(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``true`` after a bare boolean flag followed by a positional (``--harness RUN_DIR``).
+
+    HfArgumentParser's boolean options take an optional value (``--harness`` or ``--harness false``), so argparse
+    would read the positional after one as that value.
+    """
+    flags = {option for action in parser._actions if action.nargs == "?" and action.const is True
+             for option in action.option_strings}
+    words = {"true", "false", "yes", "no", "y", "n", "t", "f", "1", "0"}
+    out = []
+    for arg, following in zip(argv, [*argv[1:], None]):
+        out.append(arg)
+        if arg in flags and following is not None and not following.startswith("-") and following.lower() not in words:
+            out.append("true")
+    return out
+
+
+def _eval(argv: Sequence[str]) -> int:
+    run_dir, args = _parse_eval(argv)
+    if run_dir is not None:
         from istune.recipe.evaluate import evaluate_run
 
-        evaluate_run(args.run_dir, tasks=args.eval_tasks, limit=args.eval_limit, method=args.eval_method,
+        evaluate_run(run_dir, tasks=args.eval_tasks, limit=args.eval_limit, method=args.eval_method,
                      batch_size=args.eval_batch_size, output=args.output, harness=args.harness,
                      generation_batch_size=args.generation_batch_size)
         return 0
-    from istune.recipe.evaluate import EvalArgs, evaluate_pretrained
+    from istune.recipe.evaluate import evaluate_pretrained
 
-    given = {"eval_tasks": args.eval_tasks, "eval_method": args.eval_method, "eval_batch_size": args.eval_batch_size,
-             "generation_batch_size": args.generation_batch_size}
-    evaluate_pretrained(EvalArgs(model=args.model, adapter=args.adapter, eval_limit=args.eval_limit,
-                                 eval_seed=args.eval_seed, dtype=args.dtype, output=args.output, harness=args.harness,
-                                 cache=not args.no_cache, **{k: v for k, v in given.items() if v is not None}))
+    evaluate_pretrained(args)
     return 0
 
 

@@ -13,7 +13,7 @@ from istune.bench import memory_table
 from istune.bench.memory_table import VARIANTS, Settings, check_meta, measure, variants_for
 from istune.planning.rows import ALIASES, Row
 from istune.planning.shapes import SHAPES
-from istune.planning.worst_case import draw_schedule, worst_case_seed
+from istune.planning.worst_case import draw_schedule
 
 FLOAT = 4  # bytes per float32
 TINY = Settings(seq_len=16, steps=2, rank=4, bottleneck_size=8, extra_attentions=())  # seconds per run
@@ -106,13 +106,6 @@ def test_ist_peak_is_a_worst_case_step_with_layer_0(key):
     schedule = draw_schedule(config["strategy"], 4, 1, config["seed"], TINY.steps + 1)
     assert [s["selected"] for s in run["steps"]] == schedule[1:]  # seeded, after one settling step
     assert measure(SHAPES["tiny-llama"], ROWS[key], TINY)["steps"] == run["steps"]
-
-
-def test_worst_case_seed_is_the_first_that_draws_layer_0():
-    seed, schedule = worst_case_seed("ist", 40, 1, 0, 2, unmeasured=1)
-    assert any(0 in s for s in schedule) and schedule == draw_schedule("ist", 40, 1, seed, 3)[1:]
-    assert all(not any(0 in s for s in draw_schedule("ist", 40, 1, earlier, 3)[1:])
-               for earlier in range(seed))
 
 
 def test_full_fine_tuning_gradients_and_adamw_state_are_three_times_the_weights():

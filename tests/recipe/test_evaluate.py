@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from istune.cli import main
+from istune.cli import _parse_eval, main
 from istune.recipe import evaluate as recipe_evaluate
 
 from ..eval.conftest import make_model, make_tokenizer
@@ -120,6 +120,33 @@ def test_run_folder_and_model_are_exclusive(model_dir, tmp_path):
         main(["eval", str(tmp_path), "--model", str(model_dir)])
     with pytest.raises(SystemExit):
         main(["eval"])
+
+
+@pytest.mark.parametrize(
+    "argv,run_dir,options",
+    [
+        (["runs/x"], "runs/x", {"eval_tasks": None, "eval_method": None, "harness": False, "cache": True}),
+        (["--harness", "runs/x", "--eval_limit", "3"], "runs/x", {"harness": True, "eval_limit": 3}),
+        (["runs/x", "--harness"], "runs/x", {"harness": True}),
+        (["--model", "m", "--no_cache", "--harness", "false", "--eval_method=score"], None,
+         {"model": "m", "cache": False, "harness": False, "eval_method": "score"}),
+    ],
+)
+def test_options_come_from_eval_args(argv, run_dir, options):
+    got_run_dir, args = _parse_eval(argv)
+    assert got_run_dir == run_dir
+    assert {name: getattr(args, name) for name in options} == options
+    assert args.with_model_defaults().eval_tasks == "all"  # unset: the run's, or with --model all
+
+
+def test_yaml_config_gives_defaults_and_refuses_unknown_keys(tmp_path, capsys):
+    config = tmp_path / "eval.yaml"
+    config.write_text("model: m\neval_limit: 3\nharness: true\n")
+    run_dir, args = _parse_eval(["--config", str(config), "--eval_limit", "5"])
+    assert (run_dir, args.model, args.eval_limit, args.harness) == (None, "m", 5, True)
+    config.write_text("model: m\neval_limt: 3\n")
+    assert main(["eval", "--config", str(config)]) == 2
+    assert "unknown option 'eval_limt'; did you mean 'eval_limit'?" in capsys.readouterr().err
 
 
 def test_format_comparison_lines_up_lm_eval_beside_istune():

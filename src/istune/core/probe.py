@@ -53,12 +53,6 @@ class ProbeSampler:
         with preserved_global_rng():  # a random collator must not shift the trainer's RNG
             return self.collate_fn([self.dataset[i] for i in indices])
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
 
 @contextlib.contextmanager
 def preserved_global_rng() -> Iterator[None]:

@@ -8,7 +8,7 @@ the peak. SDPA and 4-bit layers keep what their GPU kernels keep (:mod:`istune.p
 measure the worst step (:mod:`istune.planning.worst_case`). The prediction is tensor bytes
 (``torch.cuda.max_memory_allocated``); ``budget`` adds a rule-of-thumb margin for the CUDA context,
 workspaces and fragmentation (``prediction × 1.10 + 1 GiB``). Bf16 autocast over float32 weights is not
-modelled. Agreement with real CPU runs is tested within 10% (``tests/bench/test_plan.py``).
+modelled. Agreement with real CPU runs is tested within 10% (``tests/planning/test_planner.py``).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -73,20 +74,44 @@ def evaluate_run(run_dir: str, tasks: str | None = None, limit: int | None = Non
 
 @dataclasses.dataclass
 class EvalArgs:
-    """What ``istune eval --model`` evaluates and how."""
+    """``istune eval``'s options: what ``--model`` evaluates and how; on a run folder, the run's own settings
+    stand where an option is unset (None)."""
 
-    model: str | None = None
-    adapter: str | None = None
-    eval_tasks: str = "all"
-    eval_limit: int | None = None
-    eval_seed: int = 0
-    eval_method: str = "both"
-    eval_batch_size: int = 8
-    generation_batch_size: int = 32
-    dtype: str = "auto"
-    output: str | None = None
-    harness: bool = False
-    cache: bool = True
+    model: str | None = field(default=None, metadata={
+        "help": "Hub id, local folder or 'smollm2-135m': evaluate this model instead of a run."})
+    adapter: str | None = field(default=None, metadata={
+        "help": "With --model: an adapter folder (a run's adapter/, a run folder, or a peft adapter); without "
+                "--model its base model is read from it."})
+    eval_tasks: str | None = field(default=None, metadata={
+        "help": "Tasks ('all' or comma-separated); default: the run's, or all."})
+    eval_limit: int | None = field(default=None, metadata={
+        "help": "Items per task (a seeded sample); default: the run's, or the full test sets."})
+    eval_seed: int = field(default=0, metadata={
+        "help": "Seed of the --eval_limit sample (with --model; a run folder's is the run's). Default: 0."})
+    eval_method: str | None = field(default=None, metadata={
+        "help": "'generate', 'score' or 'both'; default: the run's, or both."})
+    eval_batch_size: int | None = field(default=None, metadata={
+        "help": "Sequences per scoring (and held-out loss) pass; default: the run's, or 8."})
+    generation_batch_size: int | None = field(default=None, metadata={
+        "help": "Prompts per generate call; default: the run's, or 32."})
+    dtype: str = field(default="auto", metadata={
+        "help": "Weights with --model: 'auto' (bfloat16 on a GPU that has it, float32 otherwise), 'bfloat16', "
+                "'float16' or 'float32'. Default: auto."})
+    output: str | None = field(default=None, metadata={
+        "help": "Results JSON; default: <run_dir>/eval.json, none with --model."})
+    harness: bool = field(default=False, metadata={
+        "help": "Also score with lm-evaluation-harness (lm-eval 0.4.13) on the same items: acc, acc_norm."})
+    cache: bool = field(default=True, metadata={
+        "help": "With --model alone: reuse cached results of the bare model (--no_cache recomputes them)."})
+
+    def with_model_defaults(self) -> EvalArgs:
+        """These options with ``--model``'s defaults where unset (a run folder has its own instead)."""
+        unset = {name: value for name, value in MODEL_DEFAULTS.items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **unset)
+
+
+# `istune eval --model`'s values of the options a run folder takes from its run.
+MODEL_DEFAULTS = {"eval_tasks": "all", "eval_method": "both", "eval_batch_size": 8, "generation_batch_size": 32}
 
 
 @dataclasses.dataclass
@@ -154,6 +179,7 @@ def check_eval_args(args: EvalArgs) -> tuple[list[str], AdapterFolder | None, st
     """Validate ``args`` without loading anything; return (tasks, adapter, model name)."""
     from istune.models import DTYPES
 
+    args = args.with_model_defaults()
     adapter = find_adapter(args.adapter) if args.adapter else None
     model = args.model or (adapter.base_model if adapter else None)
     if not model:
@@ -187,6 +213,7 @@ def evaluate_pretrained(args: EvalArgs) -> dict[str, Any]:
     from istune.eval.result_cache import ResultCache
     from istune.models import load_model_and_tokenizer, resolve_dtype
 
+    args = args.with_model_defaults()
     tasks, adapter, model_name = check_eval_args(args)
     items = load_eval_items(tasks, args.eval_limit, args.eval_seed)
     dtype = resolve_dtype(args.dtype)  # 'auto': bfloat16 on a GPU that has it, float32 otherwise

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from istune.bench import CATEGORIES, MemoryTracker
+from istune.planning.tracker import CATEGORIES, MemoryTracker
 
 FLOAT = 4  # bytes per float32
 
