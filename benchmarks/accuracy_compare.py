@@ -71,7 +71,7 @@ from istune.data.commonsense_format import COMMONSENSE_TASKS
 from istune.eval import evaluate_tasks
 from istune.eval.loss import heldout_loss
 from istune.integrations.hf import LOG_FILE
-from istune.io import git_commit, write_text
+from istune.io import git_commit, repo_relative, write_text
 from istune.models import load_model_and_tokenizer
 from istune.options import parse_list, require_at_least_one
 from istune.runs import RunArgs, batch_layout, load_rows
@@ -172,7 +172,8 @@ def run_one(arm: str, seed: int, opts, folder: Path) -> dict:
     if opts.train_only:
         return {"arm": arm, "strategy": ist.strategy, "seed": seed, "ist_config": ist.to_dict(), "train_only": True,
                 "importance_updates": updates, "importance_updates_skipped": skipped, "batch_layout": layout,
-                "train_seconds": train_seconds, "importance": ist_callback.importance.tolist(), "options": vars(opts)}
+                "train_seconds": train_seconds, "importance": ist_callback.importance.tolist(),
+                "options": _recorded_options(opts)}
     accuracy, eval_seconds = {}, {}
     for method in ("score", "generate"):
         started = time.time()
@@ -189,7 +190,7 @@ def run_one(arm: str, seed: int, opts, folder: Path) -> dict:
         "importance_updates": updates, "importance_updates_skipped": skipped, "batch_layout": layout,
         "train_seconds": train_seconds, "curve_seconds": curve.seconds, "eval_seconds": eval_seconds,
         "curve": curve.points, "importance": ist_callback.importance.tolist(),
-        "accuracy": accuracy, "generated": generated, "options": vars(opts), "eval_seed": EVAL_SEED,
+        "accuracy": accuracy, "generated": generated, "options": _recorded_options(opts), "eval_seed": EVAL_SEED,
     }
 
 
@@ -207,7 +208,8 @@ def run_base(opts) -> dict:
     items = load_eval_items(opts.tasks.split(","), opts.eval_limit, EVAL_SEED)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     evaluated = evaluate_tasks(model, tokenizer, items, method=["score"], batch_size=8)
-    return {"strategy": "base", "accuracy": _correct(evaluated), "options": vars(opts), "eval_seed": EVAL_SEED}
+    return {"strategy": "base", "accuracy": _correct(evaluated), "options": _recorded_options(opts),
+            "eval_seed": EVAL_SEED}
 
 
 def _correct(evaluated: dict) -> dict:
@@ -457,6 +459,11 @@ def check_saved(out: Path, arms: list[str], seeds: list[int], opts) -> None:
         if arm is not None and config is not None and not same_config(config, arm_config(arm, seed, opts)):
             raise ValueError(f"{path} was made with another ISTConfig ({config}) than arm {arm!r} has now (check "
                              "--mu, --spread_mu); use the same options, another --out, or delete the file.")
+
+
+def _recorded_options(opts: argparse.Namespace) -> dict:
+    """The options as a run's record keeps them: ``--out`` relative to the repository holding it."""
+    return {**vars(opts), "out": repo_relative(opts.out)}
 
 
 def same_config(saved: dict, config: ISTConfig) -> bool:

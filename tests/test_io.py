@@ -73,3 +73,14 @@ def test_atomic_dir(tmp_path):
 
 def test_git_commit_outside_git(tmp_path):
     assert io.git_commit(tmp_path) == "unknown"
+
+
+def test_recorded_paths_are_relative_to_the_repository_holding_them(tmp_path):
+    from istune.io import repo_relative
+
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    inside = tmp_path / "repo" / "benchmarks" / "results" / "x"
+    assert repo_relative(inside) == "benchmarks/results/x"
+    assert repo_relative(tmp_path / "repo") == "."
+    outside = tmp_path / "elsewhere" / "run"
+    assert repo_relative(outside) == str(outside)

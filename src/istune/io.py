@@ -176,3 +176,13 @@ def run_metadata(script: str, argv: list[str], repo: str | os.PathLike[str]) -> 
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
     }
+
+
+def repo_relative(path: str | os.PathLike[str]) -> str:
+    """``path`` relative to the git repository that holds it, so that a record reads the same on every machine
+    (``benchmarks/results/x``, not ``/home/me/istune/benchmarks/results/x``); as given when no repository does."""
+    resolved = Path(path).resolve()
+    for folder in (resolved, *resolved.parents):
+        if (folder / ".git").exists():
+            return str(resolved.relative_to(folder)) or "."
+    return str(path)

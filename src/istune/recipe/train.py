@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 from istune.adapters.methods import AdapterArgs, add_adapters, load_adapters, save_adapters
 from istune.config import ISTConfig
 from istune.data import load_eval_items
-from istune.io import atomic_dir, write_text
+from istune.io import atomic_dir, repo_relative, write_text
 from istune.models import ModelArgs, load_model_and_tokenizer, loading_kwargs
 from istune.recipe import checkpoints
 from istune.recipe.options import check_job, run_record
@@ -99,7 +99,7 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     callback = add_ist(trainer, ist)  # with the Trainer: reporters get IST metrics, FSDP2 checkpoints every adapter
     train_started = time.time()
     trainer.train(resume_from_checkpoint=resume)
-    results: dict[str, Any] = {**record, "training": _jsonable(training.to_dict()),
+    results: dict[str, Any] = {**record, "training": _training_record(training),
                                "batch_layout": layout, "train_seconds": time.time() - train_started,
                                "importance": callback.importance.tolist(),
                                "log_history": trainer.state.log_history,
@@ -274,6 +274,15 @@ def _free_memory() -> None:
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(values, default=str))
+
+
+def _training_record(training) -> dict[str, Any]:
+    """The Trainer's options as results.json keeps them: its folders relative to the repository holding them."""
+    values = _jsonable(training.to_dict())
+    for name in ("output_dir", "logging_dir"):
+        if values.get(name):
+            values[name] = repo_relative(values[name])
+    return values
 
 
 def format_results(results: dict[str, Any]) -> str:
