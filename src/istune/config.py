@@ -97,10 +97,8 @@ class ISTConfig:
     )
     rule_options: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "The selection rule's own parameters by name (each declared in the rule's module; "
-                  "istune.rule_catalog): 'switch_interval' (K), 'block_order' (badam), 'outlier_threshold' and "
-                  "'calibration_interval' (owlore), 'exploration' and 'gradnorm_decay' (gradnorm), 'probe_by' "
-                  "(probe-once), and those of a registered rule. Give each as a keyword of its own, "
+        metadata={"help": "The selection rule's own parameters by name, each declared in the rule's module "
+                  "(istune.rule_catalog; `istune train --help` lists them). Give each as a keyword of its own, "
                   "ISTConfig(strategy='badam', block_order='descending'), or here; those not given take the rule's "
                   "defaults. Read back as attributes: config.block_order."},
     )
