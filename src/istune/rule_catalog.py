@@ -86,24 +86,6 @@ class RuleParameter:
             return f"{'<' if self.high_open else '<='} {_number(self.high)}"
         return ""
 
-    def parse(self, text: str) -> Any:
-        """``text`` (from a command line or an arm spec such as ``lisa:switch_interval=20``) as the parameter's type.
-
-        Raises:
-            ValueError: ``text`` is not of the parameter's type.
-        """
-        kind = self.kind
-        if kind is bool:
-            if text.lower() in ("true", "1", "yes"):
-                return True
-            if text.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError(f"{self.name}={text!r}: use true or false.")
-        try:
-            return kind(text)
-        except ValueError:
-            raise ValueError(f"{self.name}={text!r}: use {'an integer' if kind is int else 'a number'}.") from None
-
 
 @dataclass(frozen=True)
 class RuleTraits:
