@@ -233,7 +233,7 @@ def _train(argv: Sequence[str]) -> int:
     return 0
 
 
-COMPARE_KEYS = ("arms", "seeds", "out", "effect")  # `istune compare`'s own options (also YAML keys)
+COMPARE_KEYS = ("arms", "seeds", "out", "effect", "quarters_from")  # `istune compare`'s own options (also YAML keys)
 
 
 def _parse_compare(argv: Sequence[str]):
@@ -257,6 +257,8 @@ def _parse_compare(argv: Sequence[str]):
     parser.add_argument("--effect", type=float, default=0.05,
                         help="A difference in accuracy (0.05: 5 pp) for the report's seeds-needed column.")
     parser.add_argument("--report_only", action="store_true", help="Rebuild the report from the saved runs only.")
+    parser.add_argument("--quarters_from", help="Another comparison's folder whose quarter:1..4 arms give the layers' "
+                        "value for the report's mechanism section (e.g. a pilot on other seeds); default: these runs.")
     parser.add_argument("--config", help="YAML file of option defaults: `istune train` options and arms, seeds, "
                         "out, effect (flags given here override it).")
     from istune import rule_catalog
@@ -275,7 +277,7 @@ def _parse_compare(argv: Sequence[str]):
                             "NAME:field=value in --arms sets it for one arm.")
     if isinstance(values, dict) and values:
         text = {key: ",".join(map(str, value)) if isinstance(value, list) else str(value)
-                for key, value in values.items() if key in ("arms", "seeds", "out")}
+                for key, value in values.items() if key in ("arms", "seeds", "out", "quarters_from")}
         parser.set_defaults(**text, **({"effect": values["effect"]} if "effect" in values else {}),
                             **{key: str(values[key]) for key in parameters if key in values})
     own, rest = parser.parse_known_args(argv)
@@ -313,7 +315,7 @@ def _compare(argv: Sequence[str]) -> int:
 
         arms, seeds, *options = plan
         compare(arms, seeds, out, *options)
-    print(write_report(out, own.effect))
+    print(write_report(out, own.effect, own.quarters_from))
     print(f"istune compare: report in {out / 'results.md'}, curves in {out / 'curves.png'}")
     return 0
 

@@ -94,6 +94,28 @@ def test_mechanism_against_the_quarters(folder):
     assert "ist" in found["arms"] and "seeds" not in found["arms"]["random"]
 
 
+def test_the_quarters_value_can_come_from_another_comparison(folder, tmp_path):
+    """A comparison without the quarter arms (the oracle run on new seeds) reads the layers' value from a pilot's
+    folder: the same mechanism as when the quarters ran beside the rules."""
+    import shutil
+
+    rules = tmp_path / "rules"
+    (rules / "runs").mkdir(parents=True)
+    plan = json.loads((folder / COMPARE_FILE).read_text())
+    (rules / COMPARE_FILE).write_text(json.dumps({**plan, "arms": ["all", "random", "ist"]}))
+    for arm in ("all", "random", "ist"):
+        for seed in (1, 2, 3):
+            shutil.copytree(comparison_run_folder(folder, arm, seed), comparison_run_folder(rules, arm, seed))
+    assert build_report(rules)["mechanism"] is None
+    found = build_report(rules, quarters_from=folder)["mechanism"]
+    same = build_report(folder)["mechanism"]
+    assert found["quarter_value"] == same["quarter_value"] and found["arms"]["ist"] == same["arms"]["ist"]
+    assert found["quarters_from"] == str(folder)
+    assert f"the quarter arms' final accuracy (the runs in `{folder}`)" in write_report(rules, quarters_from=folder)
+    with pytest.raises(ValueError, match="--quarters_from=.*holds no istune compare runs"):
+        build_report(rules, quarters_from=tmp_path / "nowhere")
+
+
 def test_write_report_writes_the_three_files(folder):
     text = write_report(folder)
     assert (folder / "results.md").read_text() == "# istune compare\n\n" + text

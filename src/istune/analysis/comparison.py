@@ -83,19 +83,14 @@ def quarter_shares(shares: list[float]) -> list[float]:
     return [statistics.fmean(shares[i] for i in quarter_layers(q, len(shares))) for q in range(1, 5)]
 
 
-def build_report(out: str | Path, effect: float = 0.05) -> dict[str, Any]:
-    """The comparison's numbers from the runs saved in ``out`` (only arms and seeds with a complete run)."""
-    out = Path(out)
-    if not (out / COMPARE_FILE).is_file():
-        raise ValueError(f"--out={str(out)!r} holds no istune compare runs (no {COMPARE_FILE}); give the folder "
-                         "a comparison wrote, or run one there.")
-    plan = json.loads((out / COMPARE_FILE).read_text())
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for arm in plan["arms"]:
-        for seed in plan["seeds"]:
-            folder = comparison_run_folder(out, arm, seed)
-            if (folder / RESULTS_FILE).is_file():
-                runs.setdefault(arm, {})[seed] = read_run(folder)
+def build_report(out: str | Path, effect: float = 0.05, quarters_from: str | Path | None = None) -> dict[str, Any]:
+    """The comparison's numbers from the runs saved in ``out`` (only arms and seeds with a complete run).
+
+    Args:
+        quarters_from: another comparison's folder whose four ``quarter:K`` arms give the layers' value for the
+            mechanism section (a pilot that measured them on other seeds); default: this comparison's own.
+    """
+    plan, runs = _saved_runs(Path(out), "--out")
     if not runs:
         raise ValueError(f"{out} holds no complete run yet.")
     reference = runs.get("all")
@@ -137,16 +132,37 @@ def build_report(out: str | Path, effect: float = 0.05) -> dict[str, Any]:
                 pair[measure] = {"mean_ci95": mean_ci95(diffs), "sd": sd,
                                  "seeds_for_effect": seeds_for_power(sd, effect) if sd > 0 else 2}
             pairs.append(pair)
-    mechanism = layer_mechanism(runs)
+    mechanism = layer_mechanism(runs, _saved_runs(Path(quarters_from), "--quarters_from")[1] if quarters_from
+                                else None)
+    if mechanism is not None and quarters_from:
+        mechanism["quarters_from"] = str(quarters_from)
     metric = next(iter(next(iter(runs.values())).values()))["metric"]
     curves = {arm: {str(seed): {"steps": r["steps"], "accuracy": r["accuracy"]} for seed, r in by_seed.items()}
               for arm, by_seed in runs.items()}
     return {"metric": metric, "effect": effect, "all_final": target_base, "arms": arms, "pairs": pairs,
-            "mechanism": mechanism, "curves": curves, "settings": plan["settings"]}
+            "mechanism": mechanism, "quarters_from": str(quarters_from) if quarters_from else None,
+            "curves": curves, "settings": plan["settings"]}
 
 
-def layer_mechanism(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any] | None:
-    """How the rules' choices relate to the measured value of the layers, when the four quarter arms ran.
+def _saved_runs(out: Path, option: str) -> tuple[dict[str, Any], dict[str, dict[int, dict[str, Any]]]]:
+    """A comparison folder's plan (``compare.json``) and its complete runs, by arm and seed."""
+    if not (out / COMPARE_FILE).is_file():
+        raise ValueError(f"{option}={str(out)!r} holds no istune compare runs (no {COMPARE_FILE}); give the folder "
+                         "a comparison wrote, or run one there.")
+    plan = json.loads((out / COMPARE_FILE).read_text())
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for arm in plan["arms"]:
+        for seed in plan["seeds"]:
+            folder = comparison_run_folder(out, arm, seed)
+            if (folder / RESULTS_FILE).is_file():
+                runs.setdefault(arm, {})[seed] = read_run(folder)
+    return plan, runs
+
+
+def layer_mechanism(runs: dict[str, dict[int, dict[str, Any]]],
+                    quarter_runs: dict[str, dict[int, dict[str, Any]]] | None = None) -> dict[str, Any] | None:
+    """How the rules' choices relate to the measured value of the layers, when the four quarter arms ran (in
+    ``quarter_runs``, another comparison's runs, when given; else in ``runs``).
 
     The value of quarter k is the quarter:k arm's final accuracy (mean over its seeds). Per arm: Spearman's
     correlation of its selection share by quarter with those values. Per seed of an arm with importance
@@ -155,10 +171,11 @@ def layer_mechanism(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any
     the best quarter, and the first update step from which the best quarter stays first to the end.
     """
     quarter_arms = [f"quarter:{k}" for k in range(1, 5)]
-    if not all(arm in runs for arm in quarter_arms):
+    quarter_runs = runs if quarter_runs is None else quarter_runs
+    if not all(arm in quarter_runs for arm in quarter_arms):
         return None
-    layers = [next(iter(runs[arm].values()))["fixed_layers"] for arm in quarter_arms]
-    value = [statistics.fmean(r["final"] for r in runs[arm].values()) for arm in quarter_arms]
+    layers = [next(iter(quarter_runs[arm].values()))["fixed_layers"] for arm in quarter_arms]
+    value = [statistics.fmean(r["final"] for r in quarter_runs[arm].values()) for arm in quarter_arms]
     best = max(range(4), key=value.__getitem__)
     result: dict[str, Any] = {"quarter_layers": layers, "quarter_value": value, "best_quarter": best + 1,
                               "arms": {}}
@@ -229,7 +246,8 @@ def format_report(report: dict[str, Any]) -> str:
 
 def _format_mechanism(found: dict[str, Any]) -> list[str]:
     value = " / ".join(f"{100 * v:.1f}" for v in found["quarter_value"])
-    lines = [f"Layers that matter: the quarter arms' final accuracy, bottom → top: {value} % (best: quarter "
+    source = f" (the runs in `{found['quarters_from']}`)" if found.get("quarters_from") else ""
+    lines = [f"Layers that matter: the quarter arms' final accuracy{source}, bottom → top: {value} % (best: quarter "
              f"{found['best_quarter']}). Spearman ρ of each arm's selection share by quarter with those values:", "",
              "| arm | selected by quarter % | ρ |", "|---|---|---|"]
     for arm, entry in found["arms"].items():
@@ -295,10 +313,10 @@ def plot_curves(report: dict[str, Any], path: Path) -> Path:
     return save_figure(figure, path)
 
 
-def write_report(out: str | Path, effect: float = 0.05) -> str:
+def write_report(out: str | Path, effect: float = 0.05, quarters_from: str | Path | None = None) -> str:
     """Write ``results.md``, ``report.json`` and ``curves.png`` into ``out``; return the Markdown."""
     out = Path(out)
-    report = build_report(out, effect)
+    report = build_report(out, effect, quarters_from)
     text = format_report(report)
     write_json(out / "report.json", report)
     write_text(out / "results.md", "# istune compare\n\n" + text)
