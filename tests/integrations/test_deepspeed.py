@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from istune import ISTConfig
 from istune.core.layers import find_adapter_layers
 from istune.core.tuner import build_rule
-from istune.integrations import deepspeed
+from istune.integrations import deepspeed, step_guard
 from istune.integrations.trainer_checks import check_trainer_setup
 
 from ..tiny_models import peft_model, tiny_model
@@ -269,7 +269,7 @@ def test_unselected_groups_get_no_step_and_no_state_even_with_zero_gradients():
 
 def test_skipped_steps_warn_and_stop_training_after_the_limit(caplog):
     engine = SimpleNamespace(skipped_steps=0)
-    counter = deepspeed.SkippedSteps(limit=3)
+    counter = step_guard.SkippedSteps(limit=3)
     counter.observe(engine, 1)
     engine.skipped_steps += 1
     counter.observe(engine, 2)

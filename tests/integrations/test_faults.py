@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback
 
 import istune
 from istune import ISTCallback, ISTConfig, SparseTuner
-from istune.integrations import hf
+from istune.integrations import step_guard
 
 from ..tiny_models import peft_model, tiny_model
 from .test_hf import NUM_LAYERS, TokenDataset, _args, _trainer
@@ -220,7 +220,7 @@ def _zero_loss_at(trainer, step):
 
 
 def test_nan_losses_in_a_row_stop_training_with_finite_adapters(tmp_path):
-    limit = hf.MAX_NON_FINITE_STEPS
+    limit = step_guard.MAX_NON_FINITE_STEPS
     ist, trainer = _nan_trainer(tmp_path, set(range(1, 100)), max_steps=limit + 5)
     with pytest.raises(FloatingPointError, match=f"{limit} steps in a row \\(limit {limit}\\), training stopped"):
         trainer.train()

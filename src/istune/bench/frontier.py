@@ -268,7 +268,7 @@ def measure_time(rows: list[Row], size: Size, steps: int, rounds: int, progress:
                     if not (probes and step % PROBE_INTERVAL == 0):
                         plain[row.key].append(seconds)
                 if probes:  # one importance update (N_c probe forwards), timed on its own
-                    ist = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ISTCallback))
+                    ist = trainer.pop_callback(ISTCallback)
                     start = clock()
                     ist.tuner.update_importance(ist.sampler())
                     updates[row.key].append(clock() - start)

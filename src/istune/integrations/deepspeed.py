@@ -26,8 +26,8 @@ So, under DeepSpeed, :func:`prepare_trainer` (called by :func:`istune.add_ist`):
 * replaces the NaN/inf guard: accelerate runs the engine's step inside ``backward``, before
   ``on_pre_optimizer_step``, and ZeRO keeps gradients in its partitions, not in ``.grad``. ZeRO
   itself skips a step whose global gradient norm is not finite (fp32, and bf16 with
-  ``check_grad_overflow``, the default); :class:`SkippedSteps` counts the engine's skipped steps
-  and stops training after ten in a row.
+  ``check_grad_overflow``, the default); :class:`istune.integrations.step_guard.SkippedSteps`
+  counts the engine's skipped steps and stops training after ten in a row.
 
 Refused before training (:func:`check_deepspeed_config`, :func:`check_ist_options`): an optimizer
 in the DeepSpeed config, ZeRO stages other than 2 and 3, parameter or optimizer offload, and
@@ -46,6 +46,7 @@ from istune.core.checks import check_optimizer_holds
 from istune.core.layers import AdapterLayer, find_adapter_layers
 from istune.core.selection import SelectionRule
 from istune.core.tuner import build_rule
+from istune.integrations import trainer_internals
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +56,14 @@ TESTED_STAGES = (2, 3)
 
 def is_deepspeed(args=None, trainer=None, accelerator_state=None) -> bool:
     """True when the Trainer trains (or will train) through a DeepSpeed engine."""
-    return bool(getattr(trainer, "is_deepspeed_enabled", False) or getattr(args, "deepspeed", None)
+    return bool(trainer_internals.is_deepspeed_enabled(trainer) or getattr(args, "deepspeed", None)
                 or getattr(args, "deepspeed_plugin", None) is not None  # also set by accelerate's config file
                 or getattr(accelerator_state, "deepspeed_plugin", None) is not None)
 
 
 def deepspeed_config(trainer) -> dict:
     """The DeepSpeed configuration the Trainer's engine is (to be) built with ({} when unknown)."""
-    plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
+    plugin = getattr(trainer_internals.accelerator_state(trainer), "deepspeed_plugin", None)
     if plugin is None:
         plugin = getattr(trainer.args, "deepspeed_plugin", None)
     return dict(getattr(plugin, "deepspeed_config", None) or {})
@@ -179,48 +180,6 @@ class UnselectedGroupsSkipped:
             handle.remove()
 
 
-class SkippedSteps:
-    """Counts the steps the DeepSpeed engine skipped (NaN/inf gradient norm); stops after ``limit`` in a row.
-
-    Args:
-        limit: skipped steps in a row after which :meth:`observe` raises ``FloatingPointError``.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.in_a_row = 0
-        self.since_report = 0
-        self._seen: int | None = None
-
-    def observe(self, engine, step: int) -> None:
-        """Read ``engine.skipped_steps`` after an optimizer step (a host integer: no synchronisation).
-
-        Raises:
-            FloatingPointError: ``limit`` skipped steps in a row.
-        """
-        skipped = int(getattr(engine, "skipped_steps", 0))
-        if self._seen is None:
-            self._seen = skipped
-            skipped_now = False
-        else:
-            skipped_now, self._seen = skipped > self._seen, skipped
-        self.in_a_row = self.in_a_row + 1 if skipped_now else 0
-        self.since_report += int(skipped_now)
-        if self.in_a_row >= self.limit:
-            raise FloatingPointError(
-                f"IST under DeepSpeed: the engine skipped {self.in_a_row} optimizer steps in a row up to step {step} "
-                f"(limit {self.limit}) because the gradient norm was NaN or inf; training stopped. Check the data "
-                "(e.g. a batch whose labels are all -100) and the learning rate. The adapters are finite: DeepSpeed "
-                "applied none of those steps.")
-
-    def report(self, step: int) -> None:
-        """Warn once per log about the steps skipped since the last report."""
-        if self.since_report:
-            logger.warning("IST under DeepSpeed: %d optimizer step(s) up to step %d skipped by DeepSpeed (NaN/inf "
-                           "gradient norm); the adapters never saw them.", self.since_report, step)
-            self.since_report = 0
-
-
 def prepare_trainer(trainer, config: ISTConfig, rule: SelectionRule | None,
                     selected: Callable[[], Iterable[int] | None]) -> None:
     """Make ``trainer`` build its optimizer per layer and skip the unselected layers' groups (once per Trainer).
@@ -236,20 +195,19 @@ def prepare_trainer(trainer, config: ISTConfig, rule: SelectionRule | None,
     """
     check_deepspeed_config(deepspeed_config(trainer))
     check_ist_options(config, rule if rule is not None else build_rule(config))
-    create = trainer.create_optimizer
-    if getattr(create, "_istune_per_layer", False):
-        return
 
-    def create_optimizer_per_layer(*args, **kwargs):
-        optimizer = create(*args, **kwargs)  # the Trainer's, or the one it was given (Trainer(optimizers=...))
-        if _split_optimizer(optimizer) is None:  # a second train() may get the first one's back, wrapped
-            split_param_groups_by_layer(optimizer, find_adapter_layers(trainer.model, config.layers_path))
-            UnselectedGroupsSkipped(optimizer, selected)
-            optimizer._istune_per_layer = True
-        return optimizer
+    def per_layer(create):
+        def create_optimizer_per_layer(*args, **kwargs):
+            optimizer = create(*args, **kwargs)  # the Trainer's, or the one it was given (Trainer(optimizers=...))
+            if _split_optimizer(optimizer) is None:  # a second train() may get the first one's back, wrapped
+                split_param_groups_by_layer(optimizer, find_adapter_layers(trainer.model, config.layers_path))
+                UnselectedGroupsSkipped(optimizer, selected)
+                optimizer._istune_per_layer = True
+            return optimizer
 
-    create_optimizer_per_layer._istune_per_layer = True
-    trainer.create_optimizer = create_optimizer_per_layer
+        return create_optimizer_per_layer
+
+    trainer_internals.replace_method(trainer, trainer_internals.CREATE_OPTIMIZER, per_layer)
 
 
 def check_optimizer_split(trainer) -> None:

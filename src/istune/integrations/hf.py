@@ -26,39 +26,35 @@ the IST state into the TrainerState that every checkpoint saves.
 
 ``on_train_begin`` checks the setup before any step (:mod:`istune.integrations.trainer_checks`:
 DDP settings, FSDP2 and DeepSpeed ZeRO-2/3 allowed, FSDP1 refused, torch.compile warned about) and the probe data.
+
+The callback keeps the events and hands each job to one collaborator, each in its module of
+``istune.integrations``: the IST metrics of each log (``metrics``), the state in checkpoints and the
+JSONL log (``ist_state``), the gradients before the optimizer step (``step_guard``), the probe batches
+(``probe_batches``), the setup checks (``trainer_checks``), checkpoints under FSDP2 and DeepSpeed
+(``sharded_checkpoints``), DeepSpeed's optimizer (``deepspeed``). Every part of the Trainer they touch
+beyond the events is listed in one table, :mod:`istune.integrations.trainer_internals`.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Mapping
-from pathlib import Path
-
 import torch
-from accelerate import state as accelerate_state
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_callback import CallbackHandler
 
 from istune.config import ISTConfig
-from istune.core import distributed, sharding
-from istune.core.layers import trainable_outside_layers
-from istune.core.non_finite import NonFiniteSteps
-from istune.core.probe import ProbeSampler, default_loss, preserved_global_rng
+from istune.core import sharding
+from istune.core.probe import ProbeSampler
 from istune.core.selection import SelectionRule
 from istune.core.tuner import SparseTuner
-from istune.integrations import adalora, deepspeed, sharded_checkpoints
-from istune.integrations.console import console_logs, use_readable_console
-from istune.integrations.ist_state import STATE_KEY, append_events, export_state, restore_state, truncate_log
-from istune.integrations.trainer_checks import check_trainer_setup, fsdp_version
-from istune.io import write_text
-
-logger = logging.getLogger(__name__)
+from istune.integrations import adalora, deepspeed, sharded_checkpoints, trainer_internals
+from istune.integrations.console import use_readable_console
+from istune.integrations.ist_state import HISTORY_FLUSH_EVENTS, STATE_KEY, RunRecord
+from istune.integrations.metrics import LogMetrics
+from istune.integrations.probe_batches import probe_loss, probe_sampler
+from istune.integrations.step_guard import StepGuard
+from istune.integrations.trainer_checks import check_trainer_setup
 
 LOG_FILE = "ist_log.jsonl"
-MAX_NON_FINITE_STEPS = 10  # consecutive optimizer steps with NaN/inf gradients before training stops
-HISTORY_FLUSH_EVENTS = 64  # selection and probe events kept in memory before they are appended to the log
 
 
 def add_ist(trainer, config: ISTConfig | None = None, **options) -> ISTCallback:
@@ -85,12 +81,13 @@ def add_ist(trainer, config: ISTConfig | None = None, **options) -> ISTCallback:
         >>> ist = add_ist(trainer, ISTConfig())
         >>> trainer.train()
     """
-    if any(isinstance(callback, ISTCallback) for callback in trainer.callback_handler.callbacks):
+    handler = trainer_internals.callback_handler(trainer)
+    if any(isinstance(callback, ISTCallback) for callback in handler.callbacks):
         raise ValueError("add_ist(trainer): this Trainer already has an ISTCallback; two would fight over the "
                          "adapters. Remove it (trainer.pop_callback(ISTCallback)) or do not call add_ist.")
     callback = ISTCallback(config, trainer=trainer, **options)
     trainer.add_callback(callback)
-    callback._take_place(trainer.callback_handler)
+    callback._take_place(handler)
     return callback
 
 
@@ -138,20 +135,12 @@ class ISTCallback(TrainerCallback):
         self.readable_console = readable_console
         self.trainer = None
         self.tuner: SparseTuner | None = None
-        self.sampler: ProbeSampler | None = None
-        self._selection_counts: torch.Tensor | None = None
-        self._steps_since_log = 0
-        self._last_probe: dict | None = None
-        self._log_path: str | None = None
-        self._sharded_optimizer = None  # under FSDP2: the optimizer whose per-layer state checkpoints record
-        self._non_finite = NonFiniteSteps(MAX_NON_FINITE_STEPS)
-        self._deepspeed_engine = None  # under DeepSpeed: the engine, whose skipped steps replace the NaN guard
-        self._skipped_steps = deepspeed.SkippedSteps(MAX_NON_FINITE_STEPS)
-        self._outside_parameters: list = []
+        self.sampler: ProbeSampler | None = None  # for the rules that probe or measure
+        self.metrics = LogMetrics()  # the IST metrics of each log
+        self.record = RunRecord()  # the IST state in checkpoints, the JSONL log
+        self.guard = StepGuard()  # the gradients before the optimizer step: NaN/inf, fp16 scale
         self._adalora = False
         self._before_reporters = False  # runs right after DefaultFlowCallback, the Trainer's printers swapped
-        self._warned_about_reporters = False
-        self._warned_about_scaled_norms = False
         if trainer is not None:
             self._attach(trainer)
 
@@ -183,17 +172,11 @@ class ISTCallback(TrainerCallback):
         """Run right after DefaultFlowCallback, before the reporters; swap the printers for readable ones.
 
         The Trainer lists its reporters (TensorBoard, W&B, ...) before the callbacks it is given, so
-        the metrics ``on_log`` adds would never reach them. Moving to an earlier position during an
-        event (``on_train_begin``) keeps the handler's ongoing iteration intact: later callbacks keep
-        their index. Nothing happens while this callback is not in ``handler``'s list.
+        the metrics ``on_log`` adds would never reach them. Nothing happens while this callback is not
+        in ``handler``'s list.
         """
-        callbacks = handler.callbacks
-        if not any(callback is self for callback in callbacks):
+        if not trainer_internals.run_after_default_flow(handler, self):
             return
-        first = next((i + 1 for i, callback in enumerate(callbacks) if isinstance(callback, DefaultFlowCallback)), 0)
-        if callbacks.index(self) > first:
-            callbacks.remove(self)
-            callbacks.insert(first, self)
         if self.readable_console:
             use_readable_console(handler)
         self._before_reporters = True
@@ -204,97 +187,37 @@ class ISTCallback(TrainerCallback):
         self._check_setup(args, model)
         if self.tuner is not None:
             self.tuner.close()
-        loss_fn = _probe_loss(args, next(model.parameters()).device)
         under_deepspeed = self.trainer is not None and deepspeed.is_deepspeed(args, self.trainer)
         # ZeRO's optimizer holds flat partitions, not the parameters: the split per layer checked they are all in it.
         self.tuner = SparseTuner(model, self.config, optimizer=None if under_deepspeed else optimizer,
-                                 loss_fn=loss_fn, rule=self.rule)
-        self._deepspeed_engine = self.trainer.model_wrapped if under_deepspeed else None
-        self._skipped_steps = deepspeed.SkippedSteps(MAX_NON_FINITE_STEPS)
-        self._sharded_optimizer = optimizer if sharding.is_fsdp2(model) else None
+                                 loss_fn=probe_loss(args, next(model.parameters()).device), rule=self.rule)
         if self.tuner.uses_probe_batches:  # IST's probes, or a rule that may measure ('owlore', 'gradnorm', ...)
-            self.sampler = self._probe_sampler(args, train_dataloader)
+            self.sampler = probe_sampler(self.config, self.probe_dataset, args, train_dataloader)
             self.tuner.probe_batches = self.sampler
-        self._selection_counts = torch.zeros(self.tuner.num_layers)
-        self._steps_since_log = 0
-        self._non_finite = NonFiniteSteps(MAX_NON_FINITE_STEPS)
-        self._outside_parameters = list(trainable_outside_layers(model, self.tuner.layers).values())
+        self.guard.start(model, self.tuner, trainer_internals.wrapped_model(self.trainer) if under_deepspeed else None)
+        self.metrics.start(self.tuner.num_layers)
         self._adalora = adalora.is_adalora(model)
-        if state.global_step > 0:
-            restore_state(state, self.tuner, self.sampler)
-        self._log_path = os.path.join(args.output_dir, self.log_file) if state.is_world_process_zero else None
-        if self._log_path:
-            truncate_log(self._log_path, keep_until_step=state.global_step)
+        self.record.start(args, state, self.log_file, self.tuner, self.sampler,
+                          sharded_optimizer=optimizer if sharding.is_fsdp2(model) else None)
 
     def _check_setup(self, args, model) -> None:
         """Take this callback's place in the Trainer's list when it has the Trainer; refuse what IST cannot train."""
         if self.trainer is not None:
-            self._take_place(self.trainer.callback_handler)
+            self._take_place(trainer_internals.callback_handler(self.trainer))
             check_trainer_setup(args, model, self.trainer)
             return
-        # Without the Trainer: accelerate's state is shared by every Accelerator of the process, the Trainer's too.
-        accelerator = accelerate_state.AcceleratorState() if accelerate_state.is_initialized() else None
-        check_trainer_setup(args, model, accelerator_state=accelerator)
-        if fsdp_version(args, model, accelerator_state=accelerator) == 2 and _saves_checkpoints(args):
-            raise ValueError(
-                f"ISTCallback under FSDP2 with save_strategy={_value(args.save_strategy)!r} needs the Trainer: every "
-                "adapter must be trainable while a checkpoint is saved (FSDP2 saves only trainable parameters), and "
-                "transformers hands callbacks no Trainer. Add IST after building the Trainer with "
-                "istune.add_ist(trainer, config) instead of Trainer(callbacks=[ISTCallback(config)]), or pass "
-                "save_strategy='no'.")
-        if args.report_to and not self._warned_about_reporters:
-            self._warned_about_reporters = True
-            logger.warning(
-                "IST metrics (ist/importance/*, ist/selected/*, ist/probe_loss) will not reach the reporters %s: the "
-                "Trainer calls them before the callbacks given in Trainer(callbacks=[...]) and hands callbacks no "
-                "Trainer to change that. Add IST with istune.add_ist(trainer, config) after building the Trainer. "
-                "The metrics are in trainer.state.log_history and %s either way.", list(args.report_to), self.log_file)
-
-    def _probe_sampler(self, args, train_dataloader) -> ProbeSampler:
-        dataset = self.probe_dataset if self.probe_dataset is not None else train_dataloader.dataset
-        batch_size = self.config.probe_batch_size or args.per_device_train_batch_size
-        # Each rank probes its own batches; SparseTuner averages the losses over ranks.
-        seed = self.config.seed + 1 + distributed.rank()
-        sampler = ProbeSampler(dataset, train_dataloader.collate_fn, batch_size, seed)
-        _check_probe_batch(sampler)
-        return sampler
+        check_trainer_setup(args, model, accelerator_state=trainer_internals.shared_accelerator_state())
+        self.metrics.warn_reporters_miss_them(args.report_to, self.log_file)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        selected = self.tuner.begin_step()
-        self._selection_counts[selected] += 1
-        self._steps_since_log += 1
+        self.metrics.count(self.tuner.begin_step())
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.tuner.rule.wants_gradients and args.fp16 and not (args.max_grad_norm and args.max_grad_norm > 0):
-            self._unscale_gradients()
+        self.guard.unscale_for_gradient_rule(args, self.tuner, self.trainer)
         # A rule that learns from gradients reads the trained layers' norms (nothing happens for other rules). Before
         # the zeroing below: a NaN/inf step shows non-finite norms here and goes unreported; after, it would read 0.
         self.tuner.before_optimizer_step()
-        # A NaN/inf gradient would make every trained adapter NaN. fp16's GradScaler skips such steps itself, and
-        # DeepSpeed has stepped already (inside backward) and skips them too: on_step_end counts its skipped steps.
-        if args.fp16 or self._deepspeed_engine is not None:
-            return
-        gradients = [p.grad for layer in self.tuner.layers for p in layer.parameters if p.grad is not None]
-        gradients += [p.grad for p in self._outside_parameters if p.grad is not None]
-        if gradients:
-            self._non_finite.zero_step_if_non_finite(gradients, state.global_step + 1)
-
-    def _unscale_gradients(self) -> None:
-        """fp16 without clipping: the Trainer unscales the gradients only to clip them, so before the optimizer
-        step they are still multiplied by the loss scale, and a rule that learns from gradient norms would read
-        scaled ones. Unscale them here, as clipping would (the scaler's step then skips its own unscale: the
-        same update). DeepSpeed keeps its own scaler and gradients, and refuses gradient rules."""
-        if self._deepspeed_engine is not None:
-            return
-        if self.trainer is None:
-            if not self._warned_about_scaled_norms:
-                logger.warning("IST: rule %r reads gradient norms under fp16 without clipping, and this callback was "
-                               "not given the Trainer (add_ist(trainer, config) gives it), so it cannot unscale "
-                               "them: the norms it sees are multiplied by the loss scale. Use add_ist, or set "
-                               "max_grad_norm > 0.", self.tuner.rule_name)
-                self._warned_about_scaled_norms = True
-            return
-        self.trainer.accelerator.unscale_gradients()
+        self.guard.zero_step_if_non_finite(args, state, self.tuner)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # AdaLoRA reallocates ranks after backward and before zero_grad; the Trainer never calls it.
@@ -302,94 +225,33 @@ class ISTCallback(TrainerCallback):
             adalora.update_and_allocate(model, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._deepspeed_engine is not None:
-            self._skipped_steps.observe(self._deepspeed_engine, state.global_step)
-        record = self.tuner.end_step()
-        if record is not None:
-            self._last_probe = record
+        self.guard.after_step(state.global_step)  # under DeepSpeed: the engine's skipped steps
+        self.metrics.probe_done(self.tuner.end_step())
         # The Trainer reads the loss from the device when it logs or saves, right after this event: only then are
         # the NaN counters read (no extra host-device synchronisation), the log written, the state exported.
         due = control.should_log or control.should_save or control.should_training_stop \
             or state.global_step >= state.max_steps
         if due or len(self.tuner.history) >= HISTORY_FLUSH_EVENTS:
-            self._flush_history()
+            self.record.flush(self.tuner)
         if due:
-            self._non_finite.report(state.global_step)
-            self._skipped_steps.report(state.global_step)
-            state.stateful_callbacks[STATE_KEY] = export_state(self.tuner, self.sampler, self._sharded_optimizer)
+            self.guard.report(state.global_step)
+            self.record.save(state, self.tuner, self.sampler)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if control.should_save:  # save_strategy="epoch": the checkpoint follows this event
-            self._flush_history()
-            state.stateful_callbacks[STATE_KEY] = export_state(self.tuner, self.sampler, self._sharded_optimizer)
+            self.record.flush(self.tuner)
+            self.record.save(state, self.tuner, self.sampler)
 
     def on_save(self, args, state, control, **kwargs):
-        # The IST state is in the checkpoint's trainer_state.json; add the selection log up to this step.
-        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if self._log_path and os.path.exists(self._log_path) and os.path.isdir(checkpoint):
-            write_text(os.path.join(checkpoint, self.log_file), Path(self._log_path).read_text(encoding="utf-8"))
+        self.record.copy_log_into_checkpoint(args, state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.tuner is None or logs is None or "loss" not in logs:
             return
-        if self.tuner.rule.trains_all_layers or self.tuner.rule.trains_given_layers:
-            return  # 'all' and 'fixed' have nothing that changes to report
-        metrics = {}
-        if self.tuner.rule.runs_importance_probes:
-            metrics.update({f"ist/importance/layer_{i:02d}": float(v) for i, v in enumerate(self.tuner.importance)})
-        rates = self._selection_counts / max(self._steps_since_log, 1)
-        metrics.update({f"ist/selected/layer_{i:02d}": float(v) for i, v in enumerate(rates)})
-        if self._last_probe is not None:
-            metrics["ist/probe_loss"] = sum(self._last_probe["losses"]) / len(self._last_probe["losses"])
-        self._selection_counts.zero_()
-        self._steps_since_log = 0
         # Before the reporters, the full series; else only the printers follow, and they get the short line.
-        logs.update(metrics if self._before_reporters or not self.readable_console else console_logs(metrics))
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(metrics)
+        self.metrics.add_to(logs, state, self.tuner, short=self.readable_console and not self._before_reporters)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.tuner is not None:
-            self._flush_history()
+            self.record.flush(self.tuner)
             self.tuner.close()
-
-    def _flush_history(self) -> None:
-        events, self.tuner.history = self.tuner.history, []
-        if self._log_path:
-            append_events(self._log_path, events)
-
-
-def _check_probe_batch(sampler: ProbeSampler) -> None:
-    """Collate one probe example now, so bad data fails before training rather than at the first probe."""
-    try:
-        with preserved_global_rng():
-            batch = sampler.collate_fn([sampler.dataset[0]])
-    except Exception as error:  # re-raised with what IST was doing; the original stays attached
-        raise ValueError(f"IST cannot build a probe batch from the probe dataset ({type(error).__name__}: {error}). "
-                         "Probe batches are collated like training batches: check the dataset's examples, or pass "
-                         "ISTCallback(probe_dataset=...).") from error
-    if not isinstance(batch, Mapping) or "labels" not in batch:
-        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-        raise ValueError(f"IST's probe batches need 'labels' (the training loss); the collator gave {keys}. Use a "
-                         "collator that adds labels (e.g. DataCollatorForLanguageModeling(mlm=False)).")
-
-
-def _probe_loss(args, device: torch.device):
-    """The probe loss under the autocast the Trainer trains with (bf16, or fp16 off the CPU)."""
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 and device.type != "cpu" else None
-    if dtype is None:
-        return default_loss
-
-    def loss(model, batch):
-        with torch.autocast(device.type, dtype=dtype):
-            return default_loss(model, batch)
-
-    return loss
-
-
-def _value(option) -> str:
-    return str(getattr(option, "value", option))
-
-
-def _saves_checkpoints(args) -> bool:
-    return _value(getattr(args, "save_strategy", "no")) != "no"

@@ -5,7 +5,8 @@ The state (importance, RNG states, step, selection, the selection rule's state) 
 ``trainer_state.json`` holds it and a resumed run continues exactly. The log has one JSON line per
 selection and per probe, and per measurement a rule asked for ("measure": outlier ratios, gradient
 norms, probe losses; "gradients": the norms a gradient rule was told); on resume it keeps the events
-of the steps already trained.
+of the steps already trained. :class:`RunRecord` does both for the callback; the functions below it
+are its parts.
 """
 
 from __future__ import annotations
@@ -14,18 +15,60 @@ import base64
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 
 from istune.core.probe import ProbeSampler
 from istune.core.tuner import SparseTuner
-from istune.integrations import sharded_checkpoints
+from istune.integrations import sharded_checkpoints, trainer_internals
 from istune.io import write_text
 
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "istune"  # key of the IST state inside TrainerState.stateful_callbacks (saved with every checkpoint)
 BEFORE_THE_STEP = ("select", "measure", "gradients")  # events recorded before the step they belong to had run
+HISTORY_FLUSH_EVENTS = 64  # selection and probe events kept in memory before they are appended to the log
+
+
+class RunRecord:
+    """One training run's record: the IST state in the ``TrainerState`` and the JSON-lines log.
+
+    Only the main process writes the log (:attr:`path` is None on the other ranks, and before training).
+    """
+
+    def __init__(self):
+        self.path: str | None = None
+        self.log_file: str | None = None
+        self.sharded_optimizer = None  # under FSDP2: the optimizer whose per-layer state checkpoints record
+
+    def start(self, args, state, log_file: str, tuner: SparseTuner, sampler: ProbeSampler | None,
+              sharded_optimizer=None) -> None:
+        """Continue ``tuner`` and ``sampler`` from the resumed state, and start the log (on resume: keep the steps
+        already trained)."""
+        self.sharded_optimizer = sharded_optimizer
+        if state.global_step > 0:
+            restore_state(state, tuner, sampler)
+        self.log_file = log_file
+        self.path = os.path.join(args.output_dir, log_file) if state.is_world_process_zero else None
+        if self.path:
+            truncate_log(self.path, keep_until_step=state.global_step)
+
+    def flush(self, tuner: SparseTuner) -> None:
+        """Append the tuner's events to the log, and clear them."""
+        events, tuner.history = tuner.history, []
+        if self.path:
+            append_events(self.path, events)
+
+    def save(self, state, tuner: SparseTuner, sampler: ProbeSampler | None) -> None:
+        """Put the IST state into ``state`` (``TrainerState``): the next checkpoint saves it."""
+        state.stateful_callbacks[STATE_KEY] = export_state(tuner, sampler, self.sharded_optimizer)
+
+    def copy_log_into_checkpoint(self, args, state) -> None:
+        """Add the log up to this step to the checkpoint the Trainer just saved (its state holds the IST state)."""
+        checkpoint = trainer_internals.checkpoint_folder(args.output_dir, state.global_step)
+        if self.path and os.path.exists(self.path) and os.path.isdir(checkpoint):
+            write_text(os.path.join(checkpoint, self.log_file), Path(self.path).read_text(encoding="utf-8"))
 
 
 def export_state(tuner: SparseTuner, sampler: ProbeSampler | None = None, sharded_optimizer=None) -> dict:

@@ -20,7 +20,6 @@ step (:func:`layers_with_optimizer_state`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from istune.core.layers import AdapterLayer, find_adapter_layers
-from istune.integrations import deepspeed
+from istune.integrations import deepspeed, trainer_internals
 from istune.integrations.trainer_checks import fsdp_version
 
 logger = logging.getLogger(__name__)
@@ -53,31 +52,31 @@ def guard_checkpoints(trainer, state_key: str, current_layers: Callable[[], list
         current_layers: returns the tuner's layers while training (None before).
         layers_path: ``ISTConfig.layers_path``, to find the tuner's layers before it exists.
     """
-    save, load = (getattr(trainer, name, None) for name in ("_save_checkpoint", "_load_optimizer_and_scheduler"))
-    if save is None or load is None:
+    if not trainer_internals.has_methods(trainer, trainer_internals.SAVE_CHECKPOINT, trainer_internals.LOAD_OPTIMIZER):
         logger.warning("IST: this transformers version has no Trainer._save_checkpoint/_load_optimizer_and_scheduler;"
                        " FSDP2 checkpoints may miss the adapters frozen at the step they are saved.")
         return
-    if getattr(save, "_istune_guard", False):
-        return
 
-    @functools.wraps(save)
-    def save_with_every_adapter(*args, **kwargs):  # DeepSpeed too: it saves a peft model without frozen parameters
-        layers = current_layers() if _is_fsdp2(trainer) or deepspeed.is_deepspeed(trainer=trainer) else None
-        with _trainable(layers, lambda position: True) if layers else contextlib.nullcontext():
-            return save(*args, **kwargs)
+    def with_every_adapter(save):
+        def save_with_every_adapter(*args, **kwargs):  # DeepSpeed too: it saves a peft model without frozen parameters
+            layers = current_layers() if _is_fsdp2(trainer) or deepspeed.is_deepspeed(trainer=trainer) else None
+            with _trainable(layers, lambda position: True) if layers else contextlib.nullcontext():
+                return save(*args, **kwargs)
 
-    @functools.wraps(load)
-    def load_with_saved_state(checkpoint):
-        saved = _saved_layers(checkpoint, state_key) if _is_fsdp2(trainer) else None
-        if saved is None:
-            return load(checkpoint)
-        with _trainable(find_adapter_layers(trainer.model, layers_path), saved.__contains__):
-            return load(checkpoint)
+        return save_with_every_adapter
 
-    save_with_every_adapter._istune_guard = True
-    trainer._save_checkpoint = save_with_every_adapter
-    trainer._load_optimizer_and_scheduler = load_with_saved_state
+    def with_saved_state(load):
+        def load_with_saved_state(checkpoint):
+            saved = _saved_layers(checkpoint, state_key) if _is_fsdp2(trainer) else None
+            if saved is None:
+                return load(checkpoint)
+            with _trainable(find_adapter_layers(trainer.model, layers_path), saved.__contains__):
+                return load(checkpoint)
+
+        return load_with_saved_state
+
+    trainer_internals.replace_method(trainer, trainer_internals.SAVE_CHECKPOINT, with_every_adapter)
+    trainer_internals.replace_method(trainer, trainer_internals.LOAD_OPTIMIZER, with_saved_state)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ DDP with ``ddp_static_graph=True``                       ValueError
 DDP + reentrant activation checkpointing                 ValueError: use ``use_reentrant=False``
 FSDP2 (``fsdp_config={'version': 2}``, the accelerate    works: per-parameter freezing, probes on the sharded
 config file configs/accelerate/fsdp2.yaml)               model, checkpoints with every adapter, exact resume
+FSDP2 without the Trainer (``callbacks=[...]``), saving  ValueError: use ``add_ist``, or ``save_strategy='no'``
 FSDP2 + full layers with strategy 'ist'                  NotImplementedError (from SparseTuner): use 'random'
 FSDP2 + ``unselected_optimizer_state='offload'`` (GPU)   NotImplementedError (from SparseTuner): 'drop' or FSDP2's
                                                          own cpu_offload
@@ -33,7 +34,7 @@ from transformers import PreTrainedModel
 from istune.core import distributed, sharding
 from istune.core.checkpointing import uses_reentrant_checkpointing
 from istune.core.checks import refuse_reentrant_checkpointing_under_ddp
-from istune.integrations import deepspeed
+from istune.integrations import deepspeed, trainer_internals
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def check_trainer_setup(args, model: nn.Module, trainer=None, accelerator_state=
     Raises:
         NotImplementedError: FSDP1, DTensor parameters outside FSDP2 (tensor parallelism), or a DeepSpeed
             setting IST cannot keep exact.
-        ValueError: a DDP setup that would fail or train the wrong parameters; DeepSpeed without the Trainer.
+        ValueError: a DDP setup that would fail or train the wrong parameters; DeepSpeed without the Trainer;
+            FSDP2 with checkpoint saving without the Trainer.
     """
     engine = _check_sharding(args, model, trainer, accelerator_state)
     # FSDP2 reduces only the gradients that exist, DeepSpeed is checked by its own module: no DDP to check.
@@ -66,6 +68,13 @@ def check_trainer_setup(args, model: nn.Module, trainer=None, accelerator_state=
             "for every new layer selection until torch._dynamo's recompile limit (8), then runs uncompiled. Results "
             "are correct but expect no speed-up; istune does not support torch.compile."
         )
+    if trainer is None and engine == "fsdp2" and _value(getattr(args, "save_strategy", "no")) != "no":
+        raise ValueError(
+            f"ISTCallback under FSDP2 with save_strategy={_value(args.save_strategy)!r} needs the Trainer: every "
+            "adapter must be trainable while a checkpoint is saved (FSDP2 saves only trainable parameters), and "
+            "transformers hands callbacks no Trainer. Add IST after building the Trainer with "
+            "istune.add_ist(trainer, config) instead of Trainer(callbacks=[ISTCallback(config)]), or pass "
+            "save_strategy='no'.")
 
 
 def _check_sharding(args, model: nn.Module, trainer, accelerator_state=None) -> str | None:
@@ -118,21 +127,25 @@ def fsdp_version(args, model: nn.Module, trainer=None, accelerator_state=None) -
     wrapped = sharding.wrapped_fsdp_version(model)
     if wrapped is not None:
         return wrapped
-    if state is None and (getattr(trainer, "is_fsdp_enabled", False) or getattr(args, "fsdp", None)):
+    if state is None and (trainer_internals.is_fsdp_enabled(trainer) or getattr(args, "fsdp", None)):
         config = getattr(args, "fsdp_config", None) or {}
         return int(config.get("version", config.get("fsdp_version", 2)))  # transformers 5's default is FSDP2
     return None
 
 
+def _value(option) -> str:
+    return str(getattr(option, "value", option))
+
+
 def _accelerator_state(trainer, accelerator_state):
     if accelerator_state is not None:
         return accelerator_state
-    return getattr(getattr(trainer, "accelerator", None), "state", None)
+    return trainer_internals.accelerator_state(trainer)
 
 
 def _check_ddp(args, model: nn.Module, trainer) -> None:
     """Check the Trainer's DDP wrapper; without the Trainer, the settings it builds the wrapper from."""
-    wrapper = _find_ddp(getattr(trainer, "model_wrapped", None))
+    wrapper = _find_ddp(trainer_internals.wrapped_model(trainer))
     if wrapper is not None:
         distributed.check_ddp(wrapper)
     else:
