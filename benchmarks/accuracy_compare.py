@@ -73,7 +73,7 @@ from istune.eval.loss import heldout_loss
 from istune.integrations.hf import LOG_FILE
 from istune.io import git_commit, repo_relative, write_text
 from istune.models import load_model_and_tokenizer
-from istune.options import parse_list, require_at_least_one
+from istune.option_checks import parse_list, require_at_least_one
 from istune.runs import RunArgs, batch_layout, load_rows
 
 ARMS = {  # name -> legend; the settings are in arm_config

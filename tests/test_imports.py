@@ -27,7 +27,7 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "istune"
 
 FLOORS = {
-    "config": 0, "io": 0, "options": 0, "rule_catalog": 0,
+    "config": 0, "io": 0, "option_checks": 0, "rule_catalog": 0,
     "core": 1,
     "adapters": 2, "data": 2, "eval": 2, "integrations": 2, "models": 2, "runs": 2,
     "planning": 3,
@@ -38,7 +38,7 @@ FLOORS = {
 # Imports between units of one floor, (importer, imported); a pair in both directions would be a cycle.
 SAME_FLOOR = {
     ("config", "rule_catalog"),  # the rules' declared parameters and traits, which the config checks
-    ("config", "options"),       # the "did you mean" of an unknown option
+    ("config", "option_checks"),  # the "did you mean" of an unknown option
     ("models", "data"),     # the embedded model is converted into the data cache root
     ("eval", "data"),       # prompts, eval items and the harness' packaged splits
     ("eval", "models"),     # the result cache keys on the resolved model folder

@@ -52,7 +52,7 @@ def test_a_missing_rules_file_is_named(tiny_model_dir, data_file, tmp_path, caps
 
 def test_the_config_the_resume_check_and_llamafactory_take_it():
     from istune.integrations.llamafactory import ist_config
-    from istune.recipe.checkpoints import must_match
+    from istune.recipe.run_file import must_match
 
     import_rules([str(RULE_FILE)])
     config = ISTConfig(strategy="rotating-window", stride=3, switch_interval=2)

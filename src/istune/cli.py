@@ -153,7 +153,7 @@ def _read_config(argv: Sequence[str]) -> tuple[str | None, dict]:
 
 def _config_defaults(parser: argparse.ArgumentParser, command: str, config_path: str | None, values: dict) -> None:
     """Make the YAML ``values`` ``parser``'s defaults (flags given override them); refuse a key it does not know."""
-    from istune.options import did_you_mean
+    from istune.option_checks import did_you_mean
 
     known = {action.dest for action in parser._actions} - {"help", "config"}
     for key in values:

@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Any
 
 from istune import rule_catalog
-from istune.options import did_you_mean
+from istune.option_checks import did_you_mean
 
 OPTIMIZER_STATE_POLICIES = ("keep", "offload", "drop")
 REWARD_SCALES = ("paper", "spread")

@@ -21,7 +21,7 @@ from typing import Any
 from istune.data.tasks import TASKS, TEST_ITEMS, is_task_spec, parse_task_spec, training_rows
 from istune.eval.tasks import method_list, parse_eval_tasks
 from istune.models import batch_layout_unsupported, check_model_name
-from istune.options import require_at_least_one
+from istune.option_checks import require_at_least_one
 
 COMMONSENSE = "commonsense"
 COMPARE_FILE = "compare.json"  # an `istune compare` folder: the options its runs share, its arms and seeds

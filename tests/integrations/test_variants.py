@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 from istune import ISTCallback, ISTConfig, SparseTuner
 from istune.core import distributed, prepare_full_layer_tuning
-from istune.core.checkpointing import uses_reentrant_checkpointing
+from istune.core.activation_checkpointing import uses_reentrant_checkpointing
 from istune.integrations.trainer_checks import check_trainer_setup, fsdp_version
 
 from ..tiny_models import peft_model, tiny_model
@@ -196,7 +196,7 @@ def test_ddp_settings_are_checked_from_the_arguments_without_the_trainer(monkeyp
 
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_reentrant_checkpointing_under_ddp_is_refused_before_the_trainer_starts(monkeypatch, reentrant):
-    """The same check and message as SparseTuner's at its first step (tests/core/test_checkpointing.py)."""
+    """The same check and message as SparseTuner's at its first step (tests/core/test_activation_checkpointing.py)."""
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     args = SimpleNamespace(fsdp=[], deepspeed=None, torch_compile=False, ddp_find_unused_parameters=True)
     model = peft_model("llama", "lora", num_layers=2)

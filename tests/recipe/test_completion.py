@@ -7,7 +7,7 @@ import pytest
 
 from istune.cli import main
 from istune.eval import cached
-from istune.recipe import checkpoints
+from istune.recipe import run_file
 
 from .conftest import train_args
 
@@ -57,8 +57,8 @@ def test_a_run_cut_short_in_its_evaluation_is_finished_without_training(uninterr
         main(train_args(tiny_llama_dir, data_file, out, *EVAL))
     monkeypatch.undo()
     assert calls and (out / "adapter").is_dir() and not (out / "results.json").exists()
-    assert checkpoints.run_state(out) == checkpoints.TRAINED
-    assert json.loads((out / checkpoints.RUN_FILE).read_text())["state"] == "trained"
+    assert run_file.run_state(out) == run_file.TRAINED
+    assert json.loads((out / run_file.RUN_FILE).read_text())["state"] == "trained"
 
     # Without --resume_from_checkpoint: refused, with the advice that finishes it (not the one that discards it).
     assert main(train_args(tiny_llama_dir, data_file, out, *EVAL)) == 2
@@ -79,24 +79,24 @@ def test_a_run_cut_short_in_its_evaluation_is_finished_without_training(uninterr
     resumed = json.loads((out / "results.json").read_text())
     assert comparable(resumed) == comparable(uninterrupted)
     assert set(resumed) == set(uninterrupted) and "base" in resumed and "score" in resumed["tuned"]
-    assert json.loads((out / checkpoints.RUN_FILE).read_text())["state"] == "evaluated"
+    assert json.loads((out / run_file.RUN_FILE).read_text())["state"] == "evaluated"
 
 
 def test_a_complete_run_is_recognised_as_complete(uninterrupted, tiny_llama_dir, data_file, tmp_path, monkeypatch,
                                                  capsys):
     out = tmp_path / "run"
-    original = checkpoints.write_run_file
+    original = run_file.write_run_file
 
     def killed_after_results(folder, record):  # the kill comes as the run exits, after results.json
-        if record.get("state") == checkpoints.EVALUATED:
+        if record.get("state") == run_file.EVALUATED:
             raise Interrupted()
         original(folder, record)
 
-    monkeypatch.setattr(checkpoints, "write_run_file", killed_after_results)
+    monkeypatch.setattr(run_file, "write_run_file", killed_after_results)
     with pytest.raises(Interrupted):
         main(train_args(tiny_llama_dir, data_file, out, *EVAL))
     monkeypatch.undo()
-    assert checkpoints.run_state(out) == checkpoints.COMPLETE
+    assert run_file.run_state(out) == run_file.COMPLETE
     written = (out / "results.json").read_text()
     assert comparable(json.loads(written)) == comparable(uninterrupted)
     capsys.readouterr()
@@ -114,6 +114,6 @@ def test_a_complete_run_is_recognised_as_complete(uninterrupted, tiny_llama_dir,
 def test_a_folder_whose_saving_was_cut_short_names_the_way_out(tiny_llama_dir, data_file, tmp_path, capsys):
     out = tmp_path / "run"
     (out / "adapter").mkdir(parents=True)  # adapter/ without a run file saying training finished
-    assert checkpoints.run_state(out) == checkpoints.PARTIAL
+    assert run_file.run_state(out) == run_file.PARTIAL
     assert main(train_args(tiny_llama_dir, data_file, out)) == 2
     assert "has no checkpoint to resume from; choose another folder or pass --overwrite" in capsys.readouterr().err

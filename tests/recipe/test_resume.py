@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from istune.cli import main
-from istune.recipe import checkpoints
+from istune.recipe import run_file
 
 from .conftest import train_args
 
@@ -29,14 +29,14 @@ class Interrupted(KeyboardInterrupt):
 
 def _interrupt_after_checkpoint(monkeypatch, step):
     """Stop the run (as Ctrl-C would) right after the Trainer saved ``checkpoint-<step>``."""
-    original = checkpoints.RunFileCallback.on_save
+    original = run_file.RunFileCallback.on_save
 
     def on_save(self, args, state, control, **kwargs):
         original(self, args, state, control, **kwargs)
         if state.global_step == step:
             raise Interrupted()
 
-    monkeypatch.setattr(checkpoints.RunFileCallback, "on_save", on_save)
+    monkeypatch.setattr(run_file.RunFileCallback, "on_save", on_save)
 
 
 @pytest.mark.parametrize("resume", ["true", "checkpoint-2"])
@@ -48,7 +48,7 @@ def test_resumed_run_ends_bit_identical(uninterrupted, tiny_llama_dir, data_file
     monkeypatch.undo()
     # Interrupted: a loadable checkpoint, and none of the final outputs.
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    assert (out / "checkpoint-2" / checkpoints.RUN_FILE).is_file()
+    assert (out / "checkpoint-2" / run_file.RUN_FILE).is_file()
     assert not (out / "adapter").exists() and not (out / "results.json").exists()
     # A checkpoint whose saving was cut short (no run file: it is written last) is passed over by 'true'.
     (out / "checkpoint-3").mkdir()
@@ -95,9 +95,9 @@ def test_checkpoint_of_another_run_is_refused_before_loading(uninterrupted, tiny
 
 
 def test_checkpoint_of_a_model_with_other_layer_count_is_refused(uninterrupted, tmp_path):
-    record = json.loads((uninterrupted / "checkpoint-2" / checkpoints.RUN_FILE).read_text())
+    record = json.loads((uninterrupted / "checkpoint-2" / run_file.RUN_FILE).read_text())
     with pytest.raises(ValueError, match=r"N_L=32 layers \(checkpoint: 2\)"):
-        checkpoints.check_resume(str(uninterrupted / "checkpoint-2"), record, num_layers=32)
+        run_file.check_resume(str(uninterrupted / "checkpoint-2"), record, num_layers=32)
 
 
 def test_a_checkpoint_cut_short_is_refused(uninterrupted, tiny_llama_dir, data_file, tmp_path, capsys):
@@ -123,11 +123,11 @@ def test_nothing_to_resume_is_refused(tiny_llama_dir, data_file, tmp_path, capsy
 def test_a_run_file_from_before_a_rule_parameter_existed_resumes_with_its_default(uninterrupted, tmp_path):
     checkpoint = tmp_path / "checkpoint-2"
     shutil.copytree(uninterrupted / "checkpoint-2", checkpoint)
-    record = json.loads((checkpoint / checkpoints.RUN_FILE).read_text())
+    record = json.loads((checkpoint / run_file.RUN_FILE).read_text())
     saved = json.loads(json.dumps(record))
     del saved["ist"]["probe_by"], saved["ist"]["gradnorm_decay"]  # fields added after that run was saved
-    (checkpoint / checkpoints.RUN_FILE).write_text(json.dumps(saved))
-    checkpoints.check_resume(str(checkpoint), record)  # the defaults match: no refusal
+    (checkpoint / run_file.RUN_FILE).write_text(json.dumps(saved))
+    run_file.check_resume(str(checkpoint), record)  # the defaults match: no refusal
     record["ist"]["gradnorm_decay"] = 0.5
     with pytest.raises(ValueError, match=r"--gradnorm_decay=0.5 \(checkpoint: 0.9\)"):
-        checkpoints.check_resume(str(checkpoint), record)
+        run_file.check_resume(str(checkpoint), record)

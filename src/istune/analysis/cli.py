@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from istune.analysis.training_runs import TrainFn, add_size_options, size_from_options
-from istune.options import parse_list
+from istune.option_checks import parse_list
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -181,7 +181,7 @@ def _reproducibility(options, argv: list[str]) -> None:
     from istune.bench.timing import parse_ist_fields
     from istune.config import ISTConfig
     from istune.io import run_metadata
-    from istune.options import require_at_least_one
+    from istune.option_checks import require_at_least_one
 
     require_at_least_one(options, ("updates", "every"))
     if (options.run is None) == (options.logs is None):

@@ -95,7 +95,7 @@ class PlannedRun:
 
 def check_size(size: TrainingSize) -> None:
     """Refuse bad sizes (with the option, the value and the fix) before anything is loaded."""
-    from istune.options import require_at_least_one
+    from istune.option_checks import require_at_least_one
     from istune.runs import check_run
 
     require_at_least_one(size, ("max_steps", "batch_size"))

@@ -218,7 +218,7 @@ def format_markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m istune.bench.eval_time``: time (or count) old and new, print and write ``--out``.json/.md."""
     from istune.bench.records import run_metadata, write_record
-    from istune.options import require_at_least_one
+    from istune.option_checks import require_at_least_one
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)

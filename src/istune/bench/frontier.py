@@ -386,7 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """``istune bench frontier``: measure, print the table, write the results. Bad options raise ValueError."""
-    from istune.options import parse_list
+    from istune.option_checks import parse_list
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)

@@ -417,7 +417,7 @@ def _kept_rows(out: Path, settings: SuiteSettings) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from istune.options import parse_list
+    from istune.option_checks import parse_list
 
     started = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)

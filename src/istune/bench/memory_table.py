@@ -35,7 +35,7 @@ from istune.bench.memory_report import VARIANTS, check_table, gb, markdown
 from istune.bench.records import run_metadata, write_record
 from istune.config import ISTConfig, option_names
 from istune.core.tuner import SparseTuner
-from istune.options import parse_list, require_at_least_one
+from istune.option_checks import parse_list, require_at_least_one
 from istune.planning.kernels import fused_sdpa_on_meta
 from istune.planning.rows import Row
 from istune.planning.shapes import SHAPES, Shape

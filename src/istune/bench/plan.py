@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from istune.config import ISTConfig
-    from istune.options import parse_list
+    from istune.option_checks import parse_list
     from istune.planning.shapes import resolve_model_config
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from istune.bench.records import run_metadata
     from istune.bench.timing import parse_ist_fields
-    from istune.options import parse_list, require_at_least_one
+    from istune.option_checks import parse_list, require_at_least_one
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     """``istune bench time``: measure, print the table, write ``--out``.json/.md. Bad options raise ValueError."""
     import sys
 
-    from istune.options import parse_list, require_at_least_one
+    from istune.option_checks import parse_list, require_at_least_one
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)

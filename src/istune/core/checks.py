@@ -64,8 +64,8 @@ def refuse_reentrant_checkpointing_under_ddp(reentrant: bool) -> None:
 
     Args:
         reentrant: whether checkpointing runs in torch's reentrant variant: SparseTuner asks its
-            :class:`~istune.core.checkpointing.LayerCheckpointing` at the first step, the Trainer's checks
-            :func:`~istune.core.checkpointing.uses_reentrant_checkpointing` before it.
+            :class:`~istune.core.activation_checkpointing.LayerCheckpointing` at the first step, the Trainer's checks
+            :func:`~istune.core.activation_checkpointing.uses_reentrant_checkpointing` before it.
     """
     if reentrant and distributed.world_size() > 1:
         raise ValueError(

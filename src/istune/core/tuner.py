@@ -25,7 +25,7 @@ no momentum, no weight decay. The optimizer itself must hold every adapter param
 
 Every step, the decoder blocks below the lowest selected layer run without autograd (they
 need no backward pass), and under transformers' gradient checkpointing the blocks from the
-lowest selected one upward are checkpointed (:mod:`istune.core.checkpointing`). Memory
+lowest selected one upward are checkpointed (:mod:`istune.core.activation_checkpointing`). Memory
 options: ``recompute_unselected`` checkpoints the activations of the layers not selected
 (without transformers' checkpointing); ``stored_layers`` says how many of the layers that run
 the backward pass keep their activations, the others being recomputed (with or without it);
@@ -51,7 +51,7 @@ from torch import nn
 
 from istune.config import ISTConfig
 from istune.core import distributed, measures, policy, sharding
-from istune.core.checkpointing import LayerCheckpointing
+from istune.core.activation_checkpointing import LayerCheckpointing
 from istune.core.checks import (
     check_optimizer_holds,
     refuse_merged_adapters,

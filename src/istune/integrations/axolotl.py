@@ -37,7 +37,7 @@ from istune.config import ISTConfig, option_names
 from istune.core.layers import is_adapter_module
 from istune.core.suppress import scales_linearly
 from istune.integrations.hf import add_ist
-from istune.options import did_you_mean
+from istune.option_checks import did_you_mean
 
 PREFIX = "ist_"
 AXOLOTL_LISA_KEYS = ("lisa_n_layers", "lisa_step_interval")  # both set: axolotl adds its LISA callback

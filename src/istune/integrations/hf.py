@@ -8,7 +8,7 @@ list, so only the callback added with :func:`add_ist` (or given ``ISTCallback(tr
 run before the reporters (``report_to``: TensorBoard, W&B, ...) that the Trainer lists before the
 callbacks it is given, swap the Trainer's printers for readable ones (:mod:`istune.integrations.console`),
 check the Trainer's DDP wrapper itself, and, under FSDP2, make checkpoints hold every adapter
-(:mod:`istune.integrations.sharded_checkpoints`), and under DeepSpeed build the optimizer per layer and
+(:mod:`istune.integrations.fsdp2_checkpoints`), and under DeepSpeed build the optimizer per layer and
 skip the unselected layers in ZeRO's step (:mod:`istune.integrations.deepspeed`). The one-line form
 checks DDP through the ``TrainingArguments`` the Trainer builds it from, gives the console the short line itself, warns
 once that the reporters get no IST metric when ``report_to`` names some (they are in
@@ -31,7 +31,7 @@ The callback keeps the events and hands each job to one collaborator, each in it
 ``istune.integrations``: the IST metrics of each log (``metrics``), the state in checkpoints and the
 JSONL log (``ist_state``), the gradients before the optimizer step (``step_guard``), the probe batches
 (``probe_batches``), the setup checks (``trainer_checks``), checkpoints under FSDP2 and DeepSpeed
-(``sharded_checkpoints``), DeepSpeed's optimizer (``deepspeed``). Every part of the Trainer they touch
+(``fsdp2_checkpoints``), DeepSpeed's optimizer (``deepspeed``). Every part of the Trainer they touch
 beyond the events is listed in one table, :mod:`istune.integrations.trainer_internals`.
 """
 
@@ -46,7 +46,7 @@ from istune.core import sharding
 from istune.core.probe import ProbeSampler
 from istune.core.selection import SelectionRule
 from istune.core.tuner import SparseTuner
-from istune.integrations import adalora, deepspeed, sharded_checkpoints, trainer_internals
+from istune.integrations import adalora, deepspeed, fsdp2_checkpoints, trainer_internals
 from istune.integrations.console import use_readable_console
 from istune.integrations.ist_state import HISTORY_FLUSH_EVENTS, STATE_KEY, RunRecord
 from istune.integrations.metrics import LogMetrics
@@ -160,10 +160,10 @@ class ISTCallback(TrainerCallback):
     # ---- the Trainer, when given ------------------------------------------------------------
 
     def _attach(self, trainer) -> None:
-        """Keep the Trainer; under FSDP2 and DeepSpeed its checkpoints save every adapter (sharded_checkpoints);
+        """Keep the Trainer; under FSDP2 and DeepSpeed its checkpoints save every adapter (fsdp2_checkpoints);
         under DeepSpeed it builds its optimizer per layer and skips the unselected layers (deepspeed)."""
         self.trainer = trainer
-        sharded_checkpoints.guard_checkpoints(trainer, STATE_KEY, lambda: self.tuner and self.tuner.layers,
+        fsdp2_checkpoints.guard_checkpoints(trainer, STATE_KEY, lambda: self.tuner and self.tuner.layers,
                                               self.config.layers_path)
         if deepspeed.is_deepspeed(trainer.args, trainer):
             deepspeed.prepare_trainer(trainer, self.config, self.rule, lambda: self.tuner and self.tuner.selected)

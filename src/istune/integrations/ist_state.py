@@ -21,7 +21,7 @@ import torch
 
 from istune.core.probe import ProbeSampler
 from istune.core.tuner import SparseTuner
-from istune.integrations import sharded_checkpoints, trainer_internals
+from istune.integrations import fsdp2_checkpoints, trainer_internals
 from istune.io import write_text
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def export_state(tuner: SparseTuner, sampler: ProbeSampler | None = None, sharde
     """The tuner's state (and the probe sampler's RNG) as JSON values for ``trainer_state.json``.
 
     Under FSDP2 (``sharded_optimizer`` given) it also records which layers have optimizer state
-    (:mod:`istune.integrations.sharded_checkpoints`).
+    (:mod:`istune.integrations.fsdp2_checkpoints`).
     """
     tuner_state = tuner.state_dict()
     exported = {
@@ -90,7 +90,7 @@ def export_state(tuner: SparseTuner, sampler: ProbeSampler | None = None, sharde
     if sampler is not None:
         exported["probe_generator"] = _encode_rng(sampler.generator.get_state())
     if sharded_optimizer is not None:
-        exported[sharded_checkpoints.OPTIMIZER_STATE_KEY] = sharded_checkpoints.layers_with_optimizer_state(
+        exported[fsdp2_checkpoints.OPTIMIZER_STATE_KEY] = fsdp2_checkpoints.layers_with_optimizer_state(
             sharded_optimizer, tuner.layers)
     return exported
 

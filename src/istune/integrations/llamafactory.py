@@ -34,7 +34,7 @@ from typing import Any
 
 from istune.config import ISTConfig, option_names
 from istune.integrations.hf import ISTCallback
-from istune.options import did_you_mean
+from istune.option_checks import did_you_mean
 
 IST_SECTION = "ist"  # the key of IST's options in LLaMA-Factory's config
 

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
 from istune.core import distributed, sharding
-from istune.core.checkpointing import uses_reentrant_checkpointing
+from istune.core.activation_checkpointing import uses_reentrant_checkpointing
 from istune.core.checks import refuse_reentrant_checkpointing_under_ddp
 from istune.integrations import deepspeed, trainer_internals
 

@@ -28,9 +28,9 @@ CREATE_OPTIMIZER = "create_optimizer"
 
 # name -> (public API of the Trainer, what istune does with it, the modules that do it)
 TRAINER_ATTRIBUTES: dict[str, tuple[bool, str, str]] = {
-    SAVE_CHECKPOINT: (False, "wrapped: every adapter trainable while a checkpoint is saved", "sharded_checkpoints"),
+    SAVE_CHECKPOINT: (False, "wrapped: every adapter trainable while a checkpoint is saved", "fsdp2_checkpoints"),
     LOAD_OPTIMIZER: (False, "wrapped: the adapters with saved optimizer state trainable while it loads (FSDP2)",
-                     "sharded_checkpoints"),
+                     "fsdp2_checkpoints"),
     CREATE_OPTIMIZER: (False, "replaced: the optimizer split per layer, unselected groups skipped", "deepspeed"),
     "callback_handler": (False, "its callbacks list: IST before the reporters, readable printers", "hf, console"),
     "model_wrapped": (False, "the DeepSpeed engine (its skipped steps, for step_guard), the DDP wrapper (checked)",
@@ -42,8 +42,8 @@ TRAINER_ATTRIBUTES: dict[str, tuple[bool, str, str]] = {
     "add_callback": (True, "add_ist adds the callback", "hf"),
     "pop_callback": (True, "the time benchmark takes its callback back", "bench.frontier"),
     "remove_callback": (True, "the benchmarks drop the printer", "bench.frontier"),
-    "model": (True, "the adapter layers before IST starts", "sharded_checkpoints, deepspeed, axolotl"),
-    "args": (True, "the TrainingArguments (DeepSpeed, FSDP settings)", "hf, deepspeed, sharded_checkpoints"),
+    "model": (True, "the adapter layers before IST starts", "fsdp2_checkpoints, deepspeed, axolotl"),
+    "args": (True, "the TrainingArguments (DeepSpeed, FSDP settings)", "hf, deepspeed, fsdp2_checkpoints"),
     "optimizer": (True, "checked to be the one split per layer", "deepspeed"),
     "train": (True, "runs the training", "recipe.train, bench.frontier"),
     "state": (True, "the log history after training", "recipe.train"),
@@ -54,7 +54,7 @@ OTHER_INTERNALS: dict[str, str] = {
     "CallbackHandler.callbacks order: DefaultFlowCallback, reporters, given callbacks, printer": "hf (add_ist)",
     "ProgressCallback / PrinterCallback state in __dict__, carried into a subclass": "console",
     "Trainer.log appends to TrainerState.log_history before on_log": "metrics",
-    "TrainerState.stateful_callbacks saved in trainer_state.json": "ist_state, sharded_checkpoints",
+    "TrainerState.stateful_callbacks saved in trainer_state.json": "ist_state, fsdp2_checkpoints",
     "checkpoint folder f'{PREFIX_CHECKPOINT_DIR}-{global_step}'": "ist_state (on_save)",
     "accelerate's AcceleratorState shared by every Accelerator of the process": "hf (the one-line form)",
     "Trainer._build_accelerator_args: find_unused_parameters off with activation checkpointing": "trainer_checks",

@@ -32,8 +32,8 @@ from istune import rule_catalog
 from istune.config import ISTConfig, option_names, strategy_names
 from istune.io import write_json
 from istune.models import ModelArgs
-from istune.recipe import checkpoints
-from istune.recipe.options import check_output_dir, run_record
+from istune.recipe import run_file
+from istune.recipe.job_checks import check_output_dir, run_record
 from istune.runs import COMPARE_FILE, RunArgs, comparison_run_folder, quarter_layers
 
 QUARTERS = {1: "bottom", 2: "lower-middle", 3: "upper-middle", 4: "top"}
@@ -182,7 +182,7 @@ def check_saved_options(out: Path, shared: dict[str, Any]) -> None:
 
 def check_saved_run(folder: Path, expected: dict[str, Any]) -> None:
     """Refuse a saved run whose options are not the ones this run would have, naming the option and folder."""
-    results = json.loads((folder / checkpoints.RESULTS_FILE).read_text())
+    results = json.loads((folder / run_file.RESULTS_FILE).read_text())
     saved = {"run": results["run"], "model_loading": results["model_loading"], "adapter": results["adapter"],
              "ist": results["ist"], "training": {k: v for k, v in results["training"].items() if k not in _PER_RUN}}
     saved["run"]["overwrite"] = False
@@ -206,10 +206,10 @@ def compare(arms: list[Arm], seeds: list[int], out: Path, run: RunArgs, model_ar
         config = arm_config(ist, arm, seed)
         expected[arm.name, seed] = config
         folder = comparison_run_folder(out, arm.name, seed)
-        if checkpoints.run_state(folder) == checkpoints.COMPLETE:
+        if run_file.run_state(folder) == run_file.COMPLETE:
             check_saved_run(folder, _run_expected(shared, config))
     missing = [(a, s) for a, s in plan
-               if checkpoints.run_state(comparison_run_folder(out, a.name, s)) != checkpoints.COMPLETE]
+               if run_file.run_state(comparison_run_folder(out, a.name, s)) != run_file.COMPLETE]
     write_json(out / COMPARE_FILE, {"settings": shared, "arms": _union(out, [a.name for a in arms], "arms"),
                                     "seeds": sorted(set(_union(out, seeds, "seeds")))})
     say(f"istune compare: {len(plan)} runs ({len(arms)} arms x {len(seeds)} seeds), {len(plan) - len(missing)} "
@@ -219,11 +219,11 @@ def compare(arms: list[Arm], seeds: list[int], out: Path, run: RunArgs, model_ar
     started = time.time()
     for done, (arm, seed) in enumerate(missing, 1):
         folder = comparison_run_folder(out, arm.name, seed)
-        state = checkpoints.run_state(folder)
+        state = run_file.run_state(folder)
         options = {"output_dir": str(folder), "seed": seed, "data_seed": seed,
-                   "resume_from_checkpoint": "true" if state == checkpoints.TRAINED else None}
+                   "resume_from_checkpoint": "true" if state == run_file.TRAINED else None}
         say(f"istune compare: run {done} of {len(missing)}: {arm.name}, seed {seed} -> {folder}")
-        train(dataclasses.replace(run, overwrite=state not in (None, checkpoints.TRAINED)), adapter,
+        train(dataclasses.replace(run, overwrite=state not in (None, run_file.TRAINED)), adapter,
               expected[arm.name, seed], dataclasses.replace(training, **options), model_args)
         left = (time.time() - started) / done * (len(missing) - done)
         say(f"istune compare: {done} of {len(missing)} made; about {left / 60:.0f} min left")
@@ -244,7 +244,7 @@ def _estimate(out: Path, plan, missing, run: RunArgs, model_args: ModelArgs, ada
               training) -> str:
     """The missing runs' time: from this comparison's saved runs, or else from 3 steps of LoRA on every layer
     (the arm with the most backward work) and one batch of evaluation, timed now."""
-    saved = [json.loads((comparison_run_folder(out, a.name, s) / checkpoints.RESULTS_FILE).read_text())
+    saved = [json.loads((comparison_run_folder(out, a.name, s) / run_file.RESULTS_FILE).read_text())
              ["total_seconds"] for a, s in plan if (a, s) not in missing]
     if saved:
         per_run = sum(saved) / len(saved)

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from istune.io import save_figure
-from istune.recipe.checkpoints import read_run_file
+from istune.recipe.run_file import read_run_file
 
 LOG_FILE = "ist_log.jsonl"
 

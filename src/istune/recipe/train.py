@@ -3,12 +3,12 @@
     istune train                                   # embedded default: SmolLM2-135M, LoRA+IST, commonsense slice
     istune train --strategy all --output_dir runs/lora   # the same run as plain LoRA
 
-The options and the checks that run before the model loads are in :mod:`istune.recipe.options`.
+The options and the checks that run before the model loads are in :mod:`istune.recipe.job_checks`.
 Under a launcher (torchrun, accelerate) every process trains; only the main one writes and
 evaluates. The output folder gets the adapters (``adapter/``), the IST log (``ist_log.jsonl``),
 the run's options and state (``istune_run.json``, also in every checkpoint) and the evaluation
 (``results.json``); every file is written whole or not at all, in the order
-:mod:`istune.recipe.checkpoints` describes, so ``--resume_from_checkpoint true`` finishes a run
+:mod:`istune.recipe.run_file` describes, so ``--resume_from_checkpoint true`` finishes a run
 whose evaluation was cut short without training again, and recognises a complete run.
 """
 
@@ -27,8 +27,8 @@ from istune.config import ISTConfig
 from istune.data import load_eval_items
 from istune.io import atomic_dir, repo_relative, write_text
 from istune.models import ModelArgs, load_model_and_tokenizer, loading_kwargs
-from istune.recipe import checkpoints
-from istune.recipe.options import check_job, run_record
+from istune.recipe import run_file
+from istune.recipe.job_checks import check_job, run_record
 from istune.runs import RunArgs, batch_layout, load_rows, saved_training_value
 
 # What results.json holds from the training, in its order; istune_run.json keeps it once training ends.
@@ -60,12 +60,12 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
     tasks, resume, state = check_job(run, model_args, adapter, ist, training)
     main = training.process_index == 0  # under a launcher only the main process writes, prints and evaluates
     output = Path(training.output_dir)
-    if state == checkpoints.COMPLETE:
+    if state == run_file.COMPLETE:
         if main:
             print(f"istune train: {output} holds a complete run; its results are in "
-                  f"{output / checkpoints.RESULTS_FILE}")
-        return json.loads((output / checkpoints.RESULTS_FILE).read_text())
-    if state == checkpoints.TRAINED:
+                  f"{output / run_file.RESULTS_FILE}")
+        return json.loads((output / run_file.RESULTS_FILE).read_text())
+    if state == run_file.TRAINED:
         return finish_evaluation(run, model_args, adapter, ist, training, tasks) if main else {}
     say = print if main else (lambda *args, **kwargs: None)
     set_seed(training.seed)  # data sample, adapter initialisation and the Trainer; IST has its own seed
@@ -93,7 +93,7 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
         f"strategy {ist.strategy!r}")
     curve = (AccuracyCurve(tokenizer, items, run, training.per_device_eval_batch_size)
              if run.curve_every and main and items else None)  # the main process evaluates, as after training
-    callbacks = [checkpoints.RunFileCallback(record), *([curve] if curve else [])]
+    callbacks = [run_file.RunFileCallback(record), *([curve] if curve else [])]
     trainer = Trainer(model=model, args=training, train_dataset=train_set, eval_dataset=heldout_set,
                       data_collator=collate, callbacks=callbacks)
     callback = add_ist(trainer, ist)  # with the Trainer: reporters get IST metrics, FSDP2 checkpoints every adapter
@@ -106,10 +106,10 @@ def train(run: RunArgs, adapter: AdapterArgs, ist: ISTConfig, training=None,
                                "curve": curve.record(trainer.state.global_step) if curve else None}
     if not main:
         return results
-    with atomic_dir(output / checkpoints.ADAPTER_FOLDER, replace=True) as folder:
+    with atomic_dir(output / run_file.ADAPTER_FOLDER, replace=True) as folder:
         save_adapters(model, folder, adapter)
     training_results = {name: results[name] for name in TRAINING_RESULTS}
-    checkpoints.write_run_file(output, {**record, "state": checkpoints.TRAINED, "training_results": training_results,
+    run_file.write_run_file(output, {**record, "state": run_file.TRAINED, "training_results": training_results,
                                         "seconds_until_trained": time.time() - started})
 
     say("istune: evaluating the tuned model")
@@ -129,7 +129,7 @@ def finish_evaluation(run: RunArgs, model_args: ModelArgs, adapter: AdapterArgs,
 
     started = time.time()
     output = Path(training.output_dir)
-    saved = checkpoints.read_run_file(output)
+    saved = run_file.read_run_file(output)
     trained = saved["training_results"]
     print(f"istune: {output} holds a trained run whose evaluation was cut short; evaluating its adapters "
           "(nothing trains again)")
@@ -144,7 +144,7 @@ def finish_evaluation(run: RunArgs, model_args: ModelArgs, adapter: AdapterArgs,
     if layout["padding_free"]:
         model.config.use_cache = False  # as batch_layout() set it for the training
     collate = CausalLMCollator(tokenizer, **layout)
-    model = load_adapters(model, output / checkpoints.ADAPTER_FOLDER)
+    model = load_adapters(model, output / run_file.ADAPTER_FOLDER)
     results: dict[str, Any] = {**run_record(run, model_args, adapter, ist), **trained}
     batch_size = saved_training_value(trained, "per_device_eval_batch_size")
     print("istune: evaluating the tuned model")
@@ -228,9 +228,9 @@ def _finish(results: dict[str, Any], tokenizer, items, heldout, collate, run: Ru
                                         batch_size=batch_size, model_name=run.model,
                                         generation_batch_size=run.generation_batch_size)
     results["total_seconds"] = seconds + time.time() - started
-    write_text(output / checkpoints.RESULTS_FILE, json.dumps(results, indent=2))
-    run_file = checkpoints.read_run_file(output)
-    checkpoints.write_run_file(output, {**run_file, "state": checkpoints.EVALUATED})
+    write_text(output / run_file.RESULTS_FILE, json.dumps(results, indent=2))
+    saved = run_file.read_run_file(output)
+    run_file.write_run_file(output, {**saved, "state": run_file.EVALUATED})
     print(format_results(results))
     return results
 

@@ -1,4 +1,4 @@
-"""IST's per-step checkpointing (istune.core.checkpointing) changes memory and work, never numbers.
+"""IST's per-step checkpointing (istune.core.activation_checkpointing) changes memory and work, never numbers.
 
 Blocks below the lowest selected layer run without autograd; under transformers' gradient
 checkpointing the others are checkpointed by it; `recompute_unselected` checkpoints the

@@ -6,7 +6,7 @@ The options come in five dataclasses, each beside what it configures: :class:`~i
 and the Trainer's own arguments (:class:`~istune.recipe.training_args.RecipeTrainingArguments`).
 :func:`check_job` checks them together, and the output folder: what it holds decides whether
 the run starts, resumes training from a checkpoint, finishes an evaluation that was cut short,
-or has nothing left to do (see :mod:`istune.recipe.checkpoints`).
+or has nothing left to do (see :mod:`istune.recipe.run_file`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 from istune.adapters.methods import AdapterArgs
 from istune.config import ISTConfig
 from istune.models import ModelArgs
-from istune.options import require_at_least_one
-from istune.recipe import checkpoints
+from istune.option_checks import require_at_least_one
+from istune.recipe import run_file
 from istune.runs import RunArgs, check_run
 
 
@@ -67,16 +67,16 @@ def check_job(run: RunArgs, model_args: ModelArgs, adapter: AdapterArgs, ist: IS
     check_model_args(model_args, adapter.method)
     check_output_dir(training.output_dir)
     record = run_record(run, model_args, adapter, ist)
-    state = None if run.overwrite else checkpoints.run_state(training.output_dir)
+    state = None if run.overwrite else run_file.run_state(training.output_dir)
     resume_latest = str(training.resume_from_checkpoint).lower() == "true"
-    if state in (checkpoints.TRAINED, checkpoints.COMPLETE) and resume_latest:
-        checkpoints.check_same_run(training.output_dir, record)
+    if state in (run_file.TRAINED, run_file.COMPLETE) and resume_latest:
+        run_file.check_same_run(training.output_dir, record)
         return tasks, None, state
-    if state is not None and not (state == checkpoints.PARTIAL and resume_latest):
+    if state is not None and not (state == run_file.PARTIAL and resume_latest):
         raise ValueError(_holds_a_run(training.output_dir, state))
-    resume = checkpoints.resolve_resume(training.resume_from_checkpoint, training.output_dir)
+    resume = run_file.resolve_resume(training.resume_from_checkpoint, training.output_dir)
     if resume is not None:
-        checkpoints.check_resume(resume, record, _num_layers(run.model))
+        run_file.check_resume(resume, record, _num_layers(run.model))
     return tasks, resume, None
 
 
@@ -95,12 +95,12 @@ def check_output_dir(output_dir: str) -> None:
 def _holds_a_run(output_dir: str, state: str) -> str:
     """The refusal for an --output_dir that holds a run, with the advice that fits how far it got."""
     start = f"--output_dir={output_dir!r} already holds a run"
-    if state == checkpoints.COMPLETE:
-        return f"{start} ({Path(output_dir) / checkpoints.RESULTS_FILE}); choose another folder or pass --overwrite."
-    if state == checkpoints.TRAINED:
+    if state == run_file.COMPLETE:
+        return f"{start} ({Path(output_dir) / run_file.RESULTS_FILE}); choose another folder or pass --overwrite."
+    if state == run_file.TRAINED:
         return (f"{start} whose training finished and whose evaluation did not; pass --resume_from_checkpoint true "
                 "to finish its evaluation (it does not train again), or choose another folder.")
-    if checkpoints.latest_complete_checkpoint(output_dir) is not None:
+    if run_file.latest_complete_checkpoint(output_dir) is not None:
         return (f"{start} whose saving was cut short; pass --resume_from_checkpoint true to resume it from its latest "
                 "checkpoint, or choose another folder.")
     return (f"{start} whose saving was cut short and which has no checkpoint to resume from; choose another folder "

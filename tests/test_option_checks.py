@@ -1,10 +1,10 @@
-"""istune.options: comma-separated option values and lower bounds, with errors that name the option."""
+"""istune.option_checks: comma-separated option values and lower bounds, with errors that name the option."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from istune.options import parse_list, require_at_least_one
+from istune.option_checks import parse_list, require_at_least_one
 
 
 def test_parse_list_converts_and_keeps_order():
