@@ -44,7 +44,7 @@ def layers_with_optimizer_state(optimizer: torch.optim.Optimizer, layers: list[A
 
 
 def guard_checkpoints(trainer, state_key: str, current_layers: Callable[[], list[AdapterLayer] | None],
-                      layers_path: str | None = None) -> None:
+                      layers_path: str | None = None, tower_layers: str = "train") -> None:
     """Wrap ``trainer``'s checkpoint saving and optimizer loading (once) for FSDP2 runs; other runs pass through.
 
     Args:
@@ -52,6 +52,7 @@ def guard_checkpoints(trainer, state_key: str, current_layers: Callable[[], list
         state_key: where the IST state lives in ``TrainerState.stateful_callbacks``.
         current_layers: returns the tuner's layers while training (None before).
         layers_path: ``ISTConfig.layers_path``, to find the tuner's layers before it exists.
+        tower_layers: ``ISTConfig.tower_layers``, likewise.
     """
     save, load = (getattr(trainer, name, None) for name in ("_save_checkpoint", "_load_optimizer_and_scheduler"))
     if save is None or load is None:
@@ -72,7 +73,7 @@ def guard_checkpoints(trainer, state_key: str, current_layers: Callable[[], list
         saved = _saved_layers(checkpoint, state_key) if _is_fsdp2(trainer) else None
         if saved is None:
             return load(checkpoint)
-        with _trainable(find_adapter_layers(trainer.model, layers_path), saved.__contains__):
+        with _trainable(find_adapter_layers(trainer.model, layers_path, tower_layers), saved.__contains__):
             return load(checkpoint)
 
     save_with_every_adapter._istune_guard = True
