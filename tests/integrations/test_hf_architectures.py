@@ -1,5 +1,6 @@
 """A VLM (text-only data) and a MoE model through a transformers Trainer with `add_ist`: IST finds the language
-model's layers and trains exactly its selection (issue 33, item 4)."""
+model's layers and trains exactly its selection (issue 33, item 4); a VLM with images and `tower_layers="select"`:
+its vision blocks join the selection."""
 
 import peft
 import pytest
@@ -9,6 +10,8 @@ import transformers as tf
 from istune import ISTConfig, add_ist
 
 from ..core.test_layers_architectures import _llava
+from ..core.test_tower_layers import _batch as _image_batch
+from ..core.test_tower_layers import _model as _vlm
 from .test_hf import ParameterWatcher, TokenDataset, _args
 
 
@@ -36,3 +39,42 @@ def test_add_ist_trains_exactly_the_selection_of_the_language_model(tmp_path, na
     assert watcher.steps == 4 and len(ist.tuner.layers) == num_layers
     assert all(".language_model." in layer.name or ".model.layers." in layer.name for layer in ist.tuner.layers)
     assert ist.importance.abs().sum() > 0  # two importance updates ran, with probes through the whole model
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Rows of token ids with an image's placeholders, and the image (Llava: 3 x 28 x 28)."""
+
+    def __init__(self, model, size=16):
+        batches = [_image_batch(model, seed) for seed in range(size // 2)]
+        self.rows = [{key: batch[key][row] for key in ("input_ids", "labels", "pixel_values")}
+                     for batch in batches for row in range(2)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+class SelectionWatcher(ParameterWatcher):
+    """ParameterWatcher that also keeps every step's selection."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        super().on_step_begin(args, state, control, **kwargs)
+        self.selections = [*getattr(self, "selections", []), self.selected]
+
+
+def test_add_ist_with_tower_layers_select_trains_exactly_the_selection_vision_blocks_included(tmp_path):
+    model = _vlm("llava")
+    trainer = tf.Trainer(model=model, args=_args(tmp_path, max_steps=6, per_device_train_batch_size=2),
+                         train_dataset=ImageTextDataset(model))
+    ist = add_ist(trainer, ISTConfig(strategy="ist", update_layers=2, probe_interval=2, tower_layers="select"))
+    watcher = SelectionWatcher(ist)
+    trainer.add_callback(watcher)
+    trainer.train()
+    names = [layer.name for layer in ist.tuner.layers]
+    assert watcher.steps == 6 and len(names) == 2 + 3
+    assert all(".vision_tower." in name for name in names[:2]) and all(".language_model." in n for n in names[2:])
+    trained = {j for selected in watcher.selections for j in selected}
+    assert trained & {0, 1}  # (seeded) a vision block was selected, and trained (the watcher checks)
+    assert ist.importance.abs().sum() > 0

@@ -13,7 +13,10 @@ gradient down, so it keeps its activations (or recomputes them).
   ``enable_input_require_grads``) recomputes and back-propagates through every one of them
   for nothing. When a trainable parameter feeds the blocks from below (LISA-style
   embeddings), they run as usual. Gradients with respect to the input embeddings
-  themselves are not computed below the lowest selected layer.
+  themselves are not computed below the lowest selected layer. When the blocks come from
+  several lists (a vision tower's blocks, then the language model's: ``segments``), this is
+  asked once a step for each list: a trainable projector between the two feeds the language
+  model's blocks and not the tower's.
 - **blocks from the lowest selected layer upward**, under transformers' gradient
   checkpointing (``gradient_checkpointing=True`` in the Trainer,
   ``model.gradient_checkpointing_enable()``): checkpointed as transformers does it. Under
@@ -64,6 +67,8 @@ class LayerCheckpointing:
         stored_layers: how many blocks from the lowest selected one upward keep their activations
             (the top block, then unselected ones from the top); the others are recomputed. None: leave it to
             transformers' checkpointing and ``recompute_unselected``.
+        segments: the layer list each block belongs to (``segments[i]`` for block i, non-decreasing), when
+            the blocks come from several lists (``tower_layers="select"``); default: one list.
 
     Call :meth:`select` with the block indices trained this step before the forward pass,
     and :meth:`remove` to restore the original ``forward`` methods.
@@ -76,15 +81,19 @@ class LayerCheckpointing:
     """
 
     def __init__(self, blocks: list[nn.Module], recompute_unselected: bool = False,
-                 stored_layers: int | None = None):
+                 stored_layers: int | None = None, segments: list[int] | None = None):
         self.blocks = list(blocks)
+        self.segments = list(segments) if segments is not None else [0] * len(self.blocks)
+        if len(self.segments) != len(self.blocks):
+            raise ValueError(f"LayerCheckpointing: {len(self.segments)} segments for {len(self.blocks)} blocks; "
+                             "give one per block.")
         self.recompute_unselected = recompute_unselected
         self.stored_layers = stored_layers
         self._lowest = 0  # blocks below this index need no backward this step
         self._recomputed: frozenset[int] = frozenset()  # blocks istune checkpoints when transformers does not
         self.stored: frozenset[int] = frozenset()
         self._unflagged: list[int] = []  # blocks whose transformers checkpointing flag is off for this step
-        self._upstream_trainable = None
+        self._upstream_trainable: dict[int, bool] = {}  # per segment: does a trainable parameter feed it?
         self.recomputed_calls = 0
         self.skipped_calls = 0
         # A forward already set on the instance (accelerate's device-map hooks do that) is wrapped and put back.
@@ -96,7 +105,7 @@ class LayerCheckpointing:
         """Set this step's policy from the block indices whose parameters train."""
         selected = frozenset(selected_blocks)
         self._lowest = min(selected_blocks) if selected_blocks else len(self.blocks)
-        self._upstream_trainable = None  # does a trainable parameter feed the blocks from below? (first forward)
+        self._upstream_trainable = {}  # does a trainable parameter feed a list's blocks from below? (first forward)
         running = range(self._lowest, len(self.blocks))  # the blocks that run the backward pass
         if self.stored_layers is None:
             self.stored = frozenset()
@@ -144,11 +153,12 @@ class LayerCheckpointing:
             if index == self._lowest and gc_by_transformers and checkpoints_reentrant(block):
                 args = _input_requiring_grad(args)
             if index < self._lowest:
-                output = self._below_lowest(forward, args, kwargs)
+                output = self._below_lowest(self.segments[index], forward, args, kwargs)
                 # transformers before 5.2x (axolotl's 5.16) checkpoints in __call__, around this wrapper: a reentrant
                 # checkpoint's replay needs an output that requires grad, and the lowest block's own wrapper runs
                 # inside its checkpoint, too late to make its input require grad. Both are settled here.
-                feeds_lowest = index == self._lowest - 1 and self._lowest < len(self.blocks)
+                feeds_lowest = (index == self._lowest - 1 and self._lowest < len(self.blocks)
+                                and self.segments[index] == self.segments[self._lowest])
                 if _reentrant_checkpoint(block) or (feeds_lowest and _reentrant_checkpoint(self.blocks[self._lowest])):
                     output = _output_requiring_grad(output)
                 return output
@@ -161,13 +171,13 @@ class LayerCheckpointing:
 
         return step_policy
 
-    def _below_lowest(self, forward: Callable, args: tuple, kwargs: dict):
+    def _below_lowest(self, segment: int, forward: Callable, args: tuple, kwargs: dict):
         """A block below the lowest selected one: without autograd where nothing trainable feeds it."""
         if not _needs_backward(args, kwargs):
             return forward(*args, **kwargs)  # nothing below trains: autograd saves nothing anyway
-        if self._upstream_trainable is None:  # once per step: the model does not change within one
-            self._upstream_trainable = _reaches_trainable_parameter(args, kwargs)
-        if not self._upstream_trainable:
+        if segment not in self._upstream_trainable:  # once per step and list: the model does not change within one
+            self._upstream_trainable[segment] = _reaches_trainable_parameter(args, kwargs)
+        if not self._upstream_trainable[segment]:
             self.skipped_calls += 1
             with torch.no_grad():
                 return forward(*args, **kwargs)

@@ -25,14 +25,25 @@ def refuse_merged_adapters(layers: list[AdapterLayer]) -> None:
 def warn_about_parameters_outside_layers(model: nn.Module, layers: list[AdapterLayer]) -> None:
     """Warn about trainable parameters outside the adapter layers: they train at every step.
 
-    A multimodal model's vision (or audio) tower gets one plain line of its own: its adapters are
-    outside the language model's layers, which are all IST chooses among.
+    A multimodal model's vision (or audio) tower gets one plain line of its own: with ``tower_layers="train"``
+    its adapters are outside the language model's layers, which are all IST chooses among; with ``"select"``
+    its blocks are among the layers (said once, at info level), and only its adapters outside them (a merger,
+    a pooling head) train at every step.
     """
     outside = list(trainable_outside_layers(model, layers))
     towers = modality_towers(model)
     for tower, path in towers.items():
         held = {name for name in outside if name.startswith(f"{path}.")}
-        if held:
+        blocks = [j for j, layer in enumerate(layers) if layer.name.startswith(f"{path}.")]
+        if blocks:
+            logger.info("IST: the %s's %d blocks that hold adapters ('%s') join the selection: positions %d-%d of "
+                        "the N_L = %d layers IST chooses among.", tower, len(blocks), path, blocks[0], blocks[-1],
+                        len(layers))
+        if held and blocks:
+            inner = sorted(name[len(path) + 1:] for name in held)
+            logger.warning("IST: the %s's adapters outside its blocks ('%s': %s%s) train at every step, outside "
+                           "the selection.", tower, path, ", ".join(inner[:3]), ", ..." if len(inner) > 3 else "")
+        elif held:
             logger.warning("IST: the %s's adapters ('%s', %d trainable parameters) train at every step, outside "
                            "the selection; IST chooses among the language model's %d decoder layers only.",
                            tower, path, len(held), len(layers))

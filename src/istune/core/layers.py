@@ -10,6 +10,14 @@ back to the ``nn.ModuleList`` holding the most adapter modules. A user may name 
 list instead (``layers_path``). An adapter module is a peft tuner layer (``BaseTunerLayer``)
 or an istune bottleneck adapter.
 
+A multimodal model's vision (or audio) tower is left out unless asked for
+(``tower_layers="select"``): then each tower's blocks that hold trainable parameters
+(:func:`tower_block_lists`: the blocks of the tower's outermost ``nn.ModuleList``, e.g. CLIP's
+``encoder.layers``, Qwen2.5-VL's ``blocks``, Mllama's ``transformer.layers`` then
+``global_transformer.layers``) come first, then the language model's layers: the order data
+flows through the model, the encoders running before the language model (vision, then audio).
+Positions 0..V-1 are the towers' blocks.
+
 A layer without adapter modules whose own weights are trainable is a *full layer*
 (LISA-style sparse tuning of whole blocks); :func:`prepare_full_layer_tuning` makes a
 plain model ready for that.
@@ -26,13 +34,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from istune.config import TOWER_LAYERS
+
 
 @dataclass
 class AdapterLayer:
     """One decoder layer as IST sees it.
 
     Attributes:
-        index: position of the block in the model's layer list.
+        index: position of the block in the model's layer list (with ``tower_layers="select"``, in the towers'
+            block lists followed by the language model's: :func:`block_lists`).
         name: dotted module name of the block.
         adapters: adapter modules inside the block (what eq. 8 suppresses); empty for a full layer.
         parameters: trainable parameters inside the block (what a selection trains).
@@ -71,30 +82,96 @@ def loaded_peft_class(module: str, name: str) -> type | tuple:
     return getattr(sys.modules.get(module), name, ())
 
 
-def find_adapter_layers(model: nn.Module, layers_path: str | None = None) -> list[AdapterLayer]:
+def find_adapter_layers(model: nn.Module, layers_path: str | None = None,
+                        tower_layers: str = "train") -> list[AdapterLayer]:
     """List the decoder layers that hold trainable parameters, in model order.
 
     The trainable parameters are read from ``requires_grad`` now, so call this before
     anything freezes them. Layers without any trainable parameter (e.g. peft's
     ``layers_to_transform``) are left out: N_L counts the layers that hold adapters.
 
+    Args:
+        model: the model, under peft or not.
+        layers_path: the dotted name of the language model's layer list; found when None.
+        tower_layers: ``"train"``: the language model's layers only (a vision tower's adapters are
+            outside them and train at every step); ``"select"``: each modality tower's blocks that
+            hold trainable parameters first (:func:`tower_block_lists`), then the language model's.
+
     Raises:
-        ValueError: no layer list was found, no layer holds a trainable parameter, or a
-            trainable parameter is shared by several layers (it cannot train in one layer
-            and stay frozen in another).
+        ValueError: no layer list was found, no layer holds a trainable parameter, a trainable
+            parameter is shared by several layers (it cannot train in one layer and stay frozen in
+            another), or ``tower_layers="select"`` on a model without a tower whose blocks hold
+            trainable parameters.
     """
+    if tower_layers not in TOWER_LAYERS:
+        raise ValueError(f"tower_layers={tower_layers!r} is invalid: use one of {', '.join(map(repr, TOWER_LAYERS))}.")
     path, blocks = layer_list(model, layers_path)
-    layers = []
-    for index, block in enumerate(blocks):
-        adapters = [m for m in block.modules() if is_adapter_module(m)]
-        named = [(n, p) for n, p in block.named_parameters() if p.requires_grad]
-        if named:
-            layers.append(AdapterLayer(index, f"{path}.{index}", adapters, [p for _, p in named], block=block,
-                                       parameter_names=[n for n, _ in named]))
+    lists = [*tower_block_lists(model, path), (path, blocks)] if tower_layers == "select" else [(path, blocks)]
+    layers, offset = [], 0
+    for list_path, list_blocks in lists:
+        for position, block in enumerate(list_blocks):
+            adapters = [m for m in block.modules() if is_adapter_module(m)]
+            named = [(n, p) for n, p in block.named_parameters() if p.requires_grad]
+            if named:
+                layers.append(AdapterLayer(offset + position, f"{list_path}.{position}", adapters,
+                                           [p for _, p in named], block=block, parameter_names=[n for n, _ in named]))
+        offset += len(list_blocks)
     if not layers:
         raise _nothing_trainable(model, path, blocks, given=layers_path is not None)
     _refuse_shared_parameters(layers)
     return layers
+
+
+def tower_block_lists(model: nn.Module, language_path: str) -> list[tuple[str, nn.ModuleList]]:
+    """The block lists of ``model``'s modality towers that hold trainable parameters, with their dotted names,
+    in data-flow order: tower by tower as :func:`modality_towers` names them (vision, then audio), in each its
+    outermost lists (``nn.ModuleList``) in the order the tower registers them (Mllama: ``transformer.layers``, then
+    ``global_transformer.layers``). What ``tower_layers="select"`` adds before the language model's layers.
+
+    Args:
+        language_path: the dotted name of the language model's layer list (it must lie outside every tower).
+
+    Raises:
+        ValueError: the model has no tower, no tower block holds a trainable parameter, or
+            ``language_path`` lies inside a tower.
+    """
+    towers = modality_towers(model)
+    if not towers:
+        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        raise ValueError(f"ISTConfig.tower_layers='select' asks for a vision or audio tower's blocks to join the "
+                         f"layers IST chooses from, but {type(base).__name__} has none (transformers' "
+                         "get_encoder(modality='image' or 'audio') names no tower). For a text model use "
+                         "tower_layers='train' (the default); for a multimodal model whose tower is not found, set "
+                         "layers_path to the one list to select from.")
+    found, seen = [], []
+    for what, tower_path in towers.items():
+        if language_path == tower_path or language_path.startswith(f"{tower_path}."):
+            raise ValueError(f"ISTConfig.layers_path={language_path!r} names a list inside the {what} "
+                             f"('{tower_path}'), whose blocks tower_layers='select' adds already; leave layers_path "
+                             "unset (or name the language model's layer list), or use tower_layers='train'.")
+        tower = model.get_submodule(tower_path)
+        outermost = []
+        for name, module in tower.named_modules():  # parents before children: the outermost lists come first
+            if isinstance(module, nn.ModuleList) and not any(name.startswith(f"{outer}.") for outer in outermost):
+                outermost.append(name)
+                adapters = sum(map(is_adapter_module, module.modules()))
+                seen.append(f"'{tower_path}.{name}' ({_contents(module, adapters)})")
+                if any(p.requires_grad for p in module.parameters()):
+                    found.append((f"{tower_path}.{name}", module))
+    if not found:
+        names = ", ".join(f"the {what} ('{path}')" for what, path in towers.items())
+        raise ValueError(f"ISTConfig.tower_layers='select': no block of {names} holds a trainable parameter (its "
+                         f"block lists: {', '.join(seen) or 'none'}). Put adapters on the tower's blocks (e.g. peft "
+                         "LoRA with target_modules='all-linear'), or use tower_layers='train'.")
+    return found
+
+
+def block_lists(model: nn.Module, layers: list[AdapterLayer]) -> list[tuple[str, nn.ModuleList]]:
+    """The block lists ``layers`` come from, in order, with their dotted names: one list (the language model's)
+    or, with ``tower_layers="select"``, the towers' lists then the language model's. ``layer.index`` is the
+    position of its block in these lists end to end."""
+    paths = list(dict.fromkeys(layer.name.rsplit(".", 1)[0] for layer in layers))
+    return [(path, model.get_submodule(path)) for path in paths]
 
 
 def prepare_full_layer_tuning(

@@ -58,7 +58,7 @@ from istune.core.checks import (
     refuse_reentrant_checkpointing_under_ddp,
     warn_about_parameters_outside_layers,
 )
-from istune.core.layers import AdapterLayer, find_adapter_layers
+from istune.core.layers import AdapterLayer, block_lists, find_adapter_layers
 from istune.core.optimizer_state import UnselectedOptimizerState
 from istune.core.probe import LossFn, default_loss, keep_quantized_layers_trainable, move_to_device, probe_mode
 from istune.core.rules import AllLayersRule
@@ -106,12 +106,14 @@ class SparseTuner:
         self.config = config or ISTConfig()
         self.rule = rule if rule is not None else build_rule(self.config)
         self.rule_name = _rule_name(self.rule)
-        self.layers: list[AdapterLayer] = find_adapter_layers(model, self.config.layers_path)
+        self.layers: list[AdapterLayer] = find_adapter_layers(model, self.config.layers_path,
+                                                              self.config.tower_layers)
         self.counts = self.config.resolve(len(self.layers))  # N_u and N_v against N_L
         self._prepare_model()
         self._optimizer_state = self._unselected_optimizer_state(optimizer)
-        self._checkpointing = LayerCheckpointing(_all_blocks(model, self.layers), self.config.recompute_unselected,
-                                                 self.config.stored_layers)
+        blocks, segments = _all_blocks(model, self.layers)
+        self._checkpointing = LayerCheckpointing(blocks, self.config.recompute_unselected, self.config.stored_layers,
+                                                 segments)
         warn_about_parameters_outside_layers(model, self.layers)
         self.probe_batches = probe_batches
         self.loss_fn = loss_fn or default_loss
@@ -451,10 +453,11 @@ def _rule_state_json(rule: SelectionRule) -> str:
     return json.dumps(rule.state_dict(), sort_keys=True, default=str)
 
 
-def _all_blocks(model: nn.Module, layers: list[AdapterLayer]) -> list[nn.Module]:
-    """Every block of the layer list the adapter layers belong to, those without adapters included."""
-    path = layers[0].name.rsplit(".", 1)[0]
-    return list(model.get_submodule(path))
+def _all_blocks(model: nn.Module, layers: list[AdapterLayer]) -> tuple[list[nn.Module], list[int]]:
+    """Every block of the layer lists the adapter layers belong to (a tower's, then the language model's), those
+    without adapters included, in ``layer.index`` order; and the list each block belongs to (0, 1, ...)."""
+    lists = [list(blocks) for _, blocks in block_lists(model, layers)]
+    return [block for blocks in lists for block in blocks], [k for k, blocks in enumerate(lists) for _ in blocks]
 
 
 def _why_non_finite(batch: Any) -> str:
