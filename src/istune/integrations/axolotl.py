@@ -65,7 +65,7 @@ def ist_config(values: Mapping[str, Any]) -> ISTConfig:
         hint = did_you_mean(unknown[0], keys)
         raise ValueError(f"axolotl config key {unknown[0]!r} is no IST option: {hint}the ist_ keys are "
                          f"{', '.join(keys)} (ISTConfig's options; docs/axolotl.md).")
-    given = {keys[key]: value for key, value in values.items() if key in keys and value is not None}
+    given = {keys[key]: value for key, value in values.items() if key in keys}
     try:
         return ISTConfig(**given)
     except ValueError as error:
