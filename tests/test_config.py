@@ -30,7 +30,7 @@ from istune import ISTConfig
         ({"strategy": "random", "layers": [0]}, "layers", "[0]"),
         ({"probe_batch_size": 0}, "probe_batch_size", "0"),
         ({"reward_scale": "std"}, "reward_scale", "'std'"),
-        ({"tower_layers": "freeze"}, "tower_layers", "'freeze'"),
+        ({"towers": "freeze"}, "towers", "'freeze'"),
         # the selection rules' parameters: out of range, or set for a rule that does not use them
         ({"switch_interval": 0}, "switch_interval", "0"),
         ({"strategy": "lisa", "switch_interval": -3}, "switch_interval", "-3"),

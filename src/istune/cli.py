@@ -301,8 +301,8 @@ def _parse_compare(argv: Sequence[str]):
         run = dataclasses.replace(run, curve_every=max(1, steps // 10))
     quarters = any(arm.split(":")[0] in ("quarter", "layers") for arm in own.arms.split(","))
     rule_values = {name: getattr(own, name) for name in parameters if getattr(own, name) is not None}
-    counted = quarters and ist.tower_layers == "train"  # with "select", N_L is known once the model is built
-    arms = parse_arms(own.arms, model_layer_count(run.model) if counted else None, rule_values, ist.tower_layers)
+    counted = quarters and ist.towers == "train"  # with "select", N_L is known once the model is built
+    arms = parse_arms(own.arms, model_layer_count(run.model) if counted else None, rule_values, ist.towers)
     return own, (arms, seeds, run, model_args, adapter, ist, training)
 
 

@@ -17,7 +17,7 @@ from istune.option_checks import did_you_mean
 
 OPTIMIZER_STATE_POLICIES = ("keep", "offload", "drop")
 REWARD_SCALES = ("paper", "spread")
-TOWER_LAYERS = ("train", "select")
+TOWER_CHOICES = ("train", "select")
 
 
 @dataclass(init=False)
@@ -93,7 +93,7 @@ class ISTConfig:
         metadata={"help": "Dotted path of the decoder-layer list (e.g. 'base_model.model.model.layers'); "
                   "found by structure when not given."},
     )
-    tower_layers: str = field(
+    towers: str = field(
         default="train",
         metadata={"help": "A multimodal model's vision (or audio) tower: 'train' (default): its adapters train at "
                   "every step, outside the selection, and N_L counts the language model's layers only; 'select': "
@@ -176,8 +176,8 @@ class ISTConfig:
             _fail("mu", self.mu, "μ must be a finite number > 0; the paper uses 10 (commonsense) or 100 (math)")
         if self.reward_scale not in REWARD_SCALES:
             _fail("reward_scale", self.reward_scale, f"use one of {', '.join(repr(s) for s in REWARD_SCALES)}")
-        if self.tower_layers not in TOWER_LAYERS:
-            _fail("tower_layers", self.tower_layers, f"use one of {', '.join(repr(t) for t in TOWER_LAYERS)}")
+        if self.towers not in TOWER_CHOICES:
+            _fail("towers", self.towers, f"use one of {', '.join(repr(t) for t in TOWER_CHOICES)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail("seed", self.seed, "use an integer")
         if not isinstance(self.recompute_unselected, bool):

@@ -1,5 +1,5 @@
 """A VLM (text-only data) and a MoE model through a transformers Trainer with `add_ist`: IST finds the language
-model's layers and trains exactly its selection (issue 33, item 4); a VLM with images and `tower_layers="select"`:
+model's layers and trains exactly its selection (issue 33, item 4); a VLM with images and `towers="select"`:
 its vision blocks join the selection."""
 
 import peft
@@ -10,8 +10,8 @@ import transformers as tf
 from istune import ISTConfig, add_ist
 
 from ..core.test_layers_architectures import _llava
-from ..core.test_tower_layers import _batch as _image_batch
-from ..core.test_tower_layers import _model as _vlm
+from ..core.test_towers import _batch as _image_batch
+from ..core.test_towers import _model as _vlm
 from .test_hf import ParameterWatcher, TokenDataset, _args
 
 
@@ -64,11 +64,11 @@ class SelectionWatcher(ParameterWatcher):
         self.selections = [*getattr(self, "selections", []), self.selected]
 
 
-def test_add_ist_with_tower_layers_select_trains_exactly_the_selection_vision_blocks_included(tmp_path):
+def test_add_ist_with_towers_select_trains_exactly_the_selection_vision_blocks_included(tmp_path):
     model = _vlm("llava")
     trainer = tf.Trainer(model=model, args=_args(tmp_path, max_steps=6, per_device_train_batch_size=2),
                          train_dataset=ImageTextDataset(model))
-    ist = add_ist(trainer, ISTConfig(strategy="ist", update_layers=2, probe_interval=2, tower_layers="select"))
+    ist = add_ist(trainer, ISTConfig(strategy="ist", update_layers=2, probe_interval=2, towers="select"))
     watcher = SelectionWatcher(ist)
     trainer.add_callback(watcher)
     trainer.train()

@@ -162,11 +162,11 @@ def test_an_arm_sets_its_rule_and_takes_only_the_rule_parameters_its_rule_reads(
     assert compare_module.differences({"a": {"b": 1}, "c": 2}, {"a": {"b": 2}, "c": 2}) == ["a.b: 1 -> 2"]
 
 
-def test_with_tower_layers_select_quarters_are_refused_and_layers_checked_when_training_starts():
-    with pytest.raises(ValueError, match=r"--arms: 'quarter:1' with --tower_layers select: a quarter is N_L/4 "
+def test_with_towers_select_quarters_are_refused_and_layers_checked_when_training_starts():
+    with pytest.raises(ValueError, match=r"--arms: 'quarter:1' with --towers select: a quarter is N_L/4 "
                                          r"positions of the combined list .* give the positions as layers:A-B"):
-        parse_arms("quarter:1", num_layers=None, tower_layers="select")
-    arms = parse_arms("ist,layers:30-33", num_layers=30, tower_layers="select")  # N_L is towers' + language's
+        parse_arms("quarter:1", num_layers=None, towers="select")
+    arms = parse_arms("ist,layers:30-33", num_layers=30, towers="select")  # N_L is towers' + language's
     assert arms[1].values == {"strategy": "fixed", "layers": [30, 31, 32, 33]}
 
 

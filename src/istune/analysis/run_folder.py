@@ -86,13 +86,13 @@ def load_run(run_dir: str | Path, heldout_samples: int | None = None) -> LoadedR
     initial_state = base.state_dict() if results["adapter"]["method"] == "full" else None
     model = load_adapters(base, folder / "adapter").eval()
     layers = _discover_layers(model, initial_state, results["ist"].get("layers_path"),
-                              results["ist"].get("tower_layers", "train"))
+                              results["ist"].get("towers", "train"))
     heldout = InstructionDataset(heldout_rows[:heldout_samples], tokenizer, run.cutoff_len, train_on_inputs=False)
     return LoadedRun(folder, results, model, layers, heldout, CausalLMCollator(tokenizer), learned_importance(results))
 
 
 def _discover_layers(model: nn.Module, initial_state, layers_path: str | None,
-                     tower_layers: str = "train") -> list[AdapterLayer]:
+                     towers: str = "train") -> list[AdapterLayer]:
     """The adapter layers of a model loaded for inference (where peft froze every parameter).
 
     Layer discovery reads ``requires_grad``, so adapter parameters are marked trainable
@@ -109,7 +109,7 @@ def _discover_layers(model: nn.Module, initial_state, layers_path: str | None,
             for parameter in module.parameters():
                 if id(parameter) not in base:
                     parameter.requires_grad_(True)
-    layers = find_adapter_layers(model, layers_path, tower_layers)
+    layers = find_adapter_layers(model, layers_path, towers)
     problems = suppression_problems(model, layers)
     if problems:
         raise ValueError(f"This run's adapters cannot be removed exactly (eq. 8 with β=0): {'; '.join(problems[:3])}.")

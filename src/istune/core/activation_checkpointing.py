@@ -68,7 +68,7 @@ class LayerCheckpointing:
             (the top block, then unselected ones from the top); the others are recomputed. None: leave it to
             transformers' checkpointing and ``recompute_unselected``.
         segments: the layer list each block belongs to (``segments[i]`` for block i, non-decreasing), when
-            the blocks come from several lists (``tower_layers="select"``); default: one list.
+            the blocks come from several lists (``towers="select"``); default: one list.
 
     Call :meth:`select` with the block indices trained this step before the forward pass,
     and :meth:`remove` to restore the original ``forward`` methods.

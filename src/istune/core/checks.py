@@ -25,7 +25,7 @@ def refuse_merged_adapters(layers: list[AdapterLayer]) -> None:
 def warn_about_parameters_outside_layers(model: nn.Module, layers: list[AdapterLayer]) -> None:
     """Warn about trainable parameters outside the adapter layers: they train at every step.
 
-    A multimodal model's vision (or audio) tower gets one plain line of its own: with ``tower_layers="train"``
+    A multimodal model's vision (or audio) tower gets one plain line of its own: with ``towers="train"``
     its adapters are outside the language model's layers, which are all IST chooses among; with ``"select"``
     its blocks are among the layers (said once, at info level), and only its adapters outside them (a merger,
     a pooling head) train at every step.

@@ -11,7 +11,7 @@ list instead (``layers_path``). An adapter module is a peft tuner layer (``BaseT
 or an istune bottleneck adapter.
 
 A multimodal model's vision (or audio) tower is left out unless asked for
-(``tower_layers="select"``): then each tower's blocks that hold trainable parameters
+(``towers="select"``): then each tower's blocks that hold trainable parameters
 (:func:`tower_block_lists`: the blocks of the tower's outermost ``nn.ModuleList``, e.g. CLIP's
 ``encoder.layers``, Qwen2.5-VL's ``blocks``, Mllama's ``transformer.layers`` then
 ``global_transformer.layers``) come first, then the language model's layers: the order data
@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from istune.config import TOWER_LAYERS
+from istune.config import TOWER_CHOICES
 
 
 @dataclass
@@ -42,7 +42,7 @@ class AdapterLayer:
     """One decoder layer as IST sees it.
 
     Attributes:
-        index: position of the block in the model's layer list (with ``tower_layers="select"``, in the towers'
+        index: position of the block in the model's layer list (with ``towers="select"``, in the towers'
             block lists followed by the language model's: :func:`block_lists`).
         name: dotted module name of the block.
         adapters: adapter modules inside the block (what eq. 8 suppresses); empty for a full layer.
@@ -83,7 +83,7 @@ def loaded_peft_class(module: str, name: str) -> type | tuple:
 
 
 def find_adapter_layers(model: nn.Module, layers_path: str | None = None,
-                        tower_layers: str = "train") -> list[AdapterLayer]:
+                        towers: str = "train") -> list[AdapterLayer]:
     """List the decoder layers that hold trainable parameters, in model order.
 
     The trainable parameters are read from ``requires_grad`` now, so call this before
@@ -93,20 +93,20 @@ def find_adapter_layers(model: nn.Module, layers_path: str | None = None,
     Args:
         model: the model, under peft or not.
         layers_path: the dotted name of the language model's layer list; found when None.
-        tower_layers: ``"train"``: the language model's layers only (a vision tower's adapters are
+        towers: ``"train"``: the language model's layers only (a vision tower's adapters are
             outside them and train at every step); ``"select"``: each modality tower's blocks that
             hold trainable parameters first (:func:`tower_block_lists`), then the language model's.
 
     Raises:
         ValueError: no layer list was found, no layer holds a trainable parameter, a trainable
             parameter is shared by several layers (it cannot train in one layer and stay frozen in
-            another), or ``tower_layers="select"`` on a model without a tower whose blocks hold
+            another), or ``towers="select"`` on a model without a tower whose blocks hold
             trainable parameters.
     """
-    if tower_layers not in TOWER_LAYERS:
-        raise ValueError(f"tower_layers={tower_layers!r} is invalid: use one of {', '.join(map(repr, TOWER_LAYERS))}.")
+    if towers not in TOWER_CHOICES:
+        raise ValueError(f"towers={towers!r} is invalid: use one of {', '.join(map(repr, TOWER_CHOICES))}.")
     path, blocks = layer_list(model, layers_path)
-    lists = [*tower_block_lists(model, path), (path, blocks)] if tower_layers == "select" else [(path, blocks)]
+    lists = [*tower_block_lists(model, path), (path, blocks)] if towers == "select" else [(path, blocks)]
     layers, offset = [], 0
     for list_path, list_blocks in lists:
         for position, block in enumerate(list_blocks):
@@ -126,7 +126,7 @@ def tower_block_lists(model: nn.Module, language_path: str) -> list[tuple[str, n
     """The block lists of ``model``'s modality towers that hold trainable parameters, with their dotted names,
     in data-flow order: tower by tower as :func:`modality_towers` names them (vision, then audio), in each its
     outermost lists (``nn.ModuleList``) in the order the tower registers them (Mllama: ``transformer.layers``, then
-    ``global_transformer.layers``). What ``tower_layers="select"`` adds before the language model's layers.
+    ``global_transformer.layers``). What ``towers="select"`` adds before the language model's layers.
 
     Args:
         language_path: the dotted name of the language model's layer list (it must lie outside every tower).
@@ -138,17 +138,17 @@ def tower_block_lists(model: nn.Module, language_path: str) -> list[tuple[str, n
     towers = modality_towers(model)
     if not towers:
         base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-        raise ValueError(f"ISTConfig.tower_layers='select' asks for a vision or audio tower's blocks to join the "
+        raise ValueError(f"ISTConfig.towers='select' asks for a vision or audio tower's blocks to join the "
                          f"layers IST chooses from, but {type(base).__name__} has none (transformers' "
                          "get_encoder(modality='image' or 'audio') names no tower). For a text model use "
-                         "tower_layers='train' (the default); for a multimodal model whose tower is not found, set "
+                         "towers='train' (the default); for a multimodal model whose tower is not found, set "
                          "layers_path to the one list to select from.")
     found, seen = [], []
     for what, tower_path in towers.items():
         if language_path == tower_path or language_path.startswith(f"{tower_path}."):
             raise ValueError(f"ISTConfig.layers_path={language_path!r} names a list inside the {what} "
-                             f"('{tower_path}'), whose blocks tower_layers='select' adds already; leave layers_path "
-                             "unset (or name the language model's layer list), or use tower_layers='train'.")
+                             f"('{tower_path}'), whose blocks towers='select' adds already; leave layers_path "
+                             "unset (or name the language model's layer list), or use towers='train'.")
         tower = model.get_submodule(tower_path)
         outermost = []
         for name, module in tower.named_modules():  # parents before children: the outermost lists come first
@@ -160,15 +160,15 @@ def tower_block_lists(model: nn.Module, language_path: str) -> list[tuple[str, n
                     found.append((f"{tower_path}.{name}", module))
     if not found:
         names = ", ".join(f"the {what} ('{path}')" for what, path in towers.items())
-        raise ValueError(f"ISTConfig.tower_layers='select': no block of {names} holds a trainable parameter (its "
+        raise ValueError(f"ISTConfig.towers='select': no block of {names} holds a trainable parameter (its "
                          f"block lists: {', '.join(seen) or 'none'}). Put adapters on the tower's blocks (e.g. peft "
-                         "LoRA with target_modules='all-linear'), or use tower_layers='train'.")
+                         "LoRA with target_modules='all-linear'), or use towers='train'.")
     return found
 
 
 def block_lists(model: nn.Module, layers: list[AdapterLayer]) -> list[tuple[str, nn.ModuleList]]:
     """The block lists ``layers`` come from, in order, with their dotted names: one list (the language model's)
-    or, with ``tower_layers="select"``, the towers' lists then the language model's. ``layer.index`` is the
+    or, with ``towers="select"``, the towers' lists then the language model's. ``layer.index`` is the
     position of its block in these lists end to end."""
     paths = list(dict.fromkeys(layer.name.rsplit(".", 1)[0] for layer in layers))
     return [(path, model.get_submodule(path)) for path in paths]

@@ -107,7 +107,7 @@ class SparseTuner:
         self.rule = rule if rule is not None else build_rule(self.config)
         self.rule_name = _rule_name(self.rule)
         self.layers: list[AdapterLayer] = find_adapter_layers(model, self.config.layers_path,
-                                                              self.config.tower_layers)
+                                                              self.config.towers)
         self.counts = self.config.resolve(len(self.layers))  # N_u and N_v against N_L
         self._prepare_model()
         self._optimizer_state = self._unselected_optimizer_state(optimizer)

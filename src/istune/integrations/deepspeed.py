@@ -186,7 +186,7 @@ def prepare_trainer(trainer, config: ISTConfig, rule: SelectionRule | None,
 
     Args:
         trainer: a Trainer set up for DeepSpeed, before ``train()``.
-        config: the IST configuration (its ``layers_path`` and ``tower_layers`` find the layers).
+        config: the IST configuration (its ``layers_path`` and ``towers`` find the layers).
         rule: the rule object given to the callback, if any.
         selected: returns the current selection (None before IST runs).
 
@@ -200,7 +200,7 @@ def prepare_trainer(trainer, config: ISTConfig, rule: SelectionRule | None,
         def create_optimizer_per_layer(*args, **kwargs):
             optimizer = create(*args, **kwargs)  # the Trainer's, or the one it was given (Trainer(optimizers=...))
             if _split_optimizer(optimizer) is None:  # a second train() may get the first one's back, wrapped
-                layers = find_adapter_layers(trainer.model, config.layers_path, config.tower_layers)
+                layers = find_adapter_layers(trainer.model, config.layers_path, config.towers)
                 split_param_groups_by_layer(optimizer, layers)
                 UnselectedGroupsSkipped(optimizer, selected)
                 optimizer._istune_per_layer = True

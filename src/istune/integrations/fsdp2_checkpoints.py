@@ -43,7 +43,7 @@ def layers_with_optimizer_state(optimizer: torch.optim.Optimizer, layers: list[A
 
 
 def guard_checkpoints(trainer, state_key: str, current_layers: Callable[[], list[AdapterLayer] | None],
-                      layers_path: str | None = None, tower_layers: str = "train") -> None:
+                      layers_path: str | None = None, towers: str = "train") -> None:
     """Wrap ``trainer``'s checkpoint saving and optimizer loading (once) for FSDP2 runs; other runs pass through.
 
     Args:
@@ -51,7 +51,7 @@ def guard_checkpoints(trainer, state_key: str, current_layers: Callable[[], list
         state_key: where the IST state lives in ``TrainerState.stateful_callbacks``.
         current_layers: returns the tuner's layers while training (None before).
         layers_path: ``ISTConfig.layers_path``, to find the tuner's layers before it exists.
-        tower_layers: ``ISTConfig.tower_layers``, likewise.
+        towers: ``ISTConfig.towers``, likewise.
     """
     if not trainer_internals.has_methods(trainer, trainer_internals.SAVE_CHECKPOINT, trainer_internals.LOAD_OPTIMIZER):
         logger.warning("IST: this transformers version has no Trainer._save_checkpoint/_load_optimizer_and_scheduler;"
@@ -71,7 +71,7 @@ def guard_checkpoints(trainer, state_key: str, current_layers: Callable[[], list
             saved = _saved_layers(checkpoint, state_key) if _is_fsdp2(trainer) else None
             if saved is None:
                 return load(checkpoint)
-            with _trainable(find_adapter_layers(trainer.model, layers_path, tower_layers), saved.__contains__):
+            with _trainable(find_adapter_layers(trainer.model, layers_path, towers), saved.__contains__):
                 return load(checkpoint)
 
         return load_with_saved_state

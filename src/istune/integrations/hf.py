@@ -164,7 +164,7 @@ class ISTCallback(TrainerCallback):
         under DeepSpeed it builds its optimizer per layer and skips the unselected layers (deepspeed)."""
         self.trainer = trainer
         fsdp2_checkpoints.guard_checkpoints(trainer, STATE_KEY, lambda: self.tuner and self.tuner.layers,
-                                            self.config.layers_path, self.config.tower_layers)
+                                            self.config.layers_path, self.config.towers)
         if deepspeed.is_deepspeed(trainer.args, trainer):
             deepspeed.prepare_trainer(trainer, self.config, self.rule, lambda: self.tuner and self.tuner.selected)
 

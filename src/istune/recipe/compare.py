@@ -51,10 +51,10 @@ class Arm:
 
 
 def parse_arms(text: str, num_layers: int | None, rule_values: dict[str, str] | None = None,
-               tower_layers: str = "train") -> list[Arm]:
+               towers: str = "train") -> list[Arm]:
     """``--arms`` -> arms, each checked (an unknown arm lists the arms; a bad value names its field).
 
-    With ``tower_layers="select"`` (``--tower_layers select``) N_L counts a tower's blocks as well, known only
+    With ``towers="select"`` (``--towers select``) N_L counts a tower's blocks as well, known only
     once the model and its adapters are built: ``quarter:K`` is refused, and ``layers:A-B`` is checked against
     N_L when training starts, not against ``num_layers`` (the config's language layers).
 
@@ -66,18 +66,18 @@ def parse_arms(text: str, num_layers: int | None, rule_values: dict[str, str] | 
         raise ValueError(f"--arms={text!r} names no arm; e.g. --arms all,random,ist.")
     if len(set(names)) != len(names):
         raise ValueError(f"--arms={text!r} names an arm twice; name each once.")
-    return [_parse_arm(name, num_layers, rule_values or {}, tower_layers) for name in names]
+    return [_parse_arm(name, num_layers, rule_values or {}, towers) for name in names]
 
 
-def _parse_arm(text: str, num_layers: int | None, rule_values: dict[str, str], tower_layers: str = "train") -> Arm:
+def _parse_arm(text: str, num_layers: int | None, rule_values: dict[str, str], towers: str = "train") -> Arm:
     head, *pairs = text.split(":")
     if head in ("quarter", "layers"):
-        if tower_layers == "select" and head == "quarter":
-            raise ValueError(f"--arms: {text!r} with --tower_layers select: a quarter is N_L/4 positions of the "
+        if towers == "select" and head == "quarter":
+            raise ValueError(f"--arms: {text!r} with --towers select: a quarter is N_L/4 positions of the "
                              "combined list (the towers' blocks that hold adapters, then the language model's "
                              "layers), whose length is known only once the model and its adapters are built; give "
-                             "the positions as layers:A-B (the tower's blocks first), or use --tower_layers train.")
-        counted = num_layers if tower_layers == "train" else None
+                             "the positions as layers:A-B (the tower's blocks first), or use --towers train.")
+        counted = num_layers if towers == "train" else None
         return Arm(text, {"strategy": "fixed", "layers": _fixed_layers(text, head, pairs, counted)})
     if head not in strategy_names():
         raise ValueError(f"--arms: unknown arm {text!r}; the arms are {', '.join(strategy_names())} (each with "

@@ -1,4 +1,4 @@
-"""A VLM's vision tower as part of the selection (``ISTConfig.tower_layers="select"``): its blocks come first, then
+"""A VLM's vision tower as part of the selection (``ISTConfig.towers="select"``): its blocks come first, then
 the language model's layers; every rule trains exactly its selection among them, eq. 8 is exact on the vision
 blocks, and ``"train"`` (the default) is what it always was. Tiny random Llava, Mllama and Qwen2.5-VL, with images."""
 
@@ -81,14 +81,14 @@ def _batch(model, seed):
 @pytest.mark.parametrize("name", sorted(VLMS))
 def test_select_puts_the_towers_blocks_first_then_the_language_models_layers(name):
     model = _model(name)
-    layers = find_adapter_layers(model, tower_layers="select")
+    layers = find_adapter_layers(model, towers="select")
     towers = [f"{path}.{j}" for path, length in VLMS[name][1] for j in range(length)]
     language = [f"{LANGUAGE[name]}.{j}" for j in range(_TEXT["num_hidden_layers"])]
     assert [layer.name for layer in layers] == towers + language  # N_L = V + L, in data-flow order
     assert [layer.index for layer in layers] == list(range(len(layers)))
     assert all(layer.adapters for layer in layers)
     assert [layer.name for layer in find_adapter_layers(model)] == language  # "train": as before
-    assert [layer.name for layer in find_adapter_layers(model, tower_layers="train")] == language
+    assert [layer.name for layer in find_adapter_layers(model, towers="train")] == language
 
 
 RULES = {
@@ -104,7 +104,7 @@ RULES = {
 def test_only_the_selected_blocks_change_vision_blocks_included(name, rule):
     model = _model(name)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    tuner = SparseTuner(model, ISTConfig(**RULES[rule], tower_layers="select"), optimizer=optimizer)
+    tuner = SparseTuner(model, ISTConfig(**RULES[rule], towers="select"), optimizer=optimizer)
     vision = _vision_blocks(name)
     assert tuner.num_layers == vision + _TEXT["num_hidden_layers"]
     trained = set()
@@ -131,7 +131,7 @@ def test_only_the_selected_blocks_change_vision_blocks_included(name, rule):
 
 def test_badams_ascending_order_starts_with_the_vision_blocks():
     model = _model("mllama")  # 3 vision blocks (2 local + 1 global), 3 language layers
-    tuner = SparseTuner(model, ISTConfig(strategy="badam", update_layers=2, tower_layers="select"))
+    tuner = SparseTuner(model, ISTConfig(strategy="badam", update_layers=2, towers="select"))
     selections = []
     for _ in range(4):
         selections.append(tuner.begin_step())
@@ -158,7 +158,7 @@ def _adapters_off(modules):
 @pytest.mark.parametrize("name", sorted(VLMS))
 def test_beta_zero_on_the_vision_blocks_gives_them_their_base_output(name):
     model = _model(name).eval()
-    layers = find_adapter_layers(model, tower_layers="select")
+    layers = find_adapter_layers(model, towers="select")
     vision = layers[:_vision_blocks(name)]
     modules = [m for layer in vision for m in layer.adapters]
     batch = {key: value for key, value in _batch(model, 0).items() if key != "labels"}
@@ -180,7 +180,7 @@ def test_beta_zero_on_the_vision_blocks_gives_them_their_base_output(name):
 @pytest.mark.parametrize("name", sorted(VLMS))
 def test_each_suppressed_vision_module_equals_direct_computation(name):
     model = _model(name).eval()
-    layers = find_adapter_layers(model, tower_layers="select")
+    layers = find_adapter_layers(model, towers="select")
     modules = [m for layer in layers[:_vision_blocks(name)] for m in layer.adapters]
     inputs = {}
 
@@ -205,7 +205,7 @@ def test_each_suppressed_vision_module_equals_direct_computation(name):
 
 def test_a_probe_without_the_vision_blocks_at_beta_zero_measures_the_base_vision_tower():
     model = _model("qwen2_5_vl")
-    tuner = SparseTuner(model, ISTConfig(strategy="ist", tower_layers="select", beta=0.0))
+    tuner = SparseTuner(model, ISTConfig(strategy="ist", towers="select", beta=0.0))
     vision = _vision_blocks("qwen2_5_vl")
     batch = _batch(model, 3)
     language_only = list(range(vision, tuner.num_layers))
@@ -226,7 +226,7 @@ def test_a_trainable_projector_gets_its_gradient_under_gradient_checkpointing():
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # the patch and token embeddings' outputs require grad
-        tuner = SparseTuner(model, ISTConfig(strategy="fixed", layers=[3], tower_layers="select"))
+        tuner = SparseTuner(model, ISTConfig(strategy="fixed", layers=[3], towers="select"))
         tuner.begin_step()  # lowest selected: language layer 1; the vision blocks and language layer 0 below it
         model(**_batch(model, 0)).loss.backward()
         gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -238,10 +238,10 @@ def test_a_trainable_projector_gets_its_gradient_under_gradient_checkpointing():
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("tower_layers", [None, "train"])
-def test_train_names_the_vision_tower_once_and_selects_among_the_language_layers(caplog, tower_layers):
+@pytest.mark.parametrize("towers", [None, "train"])
+def test_train_names_the_vision_tower_once_and_selects_among_the_language_layers(caplog, towers):
     model = _model("mllama")
-    options = {} if tower_layers is None else {"tower_layers": tower_layers}
+    options = {} if towers is None else {"towers": towers}
     with caplog.at_level(logging.INFO, logger="istune"):
         tuner = SparseTuner(model, ISTConfig(strategy="random", update_layers=1, **options))
     assert [layer.name for layer in tuner.layers] == [f"{LANGUAGE['mllama']}.{j}" for j in range(3)]
@@ -254,7 +254,7 @@ def test_train_names_the_vision_tower_once_and_selects_among_the_language_layers
 def test_select_says_once_where_the_vision_blocks_are_and_what_trains_outside_them(caplog):
     model = _model("qwen2_5_vl")
     with caplog.at_level(logging.INFO, logger="istune"):
-        SparseTuner(model, ISTConfig(strategy="random", update_layers=1, tower_layers="select")).close()
+        SparseTuner(model, ISTConfig(strategy="random", update_layers=1, towers="select")).close()
     tower = [r.message for r in caplog.records if "vision tower" in r.message]
     assert tower == [
         "IST: the vision tower's 2 blocks that hold adapters ('base_model.model.model.visual') join the selection: "
@@ -269,25 +269,25 @@ def test_select_says_once_where_the_vision_blocks_are_and_what_trains_outside_th
 
 def test_select_on_a_text_model_is_refused():
     model = peft_model("llama", "lora", num_layers=2)
-    with pytest.raises(ValueError, match=r"ISTConfig.tower_layers='select' asks for a vision or audio tower's "
-                                         r"blocks .* but LlamaForCausalLM has none .* use tower_layers='train'"):
-        SparseTuner(model, ISTConfig(tower_layers="select"))
-    assert len(SparseTuner(model, ISTConfig(tower_layers="train")).layers) == 2
+    with pytest.raises(ValueError, match=r"ISTConfig.towers='select' asks for a vision or audio tower's "
+                                         r"blocks .* but LlamaForCausalLM has none .* use towers='train'"):
+        SparseTuner(model, ISTConfig(towers="select"))
+    assert len(SparseTuner(model, ISTConfig(towers="train")).layers) == 2
 
 
 def test_select_without_adapters_in_the_tower_is_refused():
     model = _model("mllama", target_modules=r".*language_model.*\.(q_proj|v_proj)")
-    message = (r"ISTConfig.tower_layers='select': no block of the vision tower \('base_model.model.model."
+    message = (r"ISTConfig.towers='select': no block of the vision tower \('base_model.model.model."
                r"vision_model'\) holds a trainable parameter \(its block lists: '.*transformer.layers' \(2x "
                r"MllamaVisionEncoderLayer, 0 adapters\), '.*global_transformer.layers' \(1x MllamaVisionEncoderLayer, "
                r"0 adapters\)\)\. Put adapters on the tower's blocks")
     with pytest.raises(ValueError, match=message):
-        find_adapter_layers(model, tower_layers="select")
+        find_adapter_layers(model, towers="select")
 
 
 def test_select_with_adapters_in_the_tower_only_selects_among_its_blocks():
     model = _model("mllama", target_modules=r".*vision_model.*\.(q_proj|v_proj)")
-    layers = find_adapter_layers(model, tower_layers="select")
+    layers = find_adapter_layers(model, towers="select")
     assert [layer.name.removeprefix("base_model.model.model.") for layer in layers] == [
         "vision_model.transformer.layers.0", "vision_model.transformer.layers.1",
         "vision_model.global_transformer.layers.0"]
@@ -297,4 +297,4 @@ def test_layers_path_inside_the_tower_is_refused_with_select():
     model = _model("llava")
     inside = "base_model.model.model.vision_tower.encoder.layers"
     with pytest.raises(ValueError, match=rf"ISTConfig.layers_path='{inside}' names a list inside the vision tower"):
-        find_adapter_layers(model, layers_path=inside, tower_layers="select")
+        find_adapter_layers(model, layers_path=inside, towers="select")
