@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from istune import rule_catalog
 from istune.bench.child import ChildFailed, run_in_child
 from istune.bench.records import markdown_table, run_metadata, write_record
 from istune.planning.rows import ROWS, Row, table_names
@@ -108,8 +109,9 @@ def predict_row(key: str, settings: SuiteSettings) -> dict | None:
         return None
     from istune.planning.planner import PlanSettings, predict
 
-    if row.ist is not None and row.ist.get("strategy") == "random":  # random sparse: IST's memory (same N_u)
-        row = ROWS[f"{row.method}+ist"]
+    rule = rule_catalog.traits(row.ist.get("strategy", "ist")) if row.ist is not None else None
+    if rule is not None and not (rule.runs_importance_probes or rule.trains_all_layers):
+        row = ROWS[f"{row.method}+ist"]  # sparse without probes ('random'): IST's memory (same N_u)
     result = predict(_model_config(settings, settings.seq_len), row,
                      PlanSettings(batch_size=settings.batch_size, seq_len=settings.seq_len, dtype=settings.dtype,
                                   method=row.method, rank=settings.rank,
