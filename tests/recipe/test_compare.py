@@ -213,3 +213,16 @@ def test_a_rule_parameter_flag_goes_to_the_arms_whose_rule_takes_it(tiny_char_ll
     config.write_text("arms: [all, badam]\nseeds: [1, 2]\nblock_order: random\n")
     _, (arms, seeds, *_rest) = _parse_compare(["--config", str(config), "--model", str(tiny_char_llama)])
     assert [arm_config(ISTConfig(), arm, 1).block_order for arm in arms] == ["ascending", "random"] and seeds == [1, 2]
+
+
+def test_an_option_added_since_a_run_was_saved_counts_as_its_default():
+    """A comparison spans sessions and commits: a run saved before ISTConfig gained a field (``towers``) is still
+    the same run when the field holds its default, and another when it does not."""
+    from istune.recipe.compare import differences
+
+    now = ISTConfig(strategy="random").to_dict()
+    saved = {name: value for name, value in now.items() if name != "towers"}
+    assert differences({"ist": saved}, {"ist": now}) == []
+    assert differences({"ist": {**saved, "mu": 5.0}}, {"ist": now}) == ["ist.mu: 5.0 -> 10.0"]
+    other = ISTConfig(strategy="random", towers="select").to_dict()
+    assert differences({"ist": saved}, {"ist": other}) == ["ist.towers: 'train' -> 'select'"]

@@ -166,16 +166,30 @@ def settings(run: RunArgs, model_args: ModelArgs, adapter, ist: ISTConfig, train
     return record
 
 
-def differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    """``name: saved -> now`` for each value that differs, nested keys joined by dots."""
+def differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "",
+                defaults: dict[str, Any] | None = None) -> list[str]:
+    """``name: saved -> now`` for each value that differs, nested keys joined by dots. A key ``saved`` lacks
+    counts as its value in ``defaults`` (nested as they are; :func:`option_defaults` by default): a run saved
+    before an option existed had its default then."""
+    defaults = option_defaults() if defaults is None else defaults
     found = []
     for key in sorted(set(saved) | set(now)):
-        old, new = saved.get(key, "<unset>"), now.get(key, "<unset>")
+        old, new = saved.get(key, defaults.get(key, "<unset>")), now.get(key, "<unset>")
         if isinstance(old, dict) and isinstance(new, dict):
-            found += differences(old, new, f"{prefix}{key}.")
+            found += differences(old, new, f"{prefix}{key}.", defaults.get(key) or {})
         elif old != new:
             found.append(f"{prefix}{key}: {old!r} -> {new!r}")
     return found
+
+
+def option_defaults() -> dict[str, dict[str, Any]]:
+    """istune's options at their defaults, by record group (``run``, ``model_loading``, ``adapter``, ``ist``)."""
+    from istune.adapters.methods import AdapterArgs
+
+    groups = {"run": RunArgs, "model_loading": ModelArgs, "adapter": AdapterArgs}
+    found = {name: {f.name: f.default for f in dataclasses.fields(group) if f.default is not dataclasses.MISSING}
+             for name, group in groups.items()}
+    return _jsonable({**found, "ist": ISTConfig().to_dict()})
 
 
 def check_saved_options(out: Path, shared: dict[str, Any]) -> None:
