@@ -123,8 +123,9 @@ def table(out: Path, tasks: tuple[str, ...]) -> str:
                 b_ok.append(b)
                 cells += ["/".join(f"{100 * q['middle']:.0f}" for q in qs), "/".join(f"{100 * q['final']:.0f}"
                           for q in qs), f"{100 * gaps[0]:.0f} / {100 * gaps[1]:.0f}"]
-            else:
-                cells += ["–", "–", "–"]
+            else:  # the quarters run so far, "–" for the others
+                cells += ["/".join("–" if q is None else f"{100 * q[k]:.0f}" for q in qs) if any(qs) else "–"
+                          for k in ("middle", "final")] + ["–"]
                 b = None
             cells += [f"{run['seconds_per_step']:.2f}", "yes" if a else "no", "–" if b is None else
                       ("yes" if b else "no")]
