@@ -150,7 +150,7 @@ class ISTConfig:
 
     def __getattr__(self, name: str) -> Any:
         # A rule parameter read by its name: the value given, else its declared default (for any rule's).
-        parameter = rule_catalog.parameters().get(name) if name != "rule_options" else None
+        parameter = rule_catalog.parameter(name) if name != "rule_options" else None
         if parameter is None:
             raise AttributeError(f"'ISTConfig' object has no attribute {name!r}")
         return self.__dict__.get("rule_options", {}).get(name, parameter.default)

@@ -145,6 +145,11 @@ def traits(name: str) -> RuleTraits | None:
     return _RULES.get(name)
 
 
+def parameter(name: str) -> RuleParameter | None:
+    """The parameter any registered rule declares as ``name``; None when none does."""
+    return _PARAMETERS.get(name)
+
+
 def parameters() -> dict[str, RuleParameter]:
     """Every registered rule's parameters by name, in the order the rules declared them."""
     return dict(_PARAMETERS)
